@@ -1,0 +1,73 @@
+"""The application factory: settings and credentials in, a ready aiohttp Application out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import structlog
+from aiohttp import web
+
+from api.credentials import Credentials
+from api.server.auth import auth_middleware
+from api.server.errors import error_middleware
+from api.server.keys import CREDENTIALS, DATABASE, SETTINGS, STATES, VMS
+from api.server.routes import ROUTES
+from api.settings import ServerSettings
+from api.store import StateStore, StorageFull, VMStore, open_database
+from api.store.db import Clock, utc_now
+
+log = structlog.get_logger(__name__)
+STALE_LOCK_SCAN_MAX_SECONDS = 60.0
+
+
+def create_app(
+    settings: ServerSettings, *, credentials: Credentials, clock: Clock = utc_now
+) -> web.Application:
+    """Build the server. The store opens on startup and closes on cleanup."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[error_middleware, auth_middleware],
+    )
+    app[SETTINGS] = settings
+    app[CREDENTIALS] = credentials
+    app.add_routes(ROUTES)
+
+    async def store_context(app: web.Application) -> AsyncIterator[None]:
+        database = await open_database(settings.data_dir, clock=clock)
+        app[DATABASE] = database
+        app[STATES] = StateStore(
+            database, history_limit=settings.history_limit, strict_lineage=settings.strict_lineage
+        )
+        app[VMS] = VMStore(database)
+        yield
+        await database.close()
+
+    app.cleanup_ctx.append(store_context)
+    app.cleanup_ctx.append(_stale_lock_publisher)
+    return app
+
+
+async def _stale_lock_publisher(app: web.Application) -> AsyncIterator[None]:
+    """Own the background task that publishes states whose lock is held too long."""
+    task = asyncio.create_task(_publish_stale_locks_forever(app), name="stale-lock-publisher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _publish_stale_locks_forever(app: web.Application) -> None:
+    max_age = app[SETTINGS].lock_publish_after
+    interval = min(STALE_LOCK_SCAN_MAX_SECONDS, max_age / 4)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            published = await app[STATES].publish_stale_locks(timedelta(seconds=max_age))
+        except StorageFull:
+            log.warning("stale_lock_publish_failed", reason="storage_full")
+            continue
+        for project in published:
+            log.warning("stale_lock_published", project=project, lock_age_limit_seconds=max_age)

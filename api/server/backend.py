@@ -1,0 +1,132 @@
+"""The Terraform/OpenTofu `http` state backend (PROTOCOL.md §4).
+
+GET/POST/PUT/DELETE /state/{project} and LOCK/UNLOCK (or GitLab-style POST/DELETE) on
+/state/{project}/lock. Handlers parse and validate at the edge, call the store once, and let
+the error middleware answer for every failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+
+import structlog
+from aiohttp import web
+
+from api.names import project_name_problem
+from api.server.errors import BadRequest
+from api.server.keys import STATES
+from api.store.states import LockInfo, unlock_id
+from api.tfstate import Extraction, StateFormatError, StateSummary, extract_vms, parse_state
+
+log = structlog.get_logger(__name__)
+# Parsing a multi-megabyte state takes tens of milliseconds: keep it off the event loop.
+_PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+def project_of(request: web.Request) -> str:
+    """The validated `{project}` path segment. :raise BadRequest: if it is not a valid name."""
+    project = request.match_info["project"]
+    problem = project_name_problem(project)
+    if problem:
+        raise BadRequest(problem)
+    return project
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, checked against Content-MD5 when the client sent one (both clients do).
+
+    :raise BadRequest: the MD5 does not match. aiohttp raises 413 past the size limit.
+    """
+    body = await request.read()
+    expected = request.headers.get("Content-MD5")
+    if expected is not None:
+        actual = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        if expected.strip() != actual:
+            raise BadRequest(f"Content-MD5 {expected.strip()!r} does not match the body (md5 {actual})")
+    return body
+
+
+def lock_id_of(request: web.Request) -> str | None:
+    """`?ID=` as Terraform appends it to writes made under a lock (PROTOCOL.md §4.2)."""
+    return request.query.get("ID") or None
+
+
+async def get_state(request: web.Request) -> web.StreamResponse:
+    stored = await request.app[STATES].read(project_of(request))
+    if stored is None:
+        # 204 means "no state yet" to Terraform and to every OpenTofu version (PROTOCOL.md §4.1).
+        return web.Response(status=204)
+    return web.Response(body=stored.body, content_type="application/json")
+
+
+async def put_state(request: web.Request) -> web.StreamResponse:
+    project = project_of(request)
+    body = await read_body(request)
+    if len(body) > _PARSE_IN_THREAD_BYTES:
+        summary, extraction = await asyncio.to_thread(_parse_and_extract, body)
+    else:
+        summary, extraction = _parse_and_extract(body)
+    outcome = await request.app[STATES].write(project, body, summary, extraction, lock_id=lock_id_of(request))
+    changes = outcome.published
+    log.info(
+        "state_written",
+        project=project,
+        serial=summary.serial,
+        version=outcome.version,
+        bytes=len(body),
+        encrypted=summary.is_encrypted,
+        published=changes is not None,
+        vms_created=len(changes.created) if changes else 0,
+        vms_changed=len(changes.changed) if changes else 0,
+        vms_deleted=len(changes.deleted) if changes else 0,
+    )
+    return web.json_response(
+        {"version": outcome.version, "serial": summary.serial, "published": changes is not None}
+    )
+
+
+def _parse_and_extract(body: bytes) -> tuple[StateSummary, Extraction | None]:
+    try:
+        summary = parse_state(body)
+    except StateFormatError as err:
+        raise BadRequest(str(err)) from err
+    extraction = None if summary.is_encrypted else extract_vms(summary.document)
+    return summary, extraction
+
+
+async def delete_state(request: web.Request) -> web.StreamResponse:
+    project = project_of(request)
+    changes = await request.app[STATES].delete(project, lock_id=lock_id_of(request))
+    log.info("state_deleted", project=project, vms_deleted=len(changes.deleted))
+    return web.json_response({"deleted": project, "vmsMarkedForDeletion": len(changes.deleted)})
+
+
+async def lock_state(request: web.Request) -> web.StreamResponse:
+    project = project_of(request)
+    try:
+        info = LockInfo.parse(await read_body(request))
+    except ValueError as err:
+        raise BadRequest(str(err)) from err
+    await request.app[STATES].lock(project, info)
+    log.info("state_locked", project=project, lock_id=info.id, who=info.who, operation=info.operation)
+    # Only 200 counts as "acquired"; 201/204 are errors to the client (PROTOCOL.md §4.3).
+    return web.Response(status=200, body=info.raw, content_type="application/json")
+
+
+async def unlock_state(request: web.Request) -> web.StreamResponse:
+    project = project_of(request)
+    try:
+        lock_id = unlock_id(await read_body(request))
+    except ValueError as err:
+        raise BadRequest(str(err)) from err
+    released = await request.app[STATES].unlock(project, lock_id)
+    log.info(
+        "state_unlocked",
+        project=project,
+        lock_id=lock_id,
+        forced=lock_id is None,
+        was_locked=released is not None,
+    )
+    return web.Response(status=200)

@@ -1,0 +1,92 @@
+"""One place that turns domain errors into HTTP answers.
+
+Error bodies are Kubernetes `Status` objects, so every client gets JSON that says what is wrong.
+Lock conflicts are the exception: Terraform and OpenTofu parse the holder's lock info from
+the body of a 409/423 (PROTOCOL.md §4.3, §5.3), so that body is the stored lock JSON verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+import structlog
+from aiohttp import web
+
+from api.server.keys import SETTINGS
+from api.store import (
+    LineageConflict,
+    LockConflict,
+    LockMismatch,
+    NotFound,
+    StateLocked,
+    StorageFull,
+)
+
+log = structlog.get_logger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    """The request itself is wrong (malformed JSON, bad name, bad MD5). Not retryable."""
+
+
+def status_response(code: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    reason = HTTPStatus(code).phrase.replace(" ", "")
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
+    return web.json_response(body, status=code, headers=headers)
+
+
+def lock_info_response(code: int, holder_info: bytes) -> web.Response:
+    return web.Response(status=code, body=holder_info, content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as err:
+        return status_response(400, str(err))
+    except NotFound as err:
+        return status_response(404, str(err))
+    except StateLocked as err:
+        log.info("state_write_while_locked", path=request.path)
+        return lock_info_response(423, err.holder_info)
+    except LockConflict as err:
+        log.info("lock_conflict", path=request.path, holder=_holder_id(err.holder_info))
+        return lock_info_response(423, err.holder_info)
+    except LockMismatch as err:
+        log.info("lock_mismatch", path=request.path, holder=_holder_id(err.holder_info))
+        return lock_info_response(409, err.holder_info or b"{}")
+    except LineageConflict as err:
+        return status_response(409, str(err))
+    except StorageFull as err:
+        log.error("storage_full", path=request.path)
+        return status_response(507, str(err))
+    except web.HTTPRequestEntityTooLarge as err:
+        limit = request.app[SETTINGS].max_body_bytes
+        return status_response(413, f"request body is larger than the limit of {limit} bytes ({err.text})")
+    except web.HTTPException as err:
+        if err.status >= 400:
+            return status_response(err.status, err.text or err.reason, headers=_allowed(err))
+        raise
+
+
+def _allowed(err: web.HTTPException) -> dict[str, str] | None:
+    allow = err.headers.get("Allow")
+    return {"Allow": allow} if allow else None
+
+
+def _holder_id(info: bytes | None) -> str | None:
+    try:
+        return str(json.loads(info or b"{}").get("ID"))
+    except (ValueError, AttributeError):
+        return None

@@ -1,0 +1,34 @@
+"""Every route the server answers, in one table."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from api.server import backend, health, resources
+
+STATE = "/state/{project}"
+LOCK = "/state/{project}/lock"
+API = "/api/v1"
+
+ROUTES = [
+    web.get("/healthz", health.healthz),
+    web.get("/readyz", health.readyz),
+    # Terraform/OpenTofu http backend (PROTOCOL.md §4); PUT for update_method=PUT.
+    web.get(STATE, backend.get_state, allow_head=False),
+    web.post(STATE, backend.put_state),
+    web.put(STATE, backend.put_state),
+    web.delete(STATE, backend.delete_state),
+    # LOCK/UNLOCK, and GitLab-style lock_method=POST / unlock_method=DELETE.
+    web.route("LOCK", LOCK, backend.lock_state),
+    web.post(LOCK, backend.lock_state),
+    web.route("UNLOCK", LOCK, backend.unlock_state),
+    web.delete(LOCK, backend.unlock_state),
+    # Read API.
+    web.get(f"{API}/projects", resources.list_projects),
+    web.get(f"{API}/projects/{{project}}", resources.get_project),
+    web.get(f"{API}/projects/{{project}}/states", resources.list_versions),
+    web.get(f"{API}/projects/{{project}}/states/{{serial}}", resources.get_version),
+    web.get(f"{API}/vms", resources.list_vms),
+    web.get(f"{API}/projects/{{project}}/vms", resources.list_vms),
+    web.get(f"{API}/projects/{{project}}/vms/{{name}}", resources.get_vm),
+]

@@ -1,0 +1,138 @@
+"""Server settings, layered: command-line flags, then TOFU_QEMU_* environment, then a TOML file.
+
+Every setting has one name used in all three places: `--history-limit`, `TOFU_QEMU_HISTORY_LIMIT`,
+`history_limit = 100`. Unknown keys in the file are an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from api.types import describe_validation_error
+
+ENV_PREFIX = "TOFU_QEMU_"
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work; the message says which and why."""
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class ServerSettings(BaseModel):
+    """Everything `tofu-qemu serve` reads. Defaults suit a laptop quick start."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path = Field(default=Path(".tofu-qemu"), description="Where the SQLite store lives")
+    listen: str = Field(default="127.0.0.1:8080", description="HOST:PORT to serve on")
+    users: str | None = Field(default=None, description="name:password[,name:password] (quick starts)")
+    users_file: Path | None = Field(default=None, description="TOML file of salted password hashes")
+    tokens: str | None = Field(default=None, description="Bearer tokens, comma-separated")
+    insecure_no_auth: bool = Field(
+        default=False, description="Allow serving a non-loopback address without auth"
+    )
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(
+        default=None, description="Require client certificates signed by this CA"
+    )
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="Larger bodies get 413")
+    history_limit: int = Field(default=100, ge=1, description="State versions kept per project")
+    strict_lineage: bool = Field(
+        default=False, description="Refuse writes whose lineage or serial do not follow"
+    )
+    lock_publish_after: float = Field(
+        default=900.0, gt=0, description="Seconds a lock may be held before its writes are published anyway"
+    )
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "info"
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+    @property
+    def is_loopback(self) -> bool:
+        host = self.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split "HOST:PORT" or "[V6]:PORT". :raise ValueError: on anything else."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"listen address {listen!r} must be HOST:PORT")
+    return host.removeprefix("[").removesuffix("]"), int(port_text)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def load_settings(
+    model: type[SettingsT],
+    *,
+    flags: Mapping[str, Any],
+    env: Mapping[str, str],
+    config_file: Path | None = None,
+) -> SettingsT:
+    """Merge defaults < config file < environment < flags and validate the result.
+
+    `flags` holds only the options given on the command line (None means "not given").
+    The config file is `config_file`, else $TOFU_QEMU_CONFIG, else none.
+
+    :raise SettingsError: unreadable file, unknown key, or an invalid value.
+    """
+    fields = set(model.model_fields)
+    merged: dict[str, Any] = {}
+    path = config_file or (Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None)
+    if path is not None:
+        merged.update(_read_config_file(path, fields))
+    for name in fields:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            merged[name] = value
+    merged.update({name: value for name, value in flags.items() if value is not None and name in fields})
+    try:
+        return model.model_validate(merged)
+    except ValidationError as err:
+        raise SettingsError(f"invalid settings: {describe_validation_error(err)}") from err
+
+
+def _read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise SettingsError(f"cannot read config file {path}: {err}") from err
+    values = {key.replace("-", "_"): value for key, value in document.items()}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown settings {', '.join(unknown)}")
+    return values

@@ -1,0 +1,92 @@
+"""The SQLite connection: pragmas, migrations and write transactions.
+
+One aiosqlite connection per process. Write transactions are serialised by an asyncio lock and
+start with BEGIN IMMEDIATE, so two processes on one data dir (api + controller) queue on SQLite's
+busy timeout instead of failing halfway through a read-then-write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiosqlite
+
+from api.store.errors import StorageFull
+from api.store.schema import MIGRATIONS
+
+DB_FILE_NAME = "tofu-qemu.sqlite3"
+BUSY_TIMEOUT_MS = 10_000
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Database:
+    """A migrated connection plus the write lock and the clock every store uses."""
+
+    def __init__(self, connection: aiosqlite.Connection, *, clock: Clock) -> None:
+        self.connection = connection
+        self.clock = clock
+        self._write_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Run the block in one IMMEDIATE transaction; commit on success, roll back otherwise.
+
+        :raise StorageFull: when SQLite reports a full disk; the transaction is rolled back.
+        """
+        async with self._write_lock:
+            await self.connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.connection
+                await self.connection.commit()
+            except BaseException as err:
+                await self.connection.rollback()
+                if isinstance(err, sqlite3.OperationalError) and _is_disk_full(err):
+                    raise StorageFull("the data dir is full; the write was not stored") from err
+                raise
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
+    """Open (creating if needed) the store in `data_dir` and bring its schema up to date."""
+    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
+    connection = await aiosqlite.connect(data_dir / DB_FILE_NAME, isolation_level=None)
+    try:
+        await _configure(connection)
+        await _migrate(connection)
+    except BaseException:
+        await connection.close()
+        raise
+    return Database(connection, clock=clock)
+
+
+async def _configure(connection: aiosqlite.Connection) -> None:
+    await connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    await connection.execute("PRAGMA journal_mode = WAL")
+    # FULL: an acknowledged state write survives power loss, not only a process kill.
+    await connection.execute("PRAGMA synchronous = FULL")
+    await connection.execute("PRAGMA foreign_keys = ON")
+
+
+async def _migrate(connection: aiosqlite.Connection) -> None:
+    async with connection.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    applied = int(row[0]) if row else 0
+    for number, script in enumerate(MIGRATIONS[applied:], start=applied + 1):
+        await connection.executescript(
+            f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+        )
+
+
+def _is_disk_full(err: sqlite3.OperationalError) -> bool:
+    return getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(err)

@@ -1,0 +1,61 @@
+"""Schema migrations, applied in order and tracked with `PRAGMA user_version`.
+
+Append new migrations; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE projects (
+        name              TEXT PRIMARY KEY,
+        created_at        TEXT NOT NULL,
+        current_version   INTEGER,          -- NULL: no state (never written, or deleted)
+        published_version INTEGER,          -- the version whose VM specs the controller sees
+        lock_id           TEXT,
+        lock_info         BLOB,             -- the LOCK body, verbatim (PROTOCOL.md §5.2)
+        locked_at         TEXT,
+        specs_note        TEXT,             -- why specs cannot be read, e.g. encrypted state
+        spec_problems     TEXT NOT NULL DEFAULT '[]'
+    );
+    CREATE TABLE state_versions (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        project        TEXT NOT NULL REFERENCES projects(name) ON DELETE CASCADE,
+        serial         INTEGER,
+        lineage        TEXT,
+        md5            TEXT NOT NULL,
+        size           INTEGER NOT NULL,
+        created_at     TEXT NOT NULL,
+        lock_id        TEXT,
+        lock_who       TEXT,
+        lock_operation TEXT,
+        encryption_version TEXT,            -- OpenTofu client-side encryption; NULL: plain
+        body           BLOB NOT NULL,
+        extraction     TEXT                 -- JSON of declared VMs and problems; NULL if encrypted
+    );
+    CREATE INDEX state_versions_by_project ON state_versions(project, id);
+    CREATE TABLE vms (
+        uid              TEXT PRIMARY KEY,
+        project          TEXT NOT NULL,
+        name             TEXT NOT NULL,
+        generation       INTEGER NOT NULL,
+        spec_hash        TEXT NOT NULL,
+        spec             TEXT NOT NULL,
+        spec_error       TEXT,
+        labels           TEXT NOT NULL,
+        address          TEXT NOT NULL,
+        created_at       TEXT NOT NULL,
+        spec_changed_at  TEXT NOT NULL,
+        deleted_at       TEXT,
+        state_serial     INTEGER NOT NULL,
+        status           TEXT,              -- written only by the controller
+        resource_version INTEGER NOT NULL
+    );
+    -- One live object per name; a deleting object may linger beside its successor.
+    CREATE UNIQUE INDEX vms_live_name ON vms(project, name) WHERE deleted_at IS NULL;
+    CREATE INDEX vms_by_project ON vms(project, name);
+    -- A store-wide counter: every VM object change takes the next value as its resourceVersion.
+    CREATE TABLE resource_versions (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+    INSERT INTO resource_versions (id, value) VALUES (1, 0);
+    """,
+)

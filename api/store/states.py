@@ -1,0 +1,490 @@
+"""Terraform states: the current document, its versions, its lock, and when specs are published.
+
+Lock semantics follow PROTOCOL.md §5.2:
+- LOCK when free stores the body verbatim; LOCK by the holder's own ID is idempotent (clients
+  retry LOCK on 5xx); LOCK by anyone else is a conflict carrying the holder's body.
+- A write with `?ID=` must name the holder (else LockMismatch); a write with no ID while the
+  state is locked is refused (StateLocked). A write with an ID while nobody holds the lock is
+  accepted: it is what a client does after its lock was force-unlocked and nobody took it.
+- UNLOCK with no ID (Terraform's force-unlock sends an empty body) or with the holder's ID
+  releases; a different ID is a LockMismatch. UNLOCK of a free state succeeds.
+
+Publishing (PROTOCOL.md §7.5): a write under a lock may be an intermediate snapshot of a long
+apply, so its VM specs are published only when the lock is released, when the write came with no
+lock held, or when the lock has been held longer than the stale-lock limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiosqlite
+
+from api.publish import SpecChanges
+from api.store import vms
+from api.store.db import Database
+from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
+from api.tfstate import DeclaredVM, Extraction, ExtractionProblem, StateSummary
+
+ENCRYPTED_NOTE = (
+    "specs unreadable: state is encrypted client-side (OpenTofu encryption_version {version}); "
+    "VM specs cannot be extracted, existing VMs are left as they are"
+)
+LOCK_INFO_MAX_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LockInfo:
+    """A LOCK request body: JSON lock info, kept verbatim for conflict answers."""
+
+    id: str
+    raw: bytes
+    who: str
+    operation: str
+
+    @classmethod
+    def parse(cls, body: bytes) -> LockInfo:
+        """:raise ValueError: if the body is not a lock info object with a non-empty ID."""
+        if len(body) > LOCK_INFO_MAX_BYTES:
+            raise ValueError(f"lock info is larger than {LOCK_INFO_MAX_BYTES} bytes")
+        try:
+            document = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"lock info is not valid JSON: {err}") from err
+        if not isinstance(document, dict) or not isinstance(document.get("ID"), str) or not document["ID"]:
+            raise ValueError("lock info must be a JSON object with a non-empty string 'ID'")
+        return cls(
+            id=document["ID"],
+            raw=body,
+            who=str(document.get("Who") or ""),
+            operation=str(document.get("Operation") or ""),
+        )
+
+
+def unlock_id(body: bytes) -> str | None:
+    """The lock ID an UNLOCK names, or None for a force-unlock (PROTOCOL.md §5.6).
+
+    Terraform and OpenTofu < 1.10 send an empty body; OpenTofu >= 1.10 sends the ID the user
+    typed with zero-valued other fields, which can be checked like any other ID.
+
+    :raise ValueError: if a non-empty body is not a JSON object.
+    """
+    if not body.strip():
+        return None
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"unlock body is not valid JSON: {err}") from err
+    if not isinstance(document, dict):
+        raise ValueError("unlock body must be a JSON object")
+    lock_id = document.get("ID")
+    return lock_id if isinstance(lock_id, str) and lock_id else None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    version: int
+    serial: int | None
+    lineage: str | None
+    md5: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    version: int
+    serial: int | None
+    lineage: str | None
+    md5: str
+    size: int
+    created_at: datetime
+    encryption_version: str | None
+    lock_who: str | None
+    lock_operation: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLock:
+    info: dict[str, Any]
+    locked_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectInfo:
+    name: str
+    serial: int | None
+    lineage: str | None
+    published_serial: int | None
+    pending_serial: int | None
+    lock: HeldLock | None
+    specs_note: str | None
+    problems: tuple[ExtractionProblem, ...]
+    vm_count: int
+    version_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    version: int
+    published: SpecChanges | None
+
+
+class StateStore:
+    """States, versions and locks of every project."""
+
+    def __init__(self, db: Database, *, history_limit: int = 100, strict_lineage: bool = False) -> None:
+        self._db = db
+        self._history_limit = history_limit
+        self._strict_lineage = strict_lineage
+
+    async def read(self, project: str) -> StoredState | None:
+        """The current state of `project`, or None when it has none."""
+        async with self._db.connection.execute(
+            "SELECT v.id, v.serial, v.lineage, v.md5, v.body FROM projects p"
+            " JOIN state_versions v ON v.id = p.current_version WHERE p.name = ?",
+            (project,),
+        ) as cursor:
+            row = await cursor.fetchone()
+        return StoredState(row[0], row[1], row[2], row[3], bytes(row[4])) if row else None
+
+    async def write(
+        self,
+        project: str,
+        body: bytes,
+        summary: StateSummary,
+        extraction: Extraction | None,
+        *,
+        lock_id: str | None,
+    ) -> WriteOutcome:
+        """Store `body` as the new current state and keep it as a version.
+
+        :raise StateLocked: no lock ID given while the state is locked.
+        :raise LockMismatch: the lock ID is not the holder's.
+        :raise LineageConflict: strict_lineage is on and the lineage or serial do not follow.
+        """
+        now = self._db.clock()
+        async with self._db.write() as conn:
+            row = await _project_row(conn, project, create=True, now=now)
+            holder_id, holder_info = row["lock_id"], row["lock_info"]
+            if holder_id is not None:
+                if lock_id is None:
+                    raise StateLocked(bytes(holder_info))
+                if lock_id != holder_id:
+                    raise LockMismatch(bytes(holder_info))
+            if self._strict_lineage:
+                await _check_lineage(conn, row["current_version"], summary)
+            who, operation = _who_and_operation(holder_info)
+            cursor = await conn.execute(
+                "INSERT INTO state_versions (project, serial, lineage, md5, size, created_at, lock_id,"
+                " lock_who, lock_operation, encryption_version, body, extraction)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    project,
+                    summary.serial,
+                    summary.lineage,
+                    hashlib.md5(body, usedforsecurity=False).hexdigest(),
+                    len(body),
+                    now.isoformat(),
+                    lock_id,
+                    who,
+                    operation,
+                    summary.encryption_version,
+                    body,
+                    _encode_extraction(extraction) if extraction is not None else None,
+                ),
+            )
+            version = cursor.lastrowid
+            assert version is not None
+            await conn.execute("UPDATE projects SET current_version = ? WHERE name = ?", (version, project))
+            published = None
+            if holder_id is None:
+                published = await _publish(conn, project, version, now)
+            await self._apply_retention(conn, project)
+        return WriteOutcome(version, published)
+
+    async def delete(self, project: str, *, lock_id: str | None) -> SpecChanges:
+        """Forget the current state (admin use); its versions stay for recovery.
+
+        Every VM of the project is marked for deletion.
+
+        :raise NotFound: the project has no state.
+        :raise StateLocked / LockMismatch: as for `write`.
+        """
+        now = self._db.clock()
+        async with self._db.write() as conn:
+            row = await _project_row(conn, project, create=False, now=now)
+            if row is None or row["current_version"] is None:
+                raise NotFound(f"project {project!r} has no state")
+            if row["lock_id"] is not None and lock_id != row["lock_id"]:
+                if lock_id is None:
+                    raise StateLocked(bytes(row["lock_info"]))
+                raise LockMismatch(bytes(row["lock_info"]))
+            await conn.execute(
+                "UPDATE projects SET current_version = NULL, published_version = NULL,"
+                " specs_note = NULL, spec_problems = '[]' WHERE name = ?",
+                (project,),
+            )
+            return await vms.apply_declared(conn, project=project, declared=(), serial=None, now=now)
+
+    async def lock(self, project: str, info: LockInfo) -> None:
+        """Take the lock for `info.id`; idempotent for the holder.
+
+        :raise LockConflict: another ID holds it; carries the holder's lock info.
+        """
+        now = self._db.clock()
+        async with self._db.write() as conn:
+            row = await _project_row(conn, project, create=True, now=now)
+            if row["lock_id"] == info.id:
+                return
+            if row["lock_id"] is not None:
+                raise LockConflict(bytes(row["lock_info"]))
+            await conn.execute(
+                "UPDATE projects SET lock_id = ?, lock_info = ?, locked_at = ? WHERE name = ?",
+                (info.id, info.raw, now.isoformat(), project),
+            )
+
+    async def unlock(self, project: str, lock_id: str | None) -> bytes | None:
+        """Release the lock (lock_id None = force) and publish the state written under it.
+
+        Returns the released holder's lock info, or None if the state was not locked.
+
+        :raise LockMismatch: `lock_id` names someone other than the holder.
+        """
+        now = self._db.clock()
+        async with self._db.write() as conn:
+            row = await _project_row(conn, project, create=False, now=now)
+            if row is None or row["lock_id"] is None:
+                return None
+            if lock_id is not None and lock_id != row["lock_id"]:
+                raise LockMismatch(bytes(row["lock_info"]))
+            await conn.execute(
+                "UPDATE projects SET lock_id = NULL, lock_info = NULL, locked_at = NULL WHERE name = ?",
+                (project,),
+            )
+            if row["current_version"] is not None and row["current_version"] != row["published_version"]:
+                await _publish(conn, project, row["current_version"], now)
+            return bytes(row["lock_info"])
+
+    async def publish_stale_locks(self, max_age: timedelta) -> list[str]:
+        """Publish the current state of projects locked longer than `max_age`.
+
+        A client that locks but never unlocks (PROTOCOL.md §5.7) must not freeze its VMs.
+        Returns the projects published.
+        """
+        now = self._db.clock()
+        cutoff = (now - max_age).isoformat()
+        async with self._db.write() as conn:
+            async with conn.execute(
+                "SELECT name, current_version FROM projects WHERE lock_id IS NOT NULL AND locked_at < ?"
+                " AND current_version IS NOT NULL"
+                " AND current_version IS NOT published_version",
+                (cutoff,),
+            ) as cursor:
+                stale = [(str(name), int(version)) for name, version in await cursor.fetchall()]
+            for project, version in stale:
+                await _publish(conn, project, version, now)
+        return [project for project, _ in stale]
+
+    async def list_versions(self, project: str) -> list[VersionInfo]:
+        """Every kept version of `project`, newest first. :raise NotFound: unknown project."""
+        await self._require_project(project)
+        async with self._db.connection.execute(
+            "SELECT id, serial, lineage, md5, size, created_at, encryption_version, lock_who, lock_operation"
+            " FROM state_versions WHERE project = ? ORDER BY id DESC",
+            (project,),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            VersionInfo(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]), r[6], r[7], r[8])
+            for r in rows
+        ]
+
+    async def read_version(self, project: str, serial: int) -> StoredState:
+        """The newest kept version of `project` with `serial`. :raise NotFound: none kept."""
+        async with self._db.connection.execute(
+            "SELECT id, serial, lineage, md5, body FROM state_versions WHERE project = ? AND serial = ?"
+            " ORDER BY id DESC LIMIT 1",
+            (project, serial),
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            raise NotFound(f"project {project!r} has no kept version with serial {serial}")
+        return StoredState(row[0], row[1], row[2], row[3], bytes(row[4]))
+
+    async def list_projects(self) -> list[ProjectInfo]:
+        return [await self._project_info(row) for row in await self._project_rows(None)]
+
+    async def project(self, project: str) -> ProjectInfo:
+        """:raise NotFound: unknown project."""
+        rows = await self._project_rows(project)
+        if not rows:
+            raise NotFound(f"project {project!r} does not exist")
+        return await self._project_info(rows[0])
+
+    async def _require_project(self, project: str) -> None:
+        if not await self._project_rows(project):
+            raise NotFound(f"project {project!r} does not exist")
+
+    async def _project_rows(self, project: str | None) -> list[dict[str, Any]]:
+        query = (
+            "SELECT p.name, p.lock_info, p.locked_at, p.specs_note, p.spec_problems,"
+            " cur.serial AS serial, cur.lineage AS lineage, pub.serial AS published_serial,"
+            " p.current_version IS NOT p.published_version AS pending,"
+            " (SELECT COUNT(*) FROM vms WHERE vms.project = p.name AND deleted_at IS NULL) AS vm_count,"
+            " (SELECT COUNT(*) FROM state_versions v WHERE v.project = p.name) AS version_count"
+            " FROM projects p"
+            " LEFT JOIN state_versions cur ON cur.id = p.current_version"
+            " LEFT JOIN state_versions pub ON pub.id = p.published_version"
+        )
+        params: tuple[str, ...] = ()
+        if project is not None:
+            query += " WHERE p.name = ?"
+            params = (project,)
+        async with self._db.connection.execute(query + " ORDER BY p.name", params) as cursor:
+            return await _fetch_dicts(cursor)
+
+    async def _project_info(self, row: dict[str, Any]) -> ProjectInfo:
+        lock = None
+        if row["lock_info"] is not None:
+            lock = HeldLock(json.loads(row["lock_info"]), datetime.fromisoformat(row["locked_at"]))
+        problems = tuple(
+            ExtractionProblem(p["address"], p["message"]) for p in json.loads(row["spec_problems"])
+        )
+        return ProjectInfo(
+            name=row["name"],
+            serial=row["serial"],
+            lineage=row["lineage"],
+            published_serial=row["published_serial"],
+            pending_serial=row["serial"] if row["pending"] else None,
+            lock=lock,
+            specs_note=row["specs_note"],
+            problems=problems,
+            vm_count=row["vm_count"],
+            version_count=row["version_count"],
+        )
+
+    async def _apply_retention(self, conn: aiosqlite.Connection, project: str) -> None:
+        await conn.execute(
+            "DELETE FROM state_versions WHERE project = ?1 AND id NOT IN ("
+            "  SELECT id FROM state_versions WHERE project = ?1 ORDER BY id DESC LIMIT ?2)"
+            " AND id NOT IN (SELECT current_version FROM projects"
+            "                WHERE name = ?1 AND current_version IS NOT NULL)"
+            " AND id NOT IN (SELECT published_version FROM projects"
+            "                WHERE name = ?1 AND published_version IS NOT NULL)",
+            (project, self._history_limit),
+        )
+
+
+async def _project_row(conn: aiosqlite.Connection, project: str, *, create: bool, now: datetime) -> Any:
+    if create:
+        await conn.execute(
+            "INSERT INTO projects (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (project, now.isoformat()),
+        )
+    async with conn.execute(
+        "SELECT lock_id, lock_info, current_version, published_version FROM projects WHERE name = ?",
+        (project,),
+    ) as cursor:
+        rows = await _fetch_dicts(cursor)
+    return rows[0] if rows else None
+
+
+async def _fetch_dicts(cursor: aiosqlite.Cursor) -> list[dict[str, Any]]:
+    columns = [column[0] for column in cursor.description]
+    return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
+
+
+async def _check_lineage(conn: aiosqlite.Connection, current_version: int | None, new: StateSummary) -> None:
+    if current_version is None:
+        return
+    async with conn.execute(
+        "SELECT serial, lineage FROM state_versions WHERE id = ?", (current_version,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    if row is None:
+        return
+    serial, lineage = row
+    if lineage is not None and new.lineage is not None and lineage != new.lineage:
+        raise LineageConflict(
+            f"strict_lineage: stored state has lineage {lineage} (serial {serial}), "
+            f"the write has lineage {new.lineage} (serial {new.serial})"
+        )
+    if serial is not None and new.serial is not None and new.serial < serial:
+        raise LineageConflict(
+            f"strict_lineage: stored state has serial {serial} (lineage {lineage}), "
+            f"the write has the lower serial {new.serial} (lineage {new.lineage})"
+        )
+
+
+async def _publish(
+    conn: aiosqlite.Connection, project: str, version: int, now: datetime
+) -> SpecChanges | None:
+    """Make `version` the published one and apply its declared VMs to the VM objects."""
+    async with conn.execute(
+        "SELECT serial, encryption_version, extraction FROM state_versions WHERE id = ?", (version,)
+    ) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None, "a published version is never removed by retention"
+    serial, encryption_version, encoded = row
+    await conn.execute("UPDATE projects SET published_version = ? WHERE name = ?", (version, project))
+    if encryption_version is not None:
+        await conn.execute(
+            "UPDATE projects SET specs_note = ? WHERE name = ?",
+            (ENCRYPTED_NOTE.format(version=encryption_version), project),
+        )
+        return None
+    extraction = _decode_extraction(encoded)
+    await conn.execute(
+        "UPDATE projects SET specs_note = NULL, spec_problems = ? WHERE name = ?",
+        (json.dumps([{"address": p.address, "message": p.message} for p in extraction.problems]), project),
+    )
+    return await vms.apply_declared(conn, project=project, declared=extraction.vms, serial=serial, now=now)
+
+
+def _who_and_operation(lock_info: bytes | None) -> tuple[str | None, str | None]:
+    if lock_info is None:
+        return None, None
+    info = LockInfo.parse(bytes(lock_info))
+    return info.who, info.operation
+
+
+def _encode_extraction(extraction: Extraction) -> str:
+    return json.dumps(
+        {
+            "vms": [
+                {
+                    "name": vm.name,
+                    "address": vm.address,
+                    "labels": vm.labels,
+                    "spec": vm.spec,
+                    "error": vm.error,
+                    "specHash": vm.spec_hash,
+                }
+                for vm in extraction.vms
+            ],
+            "problems": [{"address": p.address, "message": p.message} for p in extraction.problems],
+        },
+        separators=(",", ":"),
+    )
+
+
+def _decode_extraction(encoded: str) -> Extraction:
+    document = json.loads(encoded)
+    return Extraction(
+        vms=tuple(
+            DeclaredVM(
+                name=vm["name"],
+                address=vm["address"],
+                labels=vm["labels"],
+                spec=vm["spec"],
+                error=vm["error"],
+                spec_hash=vm["specHash"],
+            )
+            for vm in document["vms"]
+        ),
+        problems=tuple(ExtractionProblem(p["address"], p["message"]) for p in document["problems"]),
+    )

@@ -1,0 +1,204 @@
+"""QemuVM objects: applying declared specs, and reading objects for the API and controller."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiosqlite
+
+from api.publish import ExistingVM, SpecChanges, diff_specs
+from api.store.db import Database
+from api.store.errors import NotFound
+from api.tfstate import DeclaredVM
+from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus
+
+ADDRESS_ANNOTATION = "tofu-qemu.dev/terraform-address"
+_COLUMNS = (
+    "uid, project, name, generation, spec, spec_error, labels, address, created_at,"
+    " spec_changed_at, deleted_at, state_serial, status, resource_version"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class VMRecord:
+    """One row of the vms table, decoded."""
+
+    uid: str
+    project: str
+    name: str
+    generation: int
+    spec: dict[str, Any]
+    spec_error: str | None
+    labels: dict[str, str]
+    address: str
+    created_at: datetime
+    spec_changed_at: datetime
+    deleted_at: datetime | None
+    state_serial: int
+    status: dict[str, Any] | None
+    resource_version: int
+
+    def to_object(self) -> QemuVM:
+        return QemuVM(
+            metadata=ObjectMeta(
+                project=self.project,
+                name=self.name,
+                uid=self.uid,
+                generation=self.generation,
+                creation_timestamp=self.created_at,
+                deletion_timestamp=self.deleted_at,
+                labels=self.labels,
+                annotations={ADDRESS_ANNOTATION: self.address},
+                state_serial=self.state_serial,
+            ),
+            spec=self.spec,
+            status=render_status(self),
+        )
+
+
+def render_status(record: VMRecord) -> QemuVMStatus:
+    """The status to show: the controller's, with the Valid condition the store knows about.
+
+    Validity is decided when the state is written, before any controller has seen the VM, so
+    the store supplies that condition until the controller reports its own.
+    """
+    status = QemuVMStatus.model_validate(record.status) if record.status else QemuVMStatus()
+    if any(condition.type == "Valid" for condition in status.conditions) and record.status:
+        return status
+    valid = Condition(
+        type="Valid",
+        status=ConditionStatus.FALSE if record.spec_error else ConditionStatus.TRUE,
+        reason="InvalidSpec" if record.spec_error else "SpecAccepted",
+        message=record.spec_error or "",
+        last_transition_time=record.spec_changed_at,
+    )
+    phase = Phase.INVALID if record.spec_error else status.phase
+    return status.model_copy(update={"conditions": (valid, *status.conditions), "phase": phase})
+
+
+async def apply_declared(
+    conn: aiosqlite.Connection,
+    *,
+    project: str,
+    declared: tuple[DeclaredVM, ...],
+    serial: int | None,
+    now: datetime,
+) -> SpecChanges:
+    """Bring the project's VM objects in line with `declared`, inside the caller's transaction."""
+    async with conn.execute(
+        "SELECT uid, name, spec_hash, address FROM vms WHERE project = ? AND deleted_at IS NULL",
+        (project,),
+    ) as cursor:
+        existing = tuple(ExistingVM(*row) for row in await cursor.fetchall())
+    changes = diff_specs(declared, existing)
+    stamp = now.isoformat()
+    for vm in changes.created:
+        await conn.execute(
+            "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, spec_error, labels,"
+            " address, created_at, spec_changed_at, state_serial, resource_version)"
+            " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                str(uuid.uuid4()),
+                project,
+                vm.name,
+                vm.spec_hash,
+                json.dumps(vm.spec),
+                vm.error,
+                json.dumps(vm.labels),
+                vm.address,
+                stamp,
+                stamp,
+                serial or 0,
+                await _next_resource_version(conn),
+            ),
+        )
+    for current, vm in changes.changed:
+        await conn.execute(
+            "UPDATE vms SET generation = generation + 1, spec_hash = ?, spec = ?, spec_error = ?,"
+            " labels = ?, address = ?, spec_changed_at = ?, state_serial = ?, resource_version = ?"
+            " WHERE uid = ?",
+            (
+                vm.spec_hash,
+                json.dumps(vm.spec),
+                vm.error,
+                json.dumps(vm.labels),
+                vm.address,
+                stamp,
+                serial or 0,
+                await _next_resource_version(conn),
+                current.uid,
+            ),
+        )
+    for current, vm in changes.moved:
+        await conn.execute(
+            "UPDATE vms SET address = ?, resource_version = ? WHERE uid = ?",
+            (vm.address, await _next_resource_version(conn), current.uid),
+        )
+    for current in changes.deleted:
+        await conn.execute(
+            "UPDATE vms SET deleted_at = ?, state_serial = COALESCE(?, state_serial),"
+            " resource_version = ? WHERE uid = ?",
+            (stamp, serial, await _next_resource_version(conn), current.uid),
+        )
+    return changes
+
+
+async def _next_resource_version(conn: aiosqlite.Connection) -> int:
+    async with conn.execute(
+        "UPDATE resource_versions SET value = value + 1 WHERE id = 1 RETURNING value"
+    ) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class VMStore:
+    """Reads of VM objects (the controller's status writes arrive with the controller)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def list_records(self, *, project: str | None = None) -> list[VMRecord]:
+        where, params = ("WHERE project = ?", (project,)) if project else ("", ())
+        return await self._select(f"{where} ORDER BY project, name, deleted_at IS NOT NULL", params)
+
+    async def get(self, project: str, name: str) -> VMRecord:
+        """The live object named `name`, or else the newest one being deleted.
+
+        :raise NotFound: no such VM.
+        """
+        records = await self._select(
+            "WHERE project = ? AND name = ? ORDER BY deleted_at IS NOT NULL, created_at DESC LIMIT 1",
+            (project, name),
+        )
+        if not records:
+            raise NotFound(f"project {project!r} has no VM named {name!r}")
+        return records[0]
+
+    async def _select(self, clause: str, params: tuple[str, ...]) -> list[VMRecord]:
+        async with self._db.connection.execute(f"SELECT {_COLUMNS} FROM vms {clause}", params) as cursor:  # noqa: S608
+            rows = await cursor.fetchall()
+        return [_decode(row) for row in rows]
+
+
+def _decode(row: Any) -> VMRecord:
+    return VMRecord(
+        uid=row[0],
+        project=row[1],
+        name=row[2],
+        generation=row[3],
+        spec=json.loads(row[4]),
+        spec_error=row[5],
+        labels=json.loads(row[6]),
+        address=row[7],
+        created_at=datetime.fromisoformat(row[8]),
+        spec_changed_at=datetime.fromisoformat(row[9]),
+        deleted_at=datetime.fromisoformat(row[10]) if row[10] else None,
+        state_serial=row[11],
+        status=json.loads(row[12]) if row[12] else None,
+        resource_version=row[13],
+    )
