@@ -17,7 +17,7 @@ from api.server.keys import CREDENTIALS
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="tofu-qemu", charset="UTF-8"'}
-PRINCIPAL_KEY = "principal"
+PRINCIPAL = web.RequestKey("principal", str)
 
 
 @web.middleware
@@ -30,7 +30,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return status_response(
             401, "authentication required: valid Basic credentials or a bearer token", headers=CHALLENGE
         )
-    request[PRINCIPAL_KEY] = principal
+    request[PRINCIPAL] = principal
     return await handler(request)
 
 
