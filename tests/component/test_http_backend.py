@@ -36,7 +36,8 @@ def lock_body(lock_id: str) -> bytes:
 
 
 def md5_header(body: bytes) -> dict[str, str]:
-    return {"Content-MD5": base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode(), **AUTH}
+    digest = hashlib.md5(body, usedforsecurity=False).digest()
+    return {"Content-MD5": base64.b64encode(digest).decode(), **AUTH}
 
 
 async def post_state(client: Client, document: dict[str, Any], *, lock_id: str | None = None) -> int:
