@@ -237,3 +237,34 @@ async def test_unknown_method_is_405_json(client: Client) -> None:
     response = await client.patch(STATE, headers=AUTH)
     assert response.status == 405
     assert (await response.json())["code"] == 405
+
+
+OPENTOFU_1_10_FORCE_UNLOCK = (
+    '{"ID":"%s","Operation":"","Info":"","Who":"","Version":"","Created":"0001-01-01T00:00:00Z","Path":""}'
+)
+
+
+async def test_opentofu_1_10_force_unlock_with_wrong_id_is_409(client: Client) -> None:
+    """OpenTofu >= 1.10 sends the typed ID on force-unlock, so a wrong one can be refused."""
+    await client.request("LOCK", LOCK, data=lock_body("holder"), headers=AUTH)
+    body = (OPENTOFU_1_10_FORCE_UNLOCK % "typo").encode()
+    response = await client.request("UNLOCK", LOCK, data=body, headers=md5_header(body))
+    assert response.status == 409
+    assert json.loads(await response.read())["ID"] == "holder"
+
+
+async def test_opentofu_1_8_force_unlock_without_body_releases(client: Client) -> None:
+    """OpenTofu 1.8-1.9 send UNLOCK with no body and no Content-Type: a force-unlock."""
+    await client.request("LOCK", LOCK, data=lock_body("holder"), headers=AUTH)
+    assert (await client.request("UNLOCK", LOCK, headers=AUTH)).status == 200
+    info = await (await client.get("/api/v1/projects/lab", headers=AUTH)).json()
+    assert info["lock"] is None
+
+
+async def test_opentofu_lock_timeout_retry_needs_id_in_conflict_body(client: Client) -> None:
+    """OpenTofu >= 1.9 retries -lock-timeout only when the 423 body has an ID: it always does."""
+    await client.request("LOCK", LOCK, data=lock_body("holder"), headers=AUTH)
+    for attempt in range(3):
+        response = await client.request("LOCK", LOCK, data=lock_body(f"waiter-{attempt}"), headers=AUTH)
+        assert response.status == 423
+        assert json.loads(await response.read())["ID"] == "holder"

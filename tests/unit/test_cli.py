@@ -1,0 +1,62 @@
+"""The `tofu-qemu` command's own decisions: refusing unsafe serving, hashing passwords."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from api.credentials import load_credentials
+from controller.cli import main
+
+
+def test_refuses_public_listen_without_auth(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Serving a non-loopback address with no credentials stops with a reason."""
+    for name in ("TOFU_QEMU_USERS", "TOFU_QEMU_TOKENS", "TOFU_QEMU_USERS_FILE", "TOFU_QEMU_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    code = main(["serve", "--listen", "0.0.0.0:0", "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert "refusing to serve 0.0.0.0:0 without authentication" in capsys.readouterr().err
+
+
+def test_tls_needs_both_files(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A certificate without its key is a settings error, not a crash."""
+    monkeypatch.setenv("TOFU_QEMU_USERS", "a:b")
+    code = main(
+        [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
+            "--tls-cert",
+            str(tmp_path / "c.pem"),
+        ]
+    )
+    assert code == 2
+    assert "TLS needs both" in capsys.readouterr().err
+
+
+def test_invalid_setting_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A bad flag value names the setting."""
+    assert main(["serve", "--history-limit", "zero", "--data-dir", str(tmp_path)]) == 2
+    assert "history_limit" in capsys.readouterr().err
+
+
+def test_hash_password_output_authenticates(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`hash-password --stdin` prints a hash that a users file accepts."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("correct horse\n"))
+    assert main(["hash-password", "--stdin"]) == 0
+    encoded = capsys.readouterr().out.strip()
+    users_file = tmp_path / "users.toml"
+    users_file.write_text(f'[users]\nalice = "{encoded}"\n')
+    credentials = load_credentials(users=None, tokens=None, users_file=users_file)
+    assert credentials.check_basic("alice", "correct horse") == "alice"
