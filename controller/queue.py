@@ -1,0 +1,168 @@
+"""A work queue with client-go semantics, for asyncio.
+
+Semantics (client-go `util/workqueue`):
+- `add(key)` is idempotent while the key waits: repeated adds collapse into one item.
+- A key is handed to at most one worker at a time. Adding a key that is being processed marks it
+  dirty; `done(key)` then queues it again, so no change is lost and no key runs twice at once.
+- `add_after(key, delay)` queues the key later; the earliest pending time wins.
+- `add_rate_limited(key)` queues it after a per-key exponential backoff
+  (`base * 2**failures`, capped at `cap`); `forget(key)` resets that key's failures.
+- `shut_down()` makes `get()` raise `QueueShutDown` once the queue is empty, so workers drain.
+
+Time comes from an injected `Clock`, so backoff is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from controller.clock import Clock, TimerHandle
+
+KeyT = TypeVar("KeyT", bound=Hashable)
+
+DEFAULT_BACKOFF_BASE_SECONDS = 0.5
+DEFAULT_BACKOFF_CAP_SECONDS = 300.0
+
+
+class QueueShutDown(Exception):
+    """The queue was shut down and holds no more work."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Per-key exponential backoff: base * 2**failures, at most cap."""
+
+    base: float = DEFAULT_BACKOFF_BASE_SECONDS
+    cap: float = DEFAULT_BACKOFF_CAP_SECONDS
+
+    def delay(self, failures: int) -> float:
+        return float(min(self.cap, self.base * 2.0 ** min(failures, 62)))
+
+
+@dataclass
+class _Pending:
+    due: float
+    timer: TimerHandle
+
+
+@dataclass
+class QueueStats:
+    """Counters that metrics export (controller-runtime's workqueue_* names)."""
+
+    adds: int = 0
+    retries: int = 0
+    queued_at: dict[Hashable, float] = field(default_factory=dict)
+
+
+class WorkQueue(Generic[KeyT]):
+    def __init__(self, *, clock: Clock, backoff: Backoff | None = None) -> None:
+        self._clock = clock
+        self._backoff = backoff or Backoff()
+        self._queue: deque[KeyT] = deque()
+        self._dirty: set[KeyT] = set()
+        self._processing: set[KeyT] = set()
+        self._pending: dict[KeyT, _Pending] = {}
+        self._failures: dict[KeyT, int] = {}
+        # Set whenever a key is queued or the queue shuts down; workers re-check and clear it.
+        self._wakeup = asyncio.Event()
+        self._shutting_down = False
+        self.stats = QueueStats()
+
+    def __len__(self) -> int:
+        """The number of keys waiting for a worker (workqueue_depth)."""
+        return len(self._queue)
+
+    @property
+    def is_shutting_down(self) -> bool:
+        return self._shutting_down
+
+    def add(self, key: KeyT) -> None:
+        """Queue `key` now, unless it already waits."""
+        if self._shutting_down or key in self._dirty:
+            return
+        self.stats.adds += 1
+        self._dirty.add(key)
+        self._cancel_pending(key)
+        if key in self._processing:
+            return
+        self._queue.append(key)
+        self.stats.queued_at.setdefault(key, self._clock.monotonic())
+        self._notify()
+
+    def add_after(self, key: KeyT, delay: float) -> None:
+        """Queue `key` after `delay` seconds; an earlier pending time is kept."""
+        if self._shutting_down:
+            return
+        if delay <= 0:
+            self.add(key)
+            return
+        due = self._clock.monotonic() + delay
+        existing = self._pending.get(key)
+        if existing is not None:
+            if existing.due <= due:
+                return
+            existing.timer.cancel()
+        timer = self._clock.call_later(delay, lambda: self._fire(key))
+        self._pending[key] = _Pending(due, timer)
+
+    def add_rate_limited(self, key: KeyT) -> float:
+        """Queue `key` after its backoff delay, and count one more failure. Returns the delay."""
+        failures = self._failures.get(key, 0)
+        self._failures[key] = failures + 1
+        self.stats.retries += 1
+        delay = self._backoff.delay(failures)
+        self.add_after(key, delay)
+        return delay
+
+    def forget(self, key: KeyT) -> None:
+        """Reset `key`'s backoff after a success."""
+        self._failures.pop(key, None)
+
+    def failures(self, key: KeyT) -> int:
+        return self._failures.get(key, 0)
+
+    async def get(self) -> KeyT:
+        """Wait for a key and mark it processing. :raise QueueShutDown: shut down and empty."""
+        while not self._queue:
+            if self._shutting_down:
+                raise QueueShutDown
+            # No await between the emptiness check and clear(), so no add can slip between.
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        key = self._queue.popleft()
+        self._processing.add(key)
+        self._dirty.discard(key)
+        self.stats.queued_at.pop(key, None)
+        return key
+
+    def done(self, key: KeyT) -> None:
+        """Mark `key` finished; if it was added meanwhile, queue it again."""
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._queue.append(key)
+            self.stats.queued_at.setdefault(key, self._clock.monotonic())
+            self._notify()
+
+    def shut_down(self) -> None:
+        """Stop accepting keys; workers drain what is queued, then `get()` raises."""
+        self._shutting_down = True
+        for pending in self._pending.values():
+            pending.timer.cancel()
+        self._pending.clear()
+        self._notify()
+
+    def _fire(self, key: KeyT) -> None:
+        self._pending.pop(key, None)
+        self.add(key)
+
+    def _cancel_pending(self, key: KeyT) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.timer.cancel()
+
+    def _notify(self) -> None:
+        self._wakeup.set()

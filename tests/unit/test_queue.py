@@ -1,0 +1,146 @@
+"""The work queue keeps client-go's guarantees: dedup, one worker per key, backoff, drain."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controller.clock import ManualClock
+from controller.queue import Backoff, QueueShutDown, WorkQueue
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def queue(clock: ManualClock) -> WorkQueue[str]:
+    return WorkQueue(clock=clock, backoff=Backoff(base=1.0, cap=8.0))
+
+
+async def drain(queue: WorkQueue[str]) -> list[str]:
+    """Every key currently queued, each marked done."""
+    keys = []
+    while len(queue):
+        key = await queue.get()
+        queue.done(key)
+        keys.append(key)
+    return keys
+
+
+async def test_repeated_adds_collapse(queue: WorkQueue[str]) -> None:
+    """Adding a waiting key again does not queue it twice."""
+    for key in ("a", "b", "a", "a"):
+        queue.add(key)
+    assert await drain(queue) == ["a", "b"]
+
+
+async def test_key_added_while_processing_runs_again_after_done(queue: WorkQueue[str]) -> None:
+    """A change during processing is not lost, and the key never runs twice at once."""
+    queue.add("a")
+    key = await queue.get()
+    queue.add("a")
+    assert len(queue) == 0
+    queue.done(key)
+    assert await drain(queue) == ["a"]
+
+
+async def test_add_after_waits_for_the_clock(queue: WorkQueue[str], clock: ManualClock) -> None:
+    """A delayed key appears only when its time comes."""
+    queue.add_after("a", 5)
+    clock.advance(4.9)
+    assert len(queue) == 0
+    clock.advance(0.1)
+    assert await drain(queue) == ["a"]
+
+
+async def test_earliest_delay_wins(queue: WorkQueue[str], clock: ManualClock) -> None:
+    """Of two delayed adds of one key the earlier time is kept, and the key comes once."""
+    queue.add_after("a", 10)
+    queue.add_after("a", 2)
+    queue.add_after("a", 5)
+    clock.advance(2)
+    assert await drain(queue) == ["a"]
+    clock.advance(10)
+    assert len(queue) == 0
+
+
+async def test_backoff_grows_exponentially_to_the_cap(queue: WorkQueue[str]) -> None:
+    """Each failure doubles the delay up to the cap; forget resets it."""
+    delays = [queue.add_rate_limited("a") for _ in range(6)]
+    assert delays == [1, 2, 4, 8, 8, 8]
+    queue.forget("a")
+    assert queue.add_rate_limited("a") == 1
+
+
+async def test_backoff_is_per_key(queue: WorkQueue[str]) -> None:
+    """One failing key does not slow another."""
+    for _ in range(3):
+        queue.add_rate_limited("bad")
+    assert queue.add_rate_limited("good") == 1
+
+
+async def test_immediate_add_replaces_a_pending_delay(queue: WorkQueue[str], clock: ManualClock) -> None:
+    """An event for a key in backoff reconciles it now (level-triggered), once."""
+    queue.add_rate_limited("a")
+    queue.add("a")
+    assert await drain(queue) == ["a"]
+    clock.advance(60)
+    assert len(queue) == 0
+
+
+async def test_get_waits_for_work(queue: WorkQueue[str]) -> None:
+    """A waiting worker wakes when a key is added."""
+    getter = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not getter.done()
+    queue.add("a")
+    assert await asyncio.wait_for(getter, 1) == "a"
+
+
+async def test_workers_never_share_a_key(queue: WorkQueue[str]) -> None:
+    """With many workers and repeated adds, a key is processed by one worker at a time."""
+    active: set[str] = set()
+    overlaps: list[str] = []
+    processed: list[str] = []
+
+    async def worker() -> None:
+        while True:
+            try:
+                key = await queue.get()
+            except QueueShutDown:
+                return
+            if key in active:
+                overlaps.append(key)
+            active.add(key)
+            await asyncio.sleep(0)
+            processed.append(key)
+            active.discard(key)
+            queue.done(key)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(4):
+            group.create_task(worker())
+        for round_ in range(20):
+            for key in ("a", "b", "c"):
+                queue.add(key)
+            if round_ % 3 == 0:
+                await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        queue.shut_down()
+    assert overlaps == []
+    assert set(processed) == {"a", "b", "c"}
+
+
+async def test_shutdown_drains_then_stops(queue: WorkQueue[str], clock: ManualClock) -> None:
+    """After shut_down queued keys are still handed out, delayed ones are dropped, then get raises."""
+    queue.add("a")
+    queue.add_after("b", 1)
+    queue.shut_down()
+    queue.add("c")
+    assert await queue.get() == "a"
+    clock.advance(2)
+    with pytest.raises(QueueShutDown):
+        await queue.get()
