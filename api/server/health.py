@@ -19,7 +19,7 @@ async def healthz(_request: web.Request) -> web.StreamResponse:
 async def readyz(request: web.Request) -> web.StreamResponse:
     try:
         async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-            async with request.app[DATABASE].connection.execute("SELECT 1") as cursor:
+            async with request.app[DATABASE].reader.execute("SELECT 1") as cursor:
                 await cursor.fetchone()
     except (TimeoutError, OSError, ValueError):
         return status_response(503, "not ready")

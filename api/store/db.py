@@ -1,8 +1,10 @@
 """The SQLite connection: pragmas, migrations and write transactions.
 
-One aiosqlite connection per process. Write transactions are serialised by an asyncio lock and
-start with BEGIN IMMEDIATE, so two processes on one data dir (api + controller) queue on SQLite's
-busy timeout instead of failing halfway through a read-then-write.
+Two aiosqlite connections per process: a writer and a read-only reader. Write transactions are
+serialised by an asyncio lock and start with BEGIN IMMEDIATE, so two processes on one data dir
+(api + controller) queue on SQLite's busy timeout instead of failing halfway through a
+read-then-write. Reads never use the writer: in WAL mode the reader sees only committed
+snapshots, so no request is served data from a transaction that may still roll back.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ def utc_now() -> datetime:
 class Database:
     """A migrated connection plus the write lock and the clock every store uses."""
 
-    def __init__(self, connection: aiosqlite.Connection, *, clock: Clock) -> None:
-        self.connection = connection
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, *, clock: Clock) -> None:
+        self._writer = writer
+        self.reader = reader
         self.clock = clock
         self._write_lock = asyncio.Lock()
 
@@ -43,31 +46,41 @@ class Database:
         :raise StorageFull: when SQLite reports a full disk; the transaction is rolled back.
         """
         async with self._write_lock:
-            await self.connection.execute("BEGIN IMMEDIATE")
+            await self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield self.connection
-                await self.connection.commit()
+                yield self._writer
+                await self._writer.commit()
             except BaseException as err:
-                await self.connection.rollback()
+                await self._writer.rollback()
                 if isinstance(err, sqlite3.OperationalError) and _is_disk_full(err):
                     raise StorageFull("the data dir is full; the write was not stored") from err
                 raise
 
     async def close(self) -> None:
-        await self.connection.close()
+        await self.reader.close()
+        await self._writer.close()
 
 
 async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
     """Open (creating if needed) the store in `data_dir` and bring its schema up to date."""
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
-    connection = await aiosqlite.connect(data_dir / DB_FILE_NAME, isolation_level=None)
+    path = data_dir / DB_FILE_NAME
+    writer = await aiosqlite.connect(path, isolation_level=None)
     try:
-        await _configure(connection)
-        await _migrate(connection)
+        await _configure(writer)
+        await _migrate(writer)
+        reader = await aiosqlite.connect(path, isolation_level=None)
     except BaseException:
-        await connection.close()
+        await writer.close()
         raise
-    return Database(connection, clock=clock)
+    try:
+        await _configure(reader)
+        await reader.execute("PRAGMA query_only = ON")
+    except BaseException:
+        await reader.close()
+        await writer.close()
+        raise
+    return Database(writer, reader, clock=clock)
 
 
 async def _configure(connection: aiosqlite.Connection) -> None:

@@ -143,7 +143,7 @@ class StateStore:
 
     async def read(self, project: str) -> StoredState | None:
         """The current state of `project`, or None when it has none."""
-        async with self._db.connection.execute(
+        async with self._db.reader.execute(
             "SELECT v.id, v.serial, v.lineage, v.md5, v.body FROM projects p"
             " JOIN state_versions v ON v.id = p.current_version WHERE p.name = ?",
             (project,),
@@ -292,7 +292,7 @@ class StateStore:
     async def list_versions(self, project: str) -> list[VersionInfo]:
         """Every kept version of `project`, newest first. :raise NotFound: unknown project."""
         await self._require_project(project)
-        async with self._db.connection.execute(
+        async with self._db.reader.execute(
             "SELECT id, serial, lineage, md5, size, created_at, encryption_version, lock_who, lock_operation"
             " FROM state_versions WHERE project = ? ORDER BY id DESC",
             (project,),
@@ -305,7 +305,7 @@ class StateStore:
 
     async def read_version(self, project: str, serial: int) -> StoredState:
         """The newest kept version of `project` with `serial`. :raise NotFound: none kept."""
-        async with self._db.connection.execute(
+        async with self._db.reader.execute(
             "SELECT id, serial, lineage, md5, body FROM state_versions WHERE project = ? AND serial = ?"
             " ORDER BY id DESC LIMIT 1",
             (project, serial),
@@ -344,7 +344,7 @@ class StateStore:
         if project is not None:
             query += " WHERE p.name = ?"
             params = (project,)
-        async with self._db.connection.execute(query + " ORDER BY p.name", params) as cursor:
+        async with self._db.reader.execute(query + " ORDER BY p.name", params) as cursor:
             return await _fetch_dicts(cursor)
 
     async def _project_info(self, row: dict[str, Any]) -> ProjectInfo:

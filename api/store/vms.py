@@ -180,7 +180,7 @@ class VMStore:
         return records[0]
 
     async def _select(self, clause: str, params: tuple[str, ...]) -> list[VMRecord]:
-        async with self._db.connection.execute(f"SELECT {_COLUMNS} FROM vms {clause}", params) as cursor:  # noqa: S608
+        async with self._db.reader.execute(f"SELECT {_COLUMNS} FROM vms {clause}", params) as cursor:  # noqa: S608
             rows = await cursor.fetchall()
         return [_decode(row) for row in rows]
 

@@ -1,0 +1,105 @@
+"""E2E fixtures: a real `tofu-qemu serve` process and the real Terraform CLI.
+
+One server serves the whole session; each test works in its own project (named after the test),
+so tests do not see each other's states or locks. Tests that kill servers start their own with
+`spawn_server`. Every server is killed at teardown, and a failing test's report carries the log
+of every server it used.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.harness import ServerProcess, Terraform, terraform_env
+
+TERRAFORM_PATHS = ("terraform", "/usr/local/bin/terraform")
+LOG_TAIL_CHARS = 20_000
+_ACTIVE_SERVERS = pytest.StashKey[list[ServerProcess]]()
+
+SpawnServer = Callable[[Path], ServerProcess]
+MakeTerraform = Callable[..., Terraform]
+
+
+@pytest.fixture(scope="session")
+def terraform_bin() -> str:
+    for candidate in TERRAFORM_PATHS:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    pytest.skip("terraform is not installed")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The session's server, on a free loopback port with a fresh data dir."""
+    root = tmp_path_factory.mktemp("server")
+    process = ServerProcess(data_dir=root / "data", log_path=root / "server.log")
+    try:
+        process.start()
+        yield process
+    finally:
+        process.kill()
+
+
+@pytest.fixture
+def spawn_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SpawnServer]:
+    """Start servers of this test's own (restartable on the same data dir); all killed at teardown."""
+    started: list[ServerProcess] = []
+    request.node.stash[_ACTIVE_SERVERS] = started
+
+    def spawn(data_dir: Path) -> ServerProcess:
+        process = ServerProcess(data_dir=data_dir, log_path=tmp_path / f"server-{len(started)}.log")
+        started.append(process)
+        process.start()
+        return process
+
+    try:
+        yield spawn
+    finally:
+        for process in started:
+            process.kill()
+
+
+@pytest.fixture
+def project(request: pytest.FixtureRequest) -> str:
+    """A project name unique to this test."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:100]
+
+
+@pytest.fixture
+def make_terraform(terraform_bin: str, server: ServerProcess, project: str, tmp_path: Path) -> MakeTerraform:
+    """`make_terraform(workdir, password=...)`: terraform in `workdir`, on this test's project."""
+
+    def make(workdir: Path, *, password: str | None = None) -> Terraform:
+        env = terraform_env(state_url=server.state_url(project), scratch=tmp_path / "tf-scratch")
+        if password is not None:
+            env["TF_HTTP_PASSWORD"] = password
+        return Terraform(terraform_bin, workdir, env=env)
+
+    return make
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the log of every server the test used to its report when it fails."""
+    report = yield
+    if report.failed:
+        servers: list[ServerProcess] = []
+        if _ACTIVE_SERVERS in item.stash:
+            spawned = item.stash[_ACTIVE_SERVERS]
+            servers.extend(spawned)
+        if isinstance(item, pytest.Function):
+            shared = item.funcargs.get("server")
+            if isinstance(shared, ServerProcess):
+                servers.insert(0, shared)
+        for process in servers:
+            text = process.log_text()
+            report.sections.append((f"tofu-qemu server log {process.log_path}", text[-LOG_TAIL_CHARS:]))
+    return report
