@@ -15,13 +15,14 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -80,15 +81,33 @@ class ServerProcess:
     incarnation.
     """
 
-    def __init__(self, *, data_dir: Path, log_path: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        log_path: Path,
+        port: int | None = None,
+        extra_args: Sequence[str] = (),
+        client_tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """`extra_args` go to `serve`; `client_tls` makes requests use HTTPS with that context."""
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = port or free_loopback_port()
+        self._extra_args = tuple(extra_args)
+        self._opener = (
+            urllib.request.build_opener(
+                urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=client_tls)
+            )
+            if client_tls
+            else _NO_PROXY
+        )
+        self._scheme = "https" if client_tls else "http"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
     @property
     def db_path(self) -> Path:
@@ -111,7 +130,7 @@ class ServerProcess:
         env["TOFU_QEMU_USERS"] = f"{USER}:{PASSWORD}"
         env["TOFU_QEMU_LOG_FORMAT"] = "json"
         argv = [sys.executable, "-m", "controller.cli", "serve"]
-        argv += ["--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}"]
+        argv += ["--data-dir", str(self.data_dir), "--listen", f"127.0.0.1:{self.port}", *self._extra_args]
         with self.log_path.open("ab") as log:
             log.write(f"---- start: {' '.join(argv)}\n".encode())
             log.flush()
@@ -174,7 +193,7 @@ class ServerProcess:
         # Always http://127.0.0.1:PORT built above, never a caller's URL.
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)  # noqa: S310
         try:
-            with _NO_PROXY.open(request, timeout=timeout) as response:
+            with self._opener.open(request, timeout=timeout) as response:
                 return HttpAnswer(response.status, response.read())
         except urllib.error.HTTPError as err:
             with err:
