@@ -1,0 +1,161 @@
+"""Building the QEMU command line from a spec. Pure: no I/O, no clock.
+
+Safety rules, so that a spec can never add a QEMU option:
+- argv is a list handed to exec, never a shell string;
+- every value placed inside a QEMU option string (`key=value,key=value`) goes through
+  `option_value`, which doubles commas (QEMU's escape) and refuses control characters;
+- free-standing values (`-append`, `-pidfile`) are single argv elements, and none may start
+  with '-' where QEMU would read an option.
+Names and image paths are already allow-listed by api/types.py; the escaping here also covers
+the operator-chosen data dir, which may hold any character.
+
+Identity derives from the VM's uid: SMBIOS UUID, MAC address and disk serials survive restarts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import PurePath
+
+from api.types import Accel, Machine, Protocol, QemuVMSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+# QEMU's own OUI for locally run guests; the rest comes from the uid.
+MAC_PREFIX = "52:54:00"
+DISK_SERIAL_LENGTH = 20
+PROCESS_NAME_PREFIX = "tq-"
+
+
+class UnsafeValue(ValueError):
+    """A value that cannot be placed in a QEMU command line safely."""
+
+
+def option_value(value: str) -> str:
+    """Escape `value` for a QEMU `key=value,...` option string.
+
+    :raise UnsafeValue: for control characters, which no QEMU option value needs.
+    """
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise UnsafeValue(f"control character in QEMU option value {value[:60]!r}")
+    return value.replace(",", ",,")
+
+
+def free_argument(value: str) -> str:
+    """Check a value that stands alone in argv (after `-append`, `-pidfile`, ...)."""
+    if value.startswith("-"):
+        raise UnsafeValue(f"argument {value[:60]!r} would be read as a QEMU option")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise UnsafeValue(f"control character in QEMU argument {value[:60]!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimePaths:
+    """Where one VM's runtime files live: DATA/run/<uid>/."""
+
+    directory: PurePath
+
+    @property
+    def pidfile(self) -> PurePath:
+        return self.directory / "qemu.pid"
+
+    @property
+    def qmp_socket(self) -> PurePath:
+        return self.directory / "qmp.sock"
+
+    @property
+    def serial_log(self) -> PurePath:
+        return self.directory / "serial.log"
+
+    @property
+    def stderr_log(self) -> PurePath:
+        return self.directory / "qemu.stderr"
+
+    @property
+    def record(self) -> PurePath:
+        """The launch record: argv, its digest and the process start time."""
+        return self.directory / "launch.json"
+
+    @property
+    def exit_record(self) -> PurePath:
+        return self.directory / "exit.json"
+
+    @property
+    def lock(self) -> PurePath:
+        return self.directory / "lock"
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchInputs:
+    """Everything argv depends on besides the spec: resolved by the controller before spawning."""
+
+    uid: str
+    name: str
+    accel: Accel
+    runtime: RuntimePaths
+    images_dir: PurePath
+    disk_paths: dict[str, PurePath]
+    host_ports: dict[tuple[Protocol, int], int]
+
+
+def mac_address(uid: str) -> str:
+    digest = hashlib.sha256(f"mac:{uid}".encode()).digest()
+    return MAC_PREFIX + "".join(f":{byte:02x}" for byte in digest[:3])
+
+
+def disk_serial(uid: str, disk_name: str) -> str:
+    return hashlib.sha256(f"disk:{uid}:{disk_name}".encode()).hexdigest()[:DISK_SERIAL_LENGTH]
+
+
+def process_name(uid: str) -> str:
+    """/proc/PID/comm is cut to 15 characters; a uid prefix makes our processes recognisable."""
+    return PROCESS_NAME_PREFIX + uid.replace("-", "")[:12]
+
+
+def argv_digest(argv: tuple[str, ...]) -> str:
+    return hashlib.sha256(json.dumps(argv).encode()).hexdigest()
+
+
+def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
+    """The complete QEMU argv for `spec`. The VM starts paused (-S); the controller continues it.
+
+    :raise UnsafeValue: a value that cannot be escaped (never one a valid spec produces).
+    :raise KeyError: a disk path or host port the controller did not resolve.
+    """
+    if inputs.accel is Accel.AUTO:
+        raise ValueError("the accelerator must be resolved (kvm or tcg) before building argv")
+    microvm = spec.machine is Machine.MICROVM
+    runtime = inputs.runtime
+    argv: list[str] = [QEMU_BINARY, "-nodefaults", "-no-user-config", "-S"]
+    argv += ["-name", f"guest={option_value(inputs.name)},process={process_name(inputs.uid)}"]
+    argv += ["-uuid", free_argument(inputs.uid)]
+    argv += ["-machine", spec.machine.value, "-accel", inputs.accel.value, "-cpu", "max"]
+    argv += ["-smp", str(spec.cpus), "-m", f"{spec.memory}M"]
+    argv += ["-display", "none", "-pidfile", free_argument(str(runtime.pidfile))]
+    argv += ["-chardev", f"socket,id=qmp,path={option_value(str(runtime.qmp_socket))},server=on,wait=off"]
+    argv += ["-mon", "chardev=qmp,mode=control"]
+    argv += ["-chardev", f"file,id=serial0,path={option_value(str(runtime.serial_log))}"]
+    argv += ["-serial", "chardev:serial0"]
+    if spec.boot is not None:
+        argv += ["-kernel", free_argument(str(inputs.images_dir / spec.boot.kernel))]
+        if spec.boot.initrd is not None:
+            argv += ["-initrd", free_argument(str(inputs.images_dir / spec.boot.initrd))]
+        cmdline = " ".join(filter(None, ["console=ttyS0", f"tofu.name={inputs.name}", spec.boot.cmdline]))
+        argv += ["-append", cmdline]
+    block_device = "virtio-blk-device" if microvm else "virtio-blk-pci"
+    for disk in spec.disks:
+        node = f"disk-{disk.name}"
+        path = option_value(str(inputs.disk_paths[disk.name]))
+        argv += ["-blockdev", f"driver=qcow2,node-name={node},file.driver=file,file.filename={path}"]
+        argv += ["-device", f"{block_device},drive={node},serial={disk_serial(inputs.uid, disk.name)}"]
+    forwards = [
+        f"hostfwd={forward.protocol.value}:127.0.0.1:{inputs.host_ports[(forward.protocol, forward.guest_port)]}"
+        f"-:{forward.guest_port}"
+        for forward in spec.network.forwards
+    ]
+    argv += ["-netdev", ",".join(["user", "id=net0", "restrict=on", *forwards])]
+    net_device = "virtio-net-device" if microvm else "virtio-net-pci"
+    argv += ["-device", f"{net_device},netdev=net0,mac={mac_address(inputs.uid)}"]
+    return tuple(argv)
