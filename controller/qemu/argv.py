@@ -150,11 +150,10 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
         path = option_value(str(inputs.disk_paths[disk.name]))
         argv += ["-blockdev", f"driver=qcow2,node-name={node},file.driver=file,file.filename={path}"]
         argv += ["-device", f"{block_device},drive={node},serial={disk_serial(inputs.uid, disk.name)}"]
-    forwards = [
-        f"hostfwd={forward.protocol.value}:127.0.0.1:{inputs.host_ports[(forward.protocol, forward.guest_port)]}"
-        f"-:{forward.guest_port}"
-        for forward in spec.network.forwards
-    ]
+    forwards = []
+    for forward in spec.network.forwards:
+        host_port = inputs.host_ports[(forward.protocol, forward.guest_port)]
+        forwards.append(f"hostfwd={forward.protocol.value}:127.0.0.1:{host_port}-:{forward.guest_port}")
     argv += ["-netdev", ",".join(["user", "id=net0", "restrict=on", *forwards])]
     net_device = "virtio-net-device" if microvm else "virtio-net-pci"
     argv += ["-device", f"{net_device},netdev=net0,mac={mac_address(inputs.uid)}"]
