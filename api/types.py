@@ -272,14 +272,49 @@ class Condition(_Model):
     last_transition_time: datetime
 
 
+class ExitReason(StrEnum):
+    GUEST_POWEROFF = "guest-poweroff"
+    CRASHED = "crashed"
+    KILLED = "killed-by-signal"
+    STOPPED_BY_CONTROLLER = "stopped-by-controller"
+    VANISHED = "vanished"
+
+
+class LastExit(_Model):
+    """How the VM's last QEMU process ended."""
+
+    reason: ExitReason
+    exit_code: int | None = None
+    signal: int | None = None
+    at: datetime
+    message: str = ""
+
+
+class AllocatedPort(_Model):
+    protocol: Protocol
+    guest_port: int
+    host_port: int
+
+
 class QemuVMStatus(_Model):
-    """Observed state. Only the controller writes it; the API shows it."""
+    """Observed state. Only the controller writes it; the API shows it.
+
+    Besides what is observed, status carries the controller's memory that must survive its own
+    restart: restart and failure counts, the last exit, and when a graceful stop began.
+    """
 
     phase: Phase = Phase.PENDING
     conditions: tuple[Condition, ...] = ()
     observed_generation: int = 0
     pid: int | None = None
     accel: Accel | None = None
+    ports: tuple[AllocatedPort, ...] = ()
+    restarts: int = 0
+    failures: int = Field(default=0, description="Consecutive failed runs, for crash-loop backoff")
+    started_at: datetime | None = None
+    last_exit: LastExit | None = None
+    next_retry_at: datetime | None = None
+    stop_requested_at: datetime | None = None
 
 
 class ObjectMeta(_Model):
