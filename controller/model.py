@@ -1,0 +1,91 @@
+"""What the reconciler knows about one VM: the desired object, and what it observed.
+
+Plain frozen values; `plan` and `compute_status` decide from these alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from api.types import LastExit, Protocol, QemuVMSpec, ReclaimPolicy
+
+PortKey = tuple[Protocol, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """The spec-store object for one uid. `spec` is None when the spec is invalid."""
+
+    uid: str
+    project: str
+    name: str
+    generation: int
+    spec: QemuVMSpec | None
+    spec_error: str | None
+    deleting: bool
+
+
+class QmpState(StrEnum):
+    """The guest's run state as QMP `query-status` reports it, or why it could not."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    PANICKED = "guest-panicked"
+    OTHER = "other"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessObservation:
+    """A live QEMU process proven ours: pidfile, /proc start time and cmdline all agree."""
+
+    pid: int
+    argv_digest: str
+    started_at: datetime
+    qmp: QmpState
+
+
+@dataclass(frozen=True, slots=True)
+class ExitObservation:
+    """An exit recorded in the runtime dir by the process watcher."""
+
+    at: datetime
+    exit_code: int | None
+    signal: int | None
+    guest_shutdown: bool
+    started_at: datetime | None
+    stderr_tail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRecord:
+    name: str
+    reclaim_policy: ReclaimPolicy
+    exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    process: ProcessObservation | None
+    exit: ExitObservation | None
+    has_runtime_dir: bool
+    # Files left by a process that is gone (pidfile, socket, launch record).
+    has_stale_runtime: bool
+    ports: Mapping[PortKey, int] = field(default_factory=dict)
+    disks: Mapping[str, DiskRecord] = field(default_factory=dict)
+    missing_images: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """What status remembers across reconciles and controller restarts."""
+
+    restarts: int = 0
+    failures: int = 0
+    last_exit: LastExit | None = None
+    next_retry_at: datetime | None = None
+    stop_requested_at: datetime | None = None

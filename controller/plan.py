@@ -1,0 +1,294 @@
+"""plan(desired, observed, memory, context, now) -> Plan: what to do next for one VM. Pure.
+
+Shape (KubeVirt virt-handler's): first the intents are computed from (spec, observed process),
+then one ordered decision picks the actions. A plan never assumes its actions succeed beyond
+the memory it returns; the reconciler plans again after executing when `again` is set, so each
+step (ports and disks, then spawn, then continue) is decided from a fresh observation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import PurePath
+
+from api.types import Accel, ExitReason, QemuVMSpec, ReclaimPolicy, RunStrategy
+from controller.actions import (
+    Action,
+    AllocatePorts,
+    CleanRuntime,
+    Continue,
+    CreateDisk,
+    DeleteDisk,
+    Finalize,
+    Kill,
+    Quit,
+    ReleasePorts,
+    RemoveRuntimeDir,
+    RequestPowerdown,
+    Spawn,
+)
+from controller.exits import classify_exit, crash_backoff, failures_after, is_failure, should_restart
+from controller.model import Desired, Memory, Observed, PortKey, ProcessObservation, QmpState
+from controller.qemu.argv import LaunchInputs, RuntimePaths, argv_digest, build_argv
+
+# After `system_powerdown` and stopTimeout, `quit` gets this long before SIGKILL.
+QUIT_GRACE = timedelta(seconds=5)
+# QMP may not listen yet just after spawn (the pidfile comes first): wait before calling it hung.
+QMP_STARTUP_GRACE = timedelta(seconds=10)
+IMAGE_RECHECK = timedelta(seconds=30)
+STOP_RECHECK = timedelta(seconds=1)
+
+
+class Intent(StrEnum):
+    """What the plan is working towards; status turns it into a phase and conditions."""
+
+    INVALID = "Invalid"
+    DELETING = "Deleting"
+    STOPPING = "Stopping"
+    RESTARTING = "Restarting"
+    HALTED = "Halted"
+    FINISHED = "Finished"
+    PREPARING = "Preparing"
+    WAITING_FOR_IMAGES = "WaitingForImages"
+    BACKING_OFF = "BackingOff"
+    STARTING = "Starting"
+    RUNNING = "Running"
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchContext:
+    """Environment facts the argv depends on, resolved by the reconciler before planning."""
+
+    accel: Accel
+    runtime: RuntimePaths
+    images_dir: PurePath
+    disks_dir: PurePath
+
+    def disk_path(self, name: str) -> PurePath:
+        return self.disks_dir / f"{name}.qcow2"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    intent: Intent
+    memory: Memory
+    actions: tuple[Action, ...] = ()
+    requeue_after: timedelta | None = None
+    # Plan again right after executing: these actions changed the inputs of the next step.
+    again: bool = False
+    detail: str = ""
+
+
+def plan(
+    desired: Desired | None, observed: Observed, memory: Memory, context: LaunchContext, *, now: datetime
+) -> Plan:
+    """Decide the next actions for one VM. `desired` is None for an orphan (no object)."""
+    memory = absorb_exit(memory, observed, desired)
+    if desired is None or desired.deleting:
+        return _tear_down(desired, observed, memory, now)
+    if desired.spec is None:
+        # Keep whatever runs: an invalid edit must not take a working VM down.
+        return Plan(Intent.INVALID, memory)
+    spec = desired.spec
+    process = observed.process
+    if spec.run_strategy is RunStrategy.HALTED:
+        if process is not None:
+            return _stop(process, memory, spec, now, Intent.STOPPING, "runStrategy is Halted")
+        return Plan(Intent.HALTED, memory, _clean_if_stale(observed))
+
+    prepare = _prepare(spec, observed)
+    if prepare:
+        return Plan(Intent.PREPARING, memory, prepare, again=True)
+    digest = argv_digest(_argv(desired, spec, observed, context))
+    if process is not None:
+        return _keep_running(process, digest, memory, spec, now)
+    return _start(desired, spec, observed, memory, context, now)
+
+
+def absorb_exit(memory: Memory, observed: Observed, desired: Desired | None) -> Memory:
+    """Fold a newly recorded exit into memory: last exit, failure count and next retry time.
+
+    Idempotent: an exit already folded in (same time) changes nothing.
+    """
+    exit_ = observed.exit
+    if exit_ is None:
+        if observed.process is None and memory.stop_requested_at is not None:
+            return replace(memory, stop_requested_at=None)
+        return memory
+    if memory.last_exit is not None and memory.last_exit.at >= exit_.at:
+        return memory
+    last_exit = classify_exit(exit_, stop_requested=memory.stop_requested_at is not None)
+    failures = failures_after(memory.failures, last_exit, exit_.started_at)
+    retry_at = exit_.at + crash_backoff(failures) if is_failure(last_exit.reason) else None
+    return Memory(
+        restarts=memory.restarts,
+        failures=failures,
+        last_exit=last_exit,
+        next_retry_at=retry_at,
+        stop_requested_at=None,
+    )
+
+
+def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now: datetime) -> Plan:
+    """Deletion as a finalizer: stop, release ports, delete disks, remove the runtime dir, finalize."""
+    if observed.process is not None:
+        stop_timeout = timedelta(seconds=desired.spec.stop_timeout) if desired and desired.spec else None
+        return _stop_process(observed.process, memory, stop_timeout, now, Intent.DELETING, "deleting")
+    actions: list[Action] = []
+    if observed.ports:
+        actions.append(ReleasePorts(tuple(sorted(observed.ports))))
+    actions += [
+        DeleteDisk(name)
+        for name, disk in sorted(observed.disks.items())
+        if disk.reclaim_policy is ReclaimPolicy.DELETE
+    ]
+    if observed.has_runtime_dir:
+        actions.append(RemoveRuntimeDir())
+    if desired is not None:
+        actions.append(Finalize())
+    return Plan(Intent.DELETING, memory, tuple(actions))
+
+
+def _prepare(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
+    """Ports and disks the spec needs and does not have yet (legal while running too)."""
+    actions: list[Action] = []
+    missing_ports = tuple(
+        ((forward.protocol, forward.guest_port), forward.host_port)
+        for forward in spec.network.forwards
+        if (forward.protocol, forward.guest_port) not in observed.ports
+    )
+    if missing_ports:
+        actions.append(AllocatePorts(missing_ports))
+    for disk in spec.disks:
+        record = observed.disks.get(disk.name)
+        if record is None or not record.exists:
+            actions.append(CreateDisk(disk))
+    return tuple(actions)
+
+
+def _argv(desired: Desired, spec: QemuVMSpec, observed: Observed, context: LaunchContext) -> tuple[str, ...]:
+    inputs = LaunchInputs(
+        uid=desired.uid,
+        name=desired.name,
+        accel=context.accel,
+        runtime=context.runtime,
+        images_dir=context.images_dir,
+        disk_paths={disk.name: context.disk_path(disk.name) for disk in spec.disks},
+        host_ports=dict(observed.ports),
+    )
+    return build_argv(spec, inputs)
+
+
+def _keep_running(
+    process: ProcessObservation, digest: str, memory: Memory, spec: QemuVMSpec, now: datetime
+) -> Plan:
+    if process.argv_digest != digest:
+        return _stop(process, memory, spec, now, Intent.RESTARTING, "the spec changed and needs a restart")
+    if process.qmp is QmpState.UNREACHABLE:
+        if now - process.started_at < QMP_STARTUP_GRACE:
+            return Plan(Intent.STARTING, memory, requeue_after=timedelta(milliseconds=200))
+        return Plan(
+            Intent.RESTARTING,
+            memory,
+            (Kill(process.pid),),
+            requeue_after=STOP_RECHECK,
+            detail="QEMU does not answer QMP: killing it",
+        )
+    if process.qmp is QmpState.PANICKED:
+        return Plan(
+            Intent.RESTARTING,
+            memory,
+            (Kill(process.pid),),
+            requeue_after=STOP_RECHECK,
+            detail="guest panicked",
+        )
+    if process.qmp is QmpState.PAUSED:
+        return Plan(Intent.STARTING, memory, (Continue(),), again=True)
+    if memory.stop_requested_at is not None:
+        # A stop that is no longer wanted (e.g. Halted was reverted): let the guest run on.
+        memory = replace(memory, stop_requested_at=None)
+    return Plan(Intent.RUNNING, memory)
+
+
+def _start(
+    desired: Desired,
+    spec: QemuVMSpec,
+    observed: Observed,
+    memory: Memory,
+    context: LaunchContext,
+    now: datetime,
+) -> Plan:
+    # Stale runtime files are left for Spawn to clear: until then the exit record they hold is
+    # what tells this plan (and the next) that a restart is a restart.
+    last_exit = memory.last_exit
+    if last_exit is not None and not should_restart(last_exit.reason, spec.run_strategy):
+        detail = f"{last_exit.reason.value}; runStrategy {spec.run_strategy.value}"
+        return Plan(Intent.FINISHED, memory, _clean_if_stale(observed), detail=detail)
+    if memory.next_retry_at is not None and now < memory.next_retry_at:
+        return Plan(Intent.BACKING_OFF, memory, requeue_after=memory.next_retry_at - now)
+    if observed.missing_images:
+        detail = "missing in the images dir: " + ", ".join(observed.missing_images)
+        return Plan(Intent.WAITING_FOR_IMAGES, memory, requeue_after=IMAGE_RECHECK, detail=detail)
+    argv = _argv(desired, spec, observed, context)
+    is_restart = (
+        observed.exit is not None
+        and last_exit is not None
+        and last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER
+    )
+    memory = replace(memory, restarts=memory.restarts + int(is_restart), next_retry_at=None)
+    actions = (*_release_unused(spec, observed), Spawn(argv, argv_digest(argv)))
+    return Plan(Intent.STARTING, memory, actions, again=True)
+
+
+def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
+    """Ports and disks the spec no longer names (only while no process runs)."""
+    wanted_ports: set[PortKey] = {(forward.protocol, forward.guest_port) for forward in spec.network.forwards}
+    unused_ports = tuple(sorted(key for key in observed.ports if key not in wanted_ports))
+    actions: list[Action] = [ReleasePorts(unused_ports)] if unused_ports else []
+    wanted_disks = {disk.name for disk in spec.disks}
+    actions += [
+        DeleteDisk(name)
+        for name, record in sorted(observed.disks.items())
+        if name not in wanted_disks and record.reclaim_policy is ReclaimPolicy.DELETE
+    ]
+    return tuple(actions)
+
+
+def _clean_if_stale(observed: Observed) -> tuple[Action, ...]:
+    return (CleanRuntime(),) if observed.has_stale_runtime else ()
+
+
+def _stop(
+    process: ProcessObservation, memory: Memory, spec: QemuVMSpec, now: datetime, intent: Intent, why: str
+) -> Plan:
+    return _stop_process(process, memory, timedelta(seconds=spec.stop_timeout), now, intent, why)
+
+
+def _stop_process(
+    process: ProcessObservation,
+    memory: Memory,
+    stop_timeout: timedelta | None,
+    now: datetime,
+    intent: Intent,
+    why: str,
+) -> Plan:
+    """Graceful stop across reconciles: power button, then `quit` after stopTimeout, then SIGKILL.
+
+    The start of the stop is remembered in status, so a controller restart mid-stop continues
+    where it was instead of starting over. A process that does not answer QMP is killed at once.
+    """
+    timeout = stop_timeout if stop_timeout is not None else timedelta(seconds=30)
+    if process.qmp is QmpState.UNREACHABLE and now - process.started_at >= QMP_STARTUP_GRACE:
+        return Plan(intent, memory, (Kill(process.pid),), requeue_after=STOP_RECHECK, detail=why)
+    requested = memory.stop_requested_at
+    if requested is None:
+        memory = replace(memory, stop_requested_at=now)
+        return Plan(intent, memory, (RequestPowerdown(),), requeue_after=timeout, detail=why)
+    elapsed = now - requested
+    if elapsed < timeout:
+        return Plan(intent, memory, requeue_after=timeout - elapsed, detail=why)
+    if elapsed < timeout + QUIT_GRACE:
+        return Plan(intent, memory, (Quit(),), requeue_after=timeout + QUIT_GRACE - elapsed, detail=why)
+    return Plan(intent, memory, (Kill(process.pid),), requeue_after=STOP_RECHECK, detail=why)
