@@ -1,0 +1,142 @@
+"""compute_status(...) -> QemuVMStatus: what the API shows for one VM. Pure.
+
+Status is recomputed on every reconcile from what was observed after acting, the plan's intent
+and memory, and any error; the reconciler writes it only when it differs from the stored one.
+`observedGeneration` moves only once the observed VM reflects the generation (a steady intent),
+so "Running at observedGeneration N" always means the process runs spec N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from api.types import (
+    Accel,
+    AllocatedPort,
+    Condition,
+    ConditionStatus,
+    Phase,
+    QemuVMStatus,
+)
+from controller.model import Desired, Observed, QmpState
+from controller.plan import Intent, Plan
+
+STEADY_INTENTS = frozenset({Intent.RUNNING, Intent.HALTED, Intent.FINISHED, Intent.INVALID})
+_PHASES = {
+    Intent.INVALID: Phase.INVALID,
+    Intent.DELETING: Phase.STOPPING,
+    Intent.STOPPING: Phase.STOPPING,
+    Intent.RESTARTING: Phase.STOPPING,
+    Intent.HALTED: Phase.STOPPED,
+    Intent.FINISHED: Phase.STOPPED,
+    Intent.PREPARING: Phase.PENDING,
+    Intent.WAITING_FOR_IMAGES: Phase.PENDING,
+    Intent.BACKING_OFF: Phase.CRASH_LOOP_BACK_OFF,
+    Intent.STARTING: Phase.STARTING,
+    Intent.RUNNING: Phase.RUNNING,
+}
+
+
+def compute_status(
+    desired: Desired,
+    observed: Observed,
+    result: Plan,
+    previous: QemuVMStatus,
+    *,
+    accel: Accel | None,
+    error: str | None,
+    now: datetime,
+) -> QemuVMStatus:
+    """The status to store after one reconcile of `desired`."""
+    process = observed.process
+    running = process is not None and process.qmp is QmpState.RUNNING
+    phase = _PHASES[result.intent]
+    if error is not None and phase is Phase.STARTING and process is None:
+        phase = Phase.FAILED
+    if result.intent is Intent.DELETING and process is None:
+        phase = Phase.STOPPED
+    memory = result.memory
+    verdicts = (
+        _valid(desired),
+        _ready(result, running, error),
+        _synced(desired, result, error),
+    )
+    observed_generation = (
+        desired.generation
+        if error is None and result.intent in STEADY_INTENTS
+        else previous.observed_generation
+    )
+    return QemuVMStatus(
+        phase=phase,
+        conditions=tuple(_to_condition(v, previous.conditions, now) for v in verdicts),
+        observed_generation=observed_generation,
+        pid=process.pid if process else None,
+        accel=accel if process else None,
+        ports=tuple(
+            AllocatedPort(protocol=protocol, guest_port=guest_port, host_port=host_port)
+            for (protocol, guest_port), host_port in sorted(observed.ports.items())
+        ),
+        restarts=memory.restarts,
+        failures=memory.failures,
+        started_at=process.started_at if process else None,
+        last_exit=memory.last_exit,
+        next_retry_at=memory.next_retry_at if result.intent is Intent.BACKING_OFF else None,
+        stop_requested_at=memory.stop_requested_at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    type: str
+    ok: bool
+    reason: str
+    message: str = ""
+
+
+def _condition(type_: str, ok: bool, reason: str, message: str = "") -> _Verdict:
+    return _Verdict(type_, ok, reason, message)
+
+
+def _valid(desired: Desired) -> _Verdict:
+    if desired.spec_error is not None:
+        return _condition("Valid", False, "InvalidSpec", desired.spec_error)
+    return _condition("Valid", True, "SpecAccepted")
+
+
+def _ready(result: Plan, running: bool, error: str | None) -> _Verdict:
+    if error is not None:
+        return _condition("Ready", False, "ReconcileError", error)
+    if running and result.intent is Intent.RUNNING:
+        return _condition("Ready", True, "Running")
+    reasons = {
+        Intent.WAITING_FOR_IMAGES: "ImageNotFound",
+        Intent.BACKING_OFF: "CrashLoopBackOff",
+        Intent.FINISHED: "Stopped",
+        Intent.HALTED: "Halted",
+    }
+    return _condition("Ready", False, reasons.get(result.intent, result.intent.value), result.detail)
+
+
+def _synced(desired: Desired, result: Plan, error: str | None) -> _Verdict:
+    if error is not None:
+        return _condition("Synced", False, "ReconcileError", error)
+    if desired.spec is None:
+        return _condition("Synced", False, "InvalidSpec", "the last valid spec keeps running")
+    if result.intent in STEADY_INTENTS:
+        return _condition("Synced", True, "UpToDate")
+    return _condition("Synced", False, result.intent.value, result.detail)
+
+
+def _to_condition(verdict: _Verdict, previous: tuple[Condition, ...], now: datetime) -> Condition:
+    """A condition whose lastTransitionTime moves only when its status flips."""
+    status = ConditionStatus.TRUE if verdict.ok else ConditionStatus.FALSE
+    old = next((c for c in previous if c.type == verdict.type), None)
+    changed_at = old.last_transition_time if old is not None and old.status == status else now
+    return Condition(
+        type=verdict.type,
+        status=status,
+        reason=verdict.reason,
+        message=verdict.message,
+        last_transition_time=changed_at,
+    )
