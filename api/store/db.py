@@ -38,6 +38,20 @@ class Database:
         self.reader = reader
         self.clock = clock
         self._write_lock = asyncio.Lock()
+        self._subscribers: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every committed write of this process.
+
+        Writes by other processes on the same file are seen through `data_version` instead.
+        """
+        self._subscribers.append(callback)
+
+    async def data_version(self) -> int:
+        """SQLite's counter of commits made by *other* connections (PRAGMA data_version)."""
+        async with self.reader.execute("PRAGMA data_version") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -55,6 +69,8 @@ class Database:
                 if isinstance(err, sqlite3.OperationalError) and _is_disk_full(err):
                     raise StorageFull("the data dir is full; the write was not stored") from err
                 raise
+        for callback in self._subscribers:
+            callback()
 
     async def close(self) -> None:
         await self.reader.close()

@@ -58,4 +58,25 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE resource_versions (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
     INSERT INTO resource_versions (id, value) VALUES (1, 0);
     """,
+    """
+    -- Host ports held by VMs. UNIQUE makes two VMs (or two controllers) unable to share one.
+    CREATE TABLE port_allocations (
+        uid        TEXT NOT NULL,
+        protocol   TEXT NOT NULL,
+        guest_port INTEGER NOT NULL,
+        host_port  INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (uid, protocol, guest_port),
+        UNIQUE (protocol, host_port)
+    );
+    -- Disk files created for VMs, with the policy that decides their fate on delete.
+    CREATE TABLE disks (
+        uid            TEXT NOT NULL,
+        name           TEXT NOT NULL,
+        path           TEXT NOT NULL,
+        reclaim_policy TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        PRIMARY KEY (uid, name)
+    );
+    """,
 )

@@ -202,3 +202,51 @@ def _decode(row: Any) -> VMRecord:
         status=json.loads(row[12]) if row[12] else None,
         resource_version=row[13],
     )
+
+
+class StatusConflict(Exception):
+    """The object is gone (finalized) or was replaced; re-read and reconcile again."""
+
+
+class VMStatusWriter:
+    """The controller's side of the VM objects: read by uid, write status, finalize.
+
+    Kept apart from VMStore so the API server never holds a way to write status.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def get(self, uid: str) -> VMRecord | None:
+        async with self._db.reader.execute(f"SELECT {_COLUMNS} FROM vms WHERE uid = ?", (uid,)) as cursor:  # noqa: S608
+            row = await cursor.fetchone()
+        return _decode(row) if row else None
+
+    async def versions(self) -> dict[str, int]:
+        """Every object's uid and resourceVersion: what change detection compares."""
+        async with self._db.reader.execute("SELECT uid, resource_version FROM vms") as cursor:
+            return {uid: version for uid, version in await cursor.fetchall()}
+
+    async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
+        """Store `status` for `uid` unless it is unchanged. Returns whether it wrote.
+
+        :raise StatusConflict: the object no longer exists.
+        """
+        encoded = json.dumps(status, sort_keys=True, separators=(",", ":"))
+        async with self._db.write() as conn:
+            async with conn.execute("SELECT status FROM vms WHERE uid = ?", (uid,)) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                raise StatusConflict(f"VM {uid} no longer exists")
+            if row[0] == encoded:
+                return False
+            await conn.execute(
+                "UPDATE vms SET status = ?, resource_version = ? WHERE uid = ?",
+                (encoded, await _next_resource_version(conn), uid),
+            )
+        return True
+
+    async def finalize(self, uid: str) -> None:
+        """Remove a deleting object once its resources are released. Idempotent."""
+        async with self._db.write() as conn:
+            await conn.execute("DELETE FROM vms WHERE uid = ? AND deleted_at IS NOT NULL", (uid,))

@@ -1,0 +1,132 @@
+"""The QMP adapter: the only module that imports qemu.qmp (0.0.x, pinned in pyproject.toml).
+
+Errors are typed by what the caller can do:
+- `MonitorUnavailable`: no answer (not listening yet, gone, hung past the deadline). Transient:
+  observe again; a process that stays unavailable is treated as hung.
+- `MonitorCommandFailed`: QEMU answered with a QMP error. The command is wrong for the state.
+CancelledError is never wrapped. Every call has a deadline (QEMU-FACTS: a round trip is ~0.4 ms,
+so seconds mean "hung").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, StateError
+
+COMMAND_TIMEOUT_SECONDS = 2.0
+CONNECT_RETRY_SECONDS = 0.02
+# The controller reacts to these; the rest (e.g. RTC_CHANGE) are noise.
+WATCHED_EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "POWERDOWN")
+
+# qemu.qmp logs every disconnect at ERROR; a VM that exits is normal here and is logged once,
+# as a structured event, by the controller.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class MonitorUnavailable(Exception):
+    """QMP did not answer in time, or the connection is gone."""
+
+
+class MonitorCommandFailed(Exception):
+    """QEMU refused a command (a QMP error reply)."""
+
+
+class Monitor:
+    """One QMP connection to one QEMU. A QMP socket serves one client at a time."""
+
+    def __init__(self, client: QMPClient) -> None:
+        self._client = client
+
+    @classmethod
+    async def connect(cls, socket_path: Path, *, name: str, within: float) -> Monitor:
+        """Connect and negotiate, retrying for `within` seconds.
+
+        QEMU writes its pidfile before its QMP socket listens, and a first connect can fail
+        negotiation (QEMU-FACTS), so early failures are retried.
+
+        :raise MonitorUnavailable: not connected in time.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        last_error: Exception | None = None
+        while loop.time() < deadline:
+            client = QMPClient(name)
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    await client.connect(str(socket_path))
+                return cls(client)
+            except (ConnectError, StateError, OSError, TimeoutError, QMPError) as err:
+                last_error = err
+                await _quietly_disconnect(client)
+            await asyncio.sleep(CONNECT_RETRY_SECONDS)
+        raise MonitorUnavailable(f"QMP at {socket_path} did not answer within {within:.1f} s: {last_error}")
+
+    async def execute(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        *,
+        within: float = COMMAND_TIMEOUT_SECONDS,
+    ) -> object:
+        """Run one QMP command.
+
+        :raise MonitorCommandFailed: QEMU replied with an error.
+        :raise MonitorUnavailable: no reply within `within` seconds, or the connection is gone.
+        """
+        try:
+            async with asyncio.timeout(within):
+                return await self._client.execute(command, arguments)
+        except ExecuteError as err:
+            raise MonitorCommandFailed(f"{command}: {err}") from err
+        except TimeoutError as err:
+            raise MonitorUnavailable(f"{command}: no reply within {within:.1f} s") from err
+        except (StateError, EOFError, OSError, QMPError) as err:
+            raise MonitorUnavailable(f"{command}: {err or type(err).__name__}") from err
+
+    async def query_status(self) -> str:
+        """The guest run state: "running", "paused", "shutdown", "guest-panicked", ..."""
+        reply = await self.execute("query-status")
+        status = reply.get("status") if isinstance(reply, dict) else None
+        if not isinstance(status, str):
+            raise MonitorUnavailable(f"query-status: unexpected reply {reply!r}")
+        return status
+
+    async def events(self, names: Iterable[str] = WATCHED_EVENTS) -> AsyncIterator[dict[str, Any]]:
+        """Yield events until the connection ends."""
+        listener = EventListener(tuple(names))
+        with self._client.listen(listener):
+            while True:
+                get = asyncio.ensure_future(listener.get())
+                ended = asyncio.ensure_future(self._client.runstate_changed())
+                try:
+                    done, _ = await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for future in (get, ended):
+                        if not future.done():
+                            future.cancel()
+                if get in done:
+                    yield dict(get.result())
+                    continue
+                if not self.is_connected:
+                    return
+
+    @property
+    def is_connected(self) -> bool:
+        return self._client.runstate.name == "RUNNING"
+
+    async def close(self) -> None:
+        """Disconnect. Closing after QEMU quit (EOF) is normal and not an error."""
+        await _quietly_disconnect(self._client)
+
+
+async def _quietly_disconnect(client: QMPClient) -> None:
+    try:
+        async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
+            await client.disconnect()
+    except (EOFError, OSError, TimeoutError, QMPError):
+        pass
