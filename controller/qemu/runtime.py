@@ -1,0 +1,174 @@
+"""The live QEMU processes this controller watches: exit via pidfd, events and commands via QMP.
+
+Every process of ours, spawned or adopted, gets one attachment: a pidfd reader that notices the
+exit within milliseconds (also for processes this controller is not the parent of), and one QMP
+connection used for commands and for events. On exit the attachment writes the exit record to
+the runtime dir (the controller may restart before reconciling it) and wakes the reconciler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from controller.clock import Clock
+from controller.model import QmpState
+from controller.qemu import process
+from controller.qemu.argv import RuntimePaths
+from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
+
+log = structlog.get_logger(__name__)
+QMP_CONNECT_SECONDS = 10.0
+_QMP_STATES = {state.value: state for state in QmpState}
+
+
+@dataclass
+class _Attachment:
+    uid: str
+    paths: RuntimePaths
+    record: process.LaunchRecord
+    child: subprocess.Popen[bytes] | None
+    pidfd: int
+    monitor: Monitor | None = None
+    events: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Runtime:
+    def __init__(self, *, clock: Clock, wake: Callable[[str], None], tasks: asyncio.TaskGroup) -> None:
+        """`wake(uid)` queues a reconcile; `tasks` owns the per-VM event readers."""
+        self._clock = clock
+        self._wake = wake
+        self._tasks = tasks
+        self._attached: dict[str, _Attachment] = {}
+
+    def is_attached(self, uid: str, pid: int) -> bool:
+        attachment = self._attached.get(uid)
+        return attachment is not None and attachment.record.pid == pid
+
+    async def attach(
+        self,
+        uid: str,
+        paths: RuntimePaths,
+        record: process.LaunchRecord,
+        *,
+        child: subprocess.Popen[bytes] | None = None,
+    ) -> None:
+        """Watch `record.pid` (ours: spawned or adopted). Idempotent for the same pid."""
+        if self.is_attached(uid, record.pid):
+            return
+        await self.detach(uid)
+        try:
+            pidfd = os.pidfd_open(record.pid)
+        except ProcessLookupError:
+            self._record_exit(uid, paths, record, child)
+            return
+        attachment = _Attachment(uid, paths, record, child, pidfd)
+        self._attached[uid] = attachment
+        asyncio.get_running_loop().add_reader(pidfd, self._on_exit, uid)
+        await self._connect_monitor(attachment)
+
+    async def detach(self, uid: str) -> None:
+        """Stop watching `uid` without touching its process (controller shutdown)."""
+        attachment = self._attached.pop(uid, None)
+        if attachment is not None:
+            await self._release(attachment)
+
+    async def close(self) -> None:
+        for uid in list(self._attached):
+            await self.detach(uid)
+
+    def monitor(self, uid: str) -> Monitor | None:
+        attachment = self._attached.get(uid)
+        return attachment.monitor if attachment else None
+
+    def child(self, uid: str) -> subprocess.Popen[bytes] | None:
+        attachment = self._attached.get(uid)
+        return attachment.child if attachment else None
+
+    async def qmp_state(self, uid: str) -> QmpState:
+        """The guest's run state, or UNREACHABLE if QMP does not answer in time."""
+        attachment = self._attached.get(uid)
+        if attachment is None:
+            return QmpState.UNREACHABLE
+        if attachment.monitor is None or not attachment.monitor.is_connected:
+            await self._connect_monitor(attachment)
+        if attachment.monitor is None:
+            return QmpState.UNREACHABLE
+        try:
+            status = await attachment.monitor.query_status()
+        except (MonitorUnavailable, MonitorCommandFailed):
+            return QmpState.UNREACHABLE
+        if status in ("prelaunch", "inmigrate"):
+            return QmpState.PAUSED
+        return _QMP_STATES.get(status, QmpState.OTHER)
+
+    async def _connect_monitor(self, attachment: _Attachment) -> None:
+        if attachment.monitor is not None:
+            await attachment.monitor.close()
+            attachment.monitor = None
+        try:
+            attachment.monitor = await Monitor.connect(
+                Path(attachment.paths.qmp_socket), name=attachment.uid, within=QMP_CONNECT_SECONDS
+            )
+        except MonitorUnavailable as err:
+            log.warning("qmp_unavailable", uid=attachment.uid, pid=attachment.record.pid, error=str(err))
+            return
+        attachment.events = self._tasks.create_task(
+            self._read_events(attachment, attachment.monitor), name=f"qmp-events-{attachment.uid}"
+        )
+
+    async def _read_events(self, attachment: _Attachment, monitor: Monitor) -> None:
+        try:
+            async for event in monitor.events():
+                name = event.get("event")
+                data = event.get("data") or {}
+                if name == "SHUTDOWN" and data.get("guest"):
+                    process.mark_guest_shutdown(attachment.paths)
+                log.info("qmp_event", uid=attachment.uid, qmp_event=name, reason=data.get("reason"))
+                self._wake(attachment.uid)
+        except MonitorUnavailable:
+            return
+
+    def _on_exit(self, uid: str) -> None:
+        attachment = self._attached.pop(uid, None)
+        if attachment is None:
+            return
+        self._record_exit(uid, attachment.paths, attachment.record, attachment.child)
+        self._tasks.create_task(self._release(attachment), name=f"qmp-close-{uid}")
+
+    def _record_exit(
+        self,
+        uid: str,
+        paths: RuntimePaths,
+        record: process.LaunchRecord,
+        child: subprocess.Popen[bytes] | None,
+    ) -> None:
+        code: int | None = None
+        signal: int | None = None
+        if child is not None:
+            returncode = child.poll()
+            if returncode is not None and returncode < 0:
+                signal = -returncode
+            else:
+                code = returncode
+        process.write_exit_record(
+            paths, exit_code=code, signal=signal, started_at=record.started_at, now=self._clock.now()
+        )
+        log.info("vm_exit_detected", uid=uid, pid=record.pid, exit_code=code, signal=signal)
+        self._wake(uid)
+
+    async def _release(self, attachment: _Attachment) -> None:
+        asyncio.get_running_loop().remove_reader(attachment.pidfd)
+        with contextlib.suppress(OSError):
+            os.close(attachment.pidfd)
+        if attachment.events is not None:
+            attachment.events.cancel()
+        if attachment.monitor is not None:
+            await attachment.monitor.close()
