@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO, cast
 
 import structlog
 
@@ -25,8 +26,19 @@ def configure_logging(log_format: LogFormat, level: str) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast("TextIO", _CurrentStderr())),
         cache_logger_on_first_use=True,
     )
     # aiohttp's access log goes through stdlib logging; keep it quiet unless debugging.
     logging.basicConfig(level=logging.WARNING if numeric_level > logging.DEBUG else logging.DEBUG)
+
+
+class _CurrentStderr:
+    """Writes to whatever sys.stderr is at the time, not the stream bound at configuration
+    (test runners and daemons swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()

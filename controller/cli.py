@@ -15,16 +15,21 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
+from pydantic import BaseModel
 
-from api.credentials import CredentialsError, hash_password, load_credentials
+from api.credentials import Credentials, CredentialsError, hash_password, load_credentials
 from api.logs import configure_logging
 from api.server import create_app
-from api.settings import ServerSettings, SettingsError, load_settings
+from api.settings import ServerSettings, SettingsError, SettingsT, load_settings
+from api.store import open_database
+from controller.manager import Controller
+from controller.settings import ControllerSettings, ServeSettings
 
 log = structlog.get_logger("tofu_qemu")
 EXIT_USAGE = 2
@@ -43,21 +48,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tofu-qemu", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser(
-        "serve", help="run the state backend and API (and the controller, once it exists)"
-    )
-    _add_settings_flags(serve, ServerSettings)
-    serve.set_defaults(run=_serve)
+    serve = commands.add_parser("serve", help="run the state backend, the API and the controller")
+    _add_settings_flags(serve, ServeSettings)
+    serve.set_defaults(run=_serve, model=ServeSettings, with_api=True, with_controller=True)
     api_only = commands.add_parser("api", help="run only the state backend and API")
     _add_settings_flags(api_only, ServerSettings)
-    api_only.set_defaults(run=_serve)
+    api_only.set_defaults(run=_serve, model=ServerSettings, with_api=True, with_controller=False)
+    controller = commands.add_parser("controller", help="run only the controller, against the same data dir")
+    _add_settings_flags(controller, ControllerSettings)
+    controller.set_defaults(run=_serve, model=ControllerSettings, with_api=False, with_controller=True)
     hasher = commands.add_parser("hash-password", help="print a salted hash for a users file")
     hasher.add_argument("--stdin", action="store_true", help="read the password from standard input")
     hasher.set_defaults(run=_hash_password)
     return parser
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser, model: type[ServerSettings]) -> None:
+def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (also $TOFU_QEMU_CONFIG)")
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
@@ -69,14 +75,27 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[ServerSetti
             parser.add_argument(flag, dest=name, default=None, help=help_text)
 
 
-def _settings_from(args: argparse.Namespace) -> ServerSettings:
-    flags: dict[str, Any] = {name: getattr(args, name, None) for name in ServerSettings.model_fields}
-    return load_settings(ServerSettings, flags=flags, env=os.environ, config_file=args.config)
+def _settings_from(args: argparse.Namespace, model: type[SettingsT]) -> SettingsT:
+    flags: dict[str, Any] = {name: getattr(args, name, None) for name in model.model_fields}
+    return load_settings(model, flags=flags, env=os.environ, config_file=args.config)
+
+
+@dataclass(frozen=True, slots=True)
+class _HttpSetup:
+    credentials: Credentials
+    ssl_context: ssl.SSLContext | None
 
 
 def _serve(args: argparse.Namespace) -> int:
-    settings = _settings_from(args)
+    settings = _settings_from(args, args.model)
     configure_logging(settings.log_format, settings.log_level)
+    http = _http_setup(settings) if isinstance(settings, ServerSettings) else None
+    asyncio.run(_run(settings, http))
+    return 0
+
+
+def _http_setup(settings: ServerSettings) -> _HttpSetup:
+    """Credentials and TLS, checked before anything starts. :raise SettingsError: unsafe or broken."""
     credentials = load_credentials(
         users=settings.users, tokens=settings.tokens, users_file=settings.users_file
     )
@@ -87,26 +106,37 @@ def _serve(args: argparse.Namespace) -> int:
                 "TOFU_QEMU_TOKENS or --users-file, or pass --insecure-no-auth"
             )
         log.warning("auth_disabled", listen=settings.listen)
-    app = create_app(settings, credentials=credentials)
-    asyncio.run(_run_until_signalled(app, settings))
-    return 0
+    return _HttpSetup(credentials, _ssl_context(settings))
 
 
-async def _run_until_signalled(app: web.Application, settings: ServerSettings) -> None:
+async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup | None) -> None:
+    """Run the HTTP server and/or the controller on one store until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    database = await open_database(settings.data_dir)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            if isinstance(settings, ServerSettings) and http is not None:
+                app = create_app(settings, credentials=http.credentials, database=database)
+                tasks.create_task(_serve_http(app, settings, http.ssl_context, stop), name="http")
+            if isinstance(settings, ControllerSettings):
+                tasks.create_task(Controller(settings, database).run(stop), name="controller")
+    finally:
+        await database.close()
+
+
+async def _serve_http(
+    app: web.Application, settings: ServerSettings, ssl_context: ssl.SSLContext | None, stop: asyncio.Event
+) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=_ssl_context(settings))
+        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
         await site.start()
         log.info(
-            "serving",
-            listen=settings.listen,
-            data_dir=str(settings.data_dir),
-            tls=settings.tls_cert is not None,
+            "serving", listen=settings.listen, data_dir=str(settings.data_dir), tls=ssl_context is not None
         )
         await stop.wait()
         log.info("shutting_down")

@@ -16,7 +16,7 @@ from api.server.errors import error_middleware
 from api.server.keys import CREDENTIALS, DATABASE, SETTINGS, STATES, VMS
 from api.server.routes import ROUTES
 from api.settings import ServerSettings
-from api.store import StateStore, StorageFull, VMStore, open_database
+from api.store import Database, StateStore, StorageFull, VMStore, open_database
 from api.store.db import Clock, utc_now
 
 log = structlog.get_logger(__name__)
@@ -24,9 +24,14 @@ STALE_LOCK_SCAN_MAX_SECONDS = 60.0
 
 
 def create_app(
-    settings: ServerSettings, *, credentials: Credentials, clock: Clock = utc_now
+    settings: ServerSettings,
+    *,
+    credentials: Credentials,
+    clock: Clock = utc_now,
+    database: Database | None = None,
 ) -> web.Application:
-    """Build the server. The store opens on startup and closes on cleanup."""
+    """Build the server. Without `database` the app opens the store on startup and closes it
+    on cleanup; with one (shared with the controller in `serve`) the caller owns it."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[error_middleware, auth_middleware],
@@ -36,14 +41,16 @@ def create_app(
     app.add_routes(ROUTES)
 
     async def store_context(app: web.Application) -> AsyncIterator[None]:
-        database = await open_database(settings.data_dir, clock=clock)
-        app[DATABASE] = database
+        owned = database is None
+        store = await open_database(settings.data_dir, clock=clock) if database is None else database
+        app[DATABASE] = store
         app[STATES] = StateStore(
-            database, history_limit=settings.history_limit, strict_lineage=settings.strict_lineage
+            store, history_limit=settings.history_limit, strict_lineage=settings.strict_lineage
         )
-        app[VMS] = VMStore(database)
+        app[VMS] = VMStore(store)
         yield
-        await database.close()
+        if owned:
+            await store.close()
 
     app.cleanup_ctx.append(store_context)
     app.cleanup_ctx.append(_stale_lock_publisher)

@@ -1,0 +1,132 @@
+"""The only code that changes the world: performs a plan's actions for one VM, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import assert_never
+
+import structlog
+
+from api.store.vms import VMStatusWriter
+from controller.actions import (
+    Action,
+    AllocatePorts,
+    CleanRuntime,
+    Continue,
+    CreateDisk,
+    DeleteDisk,
+    Finalize,
+    Kill,
+    Quit,
+    ReleasePorts,
+    RemoveRuntimeDir,
+    RequestPowerdown,
+    Spawn,
+)
+from controller.clock import Clock
+from controller.errors import TerminalError, TransientError
+from controller.qemu import process
+from controller.qemu.argv import RuntimePaths
+from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
+from controller.qemu.runtime import Runtime
+from controller.resources.disks import DiskError, DiskManager
+from controller.resources.ports import PortAllocator, PortUnavailable
+
+log = structlog.get_logger(__name__)
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        runtime: Runtime,
+        ports: PortAllocator,
+        disks: DiskManager,
+        objects: VMStatusWriter,
+        clock: Clock,
+    ) -> None:
+        self._runtime = runtime
+        self._ports = ports
+        self._disks = disks
+        self._objects = objects
+        self._clock = clock
+
+    async def execute(self, uid: str, paths: RuntimePaths, action: Action) -> None:
+        """Perform one action. Idempotent: repeating a done action is success.
+
+        :raise TransientError: retry later.
+        :raise TerminalError: this spec cannot be acted on.
+        """
+        log.debug("action", uid=uid, action=type(action).__name__)
+        match action:
+            case AllocatePorts(requested=requested):
+                try:
+                    await self._ports.allocate(uid, requested)
+                except PortUnavailable as err:
+                    raise TransientError(str(err)) from err
+            case ReleasePorts(keys=keys):
+                await self._ports.release(uid, keys)
+            case CreateDisk(disk=disk):
+                try:
+                    await self._disks.create(uid, disk)
+                except DiskError as err:
+                    raise TerminalError(str(err)) from err
+            case DeleteDisk(name=name):
+                await self._disks.delete(uid, name)
+            case Spawn(argv=argv, digest=digest):
+                await self._spawn(uid, paths, argv, digest)
+            case Continue():
+                await self._qmp(uid, "cont")
+            case RequestPowerdown():
+                await self._qmp(uid, "system_powerdown")
+            case Quit():
+                await self._qmp(uid, "quit")
+            case Kill(pid=pid, signal=signal):
+                record = process.read_launch_record(paths)
+                if record is not None and record.pid == pid:
+                    process.send_signal(record, signal)
+                    log.info("vm_killed", uid=uid, pid=pid, signal=signal)
+            case CleanRuntime():
+                process.clear_stale_files(paths)
+            case RemoveRuntimeDir():
+                await self._runtime.detach(uid)
+                await asyncio.to_thread(shutil.rmtree, paths.directory, True)
+            case Finalize():
+                await self._objects.finalize(uid)
+            case _:
+                assert_never(action)
+
+    async def _spawn(self, uid: str, paths: RuntimePaths, argv: tuple[str, ...], digest: str) -> None:
+        """Start QEMU and return once it is watched; an early exit is recorded, not raised.
+
+        A QEMU that dies at start (bad kernel, busy port) leaves an exit record with its stderr;
+        the next plan counts it as a failure and backs off, the same path as any crash.
+        """
+        now = self._clock.now()
+        try:
+            child = process.spawn(argv, digest, paths, now=now)
+        except process.DuplicateProcess as err:
+            raise TransientError(str(err)) from err
+        except process.SpawnFailed as err:
+            Path(paths.stderr_log).write_text(str(err))
+            process.write_exit_record(paths, exit_code=127, signal=None, started_at=now, now=now)
+            return
+        record = process.read_launch_record(paths)
+        assert record is not None, "spawn writes the launch record"
+        log.info("vm_spawned", uid=uid, pid=child.pid, argv_digest=digest)
+        await self._runtime.attach(uid, paths, record, child=child)
+
+    async def _qmp(self, uid: str, command: str) -> None:
+        monitor: Monitor | None = self._runtime.monitor(uid)
+        if monitor is None:
+            raise TransientError(f"no QMP connection to run {command}")
+        try:
+            await monitor.execute(command)
+        except MonitorUnavailable as err:
+            if command == "quit":
+                return  # QEMU may close the socket before it replies to quit
+            raise TransientError(str(err)) from err
+        except MonitorCommandFailed as err:
+            raise TransientError(str(err)) from err

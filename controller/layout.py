@@ -1,0 +1,34 @@
+"""Where a VM's files live under the data dir. Every path derives from the VM's uid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.qemu.argv import RuntimePaths
+
+
+@dataclass(frozen=True, slots=True)
+class DataLayout:
+    data_dir: Path
+    images_dir: Path
+
+    @property
+    def run_root(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def disks_root(self) -> Path:
+        return self.data_dir / "disks"
+
+    def runtime(self, uid: str) -> RuntimePaths:
+        return RuntimePaths(self.run_root / uid)
+
+    def disks_dir(self, uid: str) -> Path:
+        return self.disks_root / uid
+
+    def runtime_uids(self) -> set[str]:
+        """uids that have a runtime dir (live, stale or orphaned)."""
+        if not self.run_root.is_dir():
+            return set()
+        return {entry.name for entry in self.run_root.iterdir() if entry.is_dir()}

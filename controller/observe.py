@@ -1,0 +1,78 @@
+"""A read-only look at one VM: runtime dir, pidfile, /proc, QMP, and the resource ledger.
+
+Two bookkeeping effects are allowed here, because observing is where they become known:
+a live process of ours is attached to the runtime (its exit and events get watched), and a
+process found dead with no exit record (it died while no controller watched) gets one, so the
+exit is counted exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api.store.allocations import Allocations
+from api.types import QemuVMSpec
+from controller.clock import Clock
+from controller.model import DiskRecord, Observed, ProcessObservation
+from controller.qemu import process
+from controller.qemu.argv import RuntimePaths
+from controller.qemu.runtime import Runtime
+
+
+async def observe(
+    uid: str,
+    paths: RuntimePaths,
+    *,
+    spec: QemuVMSpec | None,
+    runtime: Runtime,
+    allocations: Allocations,
+    images_dir: Path,
+    clock: Clock,
+) -> Observed:
+    directory = Path(paths.directory)
+    record = process.read_launch_record(paths)
+    pidfile_pid = process.read_pidfile(paths)
+    alive = (
+        record is not None
+        and (pidfile_pid is None or pidfile_pid == record.pid)
+        and process.is_alive_and_ours(record)
+    )
+    found: ProcessObservation | None = None
+    if alive and record is not None:
+        await runtime.attach(uid, paths, record)
+        found = ProcessObservation(
+            pid=record.pid,
+            argv_digest=record.digest,
+            started_at=record.started_at,
+            qmp=await runtime.qmp_state(uid),
+        )
+    exit_record = process.read_exit_record(paths)
+    if found is None and record is not None and exit_record is None:
+        process.write_exit_record(
+            paths, exit_code=None, signal=None, started_at=record.started_at, now=clock.now()
+        )
+        exit_record = process.read_exit_record(paths)
+    stale = found is None and any(
+        Path(path).exists() for path in (paths.pidfile, paths.qmp_socket, paths.record, paths.exit_record)
+    )
+    return Observed(
+        process=found,
+        exit=exit_record,
+        has_runtime_dir=directory.is_dir(),
+        has_stale_runtime=stale,
+        ports={(row.protocol, row.guest_port): row.host_port for row in await allocations.ports(uid)},
+        disks={
+            row.name: DiskRecord(row.name, row.reclaim_policy, Path(row.path).exists())
+            for row in await allocations.disks(uid)
+        },
+        missing_images=_missing_images(spec, images_dir),
+    )
+
+
+def _missing_images(spec: QemuVMSpec | None, images_dir: Path) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    wanted = [disk.image for disk in spec.disks if disk.image is not None]
+    if spec.boot is not None:
+        wanted += [spec.boot.kernel] + ([spec.boot.initrd] if spec.boot.initrd else [])
+    return tuple(name for name in wanted if not (images_dir / name).is_file())

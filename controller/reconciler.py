@@ -1,0 +1,164 @@
+"""Reconcile one VM: read desired, observe, plan, execute, re-observe, write status if changed.
+
+Called with a uid only (level-triggered): it reads the world fresh every time and never
+branches on what triggered it. Status is written even when acting failed, so the failure
+becomes a condition the user can see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+
+import structlog
+from pydantic import ValidationError
+
+from api.store.allocations import Allocations
+from api.store.vms import StatusConflict, VMRecord, VMStatusWriter
+from api.types import Accel, QemuVMSpec, QemuVMStatus
+from controller.actions import Finalize
+from controller.clock import Clock
+from controller.errors import TerminalError, TransientError
+from controller.executor import Executor
+from controller.layout import DataLayout
+from controller.model import Desired, Memory, Observed
+from controller.observe import observe
+from controller.plan import LaunchContext, Plan, plan
+from controller.qemu.accel import AccelResolver
+from controller.qemu.runtime import Runtime
+from controller.status import compute_status
+
+log = structlog.get_logger(__name__)
+# Steps that feed each other (ports and disks, spawn, continue) run in one reconcile.
+MAX_ROUNDS = 6
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"
+    REQUEUE = "requeue"
+    TRANSIENT_ERROR = "error"
+    TERMINAL_ERROR = "terminal"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    requeue_after: timedelta | None = None
+    error: str | None = None
+
+
+def desired_from(record: VMRecord | None) -> Desired | None:
+    if record is None:
+        return None
+    spec: QemuVMSpec | None = None
+    spec_error = record.spec_error
+    if spec_error is None:
+        try:
+            spec = QemuVMSpec.model_validate(record.spec)
+        except ValidationError as err:
+            spec_error = f"stored spec no longer validates: {err.error_count()} error(s)"
+    return Desired(
+        uid=record.uid,
+        project=record.project,
+        name=record.name,
+        generation=record.generation,
+        spec=spec,
+        spec_error=spec_error,
+        deleting=record.deleted_at is not None,
+    )
+
+
+def memory_from(status: QemuVMStatus) -> Memory:
+    return Memory(
+        restarts=status.restarts,
+        failures=status.failures,
+        last_exit=status.last_exit,
+        next_retry_at=status.next_retry_at,
+        stop_requested_at=status.stop_requested_at,
+    )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        objects: VMStatusWriter,
+        allocations: Allocations,
+        runtime: Runtime,
+        executor: Executor,
+        accel: AccelResolver,
+        layout: DataLayout,
+        clock: Clock,
+    ) -> None:
+        self._objects = objects
+        self._allocations = allocations
+        self._runtime = runtime
+        self._executor = executor
+        self._accel = accel
+        self._layout = layout
+        self._clock = clock
+
+    async def reconcile(self, uid: str) -> Result:
+        record = await self._objects.get(uid)
+        desired = desired_from(record)
+        paths = self._layout.runtime(uid)
+        spec = desired.spec if desired else None
+        accel = await self._accel.resolve(spec.accel) if spec else Accel.TCG
+        context = LaunchContext(
+            accel=accel,
+            runtime=paths,
+            images_dir=self._layout.images_dir,
+            disks_dir=self._layout.disks_dir(uid),
+        )
+        previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
+        memory = memory_from(previous)
+        error: str | None = None
+        outcome = Outcome.SUCCESS
+        finalized = False
+        current: Plan | None = None
+        for _ in range(MAX_ROUNDS):
+            observed = await self._observe(uid, spec)
+            current = plan(desired, observed, memory, context, now=self._clock.now())
+            memory = current.memory
+            try:
+                for action in current.actions:
+                    await self._executor.execute(uid, paths, action)
+                    finalized = finalized or isinstance(action, Finalize)
+            except TransientError as err:
+                error, outcome = str(err), Outcome.TRANSIENT_ERROR
+                break
+            except TerminalError as err:
+                error, outcome = str(err), Outcome.TERMINAL_ERROR
+                break
+            if not current.again:
+                break
+        assert current is not None
+        if desired is not None and not finalized:
+            observed = await self._observe(uid, spec)
+            status = compute_status(
+                desired, observed, current, previous, accel=accel, error=error, now=self._clock.now()
+            )
+            await self._write_status(uid, status)
+        if outcome is Outcome.SUCCESS and current.requeue_after is not None:
+            return Result(Outcome.REQUEUE, current.requeue_after)
+        return Result(outcome, error=error)
+
+    async def _observe(self, uid: str, spec: QemuVMSpec | None) -> Observed:
+        return await observe(
+            uid,
+            self._layout.runtime(uid),
+            spec=spec,
+            runtime=self._runtime,
+            allocations=self._allocations,
+            images_dir=self._layout.images_dir,
+            clock=self._clock,
+        )
+
+    async def _write_status(self, uid: str, status: QemuVMStatus) -> None:
+        try:
+            written = await self._objects.write_status(uid, status.model_dump(mode="json", by_alias=True))
+        except StatusConflict:
+            return
+        if written:
+            log.info("status_written", uid=uid, phase=status.phase.value, pid=status.pid)

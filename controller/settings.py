@@ -1,0 +1,58 @@
+"""Controller settings; `tofu-qemu serve` combines them with the server's (api/settings.py).
+
+Same layering and naming as the server: flag `--port-range`, env `TOFU_QEMU_PORT_RANGE`,
+config key `port_range`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from api.settings import LogFormat, ServerSettings
+
+
+class ControllerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path = Field(default=Path(".tofu-qemu"), description="Where the SQLite store lives")
+    images_dir: Path | None = Field(default=None, description="Kernels and base images (default DATA/images)")
+    port_range: str = Field(default="20000-29999", description="Host ports for forwards without hostPort")
+    workers: int = Field(default=4, ge=1, le=64, description="VMs reconciled at once")
+    resync_seconds: float = Field(default=30.0, gt=0, description="Full resync period")
+    backoff_base_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an error")
+    backoff_cap_seconds: float = Field(default=300.0, gt=0, description="Longest retry delay after errors")
+    accel_cache: Path | None = Field(default=None, description="Where the KVM probe verdict is kept")
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "info"
+
+    @field_validator("port_range")
+    @classmethod
+    def _valid_range(cls, value: str) -> str:
+        split_port_range(value)
+        return value
+
+    @property
+    def resolved_images_dir(self) -> Path:
+        return self.images_dir or self.data_dir / "images"
+
+    @property
+    def resolved_accel_cache(self) -> Path:
+        return self.accel_cache or self.data_dir / "accel.json"
+
+    @property
+    def ports(self) -> tuple[int, int]:
+        return split_port_range(self.port_range)
+
+
+def split_port_range(text: str) -> tuple[int, int]:
+    """Parse "FIRST-LAST". :raise ValueError: malformed or outside 1024-65535."""
+    first, sep, last = text.partition("-")
+    if not (sep and first.isdigit() and last.isdigit()) or not 1024 <= int(first) <= int(last) <= 65535:
+        raise ValueError(f"port range {text!r} must be FIRST-LAST within 1024-65535")
+    return int(first), int(last)
+
+
+class ServeSettings(ServerSettings, ControllerSettings):
+    """`tofu-qemu serve`: the API server and the controller in one process."""

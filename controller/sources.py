@@ -1,0 +1,67 @@
+"""Event sources. Each turns something that happened into `queue.add(uid)`, nothing more.
+
+- store changes: in-process notification after every commit, plus `PRAGMA data_version`
+  polling for writes by another process (`tofu-qemu api` + `tofu-qemu controller`);
+- process exits and QMP events: the runtime calls `queue.add` itself (controller/qemu/runtime.py);
+- a periodic full resync, which also finds orphans (runtime dirs or ledger rows with no object).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from api.store import Database
+from api.store.allocations import Allocations
+from api.store.vms import VMStatusWriter
+from controller.layout import DataLayout
+from controller.queue import WorkQueue
+
+STORE_POLL_SECONDS = 1.0
+
+
+async def all_keys(objects: VMStatusWriter, allocations: Allocations, layout: DataLayout) -> set[str]:
+    """Every uid that may need work: objects, runtime dirs, and ledger rows."""
+    keys = set(await objects.versions())
+    keys |= layout.runtime_uids()
+    keys |= {row.uid for row in await allocations.ports()}
+    keys |= {row.uid for row in await allocations.disks()}
+    return keys
+
+
+async def watch_store(db: Database, objects: VMStatusWriter, queue: WorkQueue[str]) -> None:
+    """Queue every object whose resourceVersion changed (including its own status writes,
+    which are cheap no-ops for the reconciler)."""
+    changed = asyncio.Event()
+    db.subscribe(changed.set)
+    seen: dict[str, int] = {}
+    last_data_version = await db.data_version()
+    while True:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STORE_POLL_SECONDS):
+                await changed.wait()
+        changed.clear()
+        data_version = await db.data_version()
+        if data_version == last_data_version and seen:
+            continue
+        last_data_version = data_version
+        current = await objects.versions()
+        for uid, version in current.items():
+            if seen.get(uid) != version:
+                queue.add(uid)
+        seen = current
+
+
+async def resync_forever(
+    objects: VMStatusWriter,
+    allocations: Allocations,
+    layout: DataLayout,
+    queue: WorkQueue[str],
+    *,
+    interval: float,
+) -> None:
+    """Queue every key now and every `interval` seconds: drift is corrected even without events."""
+    while True:
+        for uid in sorted(await all_keys(objects, allocations, layout)):
+            queue.add(uid)
+        await asyncio.sleep(interval)
