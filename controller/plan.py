@@ -227,7 +227,13 @@ def _start(
         detail = f"{last_exit.reason.value}; runStrategy {spec.run_strategy.value}"
         return Plan(Intent.FINISHED, memory, _clean_if_stale(observed), detail=detail)
     if memory.next_retry_at is not None and now < memory.next_retry_at:
-        return Plan(Intent.BACKING_OFF, memory, requeue_after=memory.next_retry_at - now)
+        wait = memory.next_retry_at - now
+        detail = f"next start in {wait.total_seconds():.1f} s"
+        if last_exit is not None:
+            detail += f" after {last_exit.reason.value}" + (
+                f": {last_exit.message}" if last_exit.message else ""
+            )
+        return Plan(Intent.BACKING_OFF, memory, requeue_after=wait, detail=detail)
     if observed.missing_images:
         detail = "missing in the images dir: " + ", ".join(observed.missing_images)
         return Plan(Intent.WAITING_FOR_IMAGES, memory, requeue_after=IMAGE_RECHECK, detail=detail)

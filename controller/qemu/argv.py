@@ -9,6 +9,10 @@ Safety rules, so that a spec can never add a QEMU option:
 Names and image paths are already allow-listed by api/types.py; the escaping here also covers
 the operator-chosen data dir, which may hold any character.
 
+The QMP socket is given relative to QEMU's working directory (its runtime dir): UNIX socket
+paths are limited to 107 bytes, which a deep data dir plus a uid can exceed. The controller
+reaches it through /proc/self/fd/N/qmp.sock (see qemu/runtime.py), equally short.
+
 Identity derives from the VM's uid: SMBIOS UUID, MAC address and disk serials survive restarts.
 """
 
@@ -26,6 +30,7 @@ QEMU_BINARY = "qemu-system-x86_64"
 MAC_PREFIX = "52:54:00"
 DISK_SERIAL_LENGTH = 20
 PROCESS_NAME_PREFIX = "tq-"
+QMP_SOCKET_NAME = "qmp.sock"
 
 
 class UnsafeValue(ValueError):
@@ -63,7 +68,7 @@ class RuntimePaths:
 
     @property
     def qmp_socket(self) -> PurePath:
-        return self.directory / "qmp.sock"
+        return self.directory / QMP_SOCKET_NAME
 
     @property
     def serial_log(self) -> PurePath:
@@ -134,7 +139,7 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
     argv += ["-machine", spec.machine.value, "-accel", inputs.accel.value, "-cpu", "max"]
     argv += ["-smp", str(spec.cpus), "-m", f"{spec.memory}M"]
     argv += ["-display", "none", "-pidfile", free_argument(str(runtime.pidfile))]
-    argv += ["-chardev", f"socket,id=qmp,path={option_value(str(runtime.qmp_socket))},server=on,wait=off"]
+    argv += ["-chardev", f"socket,id=qmp,path={QMP_SOCKET_NAME},server=on,wait=off"]
     argv += ["-mon", "chardev=qmp,mode=control"]
     argv += ["-chardev", f"file,id=serial0,path={option_value(str(runtime.serial_log))}"]
     argv += ["-serial", "chardev:serial0"]

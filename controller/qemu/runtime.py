@@ -21,7 +21,7 @@ import structlog
 from controller.clock import Clock
 from controller.model import QmpState
 from controller.qemu import process
-from controller.qemu.argv import RuntimePaths
+from controller.qemu.argv import QMP_SOCKET_NAME, RuntimePaths
 from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
 
 log = structlog.get_logger(__name__)
@@ -114,12 +114,21 @@ class Runtime:
             await attachment.monitor.close()
             attachment.monitor = None
         try:
+            directory = os.open(attachment.paths.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            # A short path to the socket whatever the data dir's depth (sun_path holds 107 bytes).
             attachment.monitor = await Monitor.connect(
-                Path(attachment.paths.qmp_socket), name=attachment.uid, within=QMP_CONNECT_SECONDS
+                Path(f"/proc/self/fd/{directory}/{QMP_SOCKET_NAME}"),
+                name=attachment.uid,
+                within=QMP_CONNECT_SECONDS,
             )
         except MonitorUnavailable as err:
             log.warning("qmp_unavailable", uid=attachment.uid, pid=attachment.record.pid, error=str(err))
             return
+        finally:
+            os.close(directory)
         attachment.events = self._tasks.create_task(
             self._read_events(attachment, attachment.monitor), name=f"qmp-events-{attachment.uid}"
         )

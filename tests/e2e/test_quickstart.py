@@ -13,12 +13,13 @@ from tests.e2e.harness import REPO_ROOT, free_loopback_port
 pytestmark = pytest.mark.e2e
 
 
-def test_quickstart_applies_the_example(tmp_path: Path) -> None:
-    """hack/quickstart serves, applies examples/quickstart and shows the hello VM as Valid."""
+def test_quickstart_boots_the_example_vm(tmp_path: Path) -> None:
+    """hack/quickstart serves, applies examples/quickstart, gets an HTTP answer from the guest, destroys it."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("TOFU_QEMU_", "TF_"))}
     env.update(
         TOFU_QEMU_LISTEN=f"127.0.0.1:{free_loopback_port()}",
         TOFU_QEMU_DATA_DIR=str(tmp_path / "data"),
+        TOFU_QEMU_PORT_RANGE="29500-29599",
         TF_CLI_CONFIG_FILE=os.devnull,
         QUICKSTART_EXIT="1",
     )
@@ -31,5 +32,7 @@ def test_quickstart_applies_the_example(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "quickstart/hello  generation=1  phase=Pending  Valid=True" in result.stdout
+    assert "quickstart/hello  phase=Running" in result.stdout, result.stdout
+    assert "<h1>hello</h1>" in result.stdout, result.stdout
+    assert "Destroyed" in result.stdout, result.stdout
     assert not (REPO_ROOT / "examples" / "quickstart" / ".terraform").exists()
