@@ -30,6 +30,8 @@ from controller.sources import resync_forever, watch_store
 log = structlog.get_logger(__name__)
 # A safety net above the per-call deadlines: no reconcile may hold its key longer.
 RECONCILE_DEADLINE_SECONDS = 300.0
+# On shutdown, reconciles in progress get this long to finish before they are cancelled.
+DRAIN_SECONDS = 10.0
 
 
 class Controller:
@@ -93,7 +95,9 @@ class Controller:
             await stop.wait()
             log.info("controller_stopping")
             self.queue.shut_down()
-            await asyncio.gather(*workers)
+            _, unfinished = await asyncio.wait(workers, timeout=DRAIN_SECONDS)
+            for worker in unfinished:
+                worker.cancel()
             for source in sources:
                 source.cancel()
             await runtime.close()

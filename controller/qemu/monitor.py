@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +43,21 @@ class Monitor:
         self._client = client
 
     @classmethod
-    async def connect(cls, socket_path: Path, *, name: str, within: float) -> Monitor:
+    async def connect(
+        cls, socket_path: Path, *, name: str, within: float, while_: Callable[[], bool] = lambda: True
+    ) -> Monitor:
         """Connect and negotiate, retrying for `within` seconds.
 
         QEMU writes its pidfile before its QMP socket listens, and a first connect can fail
-        negotiation (QEMU-FACTS), so early failures are retried.
+        negotiation (QEMU-FACTS), so early failures are retried, for as long as `while_()` holds
+        (the caller's "the process is still alive").
 
-        :raise MonitorUnavailable: not connected in time.
+        :raise MonitorUnavailable: not connected in time, or `while_()` turned false.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         last_error: Exception | None = None
-        while loop.time() < deadline:
+        while loop.time() < deadline and while_():
             client = QMPClient(name)
             try:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):

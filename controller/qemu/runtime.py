@@ -123,9 +123,11 @@ class Runtime:
                 Path(f"/proc/self/fd/{directory}/{QMP_SOCKET_NAME}"),
                 name=attachment.uid,
                 within=QMP_CONNECT_SECONDS,
+                while_=lambda: self._attached.get(attachment.uid) is attachment,
             )
         except MonitorUnavailable as err:
-            log.warning("qmp_unavailable", uid=attachment.uid, pid=attachment.record.pid, error=str(err))
+            if self._attached.get(attachment.uid) is attachment:
+                log.warning("qmp_unavailable", uid=attachment.uid, pid=attachment.record.pid, error=str(err))
             return
         finally:
             os.close(directory)

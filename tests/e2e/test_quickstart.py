@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_quickstart_boots_the_example_vm(tmp_path: Path) -> None:
-    """hack/quickstart serves, applies examples/quickstart, gets an HTTP answer from the guest, destroys it."""
+    """hack/quickstart applies examples/quickstart, gets HTTP from the guest, then destroys it."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("TOFU_QEMU_", "TF_"))}
     env.update(
         TOFU_QEMU_LISTEN=f"127.0.0.1:{free_loopback_port()}",
