@@ -1,9 +1,10 @@
-"""E2E fixtures: a real `tofu-qemu serve` process and the real Terraform CLI.
+"""E2E fixtures: real `tofu-qemu` processes, real QEMU and the real Terraform CLI.
 
 One server serves the whole session; each test works in its own project (named after the test),
 so tests do not see each other's states or locks. Tests that kill servers start their own with
-`spawn_server`. Every server is killed at teardown, and a failing test's report carries the log
-of every server it used.
+`spawn_server`. Tests that run VMs get a `VmHost` (own data dir, the session's guest images) from
+`make_vm_host`. Every server, and every QEMU of a VmHost, is killed at teardown, and a failing
+test's report carries the log of every server it used and every VM's serial log.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ServerProcess, Terraform, terraform_env
+from tests.e2e.harness import ServerProcess, Terraform, VmHost, prepare_guest_images, terraform_env
 
 TERRAFORM_PATHS = ("terraform", "/usr/local/bin/terraform")
 LOG_TAIL_CHARS = 20_000
 _ACTIVE_SERVERS = pytest.StashKey[list[ServerProcess]]()
+_ACTIVE_HOSTS = pytest.StashKey[list[VmHost]]()
 
 SpawnServer = Callable[[Path], ServerProcess]
 MakeTerraform = Callable[..., Terraform]
+MakeVmHost = Callable[[], VmHost]
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +68,56 @@ def spawn_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Spa
             process.kill()
 
 
+@pytest.fixture(scope="session")
+def guest_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An images dir holding tiny-guest/ (docs/guest.md); QEMU is installed first if missing."""
+    images_dir = tmp_path_factory.mktemp("images")
+    prepare_guest_images(images_dir)
+    return images_dir
+
+
+@pytest.fixture(scope="session")
+def accel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One accelerator verdict file for every server: the KVM boot probe runs at most once."""
+    return tmp_path_factory.mktemp("accel") / "accel.json"
+
+
+def open_vm_host(tmp_path_factory: pytest.TempPathFactory, guest_images: Path, accel_cache: Path) -> VmHost:
+    """A VmHost in a fresh tmp dir; the caller closes it."""
+    return VmHost(tmp_path_factory.mktemp("h"), images_dir=guest_images, accel_cache=accel_cache)
+
+
+def report_host_on_failure(request: pytest.FixtureRequest, host: VmHost) -> None:
+    """Attach `host`'s server logs and serial logs to the current test's report if it fails."""
+    hosts = request.node.stash.setdefault(_ACTIVE_HOSTS, [])
+    if host not in hosts:
+        hosts.append(host)
+
+
+@pytest.fixture
+def make_vm_host(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    guest_images: Path,
+    accel_cache: Path,
+) -> Iterator[MakeVmHost]:
+    """`make_vm_host()`: a fresh data dir for servers and VMs; at teardown every server and every
+    QEMU of it is killed."""
+    hosts: list[VmHost] = []
+
+    def make() -> VmHost:
+        host = open_vm_host(tmp_path_factory, guest_images, accel_cache)
+        hosts.append(host)
+        report_host_on_failure(request, host)
+        return host
+
+    try:
+        yield make
+    finally:
+        for host in hosts:
+            host.close()
+
+
 @pytest.fixture
 def project(request: pytest.FixtureRequest) -> str:
     """A project name unique to this test."""
@@ -88,9 +141,12 @@ def make_terraform(terraform_bin: str, server: ServerProcess, project: str, tmp_
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Attach the log of every server the test used to its report when it fails."""
+    """Attach the log of every server the test used (and its VMs' serial logs) to a failed report."""
     report = yield
     if report.failed:
+        for host in item.stash.get(_ACTIVE_HOSTS, []):
+            for title, text in host.diagnostics():
+                report.sections.append((title, text[-LOG_TAIL_CHARS:]))
         servers: list[ServerProcess] = []
         if _ACTIVE_SERVERS in item.stash:
             spawned = item.stash[_ACTIVE_SERVERS]
