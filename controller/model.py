@@ -75,6 +75,9 @@ class Observed:
     has_runtime_dir: bool
     # Files left by a process that is gone (pidfile, socket, launch record).
     has_stale_runtime: bool
+    # Our process is between its leader turning zombie and its last thread exiting: the pidfd
+    # has not fired, the exit is not recorded yet, and the runtime lock is still held.
+    exiting: bool = False
     ports: Mapping[PortKey, int] = field(default_factory=dict)
     disks: Mapping[str, DiskRecord] = field(default_factory=dict)
     missing_images: tuple[str, ...] = ()

@@ -46,20 +46,29 @@ async def observe(
             started_at=record.started_at,
             qmp=await runtime.qmp_state(uid),
         )
+    # QEMU's leader shows as a zombie for a few ms while its other threads exit; the runtime's
+    # pidfd fires only when all are gone and then records the exit. Until then it is "exiting".
+    exiting = found is None and record is not None and runtime.is_attached(uid, record.pid)
     exit_record = process.read_exit_record(paths)
-    if found is None and record is not None and exit_record is None:
+    if found is None and not exiting and record is not None and exit_record is None:
+        # It died while no controller watched it: record the exit once, now.
         process.write_exit_record(
             paths, exit_code=None, signal=None, started_at=record.started_at, now=clock.now()
         )
         exit_record = process.read_exit_record(paths)
-    stale = found is None and any(
-        Path(path).exists() for path in (paths.pidfile, paths.qmp_socket, paths.record, paths.exit_record)
+    stale = (
+        found is None
+        and not exiting
+        and any(
+            Path(path).exists() for path in (paths.pidfile, paths.qmp_socket, paths.record, paths.exit_record)
+        )
     )
     return Observed(
         process=found,
         exit=exit_record,
         has_runtime_dir=directory.is_dir(),
         has_stale_runtime=stale,
+        exiting=exiting,
         ports={(row.protocol, row.guest_port): row.host_port for row in await allocations.ports(uid)},
         disks={
             row.name: DiskRecord(row.name, row.reclaim_policy, Path(row.path).exists())

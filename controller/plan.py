@@ -39,6 +39,7 @@ QUIT_GRACE = timedelta(seconds=5)
 QMP_STARTUP_GRACE = timedelta(seconds=10)
 IMAGE_RECHECK = timedelta(seconds=30)
 STOP_RECHECK = timedelta(seconds=1)
+EXIT_RECHECK = timedelta(milliseconds=50)
 
 
 class Intent(StrEnum):
@@ -86,6 +87,9 @@ def plan(
 ) -> Plan:
     """Decide the next actions for one VM. `desired` is None for an orphan (no object)."""
     memory = absorb_exit(memory, observed, desired)
+    if observed.exiting:
+        # Nothing is safe to do until the exit is recorded (the runtime lock is still held).
+        return Plan(Intent.STOPPING, memory, requeue_after=EXIT_RECHECK, detail="QEMU is exiting")
     if desired is None or desired.deleting:
         return _tear_down(desired, observed, memory, now)
     if desired.spec is None:
@@ -114,8 +118,8 @@ def absorb_exit(memory: Memory, observed: Observed, desired: Desired | None) -> 
     """
     exit_ = observed.exit
     if exit_ is None:
-        if observed.process is None and memory.stop_requested_at is not None:
-            return replace(memory, stop_requested_at=None)
+        # Also while the process is exiting: the stop request must survive until the exit is
+        # recorded, or a controller-requested stop would be counted as the guest's own poweroff.
         return memory
     if memory.last_exit is not None and memory.last_exit.at >= exit_.at:
         return memory
@@ -286,9 +290,13 @@ def _stop_process(
     where it was instead of starting over. A process that does not answer QMP is killed at once.
     """
     timeout = stop_timeout if stop_timeout is not None else timedelta(seconds=30)
-    if process.qmp is QmpState.UNREACHABLE and now - process.started_at >= QMP_STARTUP_GRACE:
-        return Plan(intent, memory, (Kill(process.pid),), requeue_after=STOP_RECHECK, detail=why)
     requested = memory.stop_requested_at
+    if process.qmp is QmpState.UNREACHABLE and now - process.started_at >= QMP_STARTUP_GRACE:
+        # No QMP: the power button cannot be pressed. A process asked to stop may just be
+        # closing its socket on the way out, so it gets the quit grace; a hung one goes now.
+        if requested is not None and now - requested < QUIT_GRACE:
+            return Plan(intent, memory, requeue_after=QUIT_GRACE - (now - requested), detail=why)
+        return Plan(intent, memory, (Kill(process.pid),), requeue_after=STOP_RECHECK, detail=why)
     if requested is None:
         memory = replace(memory, stop_requested_at=now)
         return Plan(intent, memory, (RequestPowerdown(),), requeue_after=timeout, detail=why)

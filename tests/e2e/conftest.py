@@ -39,9 +39,14 @@ def terraform_bin() -> str:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The session's server, on a free loopback port with a fresh data dir."""
+    """The session's state backend (`tofu-qemu api`), on a free loopback port with a fresh data dir.
+
+    API only: the tests that share it check what the store makes of Terraform's requests, and a
+    controller would act on their VM objects meanwhile (finalize deleted ones, try to boot
+    others). Tests of the controller run their own servers (`make_vm_host`).
+    """
     root = tmp_path_factory.mktemp("server")
-    process = ServerProcess(data_dir=root / "data", log_path=root / "server.log")
+    process = ServerProcess(data_dir=root / "data", log_path=root / "server.log", command="api")
     try:
         process.start()
         yield process

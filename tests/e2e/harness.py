@@ -563,6 +563,26 @@ def is_running_process(pid: int) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """A process as pid plus start time, so a reused pid is never taken for the same process."""
+
+    pid: int
+    start_ticks: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity:
+        """:raise AssertionError: no such process."""
+        stat = proc_stat(pid)
+        assert stat is not None, f"no process {pid}"
+        return cls(pid, stat.start_ticks)
+
+    @property
+    def is_running(self) -> bool:
+        stat = proc_stat(self.pid)
+        return stat is not None and stat.state not in ("Z", "X") and stat.start_ticks == self.start_ticks
+
+
+@dataclass(frozen=True, slots=True)
 class LaunchedQemu:
     """A QEMU the controller launched, as its runtime dir's launch.json records it."""
 
@@ -816,6 +836,7 @@ module "vm" {
 }
 """
 GUEST_PORT = 80
+_KERNEL_MEMORY_RE = re.compile(r"Memory: \d+K/(\d+)K available")
 GUEST_BOOT_TIMEOUT = 90.0  # 4-6 s on an idle 2-core host; TCG boots are CPU-bound: allow for a busy one
 
 
@@ -884,6 +905,19 @@ class Fleet:
         fields = dict(line.split("=", 1) for line in body.splitlines() if "=" in line)
         return GuestInfo(name=fields["name"], boot_id=fields["boot_id"])
 
+    def guest_memory_kib(self, name: str) -> int:
+        """The RAM the guest kernel found at its current boot, from its serial console.
+
+        The guest does not publish its memory over HTTP, but Linux prints
+        `Memory: <free>K/<total>K available` early in every boot; QEMU truncates the serial log
+        at each start, so after `guest_info` it is this boot's line. <total> is the -m size less
+        the firmware's reserved ranges (about 0.5 MiB on q35).
+        """
+        serial = self.host.data_dir / "run" / self.vm(name)["metadata"]["uid"] / "serial.log"
+        found = _KERNEL_MEMORY_RE.findall(serial.read_text(encoding="utf-8", errors="replace"))
+        assert len(found) == 1, f"expected one kernel memory line in {serial}: {found}"
+        return int(found[0])
+
 
 def is_running_current(vm: dict[str, Any]) -> bool:
     status = vm["status"]
@@ -904,6 +938,11 @@ def host_port(vm: dict[str, Any], guest_port: int = GUEST_PORT) -> int:
     ports = [p["hostPort"] for p in vm["status"]["ports"] if p["guestPort"] == guest_port]
     assert len(ports) == 1, f"expected one forward of guest port {guest_port}: {vm['status']['ports']}"
     return int(ports[0])
+
+
+def is_about_mib(kib: int, mib: int) -> bool:
+    """Whether a guest's memory total in KiB is `mib` MiB less at most 4 MiB of firmware holes."""
+    return mib * 1024 - 4096 < kib <= mib * 1024
 
 
 def memory_argument(pid: int) -> str | None:

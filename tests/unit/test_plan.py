@@ -250,6 +250,12 @@ ROWS = {
         intent=Intent.STARTING,
         actions=[Spawn],
     ),
+    "exiting-process-waits-for-its-exit-record": Row(
+        # The leader is a zombie, the pidfd has not fired: no spawn may race the runtime lock.
+        VM,
+        observed(**ready(exiting=True, has_runtime_dir=True)),
+        intent=Intent.STOPPING,
+    ),
     "repeated-crash-backs-off": Row(
         VM,
         observed(**ready(exit=exited(sig=9, ago=0.5), has_stale_runtime=True)),
@@ -371,3 +377,27 @@ def test_requested_host_port_is_passed_to_allocation() -> None:
     )
     allocate = result.actions[0]
     assert allocate == AllocatePorts((((Protocol.TCP, 22), 2222),))
+
+
+def test_unreachable_process_asked_to_stop_gets_the_quit_grace() -> None:
+    """QMP closing on the way out after a power-down is not a hang: no SIGKILL before the grace."""
+    vm = desired(runStrategy="Halted")
+    memory = Memory(stop_requested_at=NOW - timedelta(seconds=1))
+    closing = observed(**ready(process=process(RUNNING.argv_digest, qmp=QmpState.UNREACHABLE)))
+    waiting = plan(vm, closing, memory, CONTEXT, now=NOW)
+    assert (kinds(waiting), waiting.requeue_after) == ([], timedelta(seconds=4))
+    late = plan(vm, closing, memory, CONTEXT, now=NOW + timedelta(seconds=5))
+    assert kinds(late) == [Kill]
+
+
+def test_stop_request_survives_the_exiting_window() -> None:
+    """Between the leader's exit and the exit record, the stop request is kept, so the exit is ours."""
+    memory = Memory(stop_requested_at=NOW - timedelta(seconds=1))
+    exiting = plan(VM, observed(**ready(exiting=True)), memory, CONTEXT, now=NOW)
+    assert exiting.memory.stop_requested_at == memory.stop_requested_at
+    recorded = plan(
+        VM, observed(**ready(exit=exited(code=0), has_stale_runtime=True)), exiting.memory, CONTEXT, now=NOW
+    )
+    assert recorded.memory.last_exit is not None
+    assert recorded.memory.last_exit.reason is ExitReason.STOPPED_BY_CONTROLLER
+    assert recorded.memory.restarts == 0
