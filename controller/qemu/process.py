@@ -77,6 +77,7 @@ class LaunchRecord:
 @dataclass(frozen=True, slots=True)
 class ProcStat:
     state: str
+    parent_pid: int
     start_ticks: int
 
 
@@ -88,7 +89,7 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
     # comm (field 2) is in parentheses and may hold spaces or ')': split after the last ')'.
     fields = text.rpartition(")")[2].split()
-    return ProcStat(state=fields[0], start_ticks=int(fields[19]))
+    return ProcStat(state=fields[0], parent_pid=int(fields[1]), start_ticks=int(fields[19]))
 
 
 def read_cmdline(pid: int) -> tuple[str, ...] | None:

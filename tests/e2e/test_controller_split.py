@@ -40,7 +40,7 @@ def test_api_and_controller_processes_converge_on_spec_changes(
     first = fleet.wait_vm("solo", runs_generation(1), what="Running at generation 1")
     stat = proc_stat(first["status"]["pid"])
     assert stat is not None
-    assert stat.ppid == controller.pid, "QEMU should be a child of the controller process"
+    assert stat.parent_pid == controller.pid, "QEMU should be a child of the controller process"
     status, body = get_guest_page(host_port(first), "/", timeout=GUEST_BOOT_TIMEOUT)
     assert (status, "<h1>solo</h1>" in body) == (200, True), body
 

@@ -7,7 +7,6 @@ virtualisation and hangs a normal guest (docs/guest.md). Each test starts its ow
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+
+from tests.e2e.harness import get_guest_page
 
 pytestmark = pytest.mark.e2e
 
@@ -155,21 +156,11 @@ class Guest:
         raise AssertionError(f"no {READY_MARKER.decode()} within {timeout} s\n{self.diagnostics()}")
 
     def get(self, path: str, *, timeout: float = HTTP_TIMEOUT) -> tuple[int, str]:
-        """GET through the host forward; retry until a real HTTP response arrives (a TCP connect
-        succeeds through SLIRP even before the guest listens)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            try:
-                conn.request("GET", path)
-                response = conn.getresponse()
-                return response.status, response.read().decode(errors="replace")
-            except (OSError, http.client.HTTPException) as err:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"GET {path}: {err!r}\n{self.diagnostics()}") from err
-                time.sleep(0.05)
-            finally:
-                conn.close()
+        """GET through the host forward (retried until the guest really answers)."""
+        try:
+            return get_guest_page(self.port, path, timeout=timeout)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{self.diagnostics()}") from err
 
     def kill(self) -> None:
         if self.process.poll() is None:
