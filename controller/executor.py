@@ -29,7 +29,7 @@ from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
 from controller.qemu import process
 from controller.qemu.argv import RuntimePaths
-from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
+from controller.qemu.monitor import MonitorCommandFailed, MonitorUnavailable
 from controller.qemu.runtime import Runtime
 from controller.resources.disks import DiskError, DiskManager
 from controller.resources.ports import PortAllocator, PortUnavailable
@@ -119,11 +119,8 @@ class Executor:
         await self._runtime.attach(uid, paths, record, child=child)
 
     async def _qmp(self, uid: str, command: str) -> None:
-        monitor: Monitor | None = self._runtime.monitor(uid)
-        if monitor is None:
-            raise TransientError(f"no QMP connection to run {command}")
         try:
-            await monitor.execute(command)
+            await self._runtime.execute(uid, command)
         except MonitorUnavailable as err:
             if command == "quit":
                 return  # QEMU may close the socket before it replies to quit

@@ -117,6 +117,7 @@ class Reconciler:
         outcome = Outcome.SUCCESS
         finalized = False
         current: Plan | None = None
+        observed: Observed | None = None
         for _ in range(MAX_ROUNDS):
             observed = await self._observe(uid, spec)
             current = plan(desired, observed, memory, context, now=self._clock.now())
@@ -134,12 +135,16 @@ class Reconciler:
             if not current.again:
                 break
         assert current is not None
+        assert observed is not None
         if desired is not None and not finalized:
-            observed = await self._observe(uid, spec)
+            if current.actions:
+                # The world changed since the last look; a plan without actions changed nothing.
+                observed = await self._observe(uid, spec)
             status = compute_status(
                 desired, observed, current, previous, accel=accel, error=error, now=self._clock.now()
             )
-            await self._write_status(uid, status)
+            if status != previous:
+                await self._write_status(uid, status)
         if outcome is Outcome.SUCCESS and current.requeue_after is not None:
             return Result(Outcome.REQUEUE, current.requeue_after)
         return Result(outcome, error=error)

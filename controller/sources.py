@@ -30,8 +30,8 @@ async def all_keys(objects: VMStatusWriter, allocations: Allocations, layout: Da
 
 
 async def watch_store(db: Database, objects: VMStatusWriter, queue: WorkQueue[str]) -> None:
-    """Queue every object whose resourceVersion changed (including its own status writes,
-    which are cheap no-ops for the reconciler)."""
+    """Queue every object whose resourceVersion changed, except by the controller's own status
+    writes (they change nothing the reconciler acts on)."""
     changed = asyncio.Event()
     db.subscribe(changed.set)
     seen: dict[str, int] = {}
@@ -47,7 +47,7 @@ async def watch_store(db: Database, objects: VMStatusWriter, queue: WorkQueue[st
         last_data_version = data_version
         current = await objects.versions()
         for uid, version in current.items():
-            if seen.get(uid) != version:
+            if seen.get(uid) != version and objects.written_versions.get(uid) != version:
                 queue.add(uid)
         seen = current
 

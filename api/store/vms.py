@@ -216,6 +216,9 @@ class VMStatusWriter:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # resourceVersions produced by this writer's own status writes: change detection skips
+        # them, so a status write does not queue the VM for another reconcile.
+        self.written_versions: dict[str, int] = {}
 
     async def get(self, uid: str) -> VMRecord | None:
         async with self._db.reader.execute(f"SELECT {_COLUMNS} FROM vms WHERE uid = ?", (uid,)) as cursor:  # noqa: S608
@@ -240,13 +243,15 @@ class VMStatusWriter:
                 raise StatusConflict(f"VM {uid} no longer exists")
             if row[0] == encoded:
                 return False
+            version = await _next_resource_version(conn)
             await conn.execute(
-                "UPDATE vms SET status = ?, resource_version = ? WHERE uid = ?",
-                (encoded, await _next_resource_version(conn), uid),
+                "UPDATE vms SET status = ?, resource_version = ? WHERE uid = ?", (encoded, version, uid)
             )
+        self.written_versions[uid] = version
         return True
 
     async def finalize(self, uid: str) -> None:
         """Remove a deleting object once its resources are released. Idempotent."""
+        self.written_versions.pop(uid, None)
         async with self._db.write() as conn:
             await conn.execute("DELETE FROM vms WHERE uid = ? AND deleted_at IS NOT NULL", (uid,))

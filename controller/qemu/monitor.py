@@ -19,7 +19,7 @@ from typing import Any
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, StateError
 
 COMMAND_TIMEOUT_SECONDS = 2.0
-CONNECT_RETRY_SECONDS = 0.02
+CONNECT_RETRY_SECONDS = 0.005
 # The controller reacts to these; the rest (e.g. RTC_CHANGE) are noise.
 WATCHED_EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "POWERDOWN")
 
@@ -58,6 +58,10 @@ class Monitor:
         deadline = loop.time() + within
         last_error: Exception | None = None
         while loop.time() < deadline and while_():
+            if not socket_path.exists():
+                # Not listening yet: a failed connect costs qemu.qmp a formatted traceback.
+                await asyncio.sleep(CONNECT_RETRY_SECONDS)
+                continue
             client = QMPClient(name)
             try:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
@@ -67,7 +71,9 @@ class Monitor:
                 last_error = err
                 await _quietly_disconnect(client)
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
-        raise MonitorUnavailable(f"QMP at {socket_path} did not answer within {within:.1f} s: {last_error}")
+        raise MonitorUnavailable(
+            f"QMP at {socket_path} did not answer within {within:.1f} s: {last_error or 'no socket'}"
+        )
 
     async def execute(
         self,

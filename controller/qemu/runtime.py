@@ -26,7 +26,19 @@ from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavai
 
 log = structlog.get_logger(__name__)
 QMP_CONNECT_SECONDS = 10.0
+# A run state learnt from a reply or an event is trusted this long before QMP is asked again.
+# Asking is what detects a hung QEMU, so this bounds how stale the answer may be, and a full
+# resync (30 s) always finds the trust expired.
+STATE_TRUST_SECONDS = 5.0
 _QMP_STATES = {state.value: state for state in QmpState}
+# What these events and commands say about the run state, without asking query-status.
+_EVENT_STATES = {
+    "RESUME": QmpState.RUNNING,
+    "STOP": QmpState.PAUSED,
+    "SHUTDOWN": QmpState.SHUTDOWN,
+    "GUEST_PANICKED": QmpState.PANICKED,
+}
+_COMMAND_STATES = {"cont": QmpState.RUNNING, "stop": QmpState.PAUSED}
 
 
 @dataclass
@@ -38,6 +50,8 @@ class _Attachment:
     pidfd: int
     monitor: Monitor | None = None
     events: asyncio.Task[None] | None = field(default=None, repr=False)
+    known_state: QmpState | None = None
+    known_at: float = 0.0
 
 
 class Runtime:
@@ -97,6 +111,11 @@ class Runtime:
         attachment = self._attached.get(uid)
         if attachment is None:
             return QmpState.UNREACHABLE
+        if (
+            attachment.known_state is not None
+            and self._clock.monotonic() - attachment.known_at < STATE_TRUST_SECONDS
+        ):
+            return attachment.known_state
         if attachment.monitor is None or not attachment.monitor.is_connected:
             await self._connect_monitor(attachment)
         if attachment.monitor is None:
@@ -105,9 +124,30 @@ class Runtime:
             status = await attachment.monitor.query_status()
         except (MonitorUnavailable, MonitorCommandFailed):
             return QmpState.UNREACHABLE
-        if status in ("prelaunch", "inmigrate"):
-            return QmpState.PAUSED
-        return _QMP_STATES.get(status, QmpState.OTHER)
+        state = (
+            QmpState.PAUSED
+            if status in ("prelaunch", "inmigrate")
+            else _QMP_STATES.get(status, QmpState.OTHER)
+        )
+        self._learn(attachment, state)
+        return state
+
+    async def execute(self, uid: str, command: str) -> None:
+        """Run a QMP command on `uid`'s QEMU.
+
+        :raise MonitorUnavailable: not connected, or no reply in time.
+        :raise MonitorCommandFailed: QEMU refused it.
+        """
+        attachment = self._attached.get(uid)
+        if attachment is None or attachment.monitor is None:
+            raise MonitorUnavailable(f"no QMP connection to run {command}")
+        await attachment.monitor.execute(command)
+        if command in _COMMAND_STATES:
+            self._learn(attachment, _COMMAND_STATES[command])
+
+    def _learn(self, attachment: _Attachment, state: QmpState) -> None:
+        attachment.known_state = state
+        attachment.known_at = self._clock.monotonic()
 
     async def _connect_monitor(self, attachment: _Attachment) -> None:
         if attachment.monitor is not None:
@@ -142,6 +182,8 @@ class Runtime:
                 data = event.get("data") or {}
                 if name == "SHUTDOWN" and data.get("guest"):
                     process.mark_guest_shutdown(attachment.paths)
+                if name in _EVENT_STATES:
+                    self._learn(attachment, _EVENT_STATES[name])
                 log.info("qmp_event", uid=attachment.uid, qmp_event=name, reason=data.get("reason"))
                 self._wake(attachment.uid)
         except MonitorUnavailable:
