@@ -21,7 +21,7 @@ class ControllerSettings(BaseModel):
     port_range: str = Field(default="20000-29999", description="Host ports for forwards without hostPort")
     # Reconciles mostly wait on QEMU (spawn, QMP round trips that slow down while guests boot),
     # so workers are cheap and many keep a large apply from queueing behind a few slow starts.
-    workers: int = Field(default=16, ge=1, le=256, description="VMs reconciled at once")
+    workers: int = Field(default=64, ge=1, le=1024, description="VMs reconciled at once")
     resync_seconds: float = Field(default=30.0, gt=0, description="Full resync period")
     backoff_base_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an error")
     backoff_cap_seconds: float = Field(default=300.0, gt=0, description="Longest retry delay after errors")
