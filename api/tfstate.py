@@ -7,6 +7,7 @@ write (PROTOCOL.md §7 describes the format; §8 the OpenTofu encryption envelop
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import defaultdict
@@ -22,6 +23,7 @@ SUPPORTED_STATE_VERSION = 4
 TERRAFORM_DATA = "terraform_data"
 # A future provider's resource type; its attributes carry the manifest fields directly.
 QEMU_VM_RESOURCE = "qemu_vm"
+DECLARE_CACHE_SIZE = 16384
 
 
 class StateFormatError(ValueError):
@@ -111,7 +113,7 @@ def extract_vms(document: dict[str, Any]) -> Extraction:
     found: list[DeclaredVM] = []
     problems: list[ExtractionProblem] = []
     for address, raw in _manifest_candidates(document):
-        vm_or_problem = _declare(address, raw)
+        vm_or_problem = _declare_cached(address, json.dumps(raw, separators=(",", ":")))
         if isinstance(vm_or_problem, ExtractionProblem):
             problems.append(vm_or_problem)
         else:
@@ -179,6 +181,13 @@ def _drop_nulls(value: object) -> object:
     if isinstance(value, list):
         return [_drop_nulls(item) for item in value]
     return value
+
+
+@functools.lru_cache(maxsize=DECLARE_CACHE_SIZE)
+def _declare_cached(address: str, raw_json: str) -> DeclaredVM | ExtractionProblem:
+    """`_declare`, remembered by the manifest's exact text: a state is written again and again
+    with the same VMs (every apply, every serial bump), and validation is most of the cost."""
+    return _declare(address, json.loads(raw_json))
 
 
 def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProblem:

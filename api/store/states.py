@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -35,6 +36,8 @@ ENCRYPTED_NOTE = (
     "VM specs cannot be extracted, existing VMs are left as they are"
 )
 LOCK_INFO_MAX_BYTES = 64 * 1024
+# Current state bodies kept in memory for GET (Terraform reads before every plan and apply).
+CACHED_BODY_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,34 @@ class WriteOutcome:
     published: SpecChanges | None
 
 
+class _BodyCache:
+    """The newest body per project, bounded in bytes, least recently used evicted first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._entries: OrderedDict[str, StoredState] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, project: str, version: int) -> StoredState | None:
+        stored = self._entries.get(project)
+        if stored is None or stored.version != version:
+            return None
+        self._entries.move_to_end(project)
+        return stored
+
+    def put(self, project: str, stored: StoredState) -> None:
+        previous = self._entries.pop(project, None)
+        if previous is not None:
+            self._bytes -= len(previous.body)
+        if len(stored.body) > self._max_bytes:
+            return
+        self._entries[project] = stored
+        self._bytes += len(stored.body)
+        while self._bytes > self._max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= len(evicted.body)
+
+
 class StateStore:
     """States, versions and locks of every project."""
 
@@ -140,16 +171,32 @@ class StateStore:
         self._db = db
         self._history_limit = history_limit
         self._strict_lineage = strict_lineage
+        self._bodies = _BodyCache(CACHED_BODY_BYTES)
 
     async def read(self, project: str) -> StoredState | None:
-        """The current state of `project`, or None when it has none."""
+        """The current state of `project`, or None when it has none.
+
+        Bodies are cached in memory by version id; the id is read from the store every time, so
+        another process's write (two servers on one data dir) is never hidden by the cache.
+        """
         async with self._db.reader.execute(
-            "SELECT v.id, v.serial, v.lineage, v.md5, v.body FROM projects p"
-            " JOIN state_versions v ON v.id = p.current_version WHERE p.name = ?",
-            (project,),
+            "SELECT current_version FROM projects WHERE name = ?", (project,)
         ) as cursor:
             row = await cursor.fetchone()
-        return StoredState(row[0], row[1], row[2], row[3], bytes(row[4])) if row else None
+        if row is None or row[0] is None:
+            return None
+        cached = self._bodies.get(project, row[0])
+        if cached is not None:
+            return cached
+        async with self._db.reader.execute(
+            "SELECT id, serial, lineage, md5, body FROM state_versions WHERE id = ?", (row[0],)
+        ) as cursor:
+            found = await cursor.fetchone()
+        if found is None:
+            return None
+        stored = StoredState(found[0], found[1], found[2], found[3], bytes(found[4]))
+        self._bodies.put(project, stored)
+        return stored
 
     async def write(
         self,
@@ -167,6 +214,7 @@ class StateStore:
         :raise LineageConflict: strict_lineage is on and the lineage or serial do not follow.
         """
         now = self._db.clock()
+        digest = hashlib.md5(body, usedforsecurity=False).hexdigest()
         async with self._db.write() as conn:
             row = await _project_row(conn, project, create=True, now=now)
             holder_id, holder_info = row["lock_id"], row["lock_info"]
@@ -186,7 +234,7 @@ class StateStore:
                     project,
                     summary.serial,
                     summary.lineage,
-                    hashlib.md5(body, usedforsecurity=False).hexdigest(),
+                    digest,
                     len(body),
                     now.isoformat(),
                     lock_id,
@@ -204,6 +252,10 @@ class StateStore:
             if holder_id is None:
                 published = await _publish(conn, project, version, now)
             await self._apply_retention(conn, project)
+        self._bodies.put(
+            project,
+            StoredState(version, summary.serial, summary.lineage, digest, body),
+        )
         return WriteOutcome(version, published)
 
     async def delete(self, project: str, *, lock_id: str | None) -> SpecChanges:
