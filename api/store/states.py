@@ -242,7 +242,11 @@ class StateStore:
                     operation,
                     summary.encryption_version,
                     body,
-                    _encode_extraction(extraction) if extraction is not None else None,
+                    # Kept only while the version may still need publishing (written under a
+                    # lock); an unlocked write is published right here from memory.
+                    _encode_extraction(extraction)
+                    if extraction is not None and holder_id is not None
+                    else None,
                 ),
             )
             version = cursor.lastrowid
@@ -250,7 +254,7 @@ class StateStore:
             await conn.execute("UPDATE projects SET current_version = ? WHERE name = ?", (version, project))
             published = None
             if holder_id is None:
-                published = await _publish(conn, project, version, now)
+                published = await _publish(conn, project, version, now, extraction=extraction)
             await self._apply_retention(conn, project)
         self._bodies.put(
             project,
@@ -473,9 +477,17 @@ async def _check_lineage(conn: aiosqlite.Connection, current_version: int | None
 
 
 async def _publish(
-    conn: aiosqlite.Connection, project: str, version: int, now: datetime
+    conn: aiosqlite.Connection,
+    project: str,
+    version: int,
+    now: datetime,
+    *,
+    extraction: Extraction | None = None,
 ) -> SpecChanges | None:
-    """Make `version` the published one and apply its declared VMs to the VM objects."""
+    """Make `version` the published one and apply its declared VMs to the VM objects.
+
+    `extraction` is the version's, when the caller has it in memory; otherwise it is read back.
+    """
     async with conn.execute(
         "SELECT serial, encryption_version, extraction FROM state_versions WHERE id = ?", (version,)
     ) as cursor:
@@ -489,7 +501,8 @@ async def _publish(
             (ENCRYPTED_NOTE.format(version=encryption_version), project),
         )
         return None
-    extraction = _decode_extraction(encoded)
+    if extraction is None:
+        extraction = _decode_extraction(encoded)
     await conn.execute(
         "UPDATE projects SET specs_note = NULL, spec_problems = ? WHERE name = ?",
         (json.dumps([{"address": p.address, "message": p.message} for p in extraction.problems]), project),
