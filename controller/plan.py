@@ -193,21 +193,9 @@ def _keep_running(
     if process.qmp is QmpState.UNREACHABLE:
         if now - process.started_at < QMP_STARTUP_GRACE:
             return Plan(Intent.STARTING, memory, requeue_after=timedelta(milliseconds=200))
-        return Plan(
-            Intent.RESTARTING,
-            memory,
-            (Kill(process.pid),),
-            requeue_after=STOP_RECHECK,
-            detail="QEMU does not answer QMP: killing it",
-        )
+        return _kill(process, memory, Intent.RESTARTING, "QEMU does not answer QMP: killing it")
     if process.qmp is QmpState.PANICKED:
-        return Plan(
-            Intent.RESTARTING,
-            memory,
-            (Kill(process.pid),),
-            requeue_after=STOP_RECHECK,
-            detail="guest panicked",
-        )
+        return _kill(process, memory, Intent.RESTARTING, "guest panicked")
     if process.qmp is QmpState.PAUSED:
         return Plan(Intent.STARTING, memory, (Continue(),), again=True)
     if memory.stop_requested_at is not None:
@@ -296,7 +284,7 @@ def _stop_process(
         # closing its socket on the way out, so it gets the quit grace; a hung one goes now.
         if requested is not None and now - requested < QUIT_GRACE:
             return Plan(intent, memory, requeue_after=QUIT_GRACE - (now - requested), detail=why)
-        return Plan(intent, memory, (Kill(process.pid),), requeue_after=STOP_RECHECK, detail=why)
+        return _kill(process, memory, intent, why)
     if requested is None:
         memory = replace(memory, stop_requested_at=now)
         return Plan(intent, memory, (RequestPowerdown(),), requeue_after=timeout, detail=why)
@@ -305,4 +293,9 @@ def _stop_process(
         return Plan(intent, memory, requeue_after=timeout - elapsed, detail=why)
     if elapsed < timeout + QUIT_GRACE:
         return Plan(intent, memory, (Quit(),), requeue_after=timeout + QUIT_GRACE - elapsed, detail=why)
+    return _kill(process, memory, intent, why)
+
+
+def _kill(process: ProcessObservation, memory: Memory, intent: Intent, why: str) -> Plan:
+    """SIGKILL, then look again shortly: the pidfd records the exit when it comes."""
     return Plan(intent, memory, (Kill(process.pid),), requeue_after=STOP_RECHECK, detail=why)
