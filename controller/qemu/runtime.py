@@ -87,6 +87,9 @@ class Runtime:
         self._attached[uid] = attachment
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit, uid)
         await self._connect_monitor(attachment)
+        if child is not None and attachment.monitor is not None:
+            # We started it with -S: it is paused until we `cont`, no need to ask.
+            self._learn(attachment, QmpState.PAUSED)
 
     async def detach(self, uid: str) -> None:
         """Stop watching `uid` without touching its process (controller shutdown)."""
