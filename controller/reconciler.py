@@ -145,6 +145,9 @@ class Reconciler:
             )
             if status != previous:
                 await self._write_status(uid, status)
+        if outcome is Outcome.SUCCESS and current.again:
+            # MAX_ROUNDS ran out with steps left: continue soon rather than at the next resync.
+            return Result(Outcome.REQUEUE, timedelta(0))
         if outcome is Outcome.SUCCESS and current.requeue_after is not None:
             return Result(Outcome.REQUEUE, current.requeue_after)
         return Result(outcome, error=error)
