@@ -19,8 +19,7 @@ async def healthz(_request: web.Request) -> web.StreamResponse:
 async def readyz(request: web.Request) -> web.StreamResponse:
     try:
         async with asyncio.timeout(READY_TIMEOUT_SECONDS):
-            async with request.app[DATABASE].reader.execute("SELECT 1") as cursor:
-                await cursor.fetchone()
+            await request.app[DATABASE].read("SELECT 1")
     except (TimeoutError, OSError, ValueError):
         return status_response(503, "not ready")
     return web.json_response({"status": "ok"})

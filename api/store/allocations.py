@@ -44,23 +44,34 @@ class Allocations:
         params: tuple[str, ...] = ()
         if uid is not None:
             query, params = query + " WHERE uid = ?", (uid,)
-        async with self._db.reader.execute(query + " ORDER BY host_port", params) as cursor:
-            return [PortRow(r[0], Protocol(r[1]), r[2], r[3]) for r in await cursor.fetchall()]
+        rows = await self._db.read(query + " ORDER BY host_port", params)
+        return [PortRow(r[0], Protocol(r[1]), r[2], r[3]) for r in rows]
 
-    async def reserve_port(self, uid: str, protocol: Protocol, guest_port: int, host_port: int) -> None:
-        """Record that `uid` holds `host_port` for its forward of `guest_port`.
+    async def reserve_port(self, uid: str, protocol: Protocol, guest_port: int, host_port: int) -> int:
+        """Record that `uid` holds `host_port` for its forward of `guest_port`; idempotent.
 
-        :raise PortTaken: another VM already holds that host port.
+        Returns the host port `uid` holds for that forward: `host_port`, or the one it already
+        had (a retried reservation must never look like a clash with itself).
+
+        :raise PortTaken: another VM already holds `host_port`.
         """
         try:
             async with self._db.write() as conn:
                 await conn.execute(
                     "INSERT INTO port_allocations (uid, protocol, guest_port, host_port, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (uid, protocol, guest_port) DO NOTHING",
                     (uid, protocol.value, guest_port, host_port, self._db.clock().isoformat()),
                 )
+                async with conn.execute(
+                    "SELECT host_port FROM port_allocations"
+                    " WHERE uid = ? AND protocol = ? AND guest_port = ?",
+                    (uid, protocol.value, guest_port),
+                ) as cursor:
+                    row = await cursor.fetchone()
         except sqlite3.IntegrityError as err:
             raise PortTaken(f"host port {protocol.value}/{host_port} is held by another VM") from err
+        assert row is not None
+        return int(row[0])
 
     async def release_ports(self, uid: str, keys: list[tuple[Protocol, int]]) -> None:
         """Forget the given forwards' ports. Releasing a port not held is success."""
@@ -75,8 +86,8 @@ class Allocations:
         params: tuple[str, ...] = ()
         if uid is not None:
             query, params = query + " WHERE uid = ?", (uid,)
-        async with self._db.reader.execute(query + " ORDER BY uid, name", params) as cursor:
-            return [DiskRow(r[0], r[1], r[2], ReclaimPolicy(r[3])) for r in await cursor.fetchall()]
+        rows = await self._db.read(query + " ORDER BY uid, name", params)
+        return [DiskRow(r[0], r[1], r[2], ReclaimPolicy(r[3])) for r in rows]
 
     async def record_disk(self, uid: str, name: str, path: str, policy: ReclaimPolicy) -> None:
         """Record a disk before its file is created (so a crash in between leaks nothing)."""

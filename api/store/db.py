@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,11 +47,19 @@ class Database:
         """
         self._subscribers.append(callback)
 
+    async def read(self, query: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query to completion in one step on the reader connection.
+
+        One aiosqlite job per query: a cursor kept open across an await would hold a read
+        snapshot that other coroutines' queries on this connection then share, and they could
+        miss writes committed meanwhile (a GET returning the state before an acknowledged POST).
+        """
+        return list(await self.reader.execute_fetchall(query, params))
+
     async def data_version(self) -> int:
         """SQLite's counter of commits made by *other* connections (PRAGMA data_version)."""
-        async with self.reader.execute("PRAGMA data_version") as cursor:
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        rows = await self.read("PRAGMA data_version")
+        return int(rows[0][0]) if rows else 0
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -92,6 +100,7 @@ async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
     try:
         await _configure(reader)
         await reader.execute("PRAGMA query_only = ON")
+        reader.row_factory = sqlite3.Row
     except BaseException:
         await reader.close()
         await writer.close()

@@ -179,21 +179,19 @@ class StateStore:
         Bodies are cached in memory by version id; the id is read from the store every time, so
         another process's write (two servers on one data dir) is never hidden by the cache.
         """
-        async with self._db.reader.execute(
-            "SELECT current_version FROM projects WHERE name = ?", (project,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None or row[0] is None:
+        rows = await self._db.read("SELECT current_version FROM projects WHERE name = ?", (project,))
+        if not rows or rows[0][0] is None:
             return None
-        cached = self._bodies.get(project, row[0])
+        version = rows[0][0]
+        cached = self._bodies.get(project, version)
         if cached is not None:
             return cached
-        async with self._db.reader.execute(
-            "SELECT id, serial, lineage, md5, body FROM state_versions WHERE id = ?", (row[0],)
-        ) as cursor:
-            found = await cursor.fetchone()
-        if found is None:
+        found_rows = await self._db.read(
+            "SELECT id, serial, lineage, md5, body FROM state_versions WHERE id = ?", (version,)
+        )
+        if not found_rows:
             return None
+        found = found_rows[0]
         stored = StoredState(found[0], found[1], found[2], found[3], bytes(found[4]))
         self._bodies.put(project, stored)
         return stored
@@ -348,12 +346,11 @@ class StateStore:
     async def list_versions(self, project: str) -> list[VersionInfo]:
         """Every kept version of `project`, newest first. :raise NotFound: unknown project."""
         await self._require_project(project)
-        async with self._db.reader.execute(
+        rows = await self._db.read(
             "SELECT id, serial, lineage, md5, size, created_at, encryption_version, lock_who, lock_operation"
             " FROM state_versions WHERE project = ? ORDER BY id DESC",
             (project,),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        )
         return [
             VersionInfo(r[0], r[1], r[2], r[3], r[4], datetime.fromisoformat(r[5]), r[6], r[7], r[8])
             for r in rows
@@ -361,14 +358,14 @@ class StateStore:
 
     async def read_version(self, project: str, serial: int) -> StoredState:
         """The newest kept version of `project` with `serial`. :raise NotFound: none kept."""
-        async with self._db.reader.execute(
+        rows = await self._db.read(
             "SELECT id, serial, lineage, md5, body FROM state_versions WHERE project = ? AND serial = ?"
             " ORDER BY id DESC LIMIT 1",
             (project, serial),
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+        )
+        if not rows:
             raise NotFound(f"project {project!r} has no kept version with serial {serial}")
+        row = rows[0]
         return StoredState(row[0], row[1], row[2], row[3], bytes(row[4]))
 
     async def list_projects(self) -> list[ProjectInfo]:
@@ -400,8 +397,7 @@ class StateStore:
         if project is not None:
             query += " WHERE p.name = ?"
             params = (project,)
-        async with self._db.reader.execute(query + " ORDER BY p.name", params) as cursor:
-            return await _fetch_dicts(cursor)
+        return [dict(row) for row in await self._db.read(query + " ORDER BY p.name", params)]
 
     async def _project_info(self, row: dict[str, Any]) -> ProjectInfo:
         lock = None

@@ -180,8 +180,7 @@ class VMStore:
         return records[0]
 
     async def _select(self, clause: str, params: tuple[str, ...]) -> list[VMRecord]:
-        async with self._db.reader.execute(f"SELECT {_COLUMNS} FROM vms {clause}", params) as cursor:  # noqa: S608
-            rows = await cursor.fetchall()
+        rows = await self._db.read(f"SELECT {_COLUMNS} FROM vms {clause}", params)  # noqa: S608
         return [_decode(row) for row in rows]
 
 
@@ -221,14 +220,12 @@ class VMStatusWriter:
         self.written_versions: dict[str, int] = {}
 
     async def get(self, uid: str) -> VMRecord | None:
-        async with self._db.reader.execute(f"SELECT {_COLUMNS} FROM vms WHERE uid = ?", (uid,)) as cursor:  # noqa: S608
-            row = await cursor.fetchone()
-        return _decode(row) if row else None
+        rows = await self._db.read(f"SELECT {_COLUMNS} FROM vms WHERE uid = ?", (uid,))  # noqa: S608
+        return _decode(rows[0]) if rows else None
 
     async def versions(self) -> dict[str, int]:
         """Every object's uid and resourceVersion: what change detection compares."""
-        async with self._db.reader.execute("SELECT uid, resource_version FROM vms") as cursor:
-            return {uid: version for uid, version in await cursor.fetchall()}
+        return {row[0]: row[1] for row in await self._db.read("SELECT uid, resource_version FROM vms")}
 
     async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
         """Store `status` for `uid` unless it is unchanged. Returns whether it wrote.

@@ -64,7 +64,10 @@ class PortAllocator:
             raise PortUnavailable(f"hostPort {protocol.value}/{port} is held by another VM") from err
 
     async def _reserve_any(self, uid: str, protocol: Protocol, guest_port: int) -> None:
-        held = {row.host_port for row in await self._allocations.ports() if row.protocol is protocol}
+        rows = await self._allocations.ports()
+        if any(r.uid == uid and r.protocol is protocol and r.guest_port == guest_port for r in rows):
+            return
+        held = {row.host_port for row in rows if row.protocol is protocol}
         size = self._last - self._first + 1
         for offset in range(size):
             # Rotate through the range so a just-released port is not reused at once.

@@ -31,3 +31,34 @@ async def test_read_during_an_open_write_sees_the_committed_state(db: Database, 
         await task
     assert stored is not None
     assert stored.serial == 1
+
+
+async def test_interleaved_reads_see_every_committed_write(db: Database, states: StateStore) -> None:
+    """Reads racing on the shared reader never return a state older than an acknowledged write."""
+    stale: list[tuple[int, int | None]] = []
+
+    async def reader_noise() -> None:
+        for _ in range(200):
+            await states.list_projects()
+
+    async def writer_then_reader() -> None:
+        for serial in range(1, 60):
+            await write(states, vm_state(serial, {}))
+            stored = await states.read("lab")
+            if stored is None or stored.serial != serial:
+                stale.append((serial, stored.serial if stored else None))
+
+    await asyncio.gather(writer_then_reader(), *(reader_noise() for _ in range(4)))
+    assert stale == []
+
+
+async def test_repeated_port_reservation_is_idempotent(db: Database) -> None:
+    """Reserving a forward's port again returns the held port instead of reporting a clash."""
+    from api.store.allocations import Allocations, PortTaken
+    from api.types import Protocol
+
+    allocations = Allocations(db)
+    assert await allocations.reserve_port("vm-a", Protocol.TCP, 80, 20000) == 20000
+    assert await allocations.reserve_port("vm-a", Protocol.TCP, 80, 20001) == 20000
+    with pytest.raises(PortTaken):
+        await allocations.reserve_port("vm-b", Protocol.TCP, 80, 20000)
