@@ -150,7 +150,6 @@ def _manifest_of(resource_type: str, attributes: dict[str, Any]) -> dict[str, An
         fields = {
             key: _unwrap_dynamic(attributes.get(key)) for key in ("apiVersion", "kind", "metadata", "spec")
         }
-        fields.setdefault("apiVersion", None)
         return {
             "apiVersion": fields["apiVersion"] or f"{API_GROUP}/v1alpha1",
             "kind": fields["kind"] or KIND,

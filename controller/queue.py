@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from controller.clock import Clock, TimerHandle
@@ -49,15 +49,6 @@ class _Pending:
     timer: TimerHandle
 
 
-@dataclass
-class QueueStats:
-    """Counters that metrics export (controller-runtime's workqueue_* names)."""
-
-    adds: int = 0
-    retries: int = 0
-    queued_at: dict[Hashable, float] = field(default_factory=dict)
-
-
 class WorkQueue(Generic[KeyT]):
     def __init__(self, *, clock: Clock, backoff: Backoff | None = None) -> None:
         self._clock = clock
@@ -70,27 +61,20 @@ class WorkQueue(Generic[KeyT]):
         # Set whenever a key is queued or the queue shuts down; workers re-check and clear it.
         self._wakeup = asyncio.Event()
         self._shutting_down = False
-        self.stats = QueueStats()
 
     def __len__(self) -> int:
         """The number of keys waiting for a worker (workqueue_depth)."""
         return len(self._queue)
 
-    @property
-    def is_shutting_down(self) -> bool:
-        return self._shutting_down
-
     def add(self, key: KeyT) -> None:
         """Queue `key` now, unless it already waits."""
         if self._shutting_down or key in self._dirty:
             return
-        self.stats.adds += 1
         self._dirty.add(key)
         self._cancel_pending(key)
         if key in self._processing:
             return
         self._queue.append(key)
-        self.stats.queued_at.setdefault(key, self._clock.monotonic())
         self._notify()
 
     def add_after(self, key: KeyT, delay: float) -> None:
@@ -113,7 +97,6 @@ class WorkQueue(Generic[KeyT]):
         """Queue `key` after its backoff delay, and count one more failure. Returns the delay."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
-        self.stats.retries += 1
         delay = self._backoff.delay(failures)
         self.add_after(key, delay)
         return delay
@@ -121,9 +104,6 @@ class WorkQueue(Generic[KeyT]):
     def forget(self, key: KeyT) -> None:
         """Reset `key`'s backoff after a success."""
         self._failures.pop(key, None)
-
-    def failures(self, key: KeyT) -> int:
-        return self._failures.get(key, 0)
 
     async def get(self) -> KeyT:
         """Wait for a key and mark it processing. :raise QueueShutDown: shut down and empty."""
@@ -136,7 +116,6 @@ class WorkQueue(Generic[KeyT]):
         key = self._queue.popleft()
         self._processing.add(key)
         self._dirty.discard(key)
-        self.stats.queued_at.pop(key, None)
         return key
 
     def done(self, key: KeyT) -> None:
@@ -144,7 +123,6 @@ class WorkQueue(Generic[KeyT]):
         self._processing.discard(key)
         if key in self._dirty:
             self._queue.append(key)
-            self.stats.queued_at.setdefault(key, self._clock.monotonic())
             self._notify()
 
     def shut_down(self) -> None:

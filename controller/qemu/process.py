@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from controller.model import ExitObservation
@@ -241,7 +241,3 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     temporary.replace(path)
-
-
-def utc_from_timestamp(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, UTC)

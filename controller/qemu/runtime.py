@@ -105,10 +105,6 @@ class Runtime:
         attachment = self._attached.get(uid)
         return attachment.monitor if attachment else None
 
-    def child(self, uid: str) -> subprocess.Popen[bytes] | None:
-        attachment = self._attached.get(uid)
-        return attachment.child if attachment else None
-
     async def qmp_state(self, uid: str) -> QmpState:
         """The guest's run state, or UNREACHABLE if QMP does not answer in time."""
         attachment = self._attached.get(uid)
