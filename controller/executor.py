@@ -9,7 +9,7 @@ from typing import assert_never
 
 import structlog
 
-from api.store.vms import VMStatusWriter
+from api.store.status_writer import VMStatusWriter
 from controller.actions import (
     Action,
     AllocatePorts,

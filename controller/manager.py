@@ -14,7 +14,7 @@ import structlog
 
 from api.store import Database
 from api.store.allocations import Allocations
-from api.store.vms import VMStatusWriter
+from api.store.status_writer import VMStatusWriter
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
 from controller.layout import DataLayout
@@ -53,7 +53,9 @@ class Controller:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         first, last = self._settings.ports
         async with asyncio.TaskGroup() as tasks:
-            runtime = Runtime(clock=self._clock, wake=self.queue.add, tasks=tasks)
+            runtime = Runtime(
+                clock=self._clock, wake=self.queue.add, tasks=tasks, guest_nice=self._settings.guest_nice
+            )
             executor = Executor(
                 runtime=runtime,
                 ports=PortAllocator(self._allocations, first=first, last=last),

@@ -15,7 +15,8 @@ import structlog
 from pydantic import ValidationError
 
 from api.store.allocations import Allocations
-from api.store.vms import StatusConflict, VMRecord, VMStatusWriter
+from api.store.status_writer import StatusConflict, VMStatusWriter
+from api.store.vms import VMRecord
 from api.types import Accel, QemuVMSpec, QemuVMStatus
 from controller.actions import Finalize
 from controller.clock import Clock

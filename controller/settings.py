@@ -25,6 +25,12 @@ class ControllerSettings(BaseModel):
     resync_seconds: float = Field(default=30.0, gt=0, description="Full resync period")
     backoff_base_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an error")
     backoff_cap_seconds: float = Field(default=300.0, gt=0, description="Longest retry delay after errors")
+    guest_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU nice value of QEMU processes, so the API and controller stay responsive",
+    )
     accel_cache: Path | None = Field(default=None, description="Where the KVM probe verdict is kept")
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"

@@ -13,7 +13,7 @@ import contextlib
 
 from api.store import Database
 from api.store.allocations import Allocations
-from api.store.vms import VMStatusWriter
+from api.store.status_writer import VMStatusWriter
 from controller.layout import DataLayout
 from controller.queue import WorkQueue
 

@@ -17,7 +17,7 @@ from api.tfstate import DeclaredVM
 from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus
 
 ADDRESS_ANNOTATION = "tofu-qemu.dev/terraform-address"
-_COLUMNS = (
+VM_COLUMNS = (
     "uid, project, name, generation, spec, spec_error, labels, address, created_at,"
     " spec_changed_at, deleted_at, state_serial, status, resource_version"
 )
@@ -180,11 +180,11 @@ class VMStore:
         return records[0]
 
     async def _select(self, clause: str, params: tuple[str, ...]) -> list[VMRecord]:
-        rows = await self._db.read(f"SELECT {_COLUMNS} FROM vms {clause}", params)  # noqa: S608
-        return [_decode(row) for row in rows]
+        rows = await self._db.read(f"SELECT {VM_COLUMNS} FROM vms {clause}", params)  # noqa: S608
+        return [decode_vm_row(row) for row in rows]
 
 
-def _decode(row: Any) -> VMRecord:
+def decode_vm_row(row: Any) -> VMRecord:
     return VMRecord(
         uid=row[0],
         project=row[1],
@@ -201,54 +201,3 @@ def _decode(row: Any) -> VMRecord:
         status=json.loads(row[12]) if row[12] else None,
         resource_version=row[13],
     )
-
-
-class StatusConflict(Exception):
-    """The object is gone (finalized) or was replaced; re-read and reconcile again."""
-
-
-class VMStatusWriter:
-    """The controller's side of the VM objects: read by uid, write status, finalize.
-
-    Kept apart from VMStore so the API server never holds a way to write status.
-    """
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        # resourceVersions produced by this writer's own status writes: change detection skips
-        # them, so a status write does not queue the VM for another reconcile.
-        self.written_versions: dict[str, int] = {}
-
-    async def get(self, uid: str) -> VMRecord | None:
-        rows = await self._db.read(f"SELECT {_COLUMNS} FROM vms WHERE uid = ?", (uid,))  # noqa: S608
-        return _decode(rows[0]) if rows else None
-
-    async def versions(self) -> dict[str, int]:
-        """Every object's uid and resourceVersion: what change detection compares."""
-        return {row[0]: row[1] for row in await self._db.read("SELECT uid, resource_version FROM vms")}
-
-    async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
-        """Store `status` for `uid` unless it is unchanged. Returns whether it wrote.
-
-        :raise StatusConflict: the object no longer exists.
-        """
-        encoded = json.dumps(status, sort_keys=True, separators=(",", ":"))
-        async with self._db.write() as conn:
-            async with conn.execute("SELECT status FROM vms WHERE uid = ?", (uid,)) as cursor:
-                row = await cursor.fetchone()
-            if row is None:
-                raise StatusConflict(f"VM {uid} no longer exists")
-            if row[0] == encoded:
-                return False
-            version = await _next_resource_version(conn)
-            await conn.execute(
-                "UPDATE vms SET status = ?, resource_version = ? WHERE uid = ?", (encoded, version, uid)
-            )
-        self.written_versions[uid] = version
-        return True
-
-    async def finalize(self, uid: str) -> None:
-        """Remove a deleting object once its resources are released. Idempotent."""
-        self.written_versions.pop(uid, None)
-        async with self._db.write() as conn:
-            await conn.execute("DELETE FROM vms WHERE uid = ? AND deleted_at IS NOT NULL", (uid,))

@@ -23,6 +23,7 @@ from controller.model import QmpState
 from controller.qemu import process
 from controller.qemu.argv import QMP_SOCKET_NAME, RuntimePaths
 from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
+from controller.qemu.priority import lower_priority
 
 log = structlog.get_logger(__name__)
 QMP_CONNECT_SECONDS = 10.0
@@ -55,9 +56,20 @@ class _Attachment:
 
 
 class Runtime:
-    def __init__(self, *, clock: Clock, wake: Callable[[str], None], tasks: asyncio.TaskGroup) -> None:
-        """`wake(uid)` queues a reconcile; `tasks` owns the per-VM event readers."""
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        wake: Callable[[str], None],
+        tasks: asyncio.TaskGroup,
+        guest_nice: int = 0,
+    ) -> None:
+        """`wake(uid)` queues a reconcile; `tasks` owns the per-VM event readers.
+
+        `guest_nice`: the CPU priority every watched QEMU gets (see priority.py).
+        """
         self._clock = clock
+        self._guest_nice = guest_nice
         self._wake = wake
         self._tasks = tasks
         self._attached: dict[str, _Attachment] = {}
@@ -86,7 +98,11 @@ class Runtime:
         attachment = _Attachment(uid, paths, record, child, pidfd)
         self._attached[uid] = attachment
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit, uid)
+        # Before QMP answers, so threads QEMU starts meanwhile inherit it; and after, for those
+        # it started before (its vCPU threads exist once the monitor listens).
+        lower_priority(record.pid, self._guest_nice)
         await self._connect_monitor(attachment)
+        lower_priority(record.pid, self._guest_nice)
         if child is not None and attachment.monitor is not None:
             # We started it with -S: it is paused until we `cont`, no need to ask.
             self._learn(attachment, QmpState.PAUSED)

@@ -21,7 +21,7 @@ import pytest
 
 from api.store import Database, StateStore, open_database
 from api.store.allocations import Allocations
-from api.store.vms import VMStatusWriter
+from api.store.status_writer import VMStatusWriter
 from api.tfstate import extract_vms, parse_state
 from api.types import QemuVMStatus
 from controller.manager import Controller

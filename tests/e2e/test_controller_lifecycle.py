@@ -81,6 +81,18 @@ def test_apply_runs_both_vms_and_each_serves_its_name(fleet: Fleet) -> None:
         assert f"<h1>{name}</h1>" in body, body
 
 
+def test_guests_run_at_a_lower_cpu_priority_than_the_controller(fleet: Fleet) -> None:
+    """Every QEMU thread, and its session's autogroup, has the default guest nice value (10)."""
+    for name in INITIAL:
+        pid = fleet.wait_running(name)["status"]["pid"]
+        tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+        assert len(tids) > 1, "QEMU runs vCPU and I/O threads"
+        assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in tids} == {10}
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == "10"
+
+
 def test_label_change_keeps_the_process_and_acknowledges_the_generation(fleet: Fleet) -> None:
     """A label-only change bumps generation; observedGeneration follows with the same pid and boot."""
     before = fleet.wait_running("bravo")

@@ -1,0 +1,135 @@
+"""The controller's side of the VM objects: read by uid, write status, finalize.
+
+Kept apart from VMStore so the API server never holds a way to write status.
+
+Status writes are group-committed. Many VMs change phase at once (an apply that creates 50,
+a host that wakes up): one transaction per write would queue them behind one fsync each, and
+on a machine whose CPUs are busy booting those very guests every round trip to SQLite's thread
+is slow. So a write joins a batch; whichever writer gets the flush lock first commits every
+write pending at that moment in one transaction, and the others find theirs done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+
+from api.store.db import Database
+from api.store.vms import VM_COLUMNS, VMRecord, decode_vm_row
+
+
+class StatusConflict(Exception):
+    """The object is gone (finalized) or was replaced; re-read and reconcile again."""
+
+
+@dataclass(slots=True)
+class _PendingWrite:
+    encoded: str
+    # True: written; False: unchanged or replaced by a newer write; StatusConflict: VM gone.
+    done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class VMStatusWriter:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._pending: dict[str, _PendingWrite] = {}
+        self._flush_lock = asyncio.Lock()
+        # resourceVersions produced by this writer's own status writes: change detection skips
+        # them, so a status write does not queue the VM for another reconcile.
+        self.written_versions: dict[str, int] = {}
+
+    async def get(self, uid: str) -> VMRecord | None:
+        rows = await self._db.read(f"SELECT {VM_COLUMNS} FROM vms WHERE uid = ?", (uid,))  # noqa: S608
+        return decode_vm_row(rows[0]) if rows else None
+
+    async def versions(self) -> dict[str, int]:
+        """Every object's uid and resourceVersion: what change detection compares."""
+        return {row[0]: row[1] for row in await self._db.read("SELECT uid, resource_version FROM vms")}
+
+    async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
+        """Store `status` for `uid` unless it is unchanged. Returns whether it wrote.
+
+        :raise StatusConflict: the object no longer exists.
+        :raise StorageFull: the batch could not be committed.
+        """
+        write = _PendingWrite(json.dumps(status, sort_keys=True, separators=(",", ":")))
+        replaced = self._pending.get(uid)
+        if replaced is not None:
+            replaced.done.set_result(False)
+        self._pending[uid] = write
+        try:
+            async with self._flush_lock:
+                if not write.done.done():
+                    batch, self._pending = self._pending, {}
+                    await self._flush(batch)
+        except asyncio.CancelledError:
+            if self._pending.get(uid) is write:
+                del self._pending[uid]
+            raise
+        return await write.done
+
+    async def _flush(self, batch: dict[str, _PendingWrite]) -> None:
+        """Commit `batch` in one transaction and settle every write in it."""
+        try:
+            async with self._db.write() as conn:
+                current = await _current_statuses(conn, list(batch))
+                changed = [uid for uid in batch if uid in current and current[uid] != batch[uid].encoded]
+                versions = await _store(conn, {uid: batch[uid].encoded for uid in changed})
+        except asyncio.CancelledError:
+            # The flushing writer was cancelled and the transaction rolled back; the writes of
+            # the others still waiting go to whoever flushes next.
+            for uid, write in batch.items():
+                if write.done.done():
+                    continue
+                if uid in self._pending:
+                    write.done.set_result(False)
+                else:
+                    self._pending[uid] = write
+            raise
+        except Exception as err:
+            for write in batch.values():
+                if not write.done.done():
+                    write.done.set_exception(err)
+            return
+        self.written_versions.update(versions)
+        for uid, write in batch.items():
+            if write.done.done():
+                continue
+            if uid not in current:
+                write.done.set_exception(StatusConflict(f"VM {uid} no longer exists"))
+            else:
+                write.done.set_result(uid in versions)
+
+    async def finalize(self, uid: str) -> None:
+        """Remove a deleting object once its resources are released. Idempotent."""
+        self.written_versions.pop(uid, None)
+        async with self._db.write() as conn:
+            await conn.execute("DELETE FROM vms WHERE uid = ? AND deleted_at IS NOT NULL", (uid,))
+
+
+async def _current_statuses(conn: aiosqlite.Connection, uids: list[str]) -> dict[str, str | None]:
+    marks = ",".join("?" * len(uids))
+    rows = await conn.execute_fetchall(f"SELECT uid, status FROM vms WHERE uid IN ({marks})", uids)  # noqa: S608
+    return {row[0]: row[1] for row in rows}
+
+
+async def _store(conn: aiosqlite.Connection, statuses: dict[str, str]) -> dict[str, int]:
+    """Write `statuses` with consecutive new resourceVersions; returns uid -> version."""
+    if not statuses:
+        return {}
+    rows = list(
+        await conn.execute_fetchall(
+            "UPDATE resource_versions SET value = value + ? WHERE id = 1 RETURNING value", (len(statuses),)
+        )
+    )
+    first = int(rows[0][0]) - len(statuses) + 1
+    versions = {uid: first + offset for offset, uid in enumerate(statuses)}
+    await conn.executemany(
+        "UPDATE vms SET status = ?, resource_version = ? WHERE uid = ?",
+        [(encoded, versions[uid], uid) for uid, encoded in statuses.items()],
+    )
+    return versions
