@@ -80,6 +80,7 @@ class Observed:
     exiting: bool = False
     ports: Mapping[PortKey, int] = field(default_factory=dict)
     disks: Mapping[str, DiskRecord] = field(default_factory=dict)
+    # Looked at only when no process runs: only a start needs the images.
     missing_images: tuple[str, ...] = ()
 
 

@@ -30,13 +30,21 @@ async def observe(
     clock: Clock,
 ) -> Observed:
     directory = Path(paths.directory)
-    record = process.read_launch_record(paths)
-    pidfile_pid = process.read_pidfile(paths)
-    alive = (
-        record is not None
-        and (pidfile_pid is None or pidfile_pid == record.pid)
-        and process.is_alive_and_ours(record)
-    )
+    # A process the runtime watches was proven ours when it was attached; the files on disk
+    # are read (and proven against /proc) only for one it does not watch yet.
+    watched = runtime.attached_record(uid)
+    record: process.LaunchRecord | None
+    if watched is not None:
+        record = watched
+        alive = process.is_alive_and_ours(watched, identity_proven=True)
+    else:
+        record = process.read_launch_record(paths)
+        pidfile_pid = process.read_pidfile(paths)
+        alive = (
+            record is not None
+            and (pidfile_pid is None or pidfile_pid == record.pid)
+            and process.is_alive_and_ours(record)
+        )
     found: ProcessObservation | None = None
     if alive and record is not None:
         await runtime.attach(uid, paths, record)
@@ -63,18 +71,16 @@ async def observe(
             Path(path).exists() for path in (paths.pidfile, paths.qmp_socket, paths.record, paths.exit_record)
         )
     )
+    ports, disks = await allocations.held_by(uid)
     return Observed(
         process=found,
         exit=exit_record,
         has_runtime_dir=directory.is_dir(),
         has_stale_runtime=stale,
         exiting=exiting,
-        ports={(row.protocol, row.guest_port): row.host_port for row in await allocations.ports(uid)},
-        disks={
-            row.name: DiskRecord(row.name, row.reclaim_policy, Path(row.path).exists())
-            for row in await allocations.disks(uid)
-        },
-        missing_images=_missing_images(spec, images_dir),
+        ports={(row.protocol, row.guest_port): row.host_port for row in ports},
+        disks={row.name: DiskRecord(row.name, row.reclaim_policy, Path(row.path).exists()) for row in disks},
+        missing_images=_missing_images(spec, images_dir) if found is None else (),
     )
 
 

@@ -38,6 +38,18 @@ class Allocations:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    async def held_by(self, uid: str) -> tuple[list[PortRow], list[DiskRow]]:
+        """The ports and disks `uid` holds, in one read (every observe asks)."""
+        rows = await self._db.read(
+            "SELECT 'port', protocol, guest_port, host_port, NULL FROM port_allocations WHERE uid = ?"
+            " UNION ALL SELECT 'disk', name, path, reclaim_policy, NULL FROM disks WHERE uid = ?"
+            " ORDER BY 1, 2, 3",
+            (uid, uid),
+        )
+        ports = [PortRow(uid, Protocol(r[1]), r[2], r[3]) for r in rows if r[0] == "port"]
+        disks = [DiskRow(uid, r[1], r[2], ReclaimPolicy(r[3])) for r in rows if r[0] == "disk"]
+        return ports, disks
+
     async def ports(self, uid: str | None = None) -> list[PortRow]:
         """The ports held by `uid`, or by everyone."""
         query = "SELECT uid, protocol, guest_port, host_port FROM port_allocations"

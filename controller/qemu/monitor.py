@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError, StateError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError, StateError
 
 COMMAND_TIMEOUT_SECONDS = 2.0
 CONNECT_RETRY_SECONDS = 0.005
@@ -26,6 +26,22 @@ WATCHED_EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "POWE
 # qemu.qmp logs every disconnect at ERROR; a VM that exits is normal here and is logged once,
 # as a structured event, by the controller.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class _QMPClient(QMPClient):
+    """qemu.qmp's message hooks pretty-print every message (json, indent=2) for a debug line
+    even when debug logging is off: 7 % of the controller's CPU in a 50-VM converge. These
+    format a message only when the line is really logged."""
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", msg)
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", msg)
+        return msg
 
 
 class MonitorUnavailable(Exception):
@@ -62,7 +78,7 @@ class Monitor:
                 # Not listening yet: a failed connect costs qemu.qmp a formatted traceback.
                 await asyncio.sleep(CONNECT_RETRY_SECONDS)
                 continue
-            client = QMPClient(name)
+            client = _QMPClient(name)
             try:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     await client.connect(str(socket_path))

@@ -114,12 +114,16 @@ def read_launch_record(runtime: RuntimePaths) -> LaunchRecord | None:
         return None
 
 
-def is_alive_and_ours(record: LaunchRecord) -> bool:
-    """The recorded process still runs (not a zombie) and is the one we started."""
+def is_alive_and_ours(record: LaunchRecord, *, identity_proven: bool = False) -> bool:
+    """The recorded process still runs (not a zombie) and is the one we started.
+
+    `identity_proven`: the cmdline was checked already and the PID is pinned (a pidfd is held),
+    so only liveness is left to check.
+    """
     stat = read_stat(record.pid)
     if stat is None or stat.state in ("Z", "X") or stat.start_ticks != record.start_ticks:
         return False
-    return read_cmdline(record.pid) == record.argv
+    return identity_proven or read_cmdline(record.pid) == record.argv
 
 
 def spawn(

@@ -74,6 +74,14 @@ class Runtime:
         self._tasks = tasks
         self._attached: dict[str, _Attachment] = {}
 
+    def attached_record(self, uid: str) -> process.LaunchRecord | None:
+        """The launch record of the process watched for `uid`, proven ours when attached.
+
+        Its pidfd pins that process: the PID cannot be reused before the exit is noticed.
+        """
+        attachment = self._attached.get(uid)
+        return attachment.record if attachment is not None else None
+
     def is_attached(self, uid: str, pid: int) -> bool:
         attachment = self._attached.get(uid)
         return attachment is not None and attachment.record.pid == pid
