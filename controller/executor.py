@@ -106,7 +106,8 @@ class Executor:
         """
         now = self._clock.now()
         try:
-            child = process.spawn(argv, digest, paths, now=now)
+            # fork+exec of QEMU takes milliseconds; other VMs' reconciles go on meanwhile.
+            child = await asyncio.to_thread(process.spawn, argv, digest, paths, now=now)
         except process.DuplicateProcess as err:
             raise TransientError(str(err)) from err
         except process.SpawnFailed as err:

@@ -23,6 +23,8 @@ from api.store.schema import MIGRATIONS
 
 DB_FILE_NAME = "tofu-qemu.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
+# FULL: an acknowledged state write survives power loss, not only a process kill.
+DURABLE_SYNCHRONOUS = "FULL"
 Clock = Callable[[], datetime]
 
 
@@ -62,21 +64,31 @@ class Database:
         return int(rows[0][0]) if rows else 0
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def write(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
         """Run the block in one IMMEDIATE transaction; commit on success, roll back otherwise.
+
+        `durable=False` skips the fsync at commit (synchronous=NORMAL for this transaction):
+        the write survives a process crash but may be lost with the machine. Only for data
+        that is recomputed anyway, such as VM status; the next durable commit syncs it too.
 
         :raise StorageFull: when SQLite reports a full disk; the transaction is rolled back.
         """
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
+            if not durable:
+                await self._writer.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield self._writer
-                await self._writer.commit()
-            except BaseException as err:
-                await self._writer.rollback()
-                if isinstance(err, sqlite3.OperationalError) and _is_disk_full(err):
-                    raise StorageFull("the data dir is full; the write was not stored") from err
-                raise
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                    await self._writer.commit()
+                except BaseException as err:
+                    await self._writer.rollback()
+                    if isinstance(err, sqlite3.OperationalError) and _is_disk_full(err):
+                        raise StorageFull("the data dir is full; the write was not stored") from err
+                    raise
+            finally:
+                if not durable:
+                    await self._writer.execute(f"PRAGMA synchronous = {DURABLE_SYNCHRONOUS}")
         for callback in self._subscribers:
             callback()
 
@@ -111,8 +123,7 @@ async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
 async def _configure(connection: aiosqlite.Connection) -> None:
     await connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     await connection.execute("PRAGMA journal_mode = WAL")
-    # FULL: an acknowledged state write survives power loss, not only a process kill.
-    await connection.execute("PRAGMA synchronous = FULL")
+    await connection.execute(f"PRAGMA synchronous = {DURABLE_SYNCHRONOUS}")
     await connection.execute("PRAGMA foreign_keys = ON")
 
 

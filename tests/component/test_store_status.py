@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 
+import aiosqlite
 import pytest
 
 from api.store import Database, StateStore, VMStore
@@ -22,9 +25,9 @@ def count_transactions(db: Database, monkeypatch: pytest.MonkeyPatch) -> list[in
     count = [0]
     real_write = db.write
 
-    def counting_write():  # type: ignore[no-untyped-def]
+    def counting_write(**options):  # type: ignore[no-untyped-def]
         count[0] += 1
-        return real_write()
+        return real_write(**options)
 
     monkeypatch.setattr(db, "write", counting_write)
     return count
@@ -80,7 +83,7 @@ async def test_a_failed_commit_reaches_every_writer_in_the_batch(
     writer = VMStatusWriter(db)
     real_write = db.write
 
-    def failing_write():  # type: ignore[no-untyped-def]
+    def failing_write(**options):  # type: ignore[no-untyped-def]
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(db, "write", failing_write)
@@ -112,3 +115,24 @@ async def test_a_cancelled_flush_hands_the_other_writes_on(
     assert records[uids[1]] == {"phase": "Running"}
     assert records[uids[2]] == {"phase": "Running"}
     assert records[uids[0]] is None, "the cancelled writer's own status is dropped, not written later"
+
+
+async def test_status_commits_skip_the_fsync_but_state_writes_keep_it(
+    db: Database, states: StateStore, vms: VMStore
+) -> None:
+    """Status is recomputed from what runs; Terraform's state must survive power loss."""
+    [uid] = await declare(states, vms, 1)
+    seen: list[int] = []
+    real_write = db.write
+
+    @contextlib.asynccontextmanager
+    async def spying_write(**options: bool) -> AsyncIterator[aiosqlite.Connection]:
+        async with real_write(**options) as conn:
+            seen.extend(row[0] for row in await conn.execute_fetchall("PRAGMA synchronous"))
+            yield conn
+
+    db.write = spying_write  # type: ignore[method-assign]
+    await VMStatusWriter(db).write_status(uid, {"phase": "Running"})
+    await write(states, vm_state(2, {"vm-0": manifest("vm-0")}))
+
+    assert seen == [1, 2]  # NORMAL for the status batch, FULL for the state write
