@@ -40,11 +40,15 @@ async def watch_store(db: Database, objects: VMStatusWriter, queue: WorkQueue[st
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STORE_POLL_SECONDS):
                 await changed.wait()
-        changed.clear()
-        data_version = await db.data_version()
-        if data_version == last_data_version and seen:
-            continue
-        last_data_version = data_version
+        # Notified: this process committed, so look at once. Timed out: ask SQLite whether
+        # another process (split mode) committed before reading every version.
+        if changed.is_set():
+            changed.clear()
+        else:
+            data_version = await db.data_version()
+            if data_version == last_data_version and seen:
+                continue
+            last_data_version = data_version
         current = await objects.versions()
         for uid, version in current.items():
             if seen.get(uid) != version and objects.written_versions.get(uid) != version:
