@@ -57,6 +57,10 @@ class ServerSettings(BaseModel):
     lock_publish_after: float = Field(
         default=900.0, gt=0, description="Seconds a lock may be held before its writes are published anyway"
     )
+    metrics_auth: bool = Field(default=True, description="Require auth for GET /metrics")
+    otlp_endpoint: str | None = Field(
+        default=None, description="Export traces over OTLP to this base URL (shorthand for OTEL_* settings)"
+    )
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
 

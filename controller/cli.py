@@ -21,13 +21,17 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
 from pydantic import BaseModel
 
 from api.credentials import Credentials, CredentialsError, hash_password, load_credentials
 from api.logs import configure_logging
 from api.server import create_app
-from api.settings import ServerSettings, SettingsError, SettingsT, load_settings
+from api.server.ops import create_ops_app
+from api.settings import ServerSettings, SettingsError, SettingsT, load_settings, split_listen
 from api.store import open_database
+from api.telemetry.metrics import Metrics
+from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
 from controller.manager import Controller
 from controller.settings import ControllerSettings, ServeSettings
 
@@ -90,7 +94,18 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args, args.model)
     configure_logging(settings.log_format, settings.log_level)
     http = _http_setup(settings) if isinstance(settings, ServerSettings) else None
-    asyncio.run(_run(settings, http))
+    try:
+        tracer_provider = configure_tracing(otlp_endpoint=settings.otlp_endpoint)
+    except TracingConfigError as err:
+        raise SettingsError(str(err)) from err
+    if http is not None:
+        # Puts the server span of every request around our handlers (web.Application is
+        # replaced by an instrumented subclass for this process).
+        AioHttpServerInstrumentor().instrument(tracer_provider=tracer_provider)
+    try:
+        asyncio.run(_run(settings, http))
+    finally:
+        shutdown_tracing(tracer_provider)
     return 0
 
 
@@ -116,28 +131,51 @@ async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup |
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     database = await open_database(settings.data_dir)
+    metrics = Metrics()
+    controller = (
+        Controller(settings, database, metrics=metrics) if isinstance(settings, ControllerSettings) else None
+    )
+    checks = controller.readiness_checks() if controller is not None else {}
     try:
         async with asyncio.TaskGroup() as tasks:
             if isinstance(settings, ServerSettings) and http is not None:
-                app = create_app(settings, credentials=http.credentials, database=database)
-                tasks.create_task(_serve_http(app, settings, http.ssl_context, stop), name="http")
-            if isinstance(settings, ControllerSettings):
-                tasks.create_task(Controller(settings, database).run(stop), name="controller")
+                app = create_app(
+                    settings,
+                    credentials=http.credentials,
+                    database=database,
+                    metrics=metrics,
+                    readiness_checks=checks,
+                )
+                tasks.create_task(
+                    _serve_http(app, settings.host, settings.port, http.ssl_context, stop), name="http"
+                )
+            elif isinstance(settings, ControllerSettings):
+                # The controller alone serves only probes and metrics, without auth: bind it to
+                # loopback or a private network.
+                ops = create_ops_app(
+                    metrics=metrics,
+                    database=database,
+                    credentials=Credentials(),
+                    metrics_auth=False,
+                    readiness_checks=checks,
+                )
+                host, port = split_listen(settings.ops_listen)
+                tasks.create_task(_serve_http(ops, host, port, None, stop), name="ops")
+            if controller is not None:
+                tasks.create_task(controller.run(stop), name="controller")
     finally:
         await database.close()
 
 
 async def _serve_http(
-    app: web.Application, settings: ServerSettings, ssl_context: ssl.SSLContext | None, stop: asyncio.Event
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None, stop: asyncio.Event
 ) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
-        log.info(
-            "serving", listen=settings.listen, data_dir=str(settings.data_dir), tls=ssl_context is not None
-        )
+        log.info("serving", listen=f"{host}:{port}", tls=ssl_context is not None)
         await stop.wait()
         log.info("shutting_down")
     finally:

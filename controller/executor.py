@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import assert_never
 
 import structlog
+from opentelemetry import trace
 
 from api.store.status_writer import VMStatusWriter
 from controller.actions import (
@@ -33,6 +34,7 @@ from controller.qemu.monitor import MonitorCommandFailed, MonitorUnavailable
 from controller.qemu.runtime import Runtime
 from controller.resources.disks import DiskError, DiskManager
 from controller.resources.ports import PortAllocator, PortUnavailable
+from controller.telemetry import TRACER, BootSpans
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +48,9 @@ class Executor:
         disks: DiskManager,
         objects: VMStatusWriter,
         clock: Clock,
+        boots: BootSpans,
     ) -> None:
+        self._boots = boots
         self._runtime = runtime
         self._ports = ports
         self._disks = disks
@@ -60,6 +64,14 @@ class Executor:
         :raise TerminalError: this spec cannot be acted on.
         """
         log.debug("action", uid=uid, action=type(action).__name__)
+        name = _SPAN_NAMES.get(type(action))
+        if name is None:  # a QMP command: the runtime traces each one it sends
+            await self._perform(uid, paths, action)
+            return
+        with TRACER.start_as_current_span(name, attributes=_span_attributes(action)):
+            await self._perform(uid, paths, action)
+
+    async def _perform(self, uid: str, paths: RuntimePaths, action: Action) -> None:
         match action:
             case AllocatePorts(requested=requested):
                 try:
@@ -116,8 +128,11 @@ class Executor:
             return
         record = process.read_launch_record(paths)
         assert record is not None, "spawn writes the launch record"
+        trace.get_current_span().set_attribute("process.pid", child.pid)
         log.info("vm_spawned", uid=uid, pid=child.pid, argv_digest=digest)
+        self._boots.started(uid, pid=child.pid, argv_digest=digest)
         await self._runtime.attach(uid, paths, record, child=child)
+        self._boots.event(uid, "qmp ready" if self._runtime.monitor(uid) else "qmp unavailable")
 
     async def _qmp(self, uid: str, command: str) -> None:
         try:
@@ -128,3 +143,34 @@ class Executor:
             raise TransientError(str(err)) from err
         except MonitorCommandFailed as err:
             raise TransientError(str(err)) from err
+
+
+_SPAN_NAMES: dict[type[Action], str] = {
+    AllocatePorts: "ports allocate",
+    ReleasePorts: "ports release",
+    CreateDisk: "disk create",
+    DeleteDisk: "disk delete",
+    Spawn: "spawn",
+    Kill: "kill",
+    CleanRuntime: "clean runtime",
+    RemoveRuntimeDir: "remove runtime dir",
+    Finalize: "finalize",
+}
+
+
+def _span_attributes(action: Action) -> dict[str, str | int]:
+    match action:
+        case Spawn(digest=digest):
+            return {"tofu_qemu.argv_digest": digest}
+        case Kill(pid=pid, signal=signal):
+            return {"process.pid": pid, "tofu_qemu.signal": signal}
+        case CreateDisk(disk=disk):
+            return {"tofu_qemu.disk": disk.name}
+        case DeleteDisk(name=name):
+            return {"tofu_qemu.disk": name}
+        case AllocatePorts(requested=requested):
+            return {"tofu_qemu.ports": len(requested)}
+        case ReleasePorts(keys=keys):
+            return {"tofu_qemu.ports": len(keys)}
+        case _:
+            return {}

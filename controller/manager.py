@@ -8,43 +8,68 @@ stopping them (they are adopted by the next controller).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
 
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
+from api.telemetry.metrics import CONTROLLER_NAME, Metrics
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
 from controller.layout import DataLayout
 from controller.qemu.accel import AccelResolver
+from controller.qemu.argv import QEMU_BINARY
 from controller.qemu.runtime import Runtime
 from controller.queue import Backoff, QueueShutDown, WorkQueue
-from controller.reconciler import Outcome, Reconciler
+from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
 from controller.resources.ports import PortAllocator
 from controller.settings import ControllerSettings
 from controller.sources import resync_forever, watch_store
+from controller.telemetry import RECONCILE_SPAN, TRACER, BootSpans, QueueMetrics
 
 log = structlog.get_logger(__name__)
 # A safety net above the per-call deadlines: no reconcile may hold its key longer.
 RECONCILE_DEADLINE_SECONDS = 300.0
 # On shutdown, reconciles in progress get this long to finish before they are cancelled.
 DRAIN_SECONDS = 10.0
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_STALE_SECONDS = 5.0
+# /readyz fails when no full resync has finished within this many resync periods.
+RESYNC_PERIODS_BEFORE_UNREADY = 3
 
 
 class Controller:
-    def __init__(self, settings: ControllerSettings, db: Database, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        db: Database,
+        *,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
         self._db = db
         self._clock = clock or LoopClock()
+        self._metrics = metrics or Metrics()
+        # Loop times (asyncio clock) of the last heartbeat and the last finished resync.
+        self._heartbeat_at: float | None = None
+        self._resynced_at: float | None = None
         self._layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
         self._objects = VMStatusWriter(db)
         self._allocations = Allocations(db)
         self.queue: WorkQueue[str] = WorkQueue(
             clock=self._clock,
             backoff=Backoff(base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds),
+            observer=QueueMetrics(self._metrics),
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -54,8 +79,13 @@ class Controller:
         first, last = self._settings.ports
         async with asyncio.TaskGroup() as tasks:
             runtime = Runtime(
-                clock=self._clock, wake=self.queue.add, tasks=tasks, guest_nice=self._settings.guest_nice
+                clock=self._clock,
+                wake=self.queue.add,
+                tasks=tasks,
+                guest_nice=self._settings.guest_nice,
+                exit_detected=self._metrics.vm_exit_detect_seconds.observe,
             )
+            boots = BootSpans(self._metrics)
             executor = Executor(
                 runtime=runtime,
                 ports=PortAllocator(self._allocations, first=first, last=last),
@@ -64,6 +94,7 @@ class Controller:
                 ),
                 objects=self._objects,
                 clock=self._clock,
+                boots=boots,
             )
             reconciler = Reconciler(
                 objects=self._objects,
@@ -75,6 +106,8 @@ class Controller:
                 ),
                 layout=self._layout,
                 clock=self._clock,
+                boots=boots,
+                restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
             )
             sources = [
                 tasks.create_task(watch_store(self._db, self._objects, self.queue), name="watch-store"),
@@ -85,9 +118,11 @@ class Controller:
                         self._layout,
                         self.queue,
                         interval=self._settings.resync_seconds,
+                        finished=self._resync_finished,
                     ),
                     name="resync",
                 ),
+                tasks.create_task(self._beat(), name="heartbeat"),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -104,6 +139,39 @@ class Controller:
                 source.cancel()
             await runtime.close()
 
+    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[str | None]]]:
+        """Checks for /readyz: each returns None when fine, else what is wrong."""
+        return {"controller": self._check_alive, "resync": self._check_resync, "qemu": self._check_qemu}
+
+    async def _check_alive(self) -> str | None:
+        now = asyncio.get_running_loop().time()
+        if self._heartbeat_at is None or now - self._heartbeat_at > HEARTBEAT_STALE_SECONDS:
+            return "the controller loop is not running"
+        return None
+
+    async def _check_resync(self) -> str | None:
+        now = asyncio.get_running_loop().time()
+        limit = RESYNC_PERIODS_BEFORE_UNREADY * self._settings.resync_seconds
+        if self._resynced_at is None:
+            return "no full resync has finished yet"
+        if now - self._resynced_at > limit:
+            return f"the last full resync finished {now - self._resynced_at:.0f} s ago (limit {limit:.0f} s)"
+        return None
+
+    async def _check_qemu(self) -> str | None:
+        return None if shutil.which(QEMU_BINARY) else f"{QEMU_BINARY} is not on PATH"
+
+    def _resync_finished(self, seconds: float) -> None:
+        self._resynced_at = asyncio.get_running_loop().time()
+        self._metrics.resync_duration_seconds.observe(seconds)
+        log.debug("resync_finished", seconds=round(seconds, 3))
+
+    async def _beat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._heartbeat_at = loop.time()
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
     async def _work(self, reconciler: Reconciler) -> None:
         while True:
             try:
@@ -116,20 +184,53 @@ class Controller:
                 self.queue.done(uid)
 
     async def _reconcile_one(self, reconciler: Reconciler, uid: str) -> None:
-        with structlog.contextvars.bound_contextvars(uid=uid):
-            try:
-                async with asyncio.timeout(RECONCILE_DEADLINE_SECONDS):
-                    result = await reconciler.reconcile(uid)
-            except Exception:
-                log.exception("reconcile_crashed")
-                self.queue.add_rate_limited(uid)
-                return
-            if result.outcome is Outcome.TRANSIENT_ERROR:
-                delay = self.queue.add_rate_limited(uid)
+        """One reconcile under its own root span, counted as controller-runtime counts it."""
+        started = time.monotonic()
+        with (
+            structlog.contextvars.bound_contextvars(uid=uid),
+            TRACER.start_as_current_span(
+                RECONCILE_SPAN, context=Context(), attributes={"tofu_qemu.uid": uid}
+            ) as span,
+        ):
+            label = self._reconcile_and_requeue(await self._reconcile_guarded(reconciler, uid), uid, span)
+        self._metrics.reconcile_total.labels(controller=CONTROLLER_NAME, result=label).inc()
+        if label == "error":
+            self._metrics.reconcile_errors_total.labels(controller=CONTROLLER_NAME).inc()
+        self._metrics.reconcile_time_seconds.labels(controller=CONTROLLER_NAME).observe(
+            time.monotonic() - started
+        )
+
+    async def _reconcile_guarded(self, reconciler: Reconciler, uid: str) -> Result | None:
+        """The reconcile's result, or None when it raised (a bug; logged, retried with backoff)."""
+        try:
+            async with asyncio.timeout(RECONCILE_DEADLINE_SECONDS):
+                return await reconciler.reconcile(uid)
+        except Exception as err:
+            span = trace.get_current_span()
+            span.record_exception(err)
+            span.set_status(Status(StatusCode.ERROR, f"{type(err).__name__}: {err}"))
+            log.exception("reconcile_crashed")
+            return None
+
+    def _reconcile_and_requeue(self, result: Result | None, uid: str, span: Span) -> str:
+        """Queue `uid` again as the result asks; returns controller-runtime's result label."""
+        if result is None or result.outcome is Outcome.TRANSIENT_ERROR:
+            delay = self.queue.add_rate_limited(uid)
+            span.set_attributes({"tofu_qemu.result": "error", "tofu_qemu.requeue_after_seconds": delay})
+            if result is not None:
+                span.set_status(Status(StatusCode.ERROR, result.error or "transient error"))
                 log.warning("reconcile_failed", error=result.error, retry_in=round(delay, 3))
-                return
-            self.queue.forget(uid)
-            if result.outcome is Outcome.TERMINAL_ERROR:
-                log.warning("reconcile_terminal", error=result.error)
-            elif result.requeue_after is not None:
-                self.queue.add_after(uid, max(result.requeue_after, timedelta(0)).total_seconds())
+            return "error"
+        self.queue.forget(uid)
+        if result.outcome is Outcome.TERMINAL_ERROR:
+            span.set_attribute("tofu_qemu.result", "terminal")
+            span.set_status(Status(StatusCode.ERROR, result.error or "terminal error"))
+            log.warning("reconcile_terminal", error=result.error)
+            return "error"
+        if result.requeue_after is None:
+            span.set_attribute("tofu_qemu.result", "success")
+            return "success"
+        delay = max(result.requeue_after, timedelta(0)).total_seconds()
+        self.queue.add_after(uid, delay)
+        span.set_attributes({"tofu_qemu.result": "requeue", "tofu_qemu.requeue_after_seconds": delay})
+        return "requeue_after" if delay > 0 else "requeue"

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from controller.clock import Clock, TimerHandle
 
@@ -26,6 +26,29 @@ KeyT = TypeVar("KeyT", bound=Hashable)
 
 DEFAULT_BACKOFF_BASE_SECONDS = 0.5
 DEFAULT_BACKOFF_CAP_SECONDS = 300.0
+
+
+class QueueObserver(Protocol):
+    """What client-go's workqueue reports to its metrics provider."""
+
+    def added(self, depth: int) -> None: ...
+    def retried(self) -> None: ...
+    def started(self, waited_seconds: float, depth: int) -> None: ...
+    def finished(self, worked_seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def added(self, depth: int) -> None:
+        pass
+
+    def retried(self) -> None:
+        pass
+
+    def started(self, waited_seconds: float, depth: int) -> None:
+        pass
+
+    def finished(self, worked_seconds: float) -> None:
+        pass
 
 
 class QueueShutDown(Exception):
@@ -50,9 +73,15 @@ class _Pending:
 
 
 class WorkQueue(Generic[KeyT]):
-    def __init__(self, *, clock: Clock, backoff: Backoff | None = None) -> None:
+    def __init__(
+        self, *, clock: Clock, backoff: Backoff | None = None, observer: QueueObserver | None = None
+    ) -> None:
         self._clock = clock
         self._backoff = backoff or Backoff()
+        self._observer: QueueObserver = observer or _NoObserver()
+        # When each waiting key was queued, and when each processing key was handed out.
+        self._queued_at: dict[KeyT, float] = {}
+        self._started_at: dict[KeyT, float] = {}
         self._queue: deque[KeyT] = deque()
         self._dirty: set[KeyT] = set()
         self._processing: set[KeyT] = set()
@@ -60,6 +89,8 @@ class WorkQueue(Generic[KeyT]):
         self._failures: dict[KeyT, int] = {}
         # Set whenever a key is queued or the queue shuts down; workers re-check and clear it.
         self._wakeup = asyncio.Event()
+        # Set whenever a key is done; wait_done() re-checks and clears it.
+        self._finished = asyncio.Event()
         self._shutting_down = False
 
     def __len__(self) -> int:
@@ -74,8 +105,7 @@ class WorkQueue(Generic[KeyT]):
         self._cancel_pending(key)
         if key in self._processing:
             return
-        self._queue.append(key)
-        self._notify()
+        self._enqueue(key)
 
     def add_after(self, key: KeyT, delay: float) -> None:
         """Queue `key` after `delay` seconds; an earlier pending time is kept."""
@@ -97,6 +127,7 @@ class WorkQueue(Generic[KeyT]):
         """Queue `key` after its backoff delay, and count one more failure. Returns the delay."""
         failures = self._failures.get(key, 0)
         self._failures[key] = failures + 1
+        self._observer.retried()
         delay = self._backoff.delay(failures)
         self.add_after(key, delay)
         return delay
@@ -116,14 +147,31 @@ class WorkQueue(Generic[KeyT]):
         key = self._queue.popleft()
         self._processing.add(key)
         self._dirty.discard(key)
+        now = self._clock.monotonic()
+        self._started_at[key] = now
+        self._observer.started(now - self._queued_at.pop(key, now), len(self._queue))
         return key
 
     def done(self, key: KeyT) -> None:
         """Mark `key` finished; if it was added meanwhile, queue it again."""
         self._processing.discard(key)
+        self._finished.set()
+        started = self._started_at.pop(key, None)
+        if started is not None:
+            self._observer.finished(self._clock.monotonic() - started)
         if key in self._dirty:
-            self._queue.append(key)
-            self._notify()
+            self._enqueue(key)
+
+    def is_busy(self, key: KeyT) -> bool:
+        """`key` waits for a worker or is being worked on (a timed wake-up is not busy)."""
+        return key in self._dirty or key in self._processing
+
+    async def wait_done(self, keys: Collection[KeyT]) -> None:
+        """Return once none of `keys` waits or is being worked on."""
+        while any(self.is_busy(key) for key in keys):
+            # No await between the check and clear(), so no done() can slip between.
+            self._finished.clear()
+            await self._finished.wait()
 
     def shut_down(self) -> None:
         """Stop accepting keys; workers drain what is queued, then `get()` raises."""
@@ -131,6 +179,12 @@ class WorkQueue(Generic[KeyT]):
         for pending in self._pending.values():
             pending.timer.cancel()
         self._pending.clear()
+        self._notify()
+
+    def _enqueue(self, key: KeyT) -> None:
+        self._queue.append(key)
+        self._queued_at[key] = self._clock.monotonic()
+        self._observer.added(len(self._queue))
         self._notify()
 
     def _fire(self, key: KeyT) -> None:

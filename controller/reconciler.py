@@ -7,17 +7,21 @@ becomes a condition the user can see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from api.store.allocations import Allocations
 from api.store.status_writer import StatusConflict, VMStatusWriter
 from api.store.vms import VMRecord
-from api.types import Accel, QemuVMSpec, QemuVMStatus
+from api.telemetry.tracing import span_context_of
+from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
 from controller.actions import Finalize
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
@@ -29,6 +33,7 @@ from controller.plan import LaunchContext, Plan, plan
 from controller.qemu.accel import AccelResolver
 from controller.qemu.runtime import Runtime
 from controller.status import compute_status
+from controller.telemetry import BootSpans
 
 log = structlog.get_logger(__name__)
 # Steps that feed each other (ports and disks, spawn, continue) run in one reconcile.
@@ -91,7 +96,12 @@ class Reconciler:
         accel: AccelResolver,
         layout: DataLayout,
         clock: Clock,
+        boots: BootSpans,
+        restarted: Callable[[str], None] = lambda _reason: None,
     ) -> None:
+        """`restarted(reason)` is told of every restart, with the exit reason that caused it."""
+        self._boots = boots
+        self._restarted = restarted
         self._objects = objects
         self._allocations = allocations
         self._runtime = runtime
@@ -101,6 +111,8 @@ class Reconciler:
         self._clock = clock
 
     async def reconcile(self, uid: str) -> Result:
+        """Converge `uid` once; the current span (the reconcile's root) gets what was seen and done."""
+        span = trace.get_current_span()
         record = await self._objects.get(uid)
         desired = desired_from(record)
         paths = self._layout.runtime(uid)
@@ -113,7 +125,9 @@ class Reconciler:
             disks_dir=self._layout.disks_dir(uid),
         )
         previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
+        _describe(span, record, previous)
         memory = memory_from(previous)
+        planned: list[str] = []
         error: str | None = None
         outcome = Outcome.SUCCESS
         finalized = False
@@ -123,6 +137,7 @@ class Reconciler:
             observed = await self._observe(uid, spec)
             current = plan(desired, observed, memory, context, now=self._clock.now())
             memory = current.memory
+            planned += [type(action).__name__ for action in current.actions]
             try:
                 for action in current.actions:
                     await self._executor.execute(uid, paths, action)
@@ -146,12 +161,24 @@ class Reconciler:
             )
             if status != previous:
                 await self._write_status(uid, status)
+            span.set_attribute("tofu_qemu.phase_after", status.phase.value)
+            self._follow_boot(uid, observed, status)
+        span.set_attributes({"tofu_qemu.actions": planned, "tofu_qemu.intent": current.intent.value})
+        if memory.restarts > previous.restarts and memory.last_exit is not None:
+            self._restarted(memory.last_exit.reason.value)
         if outcome is Outcome.SUCCESS and current.again:
             # MAX_ROUNDS ran out with steps left: continue soon rather than at the next resync.
             return Result(Outcome.REQUEUE, timedelta(0))
         if outcome is Outcome.SUCCESS and current.requeue_after is not None:
             return Result(Outcome.REQUEUE, current.requeue_after)
         return Result(outcome, error=error)
+
+    def _follow_boot(self, uid: str, observed: Observed, status: QemuVMStatus) -> None:
+        """End the boot span once the VM is Ready, or once its process is gone."""
+        if status.phase is Phase.RUNNING:
+            self._boots.ready(uid)
+        elif observed.process is None and not observed.exiting:
+            self._boots.abandoned(uid, status.phase.value)
 
     async def _observe(self, uid: str, spec: QemuVMSpec | None) -> Observed:
         return await observe(
@@ -171,3 +198,23 @@ class Reconciler:
             return
         if written:
             log.info("status_written", uid=uid, phase=status.phase.value, pid=status.pid)
+
+
+def _describe(span: Span, record: VMRecord | None, previous: QemuVMStatus) -> None:
+    """What the reconcile starts from, and a link to the write that set the generation it acts
+    on (until the controller has acknowledged that generation)."""
+    if record is None:
+        span.set_attribute("tofu_qemu.found", False)
+        return
+    span.set_attributes(
+        {
+            "tofu_qemu.project": record.project,
+            "tofu_qemu.vm": record.name,
+            "tofu_qemu.generation": record.generation,
+            "tofu_qemu.observed_generation": previous.observed_generation,
+            "tofu_qemu.phase_before": previous.phase.value,
+        }
+    )
+    cause = span_context_of(record.spec_trace)
+    if cause is not None and previous.observed_generation != record.generation:
+        span.add_link(cause, {"tofu_qemu.generation": record.generation})

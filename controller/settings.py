@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.settings import LogFormat, ServerSettings
+from api.settings import LogFormat, ServerSettings, split_listen
 
 
 class ControllerSettings(BaseModel):
@@ -32,8 +32,21 @@ class ControllerSettings(BaseModel):
         description="CPU nice value of QEMU processes, so the API and controller stay responsive",
     )
     accel_cache: Path | None = Field(default=None, description="Where the KVM probe verdict is kept")
+    otlp_endpoint: str | None = Field(
+        default=None, description="Export traces over OTLP to this base URL (shorthand for OTEL_* settings)"
+    )
+    ops_listen: str = Field(
+        default="127.0.0.1:8081",
+        description="HOST:PORT for /healthz, /readyz and /metrics of `tofu-qemu controller` (no auth)",
+    )
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+
+    @field_validator("ops_listen")
+    @classmethod
+    def _valid_ops_listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
 
     @field_validator("port_range")
     @classmethod

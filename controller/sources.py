@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from api.store import Database
 from api.store.allocations import Allocations
@@ -63,9 +64,23 @@ async def resync_forever(
     queue: WorkQueue[str],
     *,
     interval: float,
+    finished: Callable[[float], None] = lambda _seconds: None,
 ) -> None:
-    """Queue every key now and every `interval` seconds: drift is corrected even without events."""
+    """Queue every key now and every `interval` seconds: drift is corrected even without events.
+
+    `finished(seconds)` is called when every key of a resync has been reconciled once: readiness
+    ("the last resync finished recently") and the resync duration metric come from it.
+    """
+    loop = asyncio.get_running_loop()
     while True:
-        for uid in sorted(await all_keys(objects, allocations, layout)):
+        started = loop.time()
+        keys = sorted(await all_keys(objects, allocations, layout))
+        for uid in keys:
             queue.add(uid)
-        await asyncio.sleep(interval)
+        try:
+            async with asyncio.timeout(interval):
+                await queue.wait_done(keys)
+            finished(loop.time() - started)
+        except TimeoutError:
+            pass  # not finished within a period: readiness will say so
+        await asyncio.sleep(max(0.0, interval - (loop.time() - started)))

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 
 import structlog
 from aiohttp import web
 
 from api.credentials import Credentials
-from api.server.auth import auth_middleware
+from api.server.auth import auth_middleware, public_paths
 from api.server.errors import error_middleware
-from api.server.keys import CREDENTIALS, DATABASE, SETTINGS, STATES, VMS
+from api.server.health import READINESS_CHECKS, ReadinessCheck, database_check_context
+from api.server.keys import CREDENTIALS, DATABASE, METRICS, PUBLIC_PATHS, SETTINGS, STATES, VMS
 from api.server.routes import ROUTES
 from api.settings import ServerSettings
 from api.store import Database, StateStore, StorageFull, VMStore, open_database
 from api.store.db import Clock, utc_now
+from api.telemetry.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 STALE_LOCK_SCAN_MAX_SECONDS = 60.0
@@ -29,15 +31,25 @@ def create_app(
     credentials: Credentials,
     clock: Clock = utc_now,
     database: Database | None = None,
+    metrics: Metrics | None = None,
+    readiness_checks: Mapping[str, ReadinessCheck] | None = None,
 ) -> web.Application:
     """Build the server. Without `database` the app opens the store on startup and closes it
-    on cleanup; with one (shared with the controller in `serve`) the caller owns it."""
+    on cleanup; with one (shared with the controller in `serve`) the caller owns it.
+
+    `metrics` (shared with the controller in `serve`; a new one otherwise) is served on
+    /metrics with the store's gauges. /readyz checks that the store is writable plus every
+    check in `readiness_checks`; more may be added to app[READINESS_CHECKS] later.
+    """
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[error_middleware, auth_middleware],
     )
     app[SETTINGS] = settings
     app[CREDENTIALS] = credentials
+    app[PUBLIC_PATHS] = public_paths(metrics_auth=settings.metrics_auth)
+    app[METRICS] = metrics if metrics is not None else Metrics()
+    app[READINESS_CHECKS] = dict(readiness_checks or {})
     app.add_routes(ROUTES)
 
     async def store_context(app: web.Application) -> AsyncIterator[None]:
@@ -48,11 +60,13 @@ def create_app(
             store, history_limit=settings.history_limit, strict_lineage=settings.strict_lineage
         )
         app[VMS] = VMStore(store)
+        app[METRICS].attach_store(store)
         yield
         if owned:
             await store.close()
 
     app.cleanup_ctx.append(store_context)
+    app.cleanup_ctx.append(database_check_context)
     app.cleanup_ctx.append(_stale_lock_publisher)
     return app
 

@@ -1,4 +1,5 @@
-"""Authentication middleware: HTTP Basic or bearer token on every route but the probes.
+"""Authentication middleware: HTTP Basic or bearer token on every route but the public ones
+(the probes, and /metrics when `metrics_auth` is off).
 
 Terraform sends Basic credentials pre-emptively on every request (PROTOCOL.md §3); OpenTofu
 >= 1.8 can send a bearer token through `headers`. Both clients report 401 as "requires auth".
@@ -13,17 +14,23 @@ import binascii
 from aiohttp import web
 
 from api.server.errors import Handler, status_response
-from api.server.keys import CREDENTIALS
+from api.server.keys import CREDENTIALS, PUBLIC_PATHS
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+METRICS_PATH = "/metrics"
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="tofu-qemu", charset="UTF-8"'}
 PRINCIPAL = web.RequestKey("principal", str)
+
+
+def public_paths(*, metrics_auth: bool) -> frozenset[str]:
+    """What an app serves without credentials, for app[PUBLIC_PATHS]."""
+    return PROBE_PATHS if metrics_auth else PROBE_PATHS | {METRICS_PATH}
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     credentials = request.app[CREDENTIALS]
-    if request.path in PUBLIC_PATHS or not credentials.enabled:
+    if request.path in request.app[PUBLIC_PATHS] or not credentials.enabled:
         return await handler(request)
     principal = _authenticate(request.headers.get("Authorization", ""), request)
     if principal is None:

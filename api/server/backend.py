@@ -16,7 +16,8 @@ from aiohttp import web
 
 from api.names import project_name_problem
 from api.server.errors import BadRequest
-from api.server.keys import STATES
+from api.server.keys import METRICS, STATES
+from api.store import LockConflict
 from api.store.states import LockInfo, unlock_id
 from api.tfstate import Extraction, StateFormatError, StateSummary, extract_vms, parse_state
 
@@ -69,6 +70,7 @@ async def put_state(request: web.Request) -> web.StreamResponse:
     else:
         summary, extraction = _parse_and_extract(body)
     outcome = await request.app[STATES].write(project, body, summary, extraction, lock_id=lock_id_of(request))
+    request.app[METRICS].state_writes_total.labels(project=project).inc()
     changes = outcome.published
     log.info(
         "state_written",
@@ -109,7 +111,11 @@ async def lock_state(request: web.Request) -> web.StreamResponse:
         info = LockInfo.parse(await read_body(request))
     except ValueError as err:
         raise BadRequest(str(err)) from err
-    await request.app[STATES].lock(project, info)
+    try:
+        await request.app[STATES].lock(project, info)
+    except LockConflict:
+        request.app[METRICS].lock_conflicts_total.labels(project=project).inc()
+        raise
     log.info("state_locked", project=project, lock_id=info.id, who=info.who, operation=info.operation)
     # Only 200 counts as "acquired"; 201/204 are errors to the client (PROTOCOL.md §4.3).
     return web.Response(status=200, body=info.raw, content_type="application/json")

@@ -1,18 +1,24 @@
-"""Every route the server answers, in one table."""
+"""Every route the servers answer, in one table: the ops routes, which the controller's own
+small server answers too (api/server/ops.py), then the backend and the read API."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from api.server import backend, health, resources
+from api.server import backend, health, metrics, resources
+from api.server.auth import METRICS_PATH
 
 STATE = "/state/{project}"
 LOCK = "/state/{project}/lock"
 API = "/api/v1"
 
-ROUTES = [
+OPS_ROUTES = [
     web.get("/healthz", health.healthz),
     web.get("/readyz", health.readyz),
+    web.get(METRICS_PATH, metrics.metrics),
+]
+ROUTES = [
+    *OPS_ROUTES,
     # Terraform/OpenTofu http backend (PROTOCOL.md §4); PUT for update_method=PUT.
     web.get(STATE, backend.get_state, allow_head=False),
     web.post(STATE, backend.put_state),

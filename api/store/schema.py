@@ -79,4 +79,9 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (uid, name)
     );
     """,
+    """
+    -- The W3C traceparent of the request whose write set the current generation, so the
+    -- reconciles that act on it can link back to it (Terraform's POST -> the VM's boot).
+    ALTER TABLE vms ADD COLUMN spec_trace TEXT;
+    """,
 )

@@ -13,13 +13,14 @@ import aiosqlite
 from api.publish import ExistingVM, SpecChanges, diff_specs
 from api.store.db import Database
 from api.store.errors import NotFound
+from api.telemetry.tracing import current_traceparent
 from api.tfstate import DeclaredVM
 from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus
 
 ADDRESS_ANNOTATION = "tofu-qemu.dev/terraform-address"
 VM_COLUMNS = (
     "uid, project, name, generation, spec, spec_error, labels, address, created_at,"
-    " spec_changed_at, deleted_at, state_serial, status, resource_version"
+    " spec_changed_at, deleted_at, state_serial, status, resource_version, spec_trace"
 )
 
 
@@ -41,6 +42,8 @@ class VMRecord:
     state_serial: int
     status: dict[str, Any] | None
     resource_version: int
+    # W3C traceparent of the write that set this generation (None: written untraced).
+    spec_trace: str | None = None
 
     def to_object(self) -> QemuVM:
         return QemuVM(
@@ -96,11 +99,12 @@ async def apply_declared(
         existing = tuple(ExistingVM(*row) for row in await cursor.fetchall())
     changes = diff_specs(declared, existing)
     stamp = now.isoformat()
+    trace = current_traceparent()
     for vm in changes.created:
         await conn.execute(
             "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, spec_error, labels,"
-            " address, created_at, spec_changed_at, state_serial, resource_version)"
-            " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " address, created_at, spec_changed_at, state_serial, resource_version, spec_trace)"
+            " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(uuid.uuid4()),
                 project,
@@ -114,13 +118,14 @@ async def apply_declared(
                 stamp,
                 serial or 0,
                 await _next_resource_version(conn),
+                trace,
             ),
         )
     for current, vm in changes.changed:
         await conn.execute(
             "UPDATE vms SET generation = generation + 1, spec_hash = ?, spec = ?, spec_error = ?,"
-            " labels = ?, address = ?, spec_changed_at = ?, state_serial = ?, resource_version = ?"
-            " WHERE uid = ?",
+            " labels = ?, address = ?, spec_changed_at = ?, state_serial = ?, resource_version = ?,"
+            " spec_trace = ? WHERE uid = ?",
             (
                 vm.spec_hash,
                 json.dumps(vm.spec),
@@ -130,6 +135,7 @@ async def apply_declared(
                 stamp,
                 serial or 0,
                 await _next_resource_version(conn),
+                trace,
                 current.uid,
             ),
         )
@@ -200,4 +206,5 @@ def decode_vm_row(row: Any) -> VMRecord:
         state_serial=row[11],
         status=json.loads(row[12]) if row[12] else None,
         resource_version=row[13],
+        spec_trace=row[14],
     )

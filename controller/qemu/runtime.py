@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from controller.qemu import process
 from controller.qemu.argv import QMP_SOCKET_NAME, RuntimePaths
 from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
 from controller.qemu.priority import lower_priority
+from controller.telemetry import TRACER
 
 log = structlog.get_logger(__name__)
 QMP_CONNECT_SECONDS = 10.0
@@ -53,6 +55,8 @@ class _Attachment:
     events: asyncio.Task[None] | None = field(default=None, repr=False)
     known_state: QmpState | None = None
     known_at: float = 0.0
+    # When QEMU announced its shutdown (QMP SHUTDOWN's timestamp, epoch seconds).
+    shutdown_at: float | None = None
 
 
 class Runtime:
@@ -63,11 +67,15 @@ class Runtime:
         wake: Callable[[str], None],
         tasks: asyncio.TaskGroup,
         guest_nice: int = 0,
+        exit_detected: Callable[[float], None] = lambda _seconds: None,
     ) -> None:
         """`wake(uid)` queues a reconcile; `tasks` owns the per-VM event readers.
 
         `guest_nice`: the CPU priority every watched QEMU gets (see priority.py).
+        `exit_detected(seconds)`: how long after QEMU announced its shutdown the exit was noticed
+        (only exits QEMU announces have a start time; a SIGKILL has none).
         """
+        self._exit_detected = exit_detected
         self._clock = clock
         self._guest_nice = guest_nice
         self._wake = wake
@@ -144,7 +152,10 @@ class Runtime:
         if attachment.monitor is None:
             return QmpState.UNREACHABLE
         try:
-            status = await attachment.monitor.query_status()
+            with TRACER.start_as_current_span(
+                "qmp query-status", attributes={"process.pid": attachment.record.pid}
+            ):
+                status = await attachment.monitor.query_status()
         except (MonitorUnavailable, MonitorCommandFailed):
             return QmpState.UNREACHABLE
         state = (
@@ -162,9 +173,11 @@ class Runtime:
         :raise MonitorCommandFailed: QEMU refused it.
         """
         attachment = self._attached.get(uid)
-        if attachment is None or attachment.monitor is None:
-            raise MonitorUnavailable(f"no QMP connection to run {command}")
-        await attachment.monitor.execute(command)
+        with TRACER.start_as_current_span(f"qmp {command}") as span:
+            if attachment is None or attachment.monitor is None:
+                raise MonitorUnavailable(f"no QMP connection to run {command}")
+            span.set_attribute("process.pid", attachment.record.pid)
+            await attachment.monitor.execute(command)
         if command in _COMMAND_STATES:
             self._learn(attachment, _COMMAND_STATES[command])
 
@@ -203,8 +216,10 @@ class Runtime:
             async for event in monitor.events():
                 name = event.get("event")
                 data = event.get("data") or {}
-                if name == "SHUTDOWN" and data.get("guest"):
-                    process.mark_guest_shutdown(attachment.paths)
+                if name == "SHUTDOWN":
+                    attachment.shutdown_at = _event_time(event)
+                    if data.get("guest"):
+                        process.mark_guest_shutdown(attachment.paths)
                 if name in _EVENT_STATES:
                     self._learn(attachment, _EVENT_STATES[name])
                 log.info("qmp_event", uid=attachment.uid, qmp_event=name, reason=data.get("reason"))
@@ -216,6 +231,8 @@ class Runtime:
         attachment = self._attached.pop(uid, None)
         if attachment is None:
             return
+        if attachment.shutdown_at is not None:
+            self._exit_detected(max(0.0, time.time() - attachment.shutdown_at))
         self._record_exit(uid, attachment.paths, attachment.record, attachment.child)
         self._tasks.create_task(self._release(attachment), name=f"qmp-close-{uid}")
 
@@ -248,3 +265,14 @@ class Runtime:
             attachment.events.cancel()
         if attachment.monitor is not None:
             await attachment.monitor.close()
+
+
+def _event_time(event: dict[str, object]) -> float | None:
+    """A QMP event's timestamp ({"seconds", "microseconds"}, host wall clock) in epoch seconds."""
+    stamp = event.get("timestamp")
+    if not isinstance(stamp, dict):
+        return None
+    seconds, micros = stamp.get("seconds"), stamp.get("microseconds")
+    if not isinstance(seconds, int) or not isinstance(micros, int):
+        return None
+    return seconds + micros / 1_000_000

@@ -68,6 +68,9 @@ async def test_every_route_accepts_valid_credentials(
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 async def test_probes_need_no_auth_and_reveal_nothing(client: Client, path: str) -> None:
-    """The probes answer without credentials with a bare status."""
+    """The probes answer without credentials with a status and the names of the checks only."""
     response = await client.get(path)
-    assert (response.status, await response.json()) == (200, {"status": "ok"})
+    body = await response.json()
+    assert (response.status, body["status"]) == (200, "ok")
+    assert set(body) <= {"status", "checks"}
+    assert all(verdict == "ok" for verdict in body.get("checks", {}).values())

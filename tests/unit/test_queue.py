@@ -144,3 +144,42 @@ async def test_shutdown_drains_then_stops(queue: WorkQueue[str], clock: ManualCl
     clock.advance(2)
     with pytest.raises(QueueShutDown):
         await queue.get()
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float]] = []
+
+    def added(self, depth: int) -> None:
+        self.events.append(("added", depth))
+
+    def retried(self) -> None:
+        self.events.append(("retried", 0))
+
+    def started(self, waited_seconds: float, depth: int) -> None:
+        self.events.append(("started", waited_seconds))
+
+    def finished(self, worked_seconds: float) -> None:
+        self.events.append(("finished", worked_seconds))
+
+
+async def test_observer_sees_adds_waits_work_and_retries(clock: ManualClock) -> None:
+    """The figures workqueue_* metrics are made of: depth, time queued, time worked, retries."""
+    observer = RecordingObserver()
+    queue: WorkQueue[str] = WorkQueue(clock=clock, backoff=Backoff(base=1.0, cap=8.0), observer=observer)
+    queue.add("a")
+    queue.add("b")
+    queue.add("a")  # deduplicated: not an add
+    clock.advance(2.0)
+    key = await queue.get()
+    clock.advance(0.5)
+    queue.done(key)
+    queue.add_rate_limited("c")
+
+    assert observer.events == [
+        ("added", 1),
+        ("added", 2),
+        ("started", 2.0),
+        ("finished", 0.5),
+        ("retried", 0),
+    ]

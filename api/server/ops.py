@@ -1,0 +1,46 @@
+"""The ops server of `tofu-qemu controller`: probes and metrics only, no state API.
+
+Same handlers, error bodies and auth as the main app (api/server/app.py), so a scraper or a
+probe sees one behaviour whichever process it asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from api.credentials import Credentials
+from api.server.auth import auth_middleware, public_paths
+from api.server.errors import error_middleware
+from api.server.health import READINESS_CHECKS, ReadinessCheck, database_check_context
+from api.server.keys import CREDENTIALS, DATABASE, METRICS, PUBLIC_PATHS
+from api.server.routes import OPS_ROUTES
+from api.store import Database
+from api.telemetry.metrics import Metrics
+
+
+def create_ops_app(
+    *,
+    metrics: Metrics,
+    database: Database,
+    credentials: Credentials,
+    metrics_auth: bool = True,
+    readiness_checks: Mapping[str, ReadinessCheck] | None = None,
+) -> web.Application:
+    """Serve /healthz, /readyz and /metrics for `database`, which the caller owns.
+
+    /readyz checks that `database` is writable plus every check in `readiness_checks`; more
+    may be added to app[READINESS_CHECKS] later. The store gauges of `database` are exported
+    on `metrics` (Metrics.attach_store).
+    """
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[CREDENTIALS] = credentials
+    app[PUBLIC_PATHS] = public_paths(metrics_auth=metrics_auth)
+    app[DATABASE] = database
+    app[METRICS] = metrics
+    app[READINESS_CHECKS] = dict(readiness_checks or {})
+    metrics.attach_store(database)
+    app.add_routes(OPS_ROUTES)
+    app.cleanup_ctx.append(database_check_context)
+    return app

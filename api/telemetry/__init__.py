@@ -1,0 +1,1 @@
+"""Telemetry: traces (OpenTelemetry) and metrics (Prometheus), shared by the API and the controller."""
