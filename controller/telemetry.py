@@ -10,7 +10,7 @@ the generation it acts on):
       ├─ qmp cont / qmp query-status / qmp system_powerdown / qmp quit
       ├─ kill                        (signal)
       └─ clean runtime / remove runtime dir / finalize
-    boot QemuVM                      (child of the reconcile that spawned; spawn -> QMP -> Ready)
+    boot QemuVM                      (child of the spawn span; spawn -> QMP ready -> Ready)
 """
 
 from __future__ import annotations

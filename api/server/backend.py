@@ -13,6 +13,7 @@ import hashlib
 
 import structlog
 from aiohttp import web
+from opentelemetry import trace
 
 from api.names import project_name_problem
 from api.server.errors import BadRequest
@@ -22,6 +23,7 @@ from api.store.states import LockInfo, unlock_id
 from api.tfstate import Extraction, StateFormatError, StateSummary, extract_vms, parse_state
 
 log = structlog.get_logger(__name__)
+TRACER = trace.get_tracer("tofu_qemu.api")
 # Parsing a multi-megabyte state takes tens of milliseconds: keep it off the event loop.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
 
@@ -54,8 +56,15 @@ def lock_id_of(request: web.Request) -> str | None:
     return request.query.get("ID") or None
 
 
+def traced_project(request: web.Request, operation: str) -> str:
+    """The validated project, also named (with the backend operation) on the request's span."""
+    project = project_of(request)
+    trace.get_current_span().set_attributes({"tofu_qemu.project": project, "tofu_qemu.operation": operation})
+    return project
+
+
 async def get_state(request: web.Request) -> web.StreamResponse:
-    stored = await request.app[STATES].read(project_of(request))
+    stored = await request.app[STATES].read(traced_project(request, "GET"))
     if stored is None:
         # 204 means "no state yet" to Terraform and to every OpenTofu version (PROTOCOL.md §4.1).
         return web.Response(status=204)
@@ -63,15 +72,27 @@ async def get_state(request: web.Request) -> web.StreamResponse:
 
 
 async def put_state(request: web.Request) -> web.StreamResponse:
-    project = project_of(request)
+    project = traced_project(request, "POST")
     body = await read_body(request)
-    if len(body) > _PARSE_IN_THREAD_BYTES:
-        summary, extraction = await asyncio.to_thread(_parse_and_extract, body)
-    else:
-        summary, extraction = _parse_and_extract(body)
-    outcome = await request.app[STATES].write(project, body, summary, extraction, lock_id=lock_id_of(request))
+    with TRACER.start_as_current_span("extract QemuVM specs") as span:
+        if len(body) > _PARSE_IN_THREAD_BYTES:
+            summary, extraction = await asyncio.to_thread(_parse_and_extract, body)
+        else:
+            summary, extraction = _parse_and_extract(body)
+        span.set_attribute("tofu_qemu.vms_declared", len(extraction.vms) if extraction else 0)
+        outcome = await request.app[STATES].write(
+            project, body, summary, extraction, lock_id=lock_id_of(request)
+        )
+        changes = outcome.published
+        span.set_attributes(
+            {
+                "tofu_qemu.published": changes is not None,
+                "tofu_qemu.vms_created": len(changes.created) if changes else 0,
+                "tofu_qemu.vms_changed": len(changes.changed) if changes else 0,
+                "tofu_qemu.vms_deleted": len(changes.deleted) if changes else 0,
+            }
+        )
     request.app[METRICS].state_writes_total.labels(project=project).inc()
-    changes = outcome.published
     log.info(
         "state_written",
         project=project,
@@ -99,14 +120,14 @@ def _parse_and_extract(body: bytes) -> tuple[StateSummary, Extraction | None]:
 
 
 async def delete_state(request: web.Request) -> web.StreamResponse:
-    project = project_of(request)
+    project = traced_project(request, "DELETE")
     changes = await request.app[STATES].delete(project, lock_id=lock_id_of(request))
     log.info("state_deleted", project=project, vms_deleted=len(changes.deleted))
     return web.json_response({"deleted": project, "vmsMarkedForDeletion": len(changes.deleted)})
 
 
 async def lock_state(request: web.Request) -> web.StreamResponse:
-    project = project_of(request)
+    project = traced_project(request, "LOCK")
     try:
         info = LockInfo.parse(await read_body(request))
     except ValueError as err:
@@ -122,7 +143,7 @@ async def lock_state(request: web.Request) -> web.StreamResponse:
 
 
 async def unlock_state(request: web.Request) -> web.StreamResponse:
-    project = project_of(request)
+    project = traced_project(request, "UNLOCK")
     try:
         lock_id = unlock_id(await read_body(request))
     except ValueError as err:

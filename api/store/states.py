@@ -29,6 +29,7 @@ from api.publish import SpecChanges
 from api.store import vms
 from api.store.db import Database
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
+from api.telemetry.tracing import current_traceparent
 from api.tfstate import DeclaredVM, Extraction, ExtractionProblem, StateSummary
 
 ENCRYPTED_NOTE = (
@@ -282,7 +283,9 @@ class StateStore:
                 " specs_note = NULL, spec_problems = '[]' WHERE name = ?",
                 (project,),
             )
-            return await vms.apply_declared(conn, project=project, declared=(), serial=None, now=now)
+            return await vms.apply_declared(
+                conn, project=project, declared=(), serial=None, now=now, trace=current_traceparent()
+            )
 
     async def lock(self, project: str, info: LockInfo) -> None:
         """Take the lock for `info.id`; idempotent for the holder.
@@ -498,12 +501,16 @@ async def _publish(
         )
         return None
     if extraction is None:
-        extraction = _decode_extraction(encoded)
+        extraction, trace = _decode_extraction(encoded)
+    else:
+        trace = current_traceparent()
     await conn.execute(
         "UPDATE projects SET specs_note = NULL, spec_problems = ? WHERE name = ?",
         (json.dumps([{"address": p.address, "message": p.message} for p in extraction.problems]), project),
     )
-    return await vms.apply_declared(conn, project=project, declared=extraction.vms, serial=serial, now=now)
+    return await vms.apply_declared(
+        conn, project=project, declared=extraction.vms, serial=serial, now=now, trace=trace
+    )
 
 
 def _who_and_operation(lock_info: bytes | None) -> tuple[str | None, str | None]:
@@ -528,14 +535,17 @@ def _encode_extraction(extraction: Extraction) -> str:
                 for vm in extraction.vms
             ],
             "problems": [{"address": p.address, "message": p.message} for p in extraction.problems],
+            # The write's request: publishing at UNLOCK links the VMs to the POST, not the UNLOCK.
+            "trace": current_traceparent(),
         },
         separators=(",", ":"),
     )
 
 
-def _decode_extraction(encoded: str) -> Extraction:
+def _decode_extraction(encoded: str) -> tuple[Extraction, str | None]:
+    """The stored extraction and the traceparent of the write that stored it."""
     document = json.loads(encoded)
-    return Extraction(
+    extraction = Extraction(
         vms=tuple(
             DeclaredVM(
                 name=vm["name"],
@@ -549,3 +559,4 @@ def _decode_extraction(encoded: str) -> Extraction:
         ),
         problems=tuple(ExtractionProblem(p["address"], p["message"]) for p in document["problems"]),
     )
+    return extraction, document.get("trace")

@@ -13,7 +13,6 @@ import aiosqlite
 from api.publish import ExistingVM, SpecChanges, diff_specs
 from api.store.db import Database
 from api.store.errors import NotFound
-from api.telemetry.tracing import current_traceparent
 from api.tfstate import DeclaredVM
 from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus
 
@@ -90,8 +89,12 @@ async def apply_declared(
     declared: tuple[DeclaredVM, ...],
     serial: int | None,
     now: datetime,
+    trace: str | None,
 ) -> SpecChanges:
-    """Bring the project's VM objects in line with `declared`, inside the caller's transaction."""
+    """Bring the project's VM objects in line with `declared`, inside the caller's transaction.
+
+    `trace`: the traceparent of the request that wrote these specs, kept with each generation.
+    """
     async with conn.execute(
         "SELECT uid, name, spec_hash, address FROM vms WHERE project = ? AND deleted_at IS NULL",
         (project,),
@@ -99,7 +102,6 @@ async def apply_declared(
         existing = tuple(ExistingVM(*row) for row in await cursor.fetchall())
     changes = diff_specs(declared, existing)
     stamp = now.isoformat()
-    trace = current_traceparent()
     for vm in changes.created:
         await conn.execute(
             "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, spec_error, labels,"

@@ -689,20 +689,20 @@ class VmHost:
         )  # fmt: skip
         self.servers: dict[Command, ServerProcess] = {}
 
-    def server(self, command: Command) -> ServerProcess:
-        """The (possibly stopped) process for `command`, created on first use."""
+    def server(self, command: Command, *, extra_args: Sequence[str] = ()) -> ServerProcess:
+        """The (possibly stopped) process for `command`, created on first use with `extra_args`."""
         if command not in self.servers:
             self.servers[command] = ServerProcess(
                 data_dir=self.data_dir,
                 log_path=self.root / f"{command}.log",
                 port=self.port,
-                extra_args=() if command == "api" else self._controller_args,
+                extra_args=(*(() if command == "api" else self._controller_args), *extra_args),
                 command=command,
             )
         return self.servers[command]
 
-    def start(self, command: Command = "serve") -> ServerProcess:
-        process = self.server(command)
+    def start(self, command: Command = "serve", *, extra_args: Sequence[str] = ()) -> ServerProcess:
+        process = self.server(command, extra_args=extra_args)
         process.start()
         return process
 

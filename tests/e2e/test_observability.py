@@ -1,0 +1,110 @@
+"""A trace from `terraform apply` to a running guest, logs that carry it, and metrics that agree.
+
+Real Terraform, real QEMU (TCG), real OTLP over HTTP to a loopback receiver that decodes the
+protobuf (tests/otlp_receiver.py); Jaeger and Tempo ingest the same export.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import MakeVmHost
+from tests.e2e.harness import Fleet, GuestVM
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan, by_id, children_of, find
+
+pytestmark = pytest.mark.e2e
+
+SPAN_WAIT_SECONDS = 30.0
+
+
+def test_apply_post_links_to_the_reconcile_that_boots_the_vm(
+    make_vm_host: MakeVmHost, terraform_bin: str, project: str
+) -> None:
+    with OtlpReceiver() as receiver:
+        host = make_vm_host()
+        server = host.start("serve", extra_args=("--otlp-endpoint", receiver.endpoint))
+        fleet = Fleet(host, terraform_bin, project=project)
+        fleet.init()
+        fleet.apply({"web": GuestVM(memory=128)})
+        vm = fleet.wait_running("web")
+        uid = vm["metadata"]["uid"]
+
+        def booted(spans: list[ReceivedSpan]) -> tuple[ReceivedSpan, ReceivedSpan] | None:
+            posts = [s for s in spans if s.name == "POST /state/{project}"]
+            for reconcile in find(spans, "reconcile QemuVM"):
+                if reconcile.attributes.get("tofu_qemu.uid") != uid:
+                    continue
+                if not any(c.name == "spawn" for c in children_of(spans, reconcile)):
+                    continue
+                # The link names the span current when the specs were written: the POST's own,
+                # or its "extract QemuVM specs" child.
+                for link in reconcile.links:
+                    for post in posts:
+                        linked = by_id(spans).get(link.span_id)
+                        if link.span_id == post.span_id or (
+                            linked is not None and linked.parent_span_id == post.span_id
+                        ):
+                            return post, reconcile
+            return None
+
+        post, reconcile = receiver.wait_for(
+            booted, timeout=SPAN_WAIT_SECONDS, what="POST linked to a reconcile"
+        )
+        spans = receiver.spans()
+
+        assert post.attributes.get("tofu_qemu.project") == project
+        assert post.attributes.get("tofu_qemu.operation") == "POST"
+        assert reconcile.parent_span_id is None
+        assert reconcile.resource.get("service.name") == "tofu-qemu"
+        assert reconcile.attributes["tofu_qemu.vm"] == "web"
+        assert reconcile.attributes["tofu_qemu.generation"] == 1
+        kids = children_of(spans, reconcile)
+        [spawn] = [c for c in kids if c.name == "spawn"]
+        assert spawn.trace_id == reconcile.trace_id
+        assert spawn.parent_span_id == reconcile.span_id
+        assert len(str(spawn.attributes["tofu_qemu.argv_digest"])) == 64
+        assert any(c.name == "qmp cont" and c.parent_span_id == reconcile.span_id for c in kids)
+        boots = [s for s in spans if s.name == "boot QemuVM" and s.attributes.get("tofu_qemu.uid") == uid]
+        assert boots
+        assert boots[0].parent_span_id == spawn.span_id  # the boot starts inside the spawn
+        assert "ready" in [event.name for event in boots[0].events]
+
+        # The log lines written inside that reconcile carry its trace id.
+        lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+        spawned = [line for line in lines if line.get("event") == "vm_spawned" and line.get("uid") == uid]
+        assert spawned
+        assert spawned[0]["trace_id"] == reconcile.trace_id
+        assert spawned[0]["span_id"] == spawn.span_id
+
+        # Metrics agree with the API.
+        answer = host.request("GET", "/metrics")
+        assert answer.status == 200
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(answer.body.decode())
+            for sample in family.samples
+        }
+        assert samples[("tofu_qemu_vms", (("phase", "Running"), ("project", project)))] == 1
+        assert (
+            samples[("controller_runtime_reconcile_total", (("controller", "qemuvm"), ("result", "success")))]
+            >= 1
+        )
+        assert samples[("tofu_qemu_vm_start_seconds_count", ())] >= 1
+
+
+def test_a_collector_that_is_down_does_not_stop_a_vm_from_booting(
+    make_vm_host: MakeVmHost, terraform_bin: str, project: str
+) -> None:
+    receiver = OtlpReceiver()
+    endpoint = receiver.endpoint
+    receiver.close()  # nothing listens there any more
+    host = make_vm_host()
+    host.start("serve", extra_args=("--otlp-endpoint", endpoint))
+    fleet = Fleet(host, terraform_bin, project=project)
+    fleet.init()
+    fleet.apply({"web": GuestVM(memory=128)})
+    assert fleet.wait_running("web")["status"]["phase"] == "Running"
+    assert host.stop() == 0, "shutdown does not hang on the unreachable collector"
