@@ -15,7 +15,6 @@ only the store knows the truth for both.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +27,7 @@ from prometheus_client import (
 )
 
 from api.store.db import Database
+from api.store.fleet import VMGroup, fleet_snapshot
 from api.types import Phase
 
 CONTROLLER_NAME = "qemuvm"
@@ -165,16 +165,6 @@ class Metrics:
         return self.store
 
 
-@dataclass(frozen=True, slots=True)
-class _VMGroup:
-    project: str
-    phase: str
-    is_live: bool
-    count: int
-    memory_mib: int
-    cpus: int
-
-
 class StoreMetrics:
     """Gauges computed from the SQLite store by `refresh()`, run before each scrape.
 
@@ -228,38 +218,15 @@ class StoreMetrics:
 
         :raise sqlite3.Error: a query failed. :raise ValueError: the database is closed.
         """
-        groups = await self._vm_groups()
-        ports = await self.db.read("SELECT COUNT(*) FROM port_allocations")
-        sizes = await self.db.read(
-            "SELECT p.name, v.size FROM projects p JOIN state_versions v ON v.id = p.current_version"
-        )
+        snapshot = await fleet_snapshot(self.db)
         # No await from here on: a concurrent scrape never sees half-replaced gauges.
-        self._set_vm_gauges(groups)
-        self.host_ports_in_use.set(int(ports[0][0]))
+        self._set_vm_gauges(snapshot.vm_groups)
+        self.host_ports_in_use.set(snapshot.host_ports_in_use)
         self.state_bytes.clear()
-        for project, size in sizes:
+        for project, size in snapshot.state_bytes.items():
             self.state_bytes.labels(project=project).set(size)
 
-    async def _vm_groups(self) -> list[_VMGroup]:
-        # The phase the API shows (api/store/vms.py render_status): the controller's, else
-        # Invalid or Pending. Sums only read valid specs, which are stored normalised
-        # (memory in MiB, cpus), and guard the type anyway.
-        rows = await self.db.read(
-            "SELECT project,"
-            " COALESCE(json_extract(status, '$.phase'),"
-            "          CASE WHEN spec_error IS NULL THEN ? ELSE ? END) AS phase,"
-            " deleted_at IS NULL AS is_live,"
-            " COUNT(*),"
-            " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.memory') = 'integer'"
-            "       THEN json_extract(spec, '$.memory') END),"
-            " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.cpus') = 'integer'"
-            "       THEN json_extract(spec, '$.cpus') END)"
-            " FROM vms GROUP BY project, phase, is_live",
-            (Phase.PENDING.value, Phase.INVALID.value),
-        )
-        return [_VMGroup(str(r[0]), str(r[1]), bool(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
-
-    def _set_vm_gauges(self, groups: list[_VMGroup]) -> None:
+    def _set_vm_gauges(self, groups: list[VMGroup]) -> None:
         counts: dict[tuple[str, str], int] = defaultdict(int)
         requested: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         running: dict[str, list[int]] = defaultdict(lambda: [0, 0])
