@@ -61,12 +61,12 @@ async def _run_check(name: str, check: ReadinessCheck) -> str | None:
 
 
 class WritableProbe:
-    """Whether the store can begin a write transaction now (taken, then committed empty).
+    """Whether the store can take its write lock now (Database.probe_writable).
 
-    A probe is never cancelled by its caller's timeout: cancelling while BEGIN IMMEDIATE waits
-    on SQLite's busy timeout would leave the writer inside a transaction nobody ends, blocking
-    every later write. So a probe that outlives the deadline runs on, and later calls share it
-    instead of queueing more behind it.
+    A probe is never cancelled by its caller's timeout: a cancelled BEGIN IMMEDIATE is only
+    rolled back once SQLite's busy timeout (10 s) ends, and /readyz must answer within its own
+    deadline. So a probe that outlives the deadline runs on, and later calls share it instead
+    of queueing more behind it.
     """
 
     def __init__(self, db: Database) -> None:
@@ -85,8 +85,7 @@ class WritableProbe:
 
     async def _probe(self) -> str | None:
         try:
-            async with self._db.write() as conn:
-                await conn.execute("SELECT 1")
+            await self._db.probe_writable()
         except (sqlite3.Error, StoreError, ValueError) as err:
             # ValueError: aiosqlite's answer once the connection is closed.
             return f"not writable: {err}"

@@ -74,23 +74,36 @@ class Database:
         :raise StorageFull: when SQLite reports a full disk; the transaction is rolled back.
         """
         async with self._write_lock:
-            if not durable:
-                await self._writer.execute("PRAGMA synchronous = NORMAL")
             try:
+                if not durable:
+                    await self._writer.execute("PRAGMA synchronous = NORMAL")
                 await self._writer.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._writer
-                    await self._writer.commit()
-                except BaseException as err:
-                    await self._writer.rollback()
-                    if isinstance(err, sqlite3.OperationalError) and _is_disk_full(err):
-                        raise StorageFull("the data dir is full; the write was not stored") from err
-                    raise
+                yield self._writer
+                await self._writer.commit()
+            except BaseException as err:
+                # Also on cancellation: a cancelled await does not stop aiosqlite's thread, so a
+                # BEGIN waiting on the busy timeout still opens its transaction later. The
+                # rollback runs after it on that thread and ends it.
+                await self._writer.rollback()
+                if isinstance(err, sqlite3.OperationalError) and _is_disk_full(err):
+                    raise StorageFull("the data dir is full; the write was not stored") from err
+                raise
             finally:
                 if not durable:
                     await self._writer.execute(f"PRAGMA synchronous = {DURABLE_SYNCHRONOUS}")
         for callback in self._subscribers:
             callback()
+
+    async def probe_writable(self) -> None:
+        """Take SQLite's write lock and let go of it, changing nothing and waking no subscriber.
+
+        :raise sqlite3.Error: the store cannot be written (busy past the timeout, read-only...).
+        """
+        async with self._write_lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+            finally:
+                await self._writer.rollback()
 
     async def close(self) -> None:
         await self.reader.close()

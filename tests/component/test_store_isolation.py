@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 
 import pytest
 
 from api.store import Database, StateStore
+from api.store.db import DB_FILE_NAME
 from tests.builders import vm_state
 from tests.component.test_store_states import write
 
@@ -80,3 +83,28 @@ async def test_held_by_lists_only_that_vms_ports_and_disks(db: Database) -> None
     assert ports == [PortRow("vm-a", Protocol.TCP, 80, 20001), PortRow("vm-a", Protocol.UDP, 53, 20002)]
     assert disks == [DiskRow("vm-a", "root", "/d/vm-a/root.qcow2", ReclaimPolicy.DELETE)]
     assert await allocations.held_by("vm-c") == ([], [])
+
+
+async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_the_store_writable(
+    db: Database, tmp_path: Path
+) -> None:
+    """aiosqlite finishes a cancelled BEGIN on its thread later; the store must still end it."""
+    other = sqlite3.connect(tmp_path / "data" / DB_FILE_NAME, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock
+
+    async def write_something() -> None:
+        async with db.write() as conn:
+            await conn.execute("UPDATE resource_versions SET value = value + 1")
+
+    waiting = asyncio.create_task(write_something())
+    await asyncio.sleep(0.1)
+    waiting.cancel()
+    await asyncio.sleep(0.1)
+    other.rollback()  # the lock frees: the cancelled BEGIN now succeeds on aiosqlite's thread
+    other.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    await write_something()
+    await db.probe_writable()
+    assert (await db.read("SELECT value FROM resource_versions"))[0][0] == 1
