@@ -7,6 +7,7 @@ happy paths run real QEMU in tests/e2e.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import pytest
 from api.store import Database, StateStore, open_database
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
+from api.telemetry.metrics import Metrics
 from api.tfstate import extract_vms, parse_state
 from api.types import QemuVMStatus
 from controller.manager import Controller
@@ -43,6 +45,7 @@ class Harness:
     objects: VMStatusWriter
     allocations: Allocations
     settings: ControllerSettings
+    controller: Controller
     serial: int = 0
 
     async def declare(self, vms: dict[str, dict[str, Any]]) -> None:
@@ -91,8 +94,17 @@ def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return script
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, fake_qemu: Path) -> AsyncIterator[Harness]:
+@contextlib.asynccontextmanager
+async def controller_on(
+    tmp_path: Path,
+    *,
+    metrics: Metrics | None = None,
+    before_start: Callable[[Controller], Awaitable[None]] | None = None,
+) -> AsyncIterator[Harness]:
+    """A store and a running controller in `tmp_path`, with a (bogus) kernel in its images dir.
+
+    `before_start(controller)` runs after the controller is built and before it runs.
+    """
     data_dir = tmp_path / "data"
     images = data_dir / "images" / "tiny-guest"
     images.mkdir(parents=True)
@@ -102,14 +114,22 @@ async def harness(tmp_path: Path, fake_qemu: Path) -> AsyncIterator[Harness]:
     )
     db = await open_database(data_dir)
     stop = asyncio.Event()
-    controller = Controller(settings, db)
+    controller = Controller(settings, db, metrics=metrics)
+    if before_start is not None:
+        await before_start(controller)
     task = asyncio.create_task(controller.run(stop))
     try:
-        yield Harness(db, StateStore(db), VMStatusWriter(db), Allocations(db), settings)
+        yield Harness(db, StateStore(db), VMStatusWriter(db), Allocations(db), settings, controller)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
         await db.close()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, fake_qemu: Path) -> AsyncIterator[Harness]:
+    async with controller_on(tmp_path) as running:
+        yield running
 
 
 SPEC: dict[str, Any] = {"accel": "tcg", "network": {"forwards": [{"guestPort": 80}]}}

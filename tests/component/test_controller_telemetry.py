@@ -7,7 +7,6 @@ tests/e2e/test_observability.py.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -20,14 +19,17 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.logs import add_trace_context
-from api.store import StateStore, open_database
-from api.store.allocations import Allocations
-from api.store.status_writer import VMStatusWriter
 from api.telemetry.metrics import Metrics
 from controller.manager import Controller
-from controller.settings import ControllerSettings
 from controller.telemetry import RECONCILE_SPAN
-from tests.component.test_controller_failures import SPEC, Harness, fake_qemu, wait_until, wait_until_async
+from tests.component.test_controller_failures import (
+    SPEC,
+    Harness,
+    controller_on,
+    fake_qemu,
+    wait_until,
+    wait_until_async,
+)
 
 __all__ = ["fake_qemu"]  # a fixture used by this module's tests
 
@@ -59,28 +61,18 @@ async def traced(
 ) -> AsyncIterator[tuple[Harness, Metrics]]:
     """A running controller whose readiness checks all passed (loop alive, a resync finished,
     QEMU (the stand-in) on PATH)."""
-    data_dir = tmp_path / "data"
-    images = data_dir / "images" / "tiny-guest"
-    images.mkdir(parents=True)
-    (images / "vmlinuz").write_bytes(b"not a kernel")
-    settings = ControllerSettings(
-        data_dir=data_dir, port_range="20000-20009", workers=2, backoff_base_seconds=0.05, resync_seconds=0.5
-    )
-    db = await open_database(data_dir)
     metrics = Metrics()
-    stop = asyncio.Event()
-    controller = Controller(settings, db, metrics=metrics)
-    checks = controller.readiness_checks()
-    assert await checks["resync"]() == "no full resync has finished yet"
-    assert await checks["controller"]() == "the controller loop is not running"
-    task = asyncio.create_task(controller.run(stop))
-    await wait_until_async(_all_ready(checks), lambda failures: not failures)
-    try:
-        yield Harness(db, StateStore(db), VMStatusWriter(db), Allocations(db), settings), metrics
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await db.close()
+
+    async def not_ready_yet(controller: Controller) -> None:
+        checks = controller.readiness_checks()
+        assert await checks["resync"]() == "no full resync has finished yet"
+        assert await checks["controller"]() == "the controller loop is not running"
+
+    async with controller_on(tmp_path, metrics=metrics, before_start=not_ready_yet) as harness:
+        await wait_until_async(
+            _all_ready(harness.controller.readiness_checks()), lambda failures: not failures
+        )
+        yield harness, metrics
 
 
 def _all_ready(checks: dict[str, Callable[[], Awaitable[str | None]]]) -> Callable[[], Awaitable[list[str]]]:
