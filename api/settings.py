@@ -31,12 +31,22 @@ class LogFormat(StrEnum):
     CONSOLE = "console"
 
 
-class ServerSettings(BaseModel):
-    """Everything `tofu-qemu serve` reads. Defaults suit a laptop quick start."""
+class ProcessSettings(BaseModel):
+    """What every tofu-qemu process reads: where the store is, how it logs and traces."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data_dir: Path = Field(default=Path(".tofu-qemu"), description="Where the SQLite store lives")
+    otlp_endpoint: str | None = Field(
+        default=None, description="Export traces over OTLP to this base URL (shorthand for OTEL_* settings)"
+    )
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "info"
+
+
+class ServerSettings(ProcessSettings):
+    """Everything `tofu-qemu api` reads. Defaults suit a laptop quick start."""
+
     listen: str = Field(default="127.0.0.1:8080", description="HOST:PORT to serve on")
     users: str | None = Field(default=None, description="name:password[,name:password] (quick starts)")
     users_file: Path | None = Field(default=None, description="TOML file of salted password hashes")
@@ -58,11 +68,6 @@ class ServerSettings(BaseModel):
         default=900.0, gt=0, description="Seconds a lock may be held before its writes are published anyway"
     )
     metrics_auth: bool = Field(default=True, description="Require auth for GET /metrics")
-    otlp_endpoint: str | None = Field(
-        default=None, description="Export traces over OTLP to this base URL (shorthand for OTEL_* settings)"
-    )
-    log_format: LogFormat = LogFormat.AUTO
-    log_level: str = "info"
 
     @field_validator("listen")
     @classmethod

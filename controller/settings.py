@@ -8,15 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from api.settings import LogFormat, ServerSettings, split_listen
+from api.settings import ProcessSettings, ServerSettings, split_listen
 
 
-class ControllerSettings(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    data_dir: Path = Field(default=Path(".tofu-qemu"), description="Where the SQLite store lives")
+class ControllerSettings(ProcessSettings):
     images_dir: Path | None = Field(default=None, description="Kernels and base images (default DATA/images)")
     port_range: str = Field(default="20000-29999", description="Host ports for forwards without hostPort")
     # Reconciles mostly wait on QEMU (spawn, QMP round trips that slow down while guests boot),
@@ -32,15 +29,10 @@ class ControllerSettings(BaseModel):
         description="CPU nice value of QEMU processes, so the API and controller stay responsive",
     )
     accel_cache: Path | None = Field(default=None, description="Where the KVM probe verdict is kept")
-    otlp_endpoint: str | None = Field(
-        default=None, description="Export traces over OTLP to this base URL (shorthand for OTEL_* settings)"
-    )
     ops_listen: str = Field(
         default="127.0.0.1:8081",
         description="HOST:PORT for /healthz, /readyz and /metrics of `tofu-qemu controller` (no auth)",
     )
-    log_format: LogFormat = LogFormat.AUTO
-    log_level: str = "info"
 
     @field_validator("ops_listen")
     @classmethod
