@@ -74,7 +74,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel])
         default = field.default
         help_text = f"{field.description or ''} (env TOFU_QEMU_{name.upper()}; default {default!s})"
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            # --flag / --no-flag: a setting that defaults to true (metrics_auth) can be turned off.
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, help=help_text)
 

@@ -60,3 +60,18 @@ def test_hash_password_output_authenticates(
     users_file.write_text(f'[users]\nalice = "{encoded}"\n')
     credentials = load_credentials(users=None, tokens=None, users_file=users_file)
     assert credentials.check_basic("alice", "correct horse") == "alice"
+
+
+def test_boolean_settings_have_an_off_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A setting that defaults to true (metrics auth) can be turned off from the command line."""
+    from controller.cli import _build_parser, _settings_from
+
+    monkeypatch.delenv("TOFU_QEMU_METRICS_AUTH", raising=False)
+    monkeypatch.delenv("TOFU_QEMU_CONFIG", raising=False)
+    for argv, expected in (
+        (["api"], True),
+        (["api", "--no-metrics-auth"], False),
+        (["api", "--metrics-auth"], True),
+    ):
+        args = _build_parser().parse_args(argv)
+        assert _settings_from(args, args.model).metrics_auth is expected
