@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
@@ -18,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
+from api.server.health import ReadinessCheck
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
@@ -139,7 +138,7 @@ class Controller:
                 source.cancel()
             await runtime.close()
 
-    def readiness_checks(self) -> dict[str, Callable[[], Awaitable[str | None]]]:
+    def readiness_checks(self) -> dict[str, ReadinessCheck]:
         """Checks for /readyz: each returns None when fine, else what is wrong."""
         return {"controller": self._check_alive, "resync": self._check_resync, "qemu": self._check_qemu}
 
@@ -185,19 +184,19 @@ class Controller:
 
     async def _reconcile_one(self, reconciler: Reconciler, uid: str) -> None:
         """One reconcile under its own root span, counted as controller-runtime counts it."""
-        started = time.monotonic()
+        started = self._clock.monotonic()
         with (
             structlog.contextvars.bound_contextvars(uid=uid),
             TRACER.start_as_current_span(
                 RECONCILE_SPAN, context=Context(), attributes={"tofu_qemu.uid": uid}
             ) as span,
         ):
-            label = self._reconcile_and_requeue(await self._reconcile_guarded(reconciler, uid), uid, span)
+            label = self._requeue(await self._reconcile_guarded(reconciler, uid), uid, span)
         self._metrics.reconcile_total.labels(controller=CONTROLLER_NAME, result=label).inc()
         if label == "error":
             self._metrics.reconcile_errors_total.labels(controller=CONTROLLER_NAME).inc()
         self._metrics.reconcile_time_seconds.labels(controller=CONTROLLER_NAME).observe(
-            time.monotonic() - started
+            self._clock.monotonic() - started
         )
 
     async def _reconcile_guarded(self, reconciler: Reconciler, uid: str) -> Result | None:
@@ -212,7 +211,7 @@ class Controller:
             log.exception("reconcile_crashed")
             return None
 
-    def _reconcile_and_requeue(self, result: Result | None, uid: str, span: Span) -> str:
+    def _requeue(self, result: Result | None, uid: str, span: Span) -> str:
         """Queue `uid` again as the result asks; returns controller-runtime's result label."""
         if result is None or result.outcome is Outcome.TRANSIENT_ERROR:
             delay = self.queue.add_rate_limited(uid)

@@ -50,13 +50,11 @@ class Allocations:
         disks = [DiskRow(uid, r[1], r[2], ReclaimPolicy(r[3])) for r in rows if r[0] == "disk"]
         return ports, disks
 
-    async def ports(self, uid: str | None = None) -> list[PortRow]:
-        """The ports held by `uid`, or by everyone."""
-        query = "SELECT uid, protocol, guest_port, host_port FROM port_allocations"
-        params: tuple[str, ...] = ()
-        if uid is not None:
-            query, params = query + " WHERE uid = ?", (uid,)
-        rows = await self._db.read(query + " ORDER BY host_port", params)
+    async def ports(self) -> list[PortRow]:
+        """Every held port (`held_by` for one VM's)."""
+        rows = await self._db.read(
+            "SELECT uid, protocol, guest_port, host_port FROM port_allocations ORDER BY host_port"
+        )
         return [PortRow(r[0], Protocol(r[1]), r[2], r[3]) for r in rows]
 
     async def reserve_port(self, uid: str, protocol: Protocol, guest_port: int, host_port: int) -> int:
@@ -93,12 +91,9 @@ class Allocations:
                 [(uid, protocol.value, guest_port) for protocol, guest_port in keys],
             )
 
-    async def disks(self, uid: str | None = None) -> list[DiskRow]:
-        query = "SELECT uid, name, path, reclaim_policy FROM disks"
-        params: tuple[str, ...] = ()
-        if uid is not None:
-            query, params = query + " WHERE uid = ?", (uid,)
-        rows = await self._db.read(query + " ORDER BY uid, name", params)
+    async def disks(self) -> list[DiskRow]:
+        """Every recorded disk (`held_by` for one VM's)."""
+        rows = await self._db.read("SELECT uid, name, path, reclaim_policy FROM disks ORDER BY uid, name")
         return [DiskRow(r[0], r[1], r[2], ReclaimPolicy(r[3])) for r in rows]
 
     async def record_disk(self, uid: str, name: str, path: str, policy: ReclaimPolicy) -> None:
