@@ -11,10 +11,11 @@ import structlog
 from aiohttp import web
 
 from api.credentials import Credentials
-from api.server.auth import auth_middleware, public_paths
+from api.server.auth import auth_middleware
 from api.server.errors import error_middleware
-from api.server.health import READINESS_CHECKS, ReadinessCheck, database_check_context
-from api.server.keys import CREDENTIALS, DATABASE, METRICS, PUBLIC_PATHS, SETTINGS, STATES, VMS
+from api.server.health import ReadinessCheck, database_check_context
+from api.server.keys import DATABASE, SETTINGS, STATES, VMS
+from api.server.ops import install_ops
 from api.server.routes import ROUTES
 from api.settings import ServerSettings
 from api.store import Database, StateStore, StorageFull, VMStore, open_database
@@ -46,10 +47,13 @@ def create_app(
         middlewares=[error_middleware, auth_middleware],
     )
     app[SETTINGS] = settings
-    app[CREDENTIALS] = credentials
-    app[PUBLIC_PATHS] = public_paths(metrics_auth=settings.metrics_auth)
-    app[METRICS] = metrics if metrics is not None else Metrics()
-    app[READINESS_CHECKS] = dict(readiness_checks or {})
+    install_ops(
+        app,
+        credentials=credentials,
+        metrics=metrics if metrics is not None else Metrics(),
+        metrics_auth=settings.metrics_auth,
+        readiness_checks=readiness_checks,
+    )
     app.add_routes(ROUTES)
 
     async def store_context(app: web.Application) -> AsyncIterator[None]:
@@ -60,7 +64,6 @@ def create_app(
             store, history_limit=settings.history_limit, strict_lineage=settings.strict_lineage
         )
         app[VMS] = VMStore(store)
-        app[METRICS].attach_store(store)
         yield
         if owned:
             await store.close()

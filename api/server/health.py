@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from api.server.errors import status_response
-from api.server.keys import DATABASE
+from api.server.keys import DATABASE, METRICS
 from api.store import Database, StoreError
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,9 @@ class WritableProbe:
 
 
 async def database_check_context(app: web.Application) -> AsyncIterator[None]:
-    """Register the store's writability check; runs after app[DATABASE] is set."""
+    """Register the store's writability check and export its gauges; runs after app[DATABASE]
+    is set."""
+    app[METRICS].attach_store(app[DATABASE])
     probe = WritableProbe(app[DATABASE])
     app[READINESS_CHECKS][DATABASE_CHECK] = probe.check
     yield

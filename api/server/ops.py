@@ -35,12 +35,30 @@ def create_ops_app(
     on `metrics` (Metrics.attach_store).
     """
     app = web.Application(middlewares=[error_middleware, auth_middleware])
-    app[CREDENTIALS] = credentials
-    app[PUBLIC_PATHS] = public_paths(metrics_auth=metrics_auth)
+    install_ops(
+        app,
+        credentials=credentials,
+        metrics=metrics,
+        metrics_auth=metrics_auth,
+        readiness_checks=readiness_checks,
+    )
     app[DATABASE] = database
-    app[METRICS] = metrics
-    app[READINESS_CHECKS] = dict(readiness_checks or {})
-    metrics.attach_store(database)
     app.add_routes(OPS_ROUTES)
     app.cleanup_ctx.append(database_check_context)
     return app
+
+
+def install_ops(
+    app: web.Application,
+    *,
+    credentials: Credentials,
+    metrics: Metrics,
+    metrics_auth: bool,
+    readiness_checks: Mapping[str, ReadinessCheck] | None,
+) -> None:
+    """What auth, /metrics and /readyz read from an app, for both app factories. The store's
+    own check and gauges come with `database_check_context`, once app[DATABASE] is set."""
+    app[CREDENTIALS] = credentials
+    app[PUBLIC_PATHS] = public_paths(metrics_auth=metrics_auth)
+    app[METRICS] = metrics
+    app[READINESS_CHECKS] = dict(readiness_checks or {})
