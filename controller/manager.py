@@ -32,7 +32,7 @@ from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
 from controller.resources.ports import PortAllocator
 from controller.settings import ControllerSettings
-from controller.sources import resync_forever, watch_store
+from controller.sources import RESYNC_WAIT_FLOOR_SECONDS, resync_forever, watch_store
 from controller.telemetry import RECONCILE_SPAN, TRACER, BootSpans, QueueMetrics
 
 log = structlog.get_logger(__name__)
@@ -42,7 +42,8 @@ RECONCILE_DEADLINE_SECONDS = 300.0
 DRAIN_SECONDS = 10.0
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_STALE_SECONDS = 5.0
-# /readyz fails when no full resync has finished within this many resync periods.
+# /readyz fails when no full resync has finished within this many resync periods (and at least
+# RESYNC_WAIT_FLOOR_SECONDS, which a short period could not honour).
 RESYNC_PERIODS_BEFORE_UNREADY = 3
 
 
@@ -150,7 +151,7 @@ class Controller:
 
     async def _check_resync(self) -> str | None:
         now = asyncio.get_running_loop().time()
-        limit = RESYNC_PERIODS_BEFORE_UNREADY * self._settings.resync_seconds
+        limit = max(RESYNC_PERIODS_BEFORE_UNREADY * self._settings.resync_seconds, RESYNC_WAIT_FLOOR_SECONDS)
         if self._resynced_at is None:
             return "no full resync has finished yet"
         if now - self._resynced_at > limit:

@@ -19,6 +19,8 @@ from controller.layout import DataLayout
 from controller.queue import WorkQueue
 
 STORE_POLL_SECONDS = 1.0
+# The least time a resync is given to finish, and the readiness check's least tolerance.
+RESYNC_WAIT_FLOOR_SECONDS = 30.0
 
 
 async def all_keys(objects: VMStatusWriter, allocations: Allocations, layout: DataLayout) -> set[str]:
@@ -78,9 +80,11 @@ async def resync_forever(
         for uid in keys:
             queue.add(uid)
         try:
-            async with asyncio.timeout(interval):
+            # Even with a period shorter than one pass, each pass is waited for: a resync that
+            # never counts as finished would make the controller look stuck.
+            async with asyncio.timeout(max(interval, RESYNC_WAIT_FLOOR_SECONDS)):
                 await queue.wait_done(keys)
             finished(loop.time() - started)
         except TimeoutError:
-            pass  # not finished within a period: readiness will say so
+            pass  # a reconcile is stuck: readiness will say so
         await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
