@@ -41,8 +41,8 @@ def configure_tracing(
 
     :raise TracingConfigError: an unknown exporter or protocol.
     """
-    provider = TracerProvider(resource=_resource(environ))
-    for exporter in _exporters(otlp_endpoint, environ):
+    provider = TracerProvider(resource=service_resource(environ))
+    for exporter in span_exporters(otlp_endpoint, environ):
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
@@ -69,14 +69,14 @@ def span_context_of(traceparent: str | None) -> trace.SpanContext | None:
     return context if context.is_valid else None
 
 
-def _resource(environ: Mapping[str, str]) -> Resource:
+def service_resource(environ: Mapping[str, str]) -> Resource:
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; attributes passed
     # here would override them, so the default name is passed only when neither sets one.
     named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     return Resource.create({} if named else {SERVICE_NAME: DEFAULT_SERVICE_NAME})
 
 
-def _exporters(otlp_endpoint: str | None, environ: Mapping[str, str]) -> list[SpanExporter]:
+def span_exporters(otlp_endpoint: str | None, environ: Mapping[str, str]) -> list[SpanExporter]:
     names = {name.strip().lower() for name in environ.get("OTEL_TRACES_EXPORTER", "none").split(",")}
     names.discard("")
     if otlp_endpoint:
