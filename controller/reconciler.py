@@ -111,9 +111,17 @@ class Reconciler:
         self._clock = clock
 
     async def reconcile(self, uid: str) -> Result:
-        """Converge `uid` once; the current span (the reconcile's root) gets what was seen and done."""
-        span = trace.get_current_span()
+        """Converge `uid` once; the current span (the reconcile's root) gets what was seen and done.
+
+        Log lines inside name the VM's project and name too (the caller binds its uid).
+        """
         record = await self._objects.get(uid)
+        names = {"project": record.project, "vm": record.name} if record is not None else {}
+        with structlog.contextvars.bound_contextvars(**names):
+            return await self._converge(uid, record)
+
+    async def _converge(self, uid: str, record: VMRecord | None) -> Result:
+        span = trace.get_current_span()
         desired = desired_from(record)
         paths = self._layout.runtime(uid)
         spec = desired.spec if desired else None

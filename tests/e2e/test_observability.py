@@ -78,6 +78,7 @@ def test_apply_post_links_to_the_reconcile_that_boots_the_vm(
         assert spawned
         assert spawned[0]["trace_id"] == reconcile.trace_id
         assert spawned[0]["span_id"] == spawn.span_id
+        assert (spawned[0]["project"], spawned[0]["vm"]) == (project, "web")
 
         # Metrics agree with the API.
         answer = host.request("GET", "/metrics")
