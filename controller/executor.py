@@ -28,6 +28,7 @@ from controller.actions import (
 )
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
+from controller.faults import CrashPoint, crash_point
 from controller.qemu import process
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.monitor import MonitorCommandFailed, MonitorUnavailable
@@ -67,9 +68,12 @@ class Executor:
         name = _SPAN_NAMES.get(type(action))
         if name is None:  # a QMP command: the runtime traces each one it sends
             await self._perform(uid, paths, action)
-            return
-        with TRACER.start_as_current_span(name, attributes=_span_attributes(action)):
-            await self._perform(uid, paths, action)
+        else:
+            with TRACER.start_as_current_span(name, attributes=_span_attributes(action)):
+                await self._perform(uid, paths, action)
+        point = _CRASH_POINTS.get(type(action))
+        if point is not None:
+            crash_point(point)
 
     async def _perform(self, uid: str, paths: RuntimePaths, action: Action) -> None:
         match action:
@@ -145,6 +149,15 @@ class Executor:
             raise TransientError(str(err)) from err
 
 
+# Where crash-consistency tests kill the controller: right after each step that changes the world.
+_CRASH_POINTS: dict[type[Action], CrashPoint] = {
+    AllocatePorts: CrashPoint.AFTER_PORT_ALLOCATION,
+    CreateDisk: CrashPoint.AFTER_DISK_CREATION,
+    Spawn: CrashPoint.AFTER_SPAWN,
+    RequestPowerdown: CrashPoint.MID_STOP,
+    ReleasePorts: CrashPoint.AFTER_PORT_RELEASE,
+    DeleteDisk: CrashPoint.AFTER_DISK_DELETION,
+}
 _SPAN_NAMES: dict[type[Action], str] = {
     AllocatePorts: "ports allocate",
     ReleasePorts: "ports release",

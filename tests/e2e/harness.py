@@ -144,6 +144,8 @@ class ServerProcess:
         )
         self._scheme = "https" if client_tls else "http"
         self._process: subprocess.Popen[bytes] | None = None
+        # Added to the environment of the next start (e.g. a fault-injection point).
+        self.extra_env: dict[str, str] = {}
 
     @property
     def url(self) -> str:
@@ -174,6 +176,7 @@ class ServerProcess:
         env = {key: value for key, value in os.environ.items() if not key.startswith("TOFU_QEMU_")}
         env["TOFU_QEMU_USERS"] = f"{USER}:{PASSWORD}"
         env["TOFU_QEMU_LOG_FORMAT"] = "json"
+        env |= self.extra_env
         argv = [sys.executable, "-m", "controller.cli", self.command, "--data-dir", str(self.data_dir)]
         if self.command != "controller":
             argv += ["--listen", f"127.0.0.1:{self.port}"]
