@@ -28,6 +28,7 @@ from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
 from controller.qemu.runtime import Runtime
 from controller.queue import Backoff, QueueShutDown, WorkQueue
+from controller.quota_gate import QuotaGate
 from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
 from controller.resources.ports import PortAllocator
@@ -107,6 +108,8 @@ class Controller:
                 layout=self._layout,
                 clock=self._clock,
                 boots=boots,
+                quotas=QuotaGate(self._db, self._settings.quotas),
+                memory_reserve_mib=self._settings.memory_reserve_mib,
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
             )
             sources = [

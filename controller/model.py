@@ -11,6 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from api.types import LastExit, Protocol, QemuVMSpec, ReclaimPolicy
+from controller.admission import ADMITTED, Admission
 
 PortKey = tuple[Protocol, int]
 
@@ -26,6 +27,8 @@ class Desired:
     spec: QemuVMSpec | None
     spec_error: str | None
     deleting: bool
+    # Whether the fleet's quotas let this VM start (controller/admission.py).
+    admission: Admission = ADMITTED
 
 
 class QmpState(StrEnum):
@@ -82,6 +85,8 @@ class Observed:
     disks: Mapping[str, DiskRecord] = field(default_factory=dict)
     # Looked at only when no process runs: only a start needs the images.
     missing_images: tuple[str, ...] = ()
+    # MemAvailable of the host, looked at only when no process runs (None: unknown).
+    host_memory_available_mib: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,7 @@ async def observe(
         ports={(row.protocol, row.guest_port): row.host_port for row in ports},
         disks={row.name: DiskRecord(row.name, row.reclaim_policy, Path(row.path).exists()) for row in disks},
         missing_images=_missing_images(spec, images_dir) if found is None else (),
+        host_memory_available_mib=host_memory_available_mib() if found is None else None,
     )
 
 
@@ -91,3 +92,15 @@ def _missing_images(spec: QemuVMSpec | None, images_dir: Path) -> tuple[str, ...
     if spec.boot is not None:
         wanted += [spec.boot.kernel] + ([spec.boot.initrd] if spec.boot.initrd else [])
     return tuple(name for name in wanted if not (images_dir / name).is_file())
+
+
+def host_memory_available_mib() -> int | None:
+    """The kernel's estimate of memory available for new work (MemAvailable), in MiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -38,6 +38,8 @@ QUIT_GRACE = timedelta(seconds=5)
 # QMP may not listen yet just after spawn (the pidfile comes first): wait before calling it hung.
 QMP_STARTUP_GRACE = timedelta(seconds=10)
 IMAGE_RECHECK = timedelta(seconds=30)
+# A VM waiting for room is looked at again this often (another VM's deletion does not wake it).
+ADMISSION_RECHECK = timedelta(seconds=5)
 STOP_RECHECK = timedelta(seconds=1)
 EXIT_RECHECK = timedelta(milliseconds=50)
 
@@ -53,6 +55,8 @@ class Intent(StrEnum):
     FINISHED = "Finished"
     PREPARING = "Preparing"
     WAITING_FOR_IMAGES = "WaitingForImages"
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    HOST_MEMORY_LOW = "HostMemoryLow"
     BACKING_OFF = "BackingOff"
     STARTING = "Starting"
     RUNNING = "Running"
@@ -66,6 +70,8 @@ class LaunchContext:
     runtime: RuntimePaths
     images_dir: PurePath
     disks_dir: PurePath
+    # A start must leave the host at least this much available memory.
+    memory_reserve_mib: int = 0
 
     def disk_path(self, name: str) -> PurePath:
         return self.disks_dir / f"{name}.qcow2"
@@ -102,6 +108,10 @@ def plan(
             return _stop(process, memory, spec, now, Intent.STOPPING, "runStrategy is Halted")
         return Plan(Intent.HALTED, memory, _clean_if_stale(observed))
 
+    if process is None:
+        refused = _not_admitted(desired, spec, observed, memory, context)
+        if refused is not None:
+            return refused
     prepare = _prepare(spec, observed)
     if prepare:
         return Plan(Intent.PREPARING, memory, prepare, again=True)
@@ -109,6 +119,34 @@ def plan(
     if process is not None:
         return _keep_running(process, digest, memory, spec, now)
     return _start(desired, spec, observed, memory, context, now)
+
+
+def _not_admitted(
+    desired: Desired, spec: QemuVMSpec, observed: Observed, memory: Memory, context: LaunchContext
+) -> Plan | None:
+    """A start the quotas or the host's memory do not allow: wait, holding nothing new."""
+    if not desired.admission.admitted:
+        return Plan(
+            Intent.QUOTA_EXCEEDED,
+            memory,
+            _clean_if_stale(observed),
+            requeue_after=ADMISSION_RECHECK,
+            detail=desired.admission.message,
+        )
+    available = observed.host_memory_available_mib
+    if available is not None and available - spec.memory < context.memory_reserve_mib:
+        detail = (
+            f"starting needs {spec.memory} MiB; the host has {available} MiB available and keeps "
+            f"{context.memory_reserve_mib} MiB in reserve"
+        )
+        return Plan(
+            Intent.HOST_MEMORY_LOW,
+            memory,
+            _clean_if_stale(observed),
+            requeue_after=ADMISSION_RECHECK,
+            detail=detail,
+        )
+    return None
 
 
 def absorb_exit(memory: Memory, observed: Observed, desired: Desired | None) -> Memory:

@@ -8,7 +8,7 @@ becomes a condition the user can see.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import StrEnum
 
@@ -32,6 +32,7 @@ from controller.observe import observe
 from controller.plan import LaunchContext, Plan, plan
 from controller.qemu.accel import AccelResolver
 from controller.qemu.runtime import Runtime
+from controller.quota_gate import QuotaGate
 from controller.status import compute_status
 from controller.telemetry import BootSpans
 
@@ -97,10 +98,14 @@ class Reconciler:
         layout: DataLayout,
         clock: Clock,
         boots: BootSpans,
+        quotas: QuotaGate,
+        memory_reserve_mib: int = 0,
         restarted: Callable[[str], None] = lambda _reason: None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it."""
         self._boots = boots
+        self._quotas = quotas
+        self._memory_reserve_mib = memory_reserve_mib
         self._restarted = restarted
         self._objects = objects
         self._allocations = allocations
@@ -123,6 +128,8 @@ class Reconciler:
     async def _converge(self, uid: str, record: VMRecord | None) -> Result:
         span = trace.get_current_span()
         desired = desired_from(record)
+        if desired is not None and desired.spec is not None and not desired.deleting:
+            desired = replace(desired, admission=await self._quotas.admission(uid))
         paths = self._layout.runtime(uid)
         spec = desired.spec if desired else None
         accel = await self._accel.resolve(spec.accel) if spec else Accel.TCG
@@ -131,6 +138,7 @@ class Reconciler:
             runtime=paths,
             images_dir=self._layout.images_dir,
             disks_dir=self._layout.disks_dir(uid),
+            memory_reserve_mib=self._memory_reserve_mib,
         )
         previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
         _describe(span, record, previous)

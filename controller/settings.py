@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from api.settings import ProcessSettings, ServerSettings, split_listen
+from controller.admission import Quota, Quotas, parse_project_quotas
 
 
 class ControllerSettings(ProcessSettings):
@@ -28,6 +29,18 @@ class ControllerSettings(ProcessSettings):
         le=19,
         description="CPU nice value of QEMU processes, so the API and controller stay responsive",
     )
+    max_vms: int | None = Field(default=None, ge=1, description="VMs allowed to run on this server")
+    max_memory_mib: int | None = Field(
+        default=None, ge=1, description="Memory (MiB) all running VMs may claim"
+    )
+    max_vcpus: int | None = Field(default=None, ge=1, description="vCPUs all running VMs may claim")
+    max_disk_gib: int | None = Field(default=None, ge=1, description="Disk sizes (GiB) all VMs may claim")
+    project_quotas: str | None = Field(
+        default=None, description="Per-project limits: PROJECT:max_vms=N,max_memory_mib=N;PROJECT:..."
+    )
+    memory_reserve_mib: int = Field(
+        default=256, ge=0, description="Memory (MiB) a VM start must leave available on the host"
+    )
     accel_cache: Path | None = Field(default=None, description="Where the KVM probe verdict is kept")
     ops_listen: str = Field(
         default="127.0.0.1:8081",
@@ -39,6 +52,20 @@ class ControllerSettings(ProcessSettings):
     def _valid_ops_listen(cls, value: str) -> str:
         split_listen(value)
         return value
+
+    @field_validator("project_quotas")
+    @classmethod
+    def _valid_project_quotas(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_project_quotas(value)
+        return value
+
+    @property
+    def quotas(self) -> Quotas:
+        return Quotas(
+            server=Quota(self.max_vms, self.max_memory_mib, self.max_vcpus, self.max_disk_gib),
+            projects=parse_project_quotas(self.project_quotas or ""),
+        )
 
     @field_validator("port_range")
     @classmethod

@@ -32,6 +32,8 @@ _PHASES = {
     Intent.FINISHED: Phase.STOPPED,
     Intent.PREPARING: Phase.PENDING,
     Intent.WAITING_FOR_IMAGES: Phase.PENDING,
+    Intent.QUOTA_EXCEEDED: Phase.PENDING,
+    Intent.HOST_MEMORY_LOW: Phase.PENDING,
     Intent.BACKING_OFF: Phase.CRASH_LOOP_BACK_OFF,
     Intent.STARTING: Phase.STARTING,
     Intent.RUNNING: Phase.RUNNING,
@@ -59,6 +61,7 @@ def compute_status(
     memory = result.memory
     verdicts = (
         _valid(desired),
+        _admitted(result),
         _ready(result, running, error),
         _synced(desired, result, error),
     )
@@ -102,6 +105,12 @@ def _valid(desired: Desired) -> _Verdict:
     if desired.spec_error is not None:
         return _condition("Valid", False, "InvalidSpec", desired.spec_error)
     return _condition("Valid", True, "SpecAccepted")
+
+
+def _admitted(result: Plan) -> _Verdict:
+    if result.intent in (Intent.QUOTA_EXCEEDED, Intent.HOST_MEMORY_LOW):
+        return _condition("Admitted", False, result.intent.value, result.detail)
+    return _condition("Admitted", True, "Admitted")
 
 
 def _ready(result: Plan, running: bool, error: str | None) -> _Verdict:

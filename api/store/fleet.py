@@ -54,3 +54,26 @@ async def fleet_snapshot(db: Database) -> FleetSnapshot:
         host_ports_in_use=int(ports[0][0]),
         state_bytes={str(project): int(size) for project, size in sizes},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSpec:
+    """A VM that may claim resources: not deleting, with a valid (normalised) spec."""
+
+    uid: str
+    project: str
+    created_at: str
+    spec: str
+
+
+async def specs_version(db: Database) -> tuple[int, int, int]:
+    """Changes whenever a VM is created, changes spec, starts deleting or is removed."""
+    rows = await db.read("SELECT COUNT(*), TOTAL(generation), COUNT(deleted_at) FROM vms")
+    return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+
+
+async def live_specs(db: Database) -> list[LiveSpec]:
+    rows = await db.read(
+        "SELECT uid, project, created_at, spec FROM vms WHERE deleted_at IS NULL AND spec_error IS NULL"
+    )
+    return [LiveSpec(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
