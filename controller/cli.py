@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import os
 import signal
+import sqlite3
 import ssl
 import sys
 from collections.abc import Sequence
@@ -30,12 +32,16 @@ from api.server import create_app
 from api.server.ops import create_ops_app
 from api.settings import ServerSettings, SettingsError, SettingsT, load_settings, split_listen
 from api.store import open_database
+from api.store.backup import Refused, back_up, hold_data_dir, restore
+from api.store.db import DB_FILE_NAME, utc_now
 from api.telemetry.metrics import Metrics
 from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
+from controller.layout import DataLayout
 from controller.manager import Controller
 from controller.settings import ControllerSettings, ServeSettings
 
 log = structlog.get_logger("tofu_qemu")
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
@@ -44,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (SettingsError, CredentialsError) as err:
+    except (SettingsError, CredentialsError, Refused) as err:
         print(f"tofu-qemu: {err}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -64,6 +70,16 @@ def _build_parser() -> argparse.ArgumentParser:
     hasher = commands.add_parser("hash-password", help="print a salted hash for a users file")
     hasher.add_argument("--stdin", action="store_true", help="read the password from standard input")
     hasher.set_defaults(run=_hash_password)
+    backup = commands.add_parser("backup", help="copy the store to FILE, consistently, even while it serves")
+    _add_store_file_flags(backup, force_help="replace FILE if it exists")
+    backup.set_defaults(run=_backup)
+    restorer = commands.add_parser(
+        "restore", help="replace the store with the backup FILE (stop servers first)"
+    )
+    _add_store_file_flags(
+        restorer, force_help=f"replace an existing store (it is kept as {DB_FILE_NAME}.before-restore-TIME)"
+    )
+    restorer.set_defaults(run=_restore)
     return parser
 
 
@@ -106,7 +122,9 @@ def _serve(args: argparse.Namespace) -> int:
         # replaced by an instrumented subclass for this process).
         AioHttpServerInstrumentor().instrument(tracer_provider=tracer_provider)
     try:
-        asyncio.run(_run(settings, http))
+        # Held for the whole life of the process so that `tofu-qemu restore` can tell it is running.
+        with hold_data_dir(settings.data_dir, exclusive=False):
+            asyncio.run(_run(settings, http))
     finally:
         shutdown_tracing(tracer_provider)
     return 0
@@ -216,6 +234,63 @@ def _hash_password(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(hash_password(password))
     return 0
+
+
+def _add_store_file_flags(parser: argparse.ArgumentParser, *, force_help: str) -> None:
+    parser.add_argument("file", type=Path, metavar="FILE")
+    parser.add_argument("--config", type=Path, help="TOML config file (also $TOFU_QEMU_CONFIG)")
+    data_dir = ServeSettings.model_fields["data_dir"]
+    parser.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        default=None,
+        help=f"{data_dir.description} (env TOFU_QEMU_DATA_DIR; default {data_dir.default!s})",
+    )
+    parser.add_argument("--force", action="store_true", help=force_help)
+
+
+def _store_file_settings(args: argparse.Namespace) -> ServeSettings:
+    # ServeSettings holds every command's settings, so a config file written for serve, api or
+    # controller is accepted here too (unknown keys are errors); only data_dir is used.
+    return _settings_from(args, ServeSettings)
+
+
+def _backup(args: argparse.Namespace) -> int:
+    settings = _store_file_settings(args)
+    try:
+        result = back_up(settings.data_dir, args.file, force=args.force)
+    except (OSError, sqlite3.Error) as err:
+        print(f"tofu-qemu: backup failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(result.summary()))
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    settings = _store_file_settings(args)
+    try:
+        restored = restore(args.file, settings.data_dir, force=args.force, now=utc_now())
+    except (OSError, sqlite3.Error) as err:
+        print(f"tofu-qemu: restore failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(restored.summary()))
+    _warn_about_orphans(settings, restored.backup.contents.vm_uids, previous=restored.previous)
+    return 0
+
+
+def _warn_about_orphans(settings: ServeSettings, uids: frozenset[str], *, previous: Path | None) -> None:
+    """Name the VMs that run here but that the restored store does not know: the next start stops
+    them, as it stops any orphan (docs/controller.md). An older backup is the usual cause."""
+    layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
+    orphans = sorted(layout.runtime_uids() - uids)
+    if not orphans:
+        return
+    undo = f"; to undo, restore {previous} before starting" if previous is not None else ""
+    print(
+        f"tofu-qemu: warning: the next start stops {len(orphans)} VM(s) that the backup does not "
+        f"declare (runtime dirs in {layout.run_root}: {', '.join(orphans)}){undo}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":
