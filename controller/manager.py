@@ -110,6 +110,7 @@ class Controller:
                 boots=boots,
                 quotas=QuotaGate(self._db, self._settings.quotas),
                 memory_reserve_mib=self._settings.memory_reserve_mib,
+                liveness_period=timedelta(seconds=self._settings.liveness_seconds),
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
             )
             sources = [

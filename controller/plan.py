@@ -72,6 +72,8 @@ class LaunchContext:
     disks_dir: PurePath
     # A start must leave the host at least this much available memory.
     memory_reserve_mib: int = 0
+    # How often a running VM is looked at (its QMP asked) between other events; None: never.
+    liveness_period: timedelta | None = None
 
     def disk_path(self, name: str) -> PurePath:
         return self.disks_dir / f"{name}.qcow2"
@@ -117,7 +119,7 @@ def plan(
         return Plan(Intent.PREPARING, memory, prepare, again=True)
     digest = argv_digest(_argv(desired, spec, observed, context))
     if process is not None:
-        return _keep_running(process, digest, memory, spec, now)
+        return _keep_running(process, digest, memory, spec, now, context)
     return _start(desired, spec, observed, memory, context, now)
 
 
@@ -224,7 +226,12 @@ def _argv(desired: Desired, spec: QemuVMSpec, observed: Observed, context: Launc
 
 
 def _keep_running(
-    process: ProcessObservation, digest: str, memory: Memory, spec: QemuVMSpec, now: datetime
+    process: ProcessObservation,
+    digest: str,
+    memory: Memory,
+    spec: QemuVMSpec,
+    now: datetime,
+    context: LaunchContext,
 ) -> Plan:
     if process.argv_digest != digest:
         return _stop(process, memory, spec, now, Intent.RESTARTING, "the spec changed and needs a restart")
@@ -239,7 +246,8 @@ def _keep_running(
     if memory.stop_requested_at is not None:
         # A stop that is no longer wanted (e.g. Halted was reverted): let the guest run on.
         memory = replace(memory, stop_requested_at=None)
-    return Plan(Intent.RUNNING, memory)
+    # A timed look: asking QMP is what finds a hung QEMU (SIGSTOP, a wedged main loop).
+    return Plan(Intent.RUNNING, memory, requeue_after=context.liveness_period)
 
 
 def _start(

@@ -100,12 +100,14 @@ class Reconciler:
         boots: BootSpans,
         quotas: QuotaGate,
         memory_reserve_mib: int = 0,
+        liveness_period: timedelta | None = None,
         restarted: Callable[[str], None] = lambda _reason: None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it."""
         self._boots = boots
         self._quotas = quotas
         self._memory_reserve_mib = memory_reserve_mib
+        self._liveness_period = liveness_period
         self._restarted = restarted
         self._objects = objects
         self._allocations = allocations
@@ -139,6 +141,7 @@ class Reconciler:
             images_dir=self._layout.images_dir,
             disks_dir=self._layout.disks_dir(uid),
             memory_reserve_mib=self._memory_reserve_mib,
+            liveness_period=self._liveness_period,
         )
         previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
         _describe(span, record, previous)

@@ -38,6 +38,9 @@ class ControllerSettings(ProcessSettings):
     project_quotas: str | None = Field(
         default=None, description="Per-project limits: PROJECT:max_vms=N,max_memory_mib=N;PROJECT:..."
     )
+    liveness_seconds: float = Field(
+        default=10.0, gt=0, description="How often a running VM's QMP is asked, to find hung QEMUs"
+    )
     memory_reserve_mib: int = Field(
         default=256, ge=0, description="Memory (MiB) a VM start must leave available on the host"
     )

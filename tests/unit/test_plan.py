@@ -401,3 +401,10 @@ def test_stop_request_survives_the_exiting_window() -> None:
     assert recorded.memory.last_exit is not None
     assert recorded.memory.last_exit.reason is ExitReason.STOPPED_BY_CONTROLLER
     assert recorded.memory.restarts == 0
+
+
+def test_a_running_vm_is_looked_at_again_after_the_liveness_period() -> None:
+    vm = desired()
+    context = replace(CONTEXT, liveness_period=timedelta(seconds=10))
+    result = plan(vm, observed(**ready(process=process(digest_for(vm)))), Memory(), context, now=NOW)
+    assert (result.intent, result.requeue_after) == (Intent.RUNNING, timedelta(seconds=10))
