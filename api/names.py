@@ -22,6 +22,8 @@ _DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _LABEL_NAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _LABEL_PREFIX_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 LABELS_MAX = 64
+# Messages quote at most this much of a refused value: they end up in conditions and tables.
+QUOTED_MAX = 80
 
 
 def project_name_problem(name: str) -> str | None:
@@ -49,12 +51,13 @@ def dns_label_problem(name: str) -> str | None:
 
 def label_key_problem(key: str) -> str | None:
     """Return why `key` is not a Kubernetes label key (`[prefix/]name`), or None."""
-    prefix, _, name = key.rpartition("/")
-    if prefix and not _LABEL_PREFIX_RE.fullmatch(prefix):
-        return f"label key {key!r}: the prefix must be a DNS subdomain"
+    prefix, slash, name = key.rpartition("/")
+    # `slash`, not `prefix`: "/name" has an empty prefix, which Kubernetes refuses too.
+    if slash and not _LABEL_PREFIX_RE.fullmatch(prefix):
+        return f"label key {key[:QUOTED_MAX]!r}: the prefix must be a DNS subdomain"
     if not _LABEL_NAME_RE.fullmatch(name):
         return (
-            f"label key {key!r}: the name must be 1-63 letters, digits, '-', '_' or '.', "
+            f"label key {key[:QUOTED_MAX]!r}: the name must be 1-63 letters, digits, '-', '_' or '.', "
             "starting and ending with a letter or digit"
         )
     return None
@@ -65,6 +68,6 @@ def label_value_problem(value: str) -> str | None:
     if value == "" or _LABEL_NAME_RE.fullmatch(value):
         return None
     return (
-        f"label value {value[:80]!r}: must be empty or 1-63 letters, digits, '-', '_' or '.', "
+        f"label value {value[:QUOTED_MAX]!r}: must be empty or 1-63 letters, digits, '-', '_' or '.', "
         "starting and ending with a letter or digit"
     )

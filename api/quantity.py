@@ -55,7 +55,8 @@ def parse_seconds(value: object) -> int:
     if isinstance(value, int):
         return value
     text = value.strip()
-    if text.isdigit() and len(text) <= 6:
+    # isascii: str.isdigit() is also true for "²" and "١٢٣", which are no way to write seconds.
+    if text.isascii() and text.isdigit() and len(text) <= 6:
         return int(text)
     parts = _DURATION_PART_RE.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:

@@ -3,6 +3,12 @@
 Pure: bytes in, frozen values out. The server stores the state verbatim whatever this module
 finds inside it; extraction problems become VM conditions or project notes, never a refused
 write (PROTOCOL.md §7 describes the format; §8 the OpenTofu encryption envelope).
+
+The only bodies refused are those no Terraform or OpenTofu client writes and the store could
+not hold or serve back: not UTF-8 JSON, nested past the parser's recursion limit, integers past
+its digit limit, lone UTF-16 surrogates, serials past SQLite's 64-bit integers. Work done per
+manifest is bounded by its depth and size, so a hostile state costs time in proportion to its
+bytes and never a crash (docs/security.md).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +32,23 @@ TERRAFORM_DATA = "terraform_data"
 # A future provider's resource type; its attributes carry the manifest fields directly.
 QEMU_VM_RESOURCE = "qemu_vm"
 DECLARE_CACHE_SIZE = 16384
+# SQLite's INTEGER. Terraform's serial is a uint64 that grows by one per write.
+SERIAL_MAX = 2**63 - 1
+# A valid manifest nests 5 containers deep (spec.network.forwards[0] holds hostPort); deeper
+# ones are refused before anything recurses into them (_drop_nulls, pydantic).
+MANIFEST_DEPTH_MAX = 16
+# A valid manifest with every list full and every string at its limit is under 40 KiB.
+MANIFEST_MAX_BYTES = 64 * 1024
+# Only manifests this small are remembered by _declare_cached: the cache holds its keys, so
+# this bounds its memory (typical manifests are a few hundred bytes).
+CACHED_MANIFEST_MAX_BYTES = 4 * 1024
+# A lone surrogate can only come from a \uD800-\uDFFF escape (the body is strict UTF-8), so
+# the document is walked for one only when the text holds such an escape.
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class StateFormatError(ValueError):
-    """The body is not a state document a Terraform or OpenTofu client could have written."""
+    """A backend body (a state, or lock info) no Terraform or OpenTofu client could have written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,22 +96,24 @@ def parse_state(body: bytes) -> StateSummary:
 
     :raise StateFormatError: for anything else, with a message fit for the HTTP client.
     """
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StateFormatError(f"state is not valid JSON: {err}") from err
+    document = load_json(body, what="state")
     if not isinstance(document, dict):
         raise StateFormatError("state must be a JSON object")
     serial = document.get("serial")
     lineage = document.get("lineage")
     if serial is not None and (isinstance(serial, bool) or not isinstance(serial, int) or serial < 0):
         raise StateFormatError("state 'serial' must be a non-negative integer")
+    if serial is not None and serial > SERIAL_MAX:
+        raise StateFormatError(f"state 'serial' must be at most {SERIAL_MAX}")
     if lineage is not None and not isinstance(lineage, str):
         raise StateFormatError("state 'lineage' must be a string")
     encryption_version = document.get("encryption_version")
+    if encryption_version is not None and not isinstance(encryption_version, str):
+        # A string in both clients' Go structs; anything else is not an envelope they wrote.
+        raise StateFormatError("state 'encryption_version' must be a string")
     if encryption_version:
         # OpenTofu's own test for an encrypted envelope is a non-empty encryption_version.
-        return StateSummary(serial, lineage, str(encryption_version), document)
+        return StateSummary(serial, lineage, encryption_version, document)
     version = document.get("version")
     if version != SUPPORTED_STATE_VERSION:
         raise StateFormatError(
@@ -104,8 +127,72 @@ def parse_state(body: bytes) -> StateSummary:
     return StateSummary(serial, lineage, None, document)
 
 
+def holds_lone_surrogate(value: object) -> bool:
+    """Whether a JSON value holds a string (or key) that UTF-8 cannot encode: JSON's `\\ud800`
+    escape can write one, and SQLite, HTTP and logs then fail on it. Walks without recursion."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
+
+
+def nesting_exceeds(value: object, limit: int) -> bool:
+    """Whether a JSON value nests containers more than `limit` deep. Walks without recursion."""
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children: Any
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
+
+
+def load_json(body: bytes, *, what: str) -> Any:
+    """json.loads for a backend body, with each way it can fail (or succeed with something no
+    store can hold) turned into a StateFormatError that starts with `what` and says why.
+
+    :raise StateFormatError: not UTF-8 JSON, nested past the parser's recursion limit, an
+        integer past its digit limit, or a string with an unpaired surrogate escape.
+    """
+    try:
+        # Strict UTF-8 first: json.loads(bytes) would also take UTF-16, a BOM and raw surrogate
+        # bytes, none of which a Go client writes or could read back.
+        text = body.decode()
+        document = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StateFormatError(f"{what} is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise StateFormatError(f"{what} is nested too deeply to parse") from err
+    except ValueError as err:
+        # The one other ValueError json.loads raises: an integer past int_max_str_digits.
+        limit = sys.get_int_max_str_digits()
+        raise StateFormatError(f"{what} holds a number with more than {limit} digits") from err
+    if _SURROGATE_ESCAPE_RE.search(text) and holds_lone_surrogate(document):
+        raise StateFormatError(
+            f"{what} holds a string that is not valid Unicode (an unpaired \\ud800-\\udfff escape)"
+        )
+    return document
+
+
 def extract_vms(document: dict[str, Any]) -> Extraction:
-    """Find every QemuVM declared in a plain state and validate it.
+    """Find every QemuVM declared in a plain state (as parse_state returned it) and validate it.
 
     Deposed objects (create_before_destroy leftovers) are skipped: they are on their way out.
     Tainted objects are kept: they still exist until the next apply replaces them.
@@ -113,7 +200,7 @@ def extract_vms(document: dict[str, Any]) -> Extraction:
     found: list[DeclaredVM] = []
     problems: list[ExtractionProblem] = []
     for address, raw in _manifest_candidates(document):
-        vm_or_problem = _declare_cached(address, json.dumps(raw, separators=(",", ":")))
+        vm_or_problem = _declare_bounded(address, raw)
         if isinstance(vm_or_problem, ExtractionProblem):
             problems.append(vm_or_problem)
         else:
@@ -182,6 +269,21 @@ def _drop_nulls(value: object) -> object:
     return value
 
 
+def _declare_bounded(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProblem:
+    """`_declare`, with the manifest's depth and size checked before anything recurses into it
+    or keeps it, and small manifests served from the cache."""
+    try:
+        raw_json = json.dumps(raw, separators=(",", ":"))
+    except RecursionError:
+        # Deeper than the interpreter's stack allows; _declare refuses far shallower ones.
+        return _refused(address, raw, f"nested more than {MANIFEST_DEPTH_MAX} levels deep")
+    if len(raw_json) > MANIFEST_MAX_BYTES:
+        return _refused(address, raw, f"larger than {MANIFEST_MAX_BYTES} bytes as JSON")
+    if len(raw_json) > CACHED_MANIFEST_MAX_BYTES:
+        return _declare(address, raw)
+    return _declare_cached(address, raw_json)
+
+
 @functools.lru_cache(maxsize=DECLARE_CACHE_SIZE)
 def _declare_cached(address: str, raw_json: str) -> DeclaredVM | ExtractionProblem:
     """`_declare`, remembered by the manifest's exact text: a state is written again and again
@@ -189,16 +291,42 @@ def _declare_cached(address: str, raw_json: str) -> DeclaredVM | ExtractionProbl
     return _declare(address, json.loads(raw_json))
 
 
-def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProblem:
-    cleaned = _drop_nulls(raw)
-    assert isinstance(cleaned, dict)
-    metadata = cleaned.get("metadata")
+def _usable_name(address: str, raw: dict[str, Any]) -> str | ExtractionProblem:
+    """The manifest's name, or the project problem that it has none an object could carry."""
+    metadata = raw.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
     if not isinstance(name, str):
         return ExtractionProblem(address, "metadata.name: a QemuVM needs a name")
     name_problem = names.dns_label_problem(name)
     if name_problem:
-        return ExtractionProblem(address, f"metadata.name: {name[:80]!r} {name_problem}")
+        return ExtractionProblem(address, f"metadata.name: {name[: names.QUOTED_MAX]!r} {name_problem}")
+    return name
+
+
+def _refused(address: str, raw: dict[str, Any], reason: str) -> DeclaredVM | ExtractionProblem:
+    """A manifest refused whole: an invalid VM with an empty spec, or a problem if unnamed."""
+    name = _usable_name(address, raw)
+    if isinstance(name, ExtractionProblem):
+        return ExtractionProblem(address, f"manifest: {reason}")
+    return DeclaredVM(
+        name=name,
+        address=address,
+        labels={},
+        spec={},
+        error=f"manifest: {reason}",
+        spec_hash=_digest({"refused": reason}),
+    )
+
+
+def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProblem:
+    if nesting_exceeds(raw, MANIFEST_DEPTH_MAX):
+        return _refused(address, raw, f"nested more than {MANIFEST_DEPTH_MAX} levels deep")
+    cleaned = _drop_nulls(raw)
+    assert isinstance(cleaned, dict)
+    name = _usable_name(address, cleaned)
+    if isinstance(name, ExtractionProblem):
+        return name
+    metadata = cleaned.get("metadata")
     try:
         manifest = QemuVMManifest.model_validate(cleaned)
     except ValidationError as err:
@@ -265,8 +393,16 @@ def _instance_address(resource: dict[str, Any], instance: dict[str, Any]) -> str
     """Build `module.m["k"].terraform_data.vm[0]` the way Terraform prints addresses."""
     module = resource.get("module")
     address = f"{module}." if isinstance(module, str) and module else ""
-    address += f"{resource.get('type')}.{resource.get('name')}"
+    name = resource.get("name")
+    # Terraform writes a string name and a string or number key; anything else shows as "?"
+    # rather than as the repr of whatever structure a hand-made state put there.
+    address += f"{resource.get('type')}.{name if isinstance(name, str) else '?'}"
     if "index_key" in instance:
         key = instance["index_key"]
-        address += f"[{json.dumps(key)}]" if isinstance(key, str) else f"[{key}]"
+        if isinstance(key, str):
+            address += f"[{json.dumps(key)}]"
+        elif isinstance(key, int | float) and not isinstance(key, bool):
+            address += f"[{key}]"
+        else:
+            address += "[?]"
     return address

@@ -43,6 +43,8 @@ DISKS_MAX = 16
 FORWARDS_MAX = 32
 CMDLINE_MAX = 2048
 IMAGE_PATH_MAX = 255
+# A message lists this many validation errors and counts the rest.
+ERRORS_SHOWN_MAX = 10
 
 
 class _Model(BaseModel):
@@ -95,6 +97,18 @@ def _in_range(low: int, high: int, unit: str) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+def _at_most(limit: int, what: str) -> BeforeValidator:
+    """Refuse an over-long collection before its items are validated: pydantic reports every bad
+    item, so 30,000 bad disks would be 30,000 errors and a message megabytes long."""
+
+    def check(value: object) -> object:
+        if isinstance(value, list | tuple | dict) and len(value) > limit:
+            raise ValueError(f"at most {limit} {what} allowed, not {len(value)}")
+        return value
+
+    return BeforeValidator(check)
 
 
 DnsLabel = Annotated[str, AfterValidator(_check_dns_label)]
@@ -174,7 +188,9 @@ class PortForward(_Model):
 
 
 class NetworkSpec(_Model):
-    forwards: tuple[PortForward, ...] = Field(default=(), max_length=FORWARDS_MAX)
+    forwards: Annotated[tuple[PortForward, ...], _at_most(FORWARDS_MAX, "forwards")] = Field(
+        default=(), max_length=FORWARDS_MAX
+    )
 
     @model_validator(mode="after")
     def _unique_ports(self) -> NetworkSpec:
@@ -202,7 +218,9 @@ class QemuVMSpec(_Model):
     accel: Accel = Accel.AUTO
     run_strategy: RunStrategy = RunStrategy.ALWAYS
     boot: BootSpec | None = None
-    disks: tuple[DiskSpec, ...] = Field(default=(), max_length=DISKS_MAX)
+    disks: Annotated[tuple[DiskSpec, ...], _at_most(DISKS_MAX, "disks")] = Field(
+        default=(), max_length=DISKS_MAX
+    )
     network: NetworkSpec = NetworkSpec()
     stop_timeout: Seconds = Field(default=30, description='seconds, or a duration like "2m"')
 
@@ -218,8 +236,6 @@ class QemuVMSpec(_Model):
 
 
 def _check_labels(labels: dict[str, str]) -> dict[str, str]:
-    if len(labels) > names.LABELS_MAX:
-        raise ValueError(f"at most {names.LABELS_MAX} labels allowed")
     for key, value in labels.items():
         problem = names.label_key_problem(key) or names.label_value_problem(value)
         if problem:
@@ -227,7 +243,7 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
-Labels = Annotated[dict[str, str], AfterValidator(_check_labels)]
+Labels = Annotated[dict[str, str], _at_most(names.LABELS_MAX, "labels"), AfterValidator(_check_labels)]
 
 
 class ManifestMetadata(_Model):
@@ -344,9 +360,14 @@ class QemuVM(_Model):
 
 
 def describe_validation_error(error: ValidationError, *, prefix: str = "") -> str:
-    """Render pydantic errors as `spec.memory: must be ≥ 16 MiB; ...` for conditions and 4xx."""
+    """Render pydantic errors as `spec.memory: must be ≥ 16 MiB; ...` for conditions and 4xx.
+
+    At most ERRORS_SHOWN_MAX errors are listed and the rest counted, so a message stays short
+    enough for a condition and a table however wrong the input is.
+    """
     parts = []
-    for item in error.errors(include_url=False):
+    errors = error.errors(include_url=False)
+    for item in errors[:ERRORS_SHOWN_MAX]:
         location = prefix
         for segment in item["loc"]:
             if isinstance(segment, int):
@@ -355,4 +376,6 @@ def describe_validation_error(error: ValidationError, *, prefix: str = "") -> st
                 location += f".{segment}" if location else str(segment)
         message = item["msg"].removeprefix("Value error, ")
         parts.append(f"{location}: {message}" if location else message)
+    if len(errors) > ERRORS_SHOWN_MAX:
+        parts.append(f"and {len(errors) - ERRORS_SHOWN_MAX} more errors")
     return "; ".join(parts)

@@ -57,7 +57,8 @@ async def list_versions(request: web.Request) -> web.StreamResponse:
 
 async def get_version(request: web.Request) -> web.StreamResponse:
     serial_text = request.match_info["serial"]
-    if not serial_text.isdigit() or len(serial_text) > 18:
+    # isascii: "²" is a digit to str.isdigit() and an error to int().
+    if not (serial_text.isascii() and serial_text.isdigit()) or len(serial_text) > 18:
         raise BadRequest(f"serial {serial_text[:40]!r} must be a non-negative integer")
     stored = await request.app[STATES].read_version(project_of(request), int(serial_text))
     return web.Response(body=stored.body, content_type="application/json")
