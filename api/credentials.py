@@ -63,11 +63,12 @@ class _Secret:
             raise CredentialsError(f"{where}: malformed scrypt hash") from err
 
     def matches(self, secret: str) -> bool:
+        presented = _presented_bytes(secret)
         if self.plain_digest is not None:
-            return hmac.compare_digest(self.plain_digest, hashlib.sha256(secret.encode()).digest())
+            return hmac.compare_digest(self.plain_digest, hashlib.sha256(presented).digest())
         assert self.scrypt is not None
         n, r, p, salt, expected = self.scrypt
-        actual = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024)
+        actual = hashlib.scrypt(presented, salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024)
         return hmac.compare_digest(expected, actual)
 
 
@@ -101,7 +102,7 @@ class Credentials:
     def _verify(self, principal: str, secret: _Secret, presented: str) -> bool:
         if secret.plain_digest is not None:
             return secret.matches(presented)
-        key = hmac.new(self._cache_key, f"{principal}\0{presented}".encode(), "sha256").digest()
+        key = hmac.new(self._cache_key, _presented_bytes(f"{principal}\0{presented}"), "sha256").digest()
         if self._verified.get(key) == principal:
             self._verified.move_to_end(key)
             return True
@@ -154,3 +155,9 @@ def _load_users_file(path: Path, credentials: Credentials) -> None:
             if not isinstance(encoded, str):
                 raise CredentialsError(f"users file {path}: {table}.{name} must be a string")
             target[name] = _Secret.from_hash(encoded, where=f"users file {path}: {table}.{name}")
+
+
+def _presented_bytes(text: str) -> bytes:
+    """Credentials as sent. Header bytes that are not UTF-8 reach us as surrogate escapes; they
+    turn back into those bytes (and so match nothing) instead of failing to encode."""
+    return text.encode("utf-8", "surrogateescape")

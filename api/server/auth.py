@@ -9,7 +9,6 @@ Lock IDs are never a credential.
 from __future__ import annotations
 
 import base64
-import binascii
 
 from aiohttp import web
 
@@ -50,7 +49,7 @@ def _authenticate(header: str, request: web.Request) -> str | None:
     if scheme == "basic" and value:
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError; so is non-ASCII
             return None
         username, sep, password = decoded.partition(":")
         return credentials.check_basic(username, password) if sep else None

@@ -194,12 +194,6 @@ async def test_non_ascii_credentials_are_401(client: Client, authorization: byte
     assert await raw_get(client, authorization) == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG for the lead (api/server/auth.py, api/credentials.py): a non-ASCII Basic value makes "
-    "base64.b64decode raise a plain ValueError (not binascii.Error), and a header byte that is not "
-    "UTF-8 arrives as a surrogate escape that secret.encode() refuses: 500 before auth, to anyone.",
-)
 @pytest.mark.parametrize(
     "authorization",
     [
