@@ -32,3 +32,14 @@ class DataLayout:
         if not self.run_root.is_dir():
             return set()
         return {entry.name for entry in self.run_root.iterdir() if entry.is_dir()}
+
+
+def image_problem(images_dir: Path, name: str) -> str | None:
+    """Why `name` is not usable as a file of the images dir, or None when it is. A symlink may
+    point elsewhere inside it, never out: a kernel, initrd or base image is never a host file."""
+    candidate = (images_dir / name).resolve()
+    if not candidate.is_relative_to(images_dir.resolve()):
+        return f"image {name!r} resolves outside the images dir"
+    if not candidate.is_file():
+        return f"image {name!r} is not in the images dir"
+    return None

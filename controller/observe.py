@@ -13,6 +13,7 @@ from pathlib import Path
 from api.store.allocations import Allocations
 from api.types import QemuVMSpec
 from controller.clock import Clock
+from controller.layout import image_problem
 from controller.model import DiskRecord, Observed, ProcessObservation
 from controller.qemu import process
 from controller.qemu.argv import RuntimePaths
@@ -91,7 +92,7 @@ def _missing_images(spec: QemuVMSpec | None, images_dir: Path) -> tuple[str, ...
     wanted = [disk.image for disk in spec.disks if disk.image is not None]
     if spec.boot is not None:
         wanted += [spec.boot.kernel] + ([spec.boot.initrd] if spec.boot.initrd else [])
-    return tuple(name for name in wanted if not (images_dir / name).is_file())
+    return tuple(name for name in wanted if image_problem(images_dir, name) is not None)
 
 
 def host_memory_available_mib() -> int | None:

@@ -273,7 +273,7 @@ def _start(
             )
         return Plan(Intent.BACKING_OFF, memory, requeue_after=wait, detail=detail)
     if observed.missing_images:
-        detail = "missing in the images dir: " + ", ".join(observed.missing_images)
+        detail = "not a file in the images dir (or a link out of it): " + ", ".join(observed.missing_images)
         return Plan(Intent.WAITING_FOR_IMAGES, memory, requeue_after=IMAGE_RECHECK, detail=detail)
     argv = _argv(desired, spec, observed, context)
     is_restart = (

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from api.store.allocations import Allocations
 from api.types import DiskSpec
+from controller.layout import image_problem
 
 QEMU_IMG = "qemu-img"
 QEMU_IMG_TIMEOUT_SECONDS = 60.0
@@ -38,14 +39,11 @@ class DiskManager:
         return self.directory(uid) / f"{name}.qcow2"
 
     def base_image(self, image: str) -> Path:
-        """The image file inside the images dir. :raise DiskError: missing, or outside via a link."""
-        root = self._images_dir.resolve()
-        candidate = (self._images_dir / image).resolve()
-        if not candidate.is_relative_to(root):
-            raise DiskError(f"image {image!r} resolves outside the images dir")
-        if not candidate.is_file():
-            raise DiskError(f"image {image!r} is not in the images dir")
-        return candidate
+        """The image file inside the images dir. :raise DiskError: missing, or a link out of it."""
+        problem = image_problem(self._images_dir, image)
+        if problem is not None:
+            raise DiskError(problem)
+        return (self._images_dir / image).resolve()
 
     async def create(self, uid: str, disk: DiskSpec) -> None:
         """Create the disk file (idempotent: an existing file is kept)."""

@@ -345,13 +345,6 @@ def test_disk_names_cannot_be_paths(name: str) -> None:
     assert found.error.startswith("spec.disks[0].name: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG for the lead: controller/observe.py _missing_images() checks kernels and initrds "
-    "with Path.is_file(), which follows a symlink out of the images dir, and argv then hands the "
-    "link to QEMU (-initrd loads any host file into guest RAM). Disks are checked "
-    "(DiskManager.base_image resolves and refuses links that leave the images dir).",
-)
 def test_kernel_or_initrd_linked_outside_the_images_dir_is_not_used(tmp_path: Path) -> None:
     """An initrd that is a symlink out of the images dir is reported, never launched."""
     from controller.observe import _missing_images
