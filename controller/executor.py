@@ -100,7 +100,8 @@ class Executor:
             case Quit():
                 await self._qmp(uid, "quit")
             case Kill(pid=pid, signal=signal):
-                record = process.read_launch_record(paths)
+                # The watched process's record also serves when its runtime dir is gone.
+                record = self._runtime.attached_record(uid) or process.read_launch_record(paths)
                 if record is not None and record.pid == pid:
                     process.send_signal(record, signal)
                     log.info("vm_killed", uid=uid, pid=pid, signal=signal)

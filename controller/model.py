@@ -50,6 +50,9 @@ class ProcessObservation:
     argv_digest: str
     started_at: datetime
     qmp: QmpState
+    # Its runtime dir and QMP socket still exist: without them it cannot be managed (no QMP
+    # after a controller restart, no launch record to adopt it by).
+    runtime_intact: bool = True
 
 
 @dataclass(frozen=True, slots=True)

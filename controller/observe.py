@@ -54,6 +54,7 @@ async def observe(
             argv_digest=record.digest,
             started_at=record.started_at,
             qmp=await runtime.qmp_state(uid),
+            runtime_intact=Path(paths.qmp_socket).exists(),
         )
     # QEMU's leader shows as a zombie for a few ms while its other threads exit; the runtime's
     # pidfd fires only when all are gone and then records the exit. Until then it is "exiting".

@@ -241,6 +241,9 @@ def _keep_running(
         return _kill(process, memory, Intent.RESTARTING, "QEMU does not answer QMP: killing it")
     if process.qmp is QmpState.PANICKED:
         return _kill(process, memory, Intent.RESTARTING, "guest panicked")
+    if not process.runtime_intact and now - process.started_at >= QMP_STARTUP_GRACE:
+        # QEMU creates its socket at start; one removed later cannot come back.
+        return _kill(process, memory, Intent.RESTARTING, "its runtime dir or QMP socket was removed")
     if process.qmp is QmpState.PAUSED:
         return Plan(Intent.STARTING, memory, (Continue(),), again=True)
     if memory.stop_requested_at is not None:

@@ -242,6 +242,8 @@ def send_signal(record: LaunchRecord, signal: int) -> None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    # The runtime dir may have been removed under a live VM; its exit must still be recorded.
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     temporary.replace(path)

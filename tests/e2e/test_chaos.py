@@ -87,3 +87,24 @@ def test_chaos_kills_of_qemu_and_controller_all_recover_without_leaks(
     assert summary["vms_not_running"] == 0, context
     assert summary["store_intact"] is True, context
     assert report["checks"]["after_delete"]["leaks"] == 0, context
+
+
+def test_chaos_runtime_dir_and_socket_removal_all_recover_without_leaks(
+    tmp_path: Path, guest_images: Path
+) -> None:
+    """A VM whose runtime dir or QMP socket is removed under it is replaced; nothing leaks."""
+    report_path = tmp_path / "chaos.json"
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    argv = ["--spawn", "--vms", "3", "--duration", "12", "--interval", "3", "--faults", "rmdir,rmsock"]
+    argv += ["--images-dir", str(guest_images), "--json", str(report_path)]
+
+    code, output = run_chaos(argv, tmpdir=workspace)
+
+    context = f"hack/chaos exited {code} (workspace kept under {workspace}):\n{output[-OUTPUT_TAIL_CHARS:]}"
+    assert code == 0, context
+    summary = json.loads(report_path.read_text())["summary"]
+    assert summary["kills"] > 0, context
+    assert (summary["recovered"], summary["leaks"], summary["duplicates"]) == (summary["kills"], 0, 0), (
+        context
+    )

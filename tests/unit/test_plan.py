@@ -408,3 +408,12 @@ def test_a_running_vm_is_looked_at_again_after_the_liveness_period() -> None:
     context = replace(CONTEXT, liveness_period=timedelta(seconds=10))
     result = plan(vm, observed(**ready(process=process(digest_for(vm)))), Memory(), context, now=NOW)
     assert (result.intent, result.requeue_after) == (Intent.RUNNING, timedelta(seconds=10))
+
+
+def test_a_vm_whose_runtime_dir_or_socket_was_removed_is_killed_after_the_startup_grace() -> None:
+    vm = desired()
+    broken = replace(process(digest_for(vm)), runtime_intact=False)
+    result = plan(vm, observed(**ready(process=broken)), Memory(), CONTEXT, now=NOW)
+    assert (result.intent, kinds(result)) == (Intent.RESTARTING, [Kill])
+    starting = replace(process(digest_for(vm), age=1.0), runtime_intact=False)
+    assert plan(vm, observed(**ready(process=starting)), Memory(), CONTEXT, now=NOW).intent is Intent.RUNNING
