@@ -22,7 +22,7 @@ from api.store.status_writer import StatusConflict, VMStatusWriter
 from api.store.vms import VMRecord
 from api.telemetry.tracing import span_context_of
 from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
-from controller.actions import Finalize
+from controller.actions import Finalize, Spawn
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
 from controller.executor import Executor
@@ -146,6 +146,7 @@ class Reconciler:
         previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
         _describe(span, record, previous)
         memory = memory_from(previous)
+        restarts_before = previous.restarts
         planned: list[str] = []
         error: str | None = None
         outcome = Outcome.SUCCESS
@@ -155,8 +156,15 @@ class Reconciler:
         for _ in range(MAX_ROUNDS):
             observed = await self._observe(uid, spec)
             current = plan(desired, observed, memory, context, now=self._clock.now())
-            memory = current.memory
             planned += [type(action).__name__ for action in current.actions]
+            if desired is not None and current.memory != memory and _spawns(current):
+                # Spawning clears the exit record this memory was folded from: store the count
+                # first, or a controller killed right after the spawn would lose the exit.
+                previous = compute_status(
+                    desired, observed, current, previous, accel=accel, error=None, now=self._clock.now()
+                )
+                await self._write_status(uid, previous)
+            memory = current.memory
             try:
                 for action in current.actions:
                     await self._executor.execute(uid, paths, action)
@@ -183,7 +191,7 @@ class Reconciler:
             span.set_attribute("tofu_qemu.phase_after", status.phase.value)
             self._follow_boot(uid, observed, status)
         span.set_attributes({"tofu_qemu.actions": planned, "tofu_qemu.intent": current.intent.value})
-        if memory.restarts > previous.restarts and memory.last_exit is not None:
+        if memory.restarts > restarts_before and memory.last_exit is not None:
             self._restarted(memory.last_exit.reason.value)
         if outcome is Outcome.SUCCESS and current.again:
             # MAX_ROUNDS ran out with steps left: continue soon rather than at the next resync.
@@ -217,6 +225,10 @@ class Reconciler:
             return
         if written:
             log.info("status_written", uid=uid, phase=status.phase.value, pid=status.pid)
+
+
+def _spawns(result: Plan) -> bool:
+    return any(isinstance(action, Spawn) for action in result.actions)
 
 
 def _describe(span: Span, record: VMRecord | None, previous: QemuVMStatus) -> None:

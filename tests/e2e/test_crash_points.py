@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,28 @@ def test_crash_during_delete(make_vm_host: MakeVmHost, point: CrashPoint) -> Non
     assert_nothing_left(host)
     log = host.server("serve").log_text()
     assert not [line for line in log.splitlines() if '"reconcile_crashed"' in line], json.dumps(log[-3000:])
+
+
+def test_a_crash_right_after_a_restart_keeps_the_exit_counted(make_vm_host: MakeVmHost) -> None:
+    """The exit that caused a restart is in status before the respawn clears its record."""
+    host = make_vm_host()
+    server = restart(host, {})
+    post(server, 1, {"web": SPEC})
+    before = host.wait_vm(PROJECT, "web", is_running_current, what="web Running")
+    assert server.stop() == 0
+
+    server = restart(host, {CRASH_ENV: CrashPoint.AFTER_SPAWN.value})
+    host.wait_vm(PROJECT, "web", is_running_current, what="web adopted")
+    os.kill(before["status"]["pid"], signal.SIGKILL)
+    wait_crashed(server, CrashPoint.AFTER_SPAWN)
+
+    restart(host, {})
+    after = host.wait_vm(
+        PROJECT,
+        "web",
+        lambda vm: is_running_current(vm) and vm["status"]["pid"] != before["status"]["pid"],
+        what="web Running in its new QEMU",
+    )
+    assert after["status"]["restarts"] == before["status"]["restarts"] + 1
+    assert after["status"]["lastExit"] is not None
+    assert live_qemu_pids(host.data_dir) == {after["status"]["pid"]}
