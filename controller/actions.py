@@ -75,6 +75,14 @@ class Kill:
 
 
 @dataclass(frozen=True, slots=True)
+class KillLost:
+    """SIGKILL `pid`, a QEMU of this VM that can no longer be managed: its runtime dir (with the
+    launch record and QMP socket) is gone. Checked again just before sending."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class CleanRuntime:
     """Remove what a dead process left (pidfile, socket, launch and exit records).
 
@@ -102,6 +110,7 @@ Action = (
     | RequestPowerdown
     | Quit
     | Kill
+    | KillLost
     | CleanRuntime
     | RemoveRuntimeDir
     | Finalize

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal as signals
 from pathlib import Path
 from typing import assert_never
 
@@ -20,6 +22,7 @@ from controller.actions import (
     DeleteDisk,
     Finalize,
     Kill,
+    KillLost,
     Quit,
     ReleasePorts,
     RemoveRuntimeDir,
@@ -105,6 +108,10 @@ class Executor:
                 if record is not None and record.pid == pid:
                     process.send_signal(record, signal)
                     log.info("vm_killed", uid=uid, pid=pid, signal=signal)
+            case KillLost(pid=pid):
+                if process.find_lost(paths) == pid:
+                    os.kill(pid, signals.SIGKILL)
+                    log.info("vm_killed", uid=uid, pid=pid, signal=signals.SIGKILL, lost=True)
             case CleanRuntime():
                 process.clear_stale_files(paths)
             case RemoveRuntimeDir():
@@ -166,6 +173,7 @@ _SPAN_NAMES: dict[type[Action], str] = {
     DeleteDisk: "disk delete",
     Spawn: "spawn",
     Kill: "kill",
+    KillLost: "kill",
     CleanRuntime: "clean runtime",
     RemoveRuntimeDir: "remove runtime dir",
     Finalize: "finalize",

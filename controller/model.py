@@ -88,6 +88,8 @@ class Observed:
     disks: Mapping[str, DiskRecord] = field(default_factory=dict)
     # Looked at only when no process runs: only a start needs the images.
     missing_images: tuple[str, ...] = ()
+    # A QEMU of this VM that lost its runtime dir (looked for only when one was expected).
+    lost_pid: int | None = None
     # MemAvailable of the host, looked at only when no process runs (None: unknown).
     host_memory_available_mib: int | None = None
 

@@ -29,7 +29,9 @@ async def observe(
     allocations: Allocations,
     images_dir: Path,
     clock: Clock,
+    expect_process: bool = False,
 ) -> Observed:
+    """`expect_process`: status names a pid, so a process missing from the records is looked for."""
     directory = Path(paths.directory)
     # A process the runtime watches was proven ours when it was attached; the files on disk
     # are read (and proven against /proc) only for one it does not watch yet.
@@ -84,6 +86,7 @@ async def observe(
         disks={row.name: DiskRecord(row.name, row.reclaim_policy, Path(row.path).exists()) for row in disks},
         missing_images=_missing_images(spec, images_dir) if found is None else (),
         host_memory_available_mib=host_memory_available_mib() if found is None else None,
+        lost_pid=process.find_lost(paths) if expect_process and record is None else None,
     )
 
 

@@ -23,6 +23,7 @@ from controller.actions import (
     DeleteDisk,
     Finalize,
     Kill,
+    KillLost,
     Quit,
     ReleasePorts,
     RemoveRuntimeDir,
@@ -98,6 +99,12 @@ def plan(
     if observed.exiting:
         # Nothing is safe to do until the exit is recorded (the runtime lock is still held).
         return Plan(Intent.STOPPING, memory, requeue_after=EXIT_RECHECK, detail="QEMU is exiting")
+    if observed.lost_pid is not None and observed.process is None:
+        # Ours but unmanageable (no QMP, no record to adopt it by): replace it, or a second
+        # QEMU would be started beside it.
+        detail = "a QEMU of this VM lost its runtime dir: killing it"
+        actions = (KillLost(observed.lost_pid),)
+        return Plan(Intent.RESTARTING, memory, actions, requeue_after=EXIT_RECHECK, detail=detail)
     if desired is None or desired.deleting:
         return _tear_down(desired, observed, memory, now)
     if desired.spec is None:

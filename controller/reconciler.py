@@ -154,7 +154,7 @@ class Reconciler:
         current: Plan | None = None
         observed: Observed | None = None
         for _ in range(MAX_ROUNDS):
-            observed = await self._observe(uid, spec)
+            observed = await self._observe(uid, spec, expect_process=previous.pid is not None)
             current = plan(desired, observed, memory, context, now=self._clock.now())
             planned += [type(action).__name__ for action in current.actions]
             if desired is not None and current.memory != memory and _spawns(current):
@@ -182,7 +182,7 @@ class Reconciler:
         if desired is not None and not finalized:
             if current.actions:
                 # The world changed since the last look; a plan without actions changed nothing.
-                observed = await self._observe(uid, spec)
+                observed = await self._observe(uid, spec, expect_process=previous.pid is not None)
             status = compute_status(
                 desired, observed, current, previous, accel=accel, error=error, now=self._clock.now()
             )
@@ -207,7 +207,7 @@ class Reconciler:
         elif observed.process is None and not observed.exiting:
             self._boots.abandoned(uid, status.phase.value)
 
-    async def _observe(self, uid: str, spec: QemuVMSpec | None) -> Observed:
+    async def _observe(self, uid: str, spec: QemuVMSpec | None, *, expect_process: bool) -> Observed:
         return await observe(
             uid,
             self._layout.runtime(uid),
@@ -216,6 +216,7 @@ class Reconciler:
             allocations=self._allocations,
             images_dir=self._layout.images_dir,
             clock=self._clock,
+            expect_process=expect_process,
         )
 
     async def _write_status(self, uid: str, status: QemuVMStatus) -> None:

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from controller.model import ExitObservation
-from controller.qemu.argv import RuntimePaths
+from controller.qemu.argv import QEMU_BINARY, RuntimePaths
 
 STDERR_TAIL_LINES = 15
 STDERR_TAIL_BYTES = 4096
@@ -247,3 +247,26 @@ def _write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     temporary.replace(path)
+
+
+def find_lost(runtime: RuntimePaths) -> int | None:
+    """A QEMU still running in this VM's runtime dir although the dir (or its launch record) is
+    gone: its working directory is the runtime dir, shown as "<dir> (deleted)" once removed.
+
+    Scans /proc, so it is asked only when a process is expected and none is on record.
+    """
+    directory = str(runtime.directory)
+    wanted = {directory, f"{directory} (deleted)"}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") not in wanted:
+                continue
+        except OSError:
+            continue
+        argv = read_cmdline(pid)
+        if argv and Path(argv[0]).name == QEMU_BINARY:
+            return pid
+    return None

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ import pytest
 from controller.faults import CRASH_ENV, CrashPoint
 from tests.builders import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
-from tests.e2e.harness import ServerProcess, VmHost, is_running_current, live_qemu_pids, wait_until
+from tests.e2e.harness import (
+    ProcessIdentity,
+    ServerProcess,
+    VmHost,
+    is_running_current,
+    live_qemu_pids,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -149,3 +157,26 @@ def test_a_crash_right_after_a_restart_keeps_the_exit_counted(make_vm_host: Make
     assert after["status"]["restarts"] == before["status"]["restarts"] + 1
     assert after["status"]["lastExit"] is not None
     assert live_qemu_pids(host.data_dir) == {after["status"]["pid"]}
+
+
+def test_a_runtime_dir_removed_while_the_controller_was_down_gives_no_duplicate(
+    make_vm_host: MakeVmHost,
+) -> None:
+    """The QEMU left without its runtime dir is found by its working dir and replaced, not doubled."""
+    host = make_vm_host()
+    server = restart(host, {})
+    post(server, 1, {"web": SPEC})
+    before = host.wait_vm(PROJECT, "web", is_running_current, what="web Running")
+    old_qemu = ProcessIdentity.of(before["status"]["pid"])
+    assert server.stop() == 0
+    shutil.rmtree(host.data_dir / "run" / before["metadata"]["uid"])
+
+    restart(host, {})
+    after = host.wait_vm(
+        PROJECT,
+        "web",
+        lambda vm: is_running_current(vm) and vm["status"]["pid"] != before["status"]["pid"],
+        what="web Running in a new QEMU",
+    )
+    assert live_qemu_pids(host.data_dir) == {after["status"]["pid"]}
+    assert not old_qemu.is_running

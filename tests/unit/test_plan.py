@@ -20,6 +20,7 @@ from controller.actions import (
     DeleteDisk,
     Finalize,
     Kill,
+    KillLost,
     Quit,
     ReleasePorts,
     RemoveRuntimeDir,
@@ -417,3 +418,11 @@ def test_a_vm_whose_runtime_dir_or_socket_was_removed_is_killed_after_the_startu
     assert (result.intent, kinds(result)) == (Intent.RESTARTING, [Kill])
     starting = replace(process(digest_for(vm), age=1.0), runtime_intact=False)
     assert plan(vm, observed(**ready(process=starting)), Memory(), CONTEXT, now=NOW).intent is Intent.RUNNING
+
+
+def test_a_qemu_that_lost_its_runtime_dir_is_killed_before_anything_starts() -> None:
+    result = plan(desired(), observed(**ready(lost_pid=31337)), Memory(), CONTEXT, now=NOW)
+    assert result.intent is Intent.RESTARTING
+    assert [(type(a), getattr(a, "pid", None)) for a in result.actions] == [(KillLost, 31337)]
+    deleting = plan(desired(deleting=True), observed(**ready(lost_pid=31337)), Memory(), CONTEXT, now=NOW)
+    assert kinds(deleting) == [KillLost]
