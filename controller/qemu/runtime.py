@@ -29,6 +29,9 @@ from controller.telemetry import TRACER
 
 log = structlog.get_logger(__name__)
 QMP_CONNECT_SECONDS = 10.0
+# A QEMU that has run for a while (adopted, or reconnecting) listens already: a slow greeting
+# means it hangs, and the liveness check should find that in seconds, not in two full waits.
+QMP_RECONNECT_SECONDS = 2.0
 # A run state learnt from a reply or an event is trusted this long before QMP is asked again.
 # Asking is what detects a hung QEMU, so this bounds how stale the answer may be, and a full
 # resync (30 s) always finds the trust expired.
@@ -55,6 +58,8 @@ class _Attachment:
     events: asyncio.Task[None] | None = field(default=None, repr=False)
     known_state: QmpState | None = None
     known_at: float = 0.0
+    # Spawned by us and never connected yet: QEMU may still be starting up.
+    fresh: bool = False
     # When QEMU announced its shutdown (QMP SHUTDOWN's timestamp, epoch seconds).
     shutdown_at: float | None = None
 
@@ -111,7 +116,7 @@ class Runtime:
         except ProcessLookupError:
             self._record_exit(uid, paths, record, child)
             return
-        attachment = _Attachment(uid, paths, record, child, pidfd)
+        attachment = _Attachment(uid, paths, record, child, pidfd, fresh=child is not None)
         self._attached[uid] = attachment
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit, uid)
         # Before QMP answers, so threads QEMU starts meanwhile inherit it; and after, for those
@@ -198,7 +203,7 @@ class Runtime:
             attachment.monitor = await Monitor.connect(
                 Path(f"/proc/self/fd/{directory}/{QMP_SOCKET_NAME}"),
                 name=attachment.uid,
-                within=QMP_CONNECT_SECONDS,
+                within=QMP_CONNECT_SECONDS if attachment.fresh else QMP_RECONNECT_SECONDS,
                 while_=lambda: self._attached.get(attachment.uid) is attachment,
             )
         except MonitorUnavailable as err:
@@ -207,6 +212,7 @@ class Runtime:
             return
         finally:
             os.close(directory)
+        attachment.fresh = False
         attachment.events = self._tasks.create_task(
             self._read_events(attachment, attachment.monitor), name=f"qmp-events-{attachment.uid}"
         )
