@@ -30,7 +30,15 @@ from api.store import vms
 from api.store.db import Database
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
 from api.telemetry.tracing import current_traceparent
-from api.tfstate import DeclaredVM, Extraction, ExtractionProblem, StateSummary
+from api.tfstate import (
+    DeclaredVM,
+    Extraction,
+    ExtractionProblem,
+    StateFormatError,
+    StateSummary,
+    load_json,
+    nesting_exceeds,
+)
 
 ENCRYPTED_NOTE = (
     "specs unreadable: state is encrypted client-side (OpenTofu encryption_version {version}); "
@@ -39,6 +47,7 @@ ENCRYPTED_NOTE = (
 LOCK_INFO_MAX_BYTES = 64 * 1024
 # Current state bodies kept in memory for GET (Terraform reads before every plan and apply).
 CACHED_BODY_BYTES = 256 * 1024 * 1024
+LOCK_INFO_DEPTH_MAX = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +64,7 @@ class LockInfo:
         """:raise ValueError: if the body is not a lock info object with a non-empty ID."""
         if len(body) > LOCK_INFO_MAX_BYTES:
             raise ValueError(f"lock info is larger than {LOCK_INFO_MAX_BYTES} bytes")
-        try:
-            document = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"lock info is not valid JSON: {err}") from err
+        document = _load_lock_json(body, what="lock info")
         if not isinstance(document, dict) or not isinstance(document.get("ID"), str) or not document["ID"]:
             raise ValueError("lock info must be a JSON object with a non-empty string 'ID'")
         return cls(
@@ -79,14 +85,24 @@ def unlock_id(body: bytes) -> str | None:
     """
     if not body.strip():
         return None
-    try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"unlock body is not valid JSON: {err}") from err
+    document = _load_lock_json(body, what="unlock body")
     if not isinstance(document, dict):
         raise ValueError("unlock body must be a JSON object")
     lock_id = document.get("ID")
     return lock_id if isinstance(lock_id, str) and lock_id else None
+
+
+def _load_lock_json(body: bytes, *, what: str) -> Any:
+    """Lock info is one flat object in both clients. A stored lock body is parsed again on every
+    later write and served by the API, so its depth is bounded here, and so is what SQLite and
+    the logs cannot hold (load_json: unpaired surrogates, huge integers).
+
+    :raise StateFormatError: (a ValueError) saying what is wrong.
+    """
+    document = load_json(body, what=what)
+    if nesting_exceeds(document, LOCK_INFO_DEPTH_MAX):
+        raise StateFormatError(f"{what} is nested more than {LOCK_INFO_DEPTH_MAX} levels deep")
+    return document
 
 
 @dataclass(frozen=True, slots=True)
