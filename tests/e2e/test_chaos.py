@@ -58,21 +58,29 @@ def run_chaos(argv: list[str], *, tmpdir: Path) -> tuple[int, str]:
     return process.returncode, output
 
 
+def chaos_report(tmp_path: Path, guest_images: Path, *options: str) -> tuple[dict[str, Any], str]:
+    """Run `hack/chaos --spawn` with `options`; its JSON report, and context for failure messages.
+
+    :raise AssertionError: the tool exited non-zero (its verdict, or a run it could not make).
+    """
+    report_path = tmp_path / "chaos.json"
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    argv = ["--spawn", *options, "--images-dir", str(guest_images), "--json", str(report_path)]
+    code, output = run_chaos(argv, tmpdir=workspace)
+    context = f"hack/chaos exited {code} (workspace kept under {workspace}):\n{output[-OUTPUT_TAIL_CHARS:]}"
+    assert code == 0, context
+    report: dict[str, Any] = json.loads(report_path.read_text())
+    return report, context
+
+
 def test_chaos_kills_of_qemu_and_controller_all_recover_without_leaks(
     tmp_path: Path, guest_images: Path
 ) -> None:
     """Every VM recovers from QEMU and controller SIGKILLs, with no leak, no duplicate and an intact store."""
-    report_path = tmp_path / "chaos.json"
-    workspace = tmp_path / "workspace"
-    workspace.mkdir()
-    argv = ["--spawn", "--vms", "5", "--duration", "30", "--interval", "2", "--controller-kills", "3"]
-    argv += ["--images-dir", str(guest_images), "--json", str(report_path)]
-
-    code, output = run_chaos(argv, tmpdir=workspace)
-
-    context = f"hack/chaos exited {code} (workspace kept under {workspace}):\n{output[-OUTPUT_TAIL_CHARS:]}"
-    assert code == 0, context
-    report: dict[str, Any] = json.loads(report_path.read_text())
+    report, context = chaos_report(
+        tmp_path, guest_images, "--vms", "5", "--duration", "30", "--interval", "2", "--controller-kills", "3"
+    )
     summary = report["summary"]
     figures = {key: summary[key] for key in ("kills", "recovered", "unrecovered", "leaks", "duplicates")}
     assert summary["kills"] > 0, context
@@ -93,18 +101,19 @@ def test_chaos_runtime_dir_and_socket_removal_all_recover_without_leaks(
     tmp_path: Path, guest_images: Path
 ) -> None:
     """A VM whose runtime dir or QMP socket is removed under it is replaced; nothing leaks."""
-    report_path = tmp_path / "chaos.json"
-    workspace = tmp_path / "workspace"
-    workspace.mkdir()
-    argv = ["--spawn", "--vms", "3", "--duration", "12", "--interval", "3", "--faults", "rmdir,rmsock"]
-    argv += ["--images-dir", str(guest_images), "--json", str(report_path)]
-
-    code, output = run_chaos(argv, tmpdir=workspace)
-
-    context = f"hack/chaos exited {code} (workspace kept under {workspace}):\n{output[-OUTPUT_TAIL_CHARS:]}"
-    assert code == 0, context
-    summary = json.loads(report_path.read_text())["summary"]
-    assert summary["kills"] > 0, context
-    assert (summary["recovered"], summary["leaks"], summary["duplicates"]) == (summary["kills"], 0, 0), (
-        context
+    report, context = chaos_report(
+        tmp_path,
+        guest_images,
+        "--vms",
+        "3",
+        "--duration",
+        "12",
+        "--interval",
+        "3",
+        "--faults",
+        "rmdir,rmsock",
     )
+    summary = report["summary"]
+    assert summary["kills"] > 0, context
+    outcome = (summary["recovered"], summary["leaks"], summary["duplicates"])
+    assert outcome == (summary["kills"], 0, 0), context
