@@ -11,6 +11,7 @@ the canonical spec, and therefore `generation`, depends on meaning, not spelling
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -28,7 +29,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from api import names, quantity
+from api import images, names, quantity
 
 API_GROUP = "tofu-qemu.dev"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -43,6 +44,10 @@ DISKS_MAX = 16
 FORWARDS_MAX = 32
 CMDLINE_MAX = 2048
 IMAGE_PATH_MAX = 255
+# cloud-init: AWS allows 16 KiB of user data; a seed ISO has room, a state file and a table less.
+CLOUD_INIT_DATA_MAX = 64 * 1024
+SSH_KEYS_MAX = 32
+SSH_KEY_MAX = 8 * 1024
 # A message lists this many validation errors and counts the rest.
 ERRORS_SHOWN_MAX = 10
 
@@ -80,6 +85,60 @@ def _check_image_path(value: str) -> str:
     return value
 
 
+def _check_image(value: str) -> str:
+    """A file of the images dir, `sha256:<hex>` (the cache), or an http(s) URL."""
+    if value.startswith(images.SHA256_PREFIX):
+        problem = images.digest_problem(value.removeprefix(images.SHA256_PREFIX))
+        if problem:
+            raise ValueError(f"sha256: image: {problem}")
+        return value
+    if images.is_url(value):
+        problem = images.url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+    return _check_image_path(value)
+
+
+def _check_digest(value: str) -> str:
+    value = value.lower().removeprefix(images.SHA256_PREFIX)
+    problem = images.digest_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _check_cloud_init_text(value: str) -> str:
+    if len(value.encode()) > CLOUD_INIT_DATA_MAX:
+        raise ValueError(f"must be at most {CLOUD_INIT_DATA_MAX // 1024} KiB")
+    if "\x00" in value:
+        raise ValueError("may not contain NUL characters")
+    return value
+
+
+def _check_cloud_init_object(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"must be plain JSON data: {err}") from None
+    if size > CLOUD_INIT_DATA_MAX:
+        raise ValueError(f"must be at most {CLOUD_INIT_DATA_MAX // 1024} KiB as JSON")
+    return value
+
+
+_SSH_KEY_RE = re.compile(r"(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [ -~]*)?")
+
+
+def _check_ssh_key(value: str) -> str:
+    if len(value) > SSH_KEY_MAX:
+        raise ValueError(f"an SSH key may be at most {SSH_KEY_MAX} characters")
+    if not _SSH_KEY_RE.fullmatch(value.strip()):
+        raise ValueError(
+            f'{value[:40]!r}... is not an OpenSSH public key line ("ssh-ed25519 AAAA... comment")'
+        )
+    return value.strip()
+
+
 def _check_cmdline(value: str) -> str:
     if len(value) > CMDLINE_MAX:
         raise ValueError(f"must be at most {CMDLINE_MAX} characters")
@@ -113,6 +172,11 @@ def _at_most(limit: int, what: str) -> BeforeValidator:
 
 DnsLabel = Annotated[str, AfterValidator(_check_dns_label)]
 ImagePath = Annotated[str, AfterValidator(_check_image_path)]
+ImageRef = Annotated[str, AfterValidator(_check_image)]
+Sha256Digest = Annotated[str, AfterValidator(_check_digest)]
+CloudInitText = Annotated[str, AfterValidator(_check_cloud_init_text)]
+CloudInitObject = Annotated[dict[str, Any], AfterValidator(_check_cloud_init_object)]
+SshAuthorizedKey = Annotated[str, AfterValidator(_check_ssh_key)]
 KernelCmdline = Annotated[str, AfterValidator(_check_cmdline)]
 MemoryMiB = Annotated[
     int,
@@ -165,10 +229,17 @@ class BootSpec(_Model):
 
 
 class DiskSpec(_Model):
-    """A disk: a qcow2 overlay on `image` (a file in the images dir), or blank if no image."""
+    """A disk: a qcow2 overlay on `image`, or a blank qcow2 disk if there is no image."""
 
     name: DnsLabel
-    image: ImagePath | None = None
+    image: ImageRef | None = Field(
+        default=None,
+        description="A file in the images dir, sha256:<hex> (the download cache), or an http(s) URL",
+    )
+    sha256: Sha256Digest | None = Field(
+        default=None,
+        description="The URL image's sha256; without it, <url>.sha256 is read. Only for URL images",
+    )
     size: DiskMiB | None = Field(default=None, description='MiB, or a quantity like "10Gi"')
     reclaim_policy: ReclaimPolicy = ReclaimPolicy.DELETE
 
@@ -176,7 +247,13 @@ class DiskSpec(_Model):
     def _needs_image_or_size(self) -> DiskSpec:
         if self.image is None and self.size is None:
             raise ValueError("a disk needs an image, a size, or both")
+        if self.sha256 is not None and (self.image is None or not images.is_url(self.image)):
+            raise ValueError("sha256 applies to URL images only (a sha256:<hex> image names its own)")
         return self
+
+    @property
+    def source(self) -> images.ImageSource | None:
+        return images.image_source(self.image, self.sha256) if self.image is not None else None
 
 
 class PortForward(_Model):
@@ -209,6 +286,23 @@ class NetworkSpec(_Model):
         return self
 
 
+class CloudInitSpec(_Model):
+    """A NoCloud seed (a `cidata` CD-ROM) for images that run cloud-init."""
+
+    user_data: CloudInitText | CloudInitObject | None = Field(
+        default=None, description="user-data: text as it is, or an object written as #cloud-config"
+    )
+    meta_data: CloudInitObject = Field(
+        default_factory=dict, description="meta-data keys; instance-id and local-hostname are set"
+    )
+    network_config: CloudInitObject | None = Field(
+        default=None, description="network-config (version 1 or 2), as an object"
+    )
+    ssh_authorized_keys: Annotated[tuple[SshAuthorizedKey, ...], _at_most(SSH_KEYS_MAX, "SSH keys")] = Field(
+        default=(), max_length=SSH_KEYS_MAX, description="Public keys for the default user"
+    )
+
+
 class QemuVMSpec(_Model):
     """The desired state of one VM. Defaults are part of the canonical form."""
 
@@ -222,6 +316,7 @@ class QemuVMSpec(_Model):
         default=(), max_length=DISKS_MAX
     )
     network: NetworkSpec = NetworkSpec()
+    cloud_init: CloudInitSpec | None = None
     stop_timeout: Seconds = Field(default=30, description='seconds, or a duration like "2m"')
 
     @model_validator(mode="after")

@@ -8,7 +8,9 @@ finds everything it might hold listed here.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from api.store.db import Database
 from api.types import Protocol, ReclaimPolicy
@@ -27,11 +29,43 @@ class PortRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskOwner:
+    """The VM a disk was made for, by name: it outlives the VM's uid when the disk is retained."""
+
+    project: str
+    vm_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class DiskRow:
     uid: str
     name: str
     path: str
     reclaim_policy: ReclaimPolicy
+    # MiB as created or last grown; None for disks recorded before sizes were kept.
+    size_mib: int | None = None
+    # The base image file the disk overlays, if any.
+    base: str | None = None
+    owner: DiskOwner | None = None
+
+
+class DiskHeld(Exception):
+    """A retained disk of this name still belongs to a VM that is being deleted: wait for it."""
+
+
+def _disk_row(row: Sequence[Any]) -> DiskRow:
+    """A row of the columns uid, name, path, reclaim_policy, size_mib, base, project, vm_name."""
+    uid, name, path, policy, size_mib, base, project, vm_name = row
+    owner = DiskOwner(str(project), str(vm_name)) if project is not None and vm_name is not None else None
+    return DiskRow(
+        str(uid),
+        str(name),
+        str(path),
+        ReclaimPolicy(policy),
+        size_mib if isinstance(size_mib, int) else None,
+        base if isinstance(base, str) else None,
+        owner,
+    )
 
 
 class Allocations:
@@ -41,13 +75,15 @@ class Allocations:
     async def held_by(self, uid: str) -> tuple[list[PortRow], list[DiskRow]]:
         """The ports and disks `uid` holds, in one read (every observe asks)."""
         rows = await self._db.read(
-            "SELECT 'port', protocol, guest_port, host_port, NULL FROM port_allocations WHERE uid = ?"
-            " UNION ALL SELECT 'disk', name, path, reclaim_policy, NULL FROM disks WHERE uid = ?"
-            " ORDER BY 1, 2, 3",
+            "SELECT 'port', uid, protocol, guest_port, host_port, NULL, NULL, NULL, NULL"
+            " FROM port_allocations WHERE uid = ?"
+            " UNION ALL SELECT 'disk', uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
+            " FROM disks WHERE uid = ?"
+            " ORDER BY 1, 3, 4",
             (uid, uid),
         )
-        ports = [PortRow(uid, Protocol(r[1]), r[2], r[3]) for r in rows if r[0] == "port"]
-        disks = [DiskRow(uid, r[1], r[2], ReclaimPolicy(r[3])) for r in rows if r[0] == "disk"]
+        ports = [PortRow(uid, Protocol(r[2]), r[3], r[4]) for r in rows if r[0] == "port"]
+        disks = [_disk_row(r[1:]) for r in rows if r[0] == "disk"]
         return ports, disks
 
     async def ports(self) -> list[PortRow]:
@@ -93,16 +129,77 @@ class Allocations:
 
     async def disks(self) -> list[DiskRow]:
         """Every recorded disk (`held_by` for one VM's)."""
-        rows = await self._db.read("SELECT uid, name, path, reclaim_policy FROM disks ORDER BY uid, name")
-        return [DiskRow(r[0], r[1], r[2], ReclaimPolicy(r[3])) for r in rows]
+        rows = await self._db.read(
+            "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
+            " FROM disks ORDER BY uid, name"
+        )
+        return [_disk_row(r) for r in rows]
 
-    async def record_disk(self, uid: str, name: str, path: str, policy: ReclaimPolicy) -> None:
-        """Record a disk before its file is created (so a crash in between leaks nothing)."""
+    async def retained_disks(self) -> list[DiskRow]:
+        """Disks whose VM is gone: kept by `reclaimPolicy: Retain` for a VM of the same name."""
+        rows = await self._db.read(
+            "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
+            " FROM disks WHERE uid NOT IN (SELECT uid FROM vms)"
+            " ORDER BY project, vm_name, name"
+        )
+        return [_disk_row(r) for r in rows]
+
+    async def record_disk(self, uid: str, disk: DiskRow) -> None:
+        """Record a disk before its file is created (so a crash in between leaks nothing).
+
+        Recording again updates the policy, size and base (a retried creation may learn them).
+        """
+        owner = disk.owner
         async with self._db.write() as conn:
             await conn.execute(
-                "INSERT INTO disks (uid, name, path, reclaim_policy, created_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (uid, name) DO UPDATE SET reclaim_policy = excluded.reclaim_policy",
-                (uid, name, path, policy.value, self._db.clock().isoformat()),
+                "INSERT INTO disks (uid, name, path, reclaim_policy, created_at, size_mib, base,"
+                " project, vm_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (uid, name) DO UPDATE SET reclaim_policy = excluded.reclaim_policy,"
+                " size_mib = excluded.size_mib, base = excluded.base",
+                (
+                    uid,
+                    disk.name,
+                    disk.path,
+                    disk.reclaim_policy.value,
+                    self._db.clock().isoformat(),
+                    disk.size_mib,
+                    disk.base,
+                    owner.project if owner else None,
+                    owner.vm_name if owner else None,
+                ),
+            )
+
+    async def adopt_retained_disk(self, uid: str, owner: DiskOwner, name: str) -> DiskRow | None:
+        """Give `uid` the retained disk `name` of a gone VM with the same project and name.
+
+        The file stays where it is (the row keeps its path), so adoption is one atomic update.
+        :raise DiskHeld: the disk still belongs to a VM that is being deleted.
+        """
+        async with self._db.write() as conn:
+            async with conn.execute(
+                "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name,"
+                " uid IN (SELECT uid FROM vms) FROM disks"
+                " WHERE project = ? AND vm_name = ? AND name = ? AND uid != ?"
+                " AND reclaim_policy = 'Retain' ORDER BY created_at LIMIT 1",
+                (owner.project, owner.vm_name, name, uid),
+            ) as cursor:
+                found = await cursor.fetchone()
+            if found is None:
+                return None
+            row = _disk_row(tuple(found)[:-1])
+            if found[-1]:
+                raise DiskHeld(
+                    f"disk {name!r} is retained by the deleted VM {owner.vm_name!r} ({row.uid}),"
+                    " which is still being torn down"
+                )
+            await conn.execute("DELETE FROM disks WHERE uid = ? AND name = ?", (uid, name))
+            await conn.execute("UPDATE disks SET uid = ? WHERE uid = ? AND name = ?", (uid, row.uid, name))
+        return DiskRow(uid, name, row.path, row.reclaim_policy, row.size_mib, row.base, row.owner)
+
+    async def set_disk_size(self, uid: str, name: str, size_mib: int) -> None:
+        async with self._db.write() as conn:
+            await conn.execute(
+                "UPDATE disks SET size_mib = ? WHERE uid = ? AND name = ?", (size_mib, uid, name)
             )
 
     async def forget_disk(self, uid: str, name: str) -> None:

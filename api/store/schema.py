@@ -84,4 +84,21 @@ MIGRATIONS: tuple[str, ...] = (
     -- reconciles that act on it can link back to it (Terraform's POST -> the VM's boot).
     ALTER TABLE vms ADD COLUMN spec_trace TEXT;
     """,
+    """
+    -- Whose disk it is by name, so a VM re-created under the same name finds its retained disk;
+    -- its size (MiB) as last created or grown; and the base image it overlays (a path), so the
+    -- image cache never collects an image a disk still reads from.
+    ALTER TABLE disks ADD COLUMN project TEXT;
+    ALTER TABLE disks ADD COLUMN vm_name TEXT;
+    ALTER TABLE disks ADD COLUMN size_mib INTEGER;
+    ALTER TABLE disks ADD COLUMN base TEXT;
+    CREATE INDEX disks_by_vm_name ON disks(project, vm_name, name);
+    -- What a URL's .sha256 sidecar said, so a cached image is found again after a restart
+    -- without the sidecar's host.
+    CREATE TABLE image_sources (
+        url        TEXT PRIMARY KEY,
+        digest     TEXT NOT NULL,
+        fetched_at TEXT NOT NULL
+    );
+    """,
 )

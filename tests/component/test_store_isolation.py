@@ -75,13 +75,14 @@ async def test_held_by_lists_only_that_vms_ports_and_disks(db: Database) -> None
     await allocations.reserve_port("vm-a", Protocol.UDP, 53, 20002)
     await allocations.reserve_port("vm-a", Protocol.TCP, 80, 20001)
     await allocations.reserve_port("vm-b", Protocol.TCP, 80, 20003)
-    await allocations.record_disk("vm-a", "root", "/d/vm-a/root.qcow2", ReclaimPolicy.DELETE)
-    await allocations.record_disk("vm-b", "root", "/d/vm-b/root.qcow2", ReclaimPolicy.RETAIN)
+    disk_a = DiskRow("vm-a", "root", "/d/vm-a/root.qcow2", ReclaimPolicy.DELETE, 1024)
+    await allocations.record_disk("vm-a", disk_a)
+    await allocations.record_disk("vm-b", DiskRow("vm-b", "root", "/d/vm-b/root.qcow2", ReclaimPolicy.RETAIN))
 
     ports, disks = await allocations.held_by("vm-a")
 
     assert ports == [PortRow("vm-a", Protocol.TCP, 80, 20001), PortRow("vm-a", Protocol.UDP, 53, 20002)]
-    assert disks == [DiskRow("vm-a", "root", "/d/vm-a/root.qcow2", ReclaimPolicy.DELETE)]
+    assert disks == [disk_a]
     assert await allocations.held_by("vm-c") == ([], [])
 
 

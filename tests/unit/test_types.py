@@ -30,6 +30,7 @@ def test_defaults_are_part_of_the_canonical_form() -> None:
         "boot": {"kernel": "tiny-guest/vmlinuz", "initrd": None, "cmdline": ""},
         "disks": [],
         "network": {"forwards": []},
+        "cloudInit": None,
         "stopTimeout": 30,
     }
 
