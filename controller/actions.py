@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import signal as signals
 from dataclasses import dataclass
+from pathlib import PurePath
 
+from api.images import RemoteImage
 from api.types import DiskSpec
 from controller.model import PortKey
 
@@ -30,10 +32,31 @@ class ReleasePorts:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchImage:
+    """Start downloading a base image into the cache (or join the download running). Returns at
+    once; the VM is woken when it ends. Legal any time."""
+
+    source: RemoteImage
+
+
+@dataclass(frozen=True, slots=True)
 class CreateDisk:
-    """Create the qcow2 overlay (or blank disk) for `disk`. Legal before spawning."""
+    """Create the qcow2 overlay on `base` (or a blank disk) for `disk`, or adopt the retained disk
+    of a gone VM of the same name. Legal before spawning, once the base image is at hand."""
 
     disk: DiskSpec
+    base: PurePath | None
+    project: str
+    vm_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class GrowDisk:
+    """`qemu-img resize` the disk up to `size_mib`. Legal only when no process of this VM runs."""
+
+    name: str
+    path: PurePath
+    size_mib: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +64,17 @@ class DeleteDisk:
     """Delete a disk file and its record. Legal only when no process of this VM is running."""
 
     name: str
+    path: PurePath
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSeed:
+    """Write the cloud-init NoCloud seed ISO at `path` (and remove older seeds). Legal before
+    spawning."""
+
+    path: PurePath
+    # (file name, content) pairs, sorted by name.
+    files: tuple[tuple[str, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +137,11 @@ class Finalize:
 Action = (
     AllocatePorts
     | ReleasePorts
+    | FetchImage
     | CreateDisk
+    | GrowDisk
     | DeleteDisk
+    | WriteSeed
     | Spawn
     | Continue
     | RequestPowerdown

@@ -112,6 +112,7 @@ class _HttpSetup:
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args, args.model)
     configure_logging(settings.log_format, settings.log_level)
+    _check_data_dir(settings.data_dir)
     http = _http_setup(settings) if isinstance(settings, ServerSettings) else None
     try:
         tracer_provider = configure_tracing(otlp_endpoint=settings.otlp_endpoint)
@@ -128,6 +129,20 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         shutdown_tracing(tracer_provider)
     return 0
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """:raise SettingsError: the data dir cannot be made or written by this user (a volume owned by
+    another uid is the usual cause in a container)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise SettingsError(f"cannot create the data dir {data_dir}: {err.strerror}") from err
+    if not os.access(data_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise SettingsError(
+            f"the data dir {data_dir} is not writable by uid {os.getuid()}: chown it to that user "
+            "(in a container: the volume's owner must match the image's user)"
+        )
 
 
 def _http_setup(settings: ServerSettings) -> _HttpSetup:

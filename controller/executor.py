@@ -7,11 +7,13 @@ import os
 import shutil
 import signal as signals
 from pathlib import Path
-from typing import assert_never
+from typing import Protocol, assert_never
 
 import structlog
 from opentelemetry import trace
 
+from api.images import RemoteImage
+from api.store.allocations import DiskOwner
 from api.store.status_writer import VMStatusWriter
 from controller.actions import (
     Action,
@@ -20,7 +22,9 @@ from controller.actions import (
     Continue,
     CreateDisk,
     DeleteDisk,
+    FetchImage,
     Finalize,
+    GrowDisk,
     Kill,
     KillLost,
     Quit,
@@ -28,6 +32,7 @@ from controller.actions import (
     RemoveRuntimeDir,
     RequestPowerdown,
     Spawn,
+    WriteSeed,
 )
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
@@ -36,11 +41,16 @@ from controller.qemu import process
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.monitor import MonitorCommandFailed, MonitorUnavailable
 from controller.qemu.runtime import Runtime
-from controller.resources.disks import DiskError, DiskManager
+from controller.resources.disks import DiskBusy, DiskError, DiskManager
 from controller.resources.ports import PortAllocator, PortUnavailable
+from controller.resources.seed import write_seed_iso
 from controller.telemetry import TRACER, BootSpans
 
 log = structlog.get_logger(__name__)
+
+
+class ImageFetcher(Protocol):
+    def fetch(self, source: RemoteImage, *, waiter: str) -> None: ...
 
 
 class Executor:
@@ -53,7 +63,9 @@ class Executor:
         objects: VMStatusWriter,
         clock: Clock,
         boots: BootSpans,
+        images: ImageFetcher | None = None,
     ) -> None:
+        self._images = images
         self._boots = boots
         self._runtime = runtime
         self._ports = ports
@@ -87,13 +99,27 @@ class Executor:
                     raise TransientError(str(err)) from err
             case ReleasePorts(keys=keys):
                 await self._ports.release(uid, keys)
-            case CreateDisk(disk=disk):
+            case FetchImage(source=source):
+                if self._images is None:
+                    raise TerminalError("this controller has no image cache to download into")
+                self._images.fetch(source, waiter=uid)
+            case CreateDisk(disk=disk, base=base, project=project, vm_name=vm_name):
                 try:
-                    await self._disks.create(uid, disk)
+                    owner = DiskOwner(project, vm_name)
+                    await self._disks.create(uid, owner, disk, Path(base) if base else None)
+                except DiskBusy as err:
+                    raise TransientError(str(err)) from err
                 except DiskError as err:
                     raise TerminalError(str(err)) from err
-            case DeleteDisk(name=name):
-                await self._disks.delete(uid, name)
+            case GrowDisk(name=name, path=path, size_mib=size_mib):
+                try:
+                    await self._disks.grow(uid, name, Path(path), size_mib)
+                except DiskError as err:
+                    raise TerminalError(str(err)) from err
+            case DeleteDisk(name=name, path=path):
+                await self._disks.delete(uid, name, Path(path))
+            case WriteSeed(path=path, files=files):
+                await asyncio.to_thread(_write_seed, Path(path), dict(files))
             case Spawn(argv=argv, digest=digest):
                 await self._spawn(uid, paths, argv, digest)
             case Continue():
@@ -157,6 +183,15 @@ class Executor:
             raise TransientError(str(err)) from err
 
 
+def _write_seed(path: Path, files: dict[str, bytes]) -> None:
+    """Write this seed and remove older ones (their content is what the spec used to say)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_seed_iso(path, files)
+    for old in path.parent.glob("cidata-*.iso"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
 # Where crash-consistency tests kill the controller: right after each step that changes the world.
 _CRASH_POINTS: dict[type[Action], CrashPoint] = {
     AllocatePorts: CrashPoint.AFTER_PORT_ALLOCATION,
@@ -169,8 +204,11 @@ _CRASH_POINTS: dict[type[Action], CrashPoint] = {
 _SPAN_NAMES: dict[type[Action], str] = {
     AllocatePorts: "ports allocate",
     ReleasePorts: "ports release",
+    FetchImage: "image fetch",
     CreateDisk: "disk create",
+    GrowDisk: "disk grow",
     DeleteDisk: "disk delete",
+    WriteSeed: "cloud-init seed",
     Spawn: "spawn",
     Kill: "kill",
     KillLost: "kill",
@@ -188,8 +226,10 @@ def _span_attributes(action: Action) -> dict[str, str | int]:
             return {"process.pid": pid, "tofu_qemu.signal": signal}
         case CreateDisk(disk=disk):
             return {"tofu_qemu.disk": disk.name}
-        case DeleteDisk(name=name):
+        case DeleteDisk(name=name) | GrowDisk(name=name):
             return {"tofu_qemu.disk": name}
+        case FetchImage(source=source):
+            return {"url.full": source.url}
         case AllocatePorts(requested=requested):
             return {"tofu_qemu.ports": len(requested)}
         case ReleasePorts(keys=keys):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
+from collections.abc import Coroutine
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from opentelemetry import trace
@@ -19,11 +22,15 @@ from opentelemetry.trace import Span, Status, StatusCode
 from api.server.health import ReadinessCheck
 from api.store import Database
 from api.store.allocations import Allocations
+from api.store.image_sources import ImageSources
 from api.store.status_writer import VMStatusWriter
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
+from controller.image_gc import collect_images_forever
+from controller.images.cache import ImageCache
 from controller.layout import DataLayout
+from controller.qemu import process
 from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
 from controller.qemu.runtime import Runtime
@@ -33,7 +40,7 @@ from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
 from controller.resources.ports import PortAllocator
 from controller.settings import ControllerSettings
-from controller.sources import RESYNC_WAIT_FLOOR_SECONDS, resync_forever, watch_store
+from controller.sources import RESYNC_WAIT_FLOOR_SECONDS, all_keys, resync_forever, watch_store
 from controller.telemetry import RECONCILE_SPAN, TRACER, BootSpans, QueueMetrics
 
 log = structlog.get_logger(__name__)
@@ -43,6 +50,8 @@ RECONCILE_DEADLINE_SECONDS = 300.0
 DRAIN_SECONDS = 10.0
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT_STALE_SECONDS = 5.0
+# After the shutdown timeout's SIGKILLs, how long their exits get to be recorded.
+SHUTDOWN_KILL_WAIT_SECONDS = 2.0
 # /readyz fails when no full resync has finished within this many resync periods (and at least
 # RESYNC_WAIT_FLOOR_SECONDS, which a short period could not honour).
 RESYNC_PERIODS_BEFORE_UNREADY = 3
@@ -64,6 +73,7 @@ class Controller:
         # Loop times (asyncio clock) of the last heartbeat and the last finished resync.
         self._heartbeat_at: float | None = None
         self._resynced_at: float | None = None
+        self._shutting_down = False
         self._layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
         self._objects = VMStatusWriter(db)
         self._allocations = Allocations(db)
@@ -87,15 +97,25 @@ class Controller:
                 exit_detected=self._metrics.vm_exit_detect_seconds.observe,
             )
             boots = BootSpans(self._metrics)
+            images = ImageCache(
+                images_dir=self._layout.images_dir,
+                sources=ImageSources(self._db),
+                tasks=tasks,
+                wake=self.queue.add,
+                clock=self._clock,
+                max_bytes=int(self._settings.image_max_gib * 2**30),
+            )
+            await images.load()
             executor = Executor(
                 runtime=runtime,
-                ports=PortAllocator(self._allocations, first=first, last=last),
-                disks=DiskManager(
-                    self._allocations, images_dir=self._layout.images_dir, disks_dir=self._layout.disks_root
+                ports=PortAllocator(
+                    self._allocations, first=first, last=last, address=self._settings.forward_address
                 ),
+                disks=DiskManager(self._allocations, disks_dir=self._layout.disks_root),
                 objects=self._objects,
                 clock=self._clock,
                 boots=boots,
+                images=images,
             )
             reconciler = Reconciler(
                 objects=self._objects,
@@ -111,6 +131,9 @@ class Controller:
                 quotas=QuotaGate(self._db, self._settings.quotas),
                 memory_reserve_mib=self._settings.memory_reserve_mib,
                 liveness_period=timedelta(seconds=self._settings.liveness_seconds),
+                forward_address=self._settings.forward_address,
+                images=images,
+                shutting_down=lambda: self._shutting_down,
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
             )
             sources = [
@@ -127,6 +150,15 @@ class Controller:
                     name="resync",
                 ),
                 tasks.create_task(self._beat(), name="heartbeat"),
+                tasks.create_task(
+                    collect_images_forever(
+                        self._db,
+                        self._allocations,
+                        images,
+                        grace=timedelta(seconds=self._settings.image_cache_grace_seconds),
+                    ),
+                    name="image-gc",
+                ),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -135,13 +167,40 @@ class Controller:
             log.info("controller_started", workers=len(workers), data_dir=str(self._settings.data_dir))
             await stop.wait()
             log.info("controller_stopping")
+            if self._settings.stop_vms_on_exit:
+                await self._stop_vms(runtime)
             self.queue.shut_down()
             _, unfinished = await asyncio.wait(workers, timeout=DRAIN_SECONDS)
             for worker in unfinished:
                 worker.cancel()
             for source in sources:
                 source.cancel()
+            await images.close()
             await runtime.close()
+
+    async def _stop_vms(self, runtime: Runtime) -> None:
+        """Stop every VM through the reconcile loop (power button, quit, kill, as a stop always
+        goes), and wait for them, at most shutdown_timeout_seconds. Nothing is started meanwhile.
+
+        The stops are recorded as the controller's, so the next start boots the VMs again
+        without counting a restart or a failure.
+        """
+        self._shutting_down = True
+        for uid in sorted(await all_keys(self._objects, self._allocations, self._layout)):
+            self.queue.add(uid)
+        timeout = self._settings.shutdown_timeout_seconds
+        log.info("stopping_vms", count=len(runtime.attached_uids()), timeout=timeout)
+        if not await _within(timeout, runtime.wait_none_attached()):
+            # Killed here, they count as the controller's stop; killed with the container by the
+            # runtime later, they would count as failures on the next start.
+            running = runtime.attached_uids()
+            log.warning("vms_killed_at_shutdown_timeout", count=len(running), uids=running[:20])
+            for uid in running:
+                record = runtime.attached_record(uid)
+                if record is not None:
+                    process.send_signal(record, signal.SIGKILL)
+            await _within(SHUTDOWN_KILL_WAIT_SECONDS, runtime.wait_none_attached())
+        log.info("vms_stopped", still_running=len(runtime.attached_uids()))
 
     def readiness_checks(self) -> dict[str, ReadinessCheck]:
         """Checks for /readyz: each returns None when fine, else what is wrong."""
@@ -238,3 +297,13 @@ class Controller:
         self.queue.add_after(uid, delay)
         span.set_attributes({"tofu_qemu.result": "requeue", "tofu_qemu.requeue_after_seconds": delay})
         return "requeue_after" if delay > 0 else "requeue"
+
+
+async def _within(seconds: float, waiting: Coroutine[Any, Any, None]) -> bool:
+    """Whether `waiting` finished within `seconds` (it is cancelled if not)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await waiting
+    except TimeoutError:
+        return False
+    return True

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from pathlib import PurePath
 
 from api.types import LastExit, Protocol, QemuVMSpec, ReclaimPolicy
 from controller.admission import ADMITTED, Admission
@@ -67,11 +68,39 @@ class ExitObservation:
     stderr_tail: str = ""
 
 
+class ImageState(StrEnum):
+    """Where a base image from the cache or a URL stands (controller/images/)."""
+
+    READY = "Ready"
+    # Not in the cache and not being fetched: a fetch may start (URL) or nothing can (sha256:).
+    MISSING = "Missing"
+    FETCHING = "Fetching"
+    # The last fetch failed; no new one starts before `retry_at`.
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLookup:
+    """What the image cache knows of one source, without touching the network."""
+
+    state: ImageState
+    # The cached file, when READY.
+    path: PurePath | None = None
+    # A condition reason when not READY: ImageNotFound, ImageDownloading,
+    # ImageChecksumMismatch, ImageDownloadFailed.
+    reason: str = ""
+    message: str = ""
+    retry_at: datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class DiskRecord:
     name: str
     reclaim_policy: ReclaimPolicy
     exists: bool
+    path: PurePath
+    # MiB as created or last grown; None when unknown (recorded by an older version).
+    size_mib: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +115,10 @@ class Observed:
     exiting: bool = False
     ports: Mapping[PortKey, int] = field(default_factory=dict)
     disks: Mapping[str, DiskRecord] = field(default_factory=dict)
-    # Looked at only when no process runs: only a start needs the images.
+    # Boot files (kernel, initrd) that are unusable; looked at only when no process runs.
     missing_images: tuple[str, ...] = ()
+    # Base images of the disks that have no file yet, by disk name.
+    bases: Mapping[str, ImageLookup] = field(default_factory=dict)
     # A QEMU of this VM that lost its runtime dir (looked for only when one was expected).
     lost_pid: int | None = None
     # MemAvailable of the host, looked at only when no process runs (None: unknown).

@@ -8,16 +8,26 @@ exit is counted exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
+from api.images import CachedImage, LocalImage, RemoteImage
 from api.store.allocations import Allocations
 from api.types import QemuVMSpec
+from controller import host_memory
 from controller.clock import Clock
 from controller.layout import image_problem
-from controller.model import DiskRecord, Observed, ProcessObservation
+from controller.model import DiskRecord, ImageLookup, ImageState, Observed, ProcessObservation
 from controller.qemu import process
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.runtime import Runtime
+
+
+class ImageLookups(Protocol):
+    """The image cache, as observing sees it: a look at what is cached, never a download."""
+
+    def lookup(self, source: CachedImage | RemoteImage) -> ImageLookup: ...
 
 
 async def observe(
@@ -29,6 +39,7 @@ async def observe(
     allocations: Allocations,
     images_dir: Path,
     clock: Clock,
+    images: ImageLookups | None = None,
     expect_process: bool = False,
 ) -> Observed:
     """`expect_process`: status names a pid, so a process missing from the records is looked for."""
@@ -75,7 +86,13 @@ async def observe(
             Path(path).exists() for path in (paths.pidfile, paths.qmp_socket, paths.record, paths.exit_record)
         )
     )
-    ports, disks = await allocations.held_by(uid)
+    ports, disk_rows = await allocations.held_by(uid)
+    disks = {
+        row.name: DiskRecord(
+            row.name, row.reclaim_policy, Path(row.path).exists(), Path(row.path), row.size_mib
+        )
+        for row in disk_rows
+    }
     return Observed(
         process=found,
         exit=exit_record,
@@ -83,29 +100,47 @@ async def observe(
         has_stale_runtime=stale,
         exiting=exiting,
         ports={(row.protocol, row.guest_port): row.host_port for row in ports},
-        disks={row.name: DiskRecord(row.name, row.reclaim_policy, Path(row.path).exists()) for row in disks},
+        disks=disks,
         missing_images=_missing_images(spec, images_dir) if found is None else (),
-        host_memory_available_mib=host_memory_available_mib() if found is None else None,
+        bases=_bases(spec, disks, images_dir, images),
+        host_memory_available_mib=host_memory.available_mib() if found is None else None,
         lost_pid=process.find_lost(paths) if expect_process and record is None else None,
     )
 
 
+def _bases(
+    spec: QemuVMSpec | None, disks: Mapping[str, DiskRecord], images_dir: Path, images: ImageLookups | None
+) -> dict[str, ImageLookup]:
+    """Where the base image of each disk that has no file yet stands."""
+    if spec is None:
+        return {}
+    bases = {}
+    for disk in spec.disks:
+        record = disks.get(disk.name)
+        source = disk.source
+        if source is None or (record is not None and record.exists):
+            continue
+        if isinstance(source, LocalImage):
+            problem = image_problem(images_dir, source.path)
+            bases[disk.name] = (
+                ImageLookup(ImageState.READY, path=(images_dir / source.path).resolve())
+                if problem is None
+                else ImageLookup(ImageState.MISSING, reason="ImageNotFound", message=problem)
+            )
+        elif images is not None:
+            bases[disk.name] = images.lookup(source)
+        else:
+            bases[disk.name] = ImageLookup(
+                ImageState.MISSING, reason="ImageNotFound", message="this controller has no image cache"
+            )
+    return bases
+
+
 def _missing_images(spec: QemuVMSpec | None, images_dir: Path) -> tuple[str, ...]:
+    """Boot files (kernel, initrd) that are not usable files of the images dir."""
     if spec is None:
         return ()
-    wanted = [disk.image for disk in spec.disks if disk.image is not None]
+    wanted: list[str] = []
     if spec.boot is not None:
         wanted += [spec.boot.kernel] + ([spec.boot.initrd] if spec.boot.initrd else [])
     return tuple(name for name in wanted if image_problem(images_dir, name) is not None)
-
-
-def host_memory_available_mib() -> int | None:
-    """The kernel's estimate of memory available for new work (MemAvailable), in MiB."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None

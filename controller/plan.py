@@ -13,7 +13,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import PurePath
 
-from api.types import Accel, ExitReason, QemuVMSpec, ReclaimPolicy, RunStrategy
+from api.images import RemoteImage
+from api.types import Accel, DiskSpec, ExitReason, QemuVMSpec, ReclaimPolicy, RunStrategy
 from controller.actions import (
     Action,
     AllocatePorts,
@@ -21,7 +22,9 @@ from controller.actions import (
     Continue,
     CreateDisk,
     DeleteDisk,
+    FetchImage,
     Finalize,
+    GrowDisk,
     Kill,
     KillLost,
     Quit,
@@ -29,9 +32,19 @@ from controller.actions import (
     RemoveRuntimeDir,
     RequestPowerdown,
     Spawn,
+    WriteSeed,
 )
+from controller.cloudinit import seed_digest, seed_files
 from controller.exits import classify_exit, crash_backoff, failures_after, is_failure, should_restart
-from controller.model import Desired, Memory, Observed, PortKey, ProcessObservation, QmpState
+from controller.model import (
+    Desired,
+    ImageState,
+    Memory,
+    Observed,
+    PortKey,
+    ProcessObservation,
+    QmpState,
+)
 from controller.qemu.argv import LaunchInputs, RuntimePaths, argv_digest, build_argv
 
 # After `system_powerdown` and stopTimeout, `quit` gets this long before SIGKILL.
@@ -39,6 +52,10 @@ QUIT_GRACE = timedelta(seconds=5)
 # QMP may not listen yet just after spawn (the pidfile comes first): wait before calling it hung.
 QMP_STARTUP_GRACE = timedelta(seconds=10)
 IMAGE_RECHECK = timedelta(seconds=30)
+# A download in progress wakes its VMs when it ends; this is only the safety net.
+DOWNLOAD_RECHECK = timedelta(seconds=30)
+# Which reason a VM waiting on several images shows: the one the user must act on first.
+_IMAGE_REASON_ORDER = ("ImageChecksumMismatch", "ImageDownloadFailed", "ImageNotFound", "ImageDownloading")
 # A VM waiting for room is looked at again this often (another VM's deletion does not wake it).
 ADMISSION_RECHECK = timedelta(seconds=5)
 STOP_RECHECK = timedelta(seconds=1)
@@ -54,6 +71,10 @@ class Intent(StrEnum):
     RESTARTING = "Restarting"
     HALTED = "Halted"
     FINISHED = "Finished"
+    # The controller is exiting with stop_vms_on_exit: stop, start nothing.
+    SHUTTING_DOWN = "ShuttingDown"
+    # The spec asks for what cannot be done (shrinking a disk); whatever runs keeps running.
+    REFUSED = "Refused"
     PREPARING = "Preparing"
     WAITING_FOR_IMAGES = "WaitingForImages"
     QUOTA_EXCEEDED = "QuotaExceeded"
@@ -75,9 +96,14 @@ class LaunchContext:
     memory_reserve_mib: int = 0
     # How often a running VM is looked at (its QMP asked) between other events; None: never.
     liveness_period: timedelta | None = None
+    forward_address: str = "127.0.0.1"
+    shutting_down: bool = False
 
     def disk_path(self, name: str) -> PurePath:
         return self.disks_dir / f"{name}.qcow2"
+
+    def seed_path(self, digest: str) -> PurePath:
+        return self.runtime.directory / f"cidata-{digest}.iso"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +115,8 @@ class Plan:
     # Plan again right after executing: these actions changed the inputs of the next step.
     again: bool = False
     detail: str = ""
+    # The condition reason for a waiting or refusing intent, when the intent's name is too vague.
+    reason: str = ""
 
 
 def plan(
@@ -112,6 +140,10 @@ def plan(
         return Plan(Intent.INVALID, memory)
     spec = desired.spec
     process = observed.process
+    if context.shutting_down:
+        if process is not None:
+            return _stop(process, memory, spec, now, Intent.SHUTTING_DOWN, "tofu-qemu is shutting down")
+        return Plan(Intent.SHUTTING_DOWN, memory, detail="tofu-qemu is shutting down")
     if spec.run_strategy is RunStrategy.HALTED:
         if process is not None:
             return _stop(process, memory, spec, now, Intent.STOPPING, "runStrategy is Halted")
@@ -121,12 +153,18 @@ def plan(
         refused = _not_admitted(desired, spec, observed, memory, context)
         if refused is not None:
             return refused
-    prepare = _prepare(spec, observed)
+    shrinking = _shrinking_disks(spec, observed)
+    if shrinking:
+        return Plan(Intent.REFUSED, memory, reason="DiskShrinkRefused", detail=shrinking)
+    waiting = _wait_for_images(spec, observed, memory, context, now)
+    if waiting is not None:
+        return waiting
+    prepare = _prepare(desired, spec, observed)
     if prepare:
         return Plan(Intent.PREPARING, memory, prepare, again=True)
     digest = argv_digest(_argv(desired, spec, observed, context))
     if process is not None:
-        return _keep_running(process, digest, memory, spec, now, context)
+        return _keep_running(process, digest, memory, spec, observed, now, context)
     return _start(desired, spec, observed, memory, context, now)
 
 
@@ -191,7 +229,7 @@ def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now:
     if observed.ports:
         actions.append(ReleasePorts(tuple(sorted(observed.ports))))
     actions += [
-        DeleteDisk(name)
+        DeleteDisk(name, disk.path)
         for name, disk in sorted(observed.disks.items())
         if disk.reclaim_policy is ReclaimPolicy.DELETE
     ]
@@ -202,7 +240,76 @@ def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now:
     return Plan(Intent.DELETING, memory, tuple(actions))
 
 
-def _prepare(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
+def _shrinking_disks(spec: QemuVMSpec, observed: Observed) -> str:
+    """Why the spec's disk sizes cannot be applied (a disk smaller than its file), or ""."""
+    problems = []
+    for disk in spec.disks:
+        record = observed.disks.get(disk.name)
+        if record is None or not record.exists or record.size_mib is None or disk.size is None:
+            continue
+        if disk.size < record.size_mib:
+            problems.append(
+                f"disk {disk.name!r} is {record.size_mib} MiB; shrinking it to {disk.size} MiB is refused"
+                " (set the size back, or rename the disk to replace it)"
+            )
+    return "; ".join(problems)
+
+
+def _growing_disks(spec: QemuVMSpec, observed: Observed) -> list[tuple[DiskSpec, PurePath]]:
+    """Disks whose spec size is larger than their file (or whose file size is not known)."""
+    growing = []
+    for disk in spec.disks:
+        record = observed.disks.get(disk.name)
+        if record is None or not record.exists or disk.size is None:
+            continue
+        if record.size_mib is None or disk.size > record.size_mib:
+            growing.append((disk, record.path))
+    return growing
+
+
+def _wait_for_images(
+    spec: QemuVMSpec, observed: Observed, memory: Memory, context: LaunchContext, now: datetime
+) -> Plan | None:
+    """Fetch the base images that new disks need, and wait until they are in the cache.
+
+    A VM that runs keeps running meanwhile (a disk added to its spec waits for its image).
+    """
+    fetches: dict[RemoteImage, FetchImage] = {}
+    waits: list[tuple[str, str, timedelta]] = []
+    for disk in spec.disks:
+        lookup = observed.bases.get(disk.name)
+        if lookup is None or lookup.state is ImageState.READY:
+            continue
+        source = disk.source
+        message = f"disk {disk.name!r}: {lookup.message}" if lookup.message else f"disk {disk.name!r}"
+        if lookup.state is ImageState.MISSING and isinstance(source, RemoteImage):
+            fetches[source] = FetchImage(source)
+            waits.append(
+                ("ImageDownloading", f"disk {disk.name!r}: downloading {source.url}", DOWNLOAD_RECHECK)
+            )
+        elif lookup.state is ImageState.FETCHING:
+            waits.append((lookup.reason or "ImageDownloading", message, DOWNLOAD_RECHECK))
+        elif lookup.state is ImageState.FAILED and lookup.retry_at is not None:
+            waits.append((lookup.reason, message, max(lookup.retry_at - now, timedelta(0))))
+        else:
+            waits.append((lookup.reason or "ImageNotFound", message, IMAGE_RECHECK))
+    if not waits:
+        return None
+    waits.sort(key=lambda wait: _IMAGE_REASON_ORDER.index(wait[0]) if wait[0] in _IMAGE_REASON_ORDER else 0)
+    requeue = min(wait[2] for wait in waits)
+    if observed.process is not None and context.liveness_period is not None:
+        requeue = min(requeue, context.liveness_period)
+    return Plan(
+        Intent.WAITING_FOR_IMAGES,
+        memory,
+        tuple(fetches.values()),
+        requeue_after=requeue,
+        detail="; ".join(wait[1] for wait in waits),
+        reason=waits[0][0],
+    )
+
+
+def _prepare(desired: Desired, spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
     """Ports and disks the spec needs and does not have yet (legal while running too)."""
     actions: list[Action] = []
     missing_ports = tuple(
@@ -214,20 +321,42 @@ def _prepare(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
         actions.append(AllocatePorts(missing_ports))
     for disk in spec.disks:
         record = observed.disks.get(disk.name)
-        if record is None or not record.exists:
-            actions.append(CreateDisk(disk))
+        if record is not None and record.exists:
+            continue
+        lookup = observed.bases.get(disk.name)
+        base = lookup.path if lookup is not None else None
+        if disk.source is not None and base is None:
+            continue  # _wait_for_images holds the VM until the base is at hand
+        actions.append(CreateDisk(disk, base, desired.project, desired.name))
     return tuple(actions)
 
 
+def _seed(desired: Desired, spec: QemuVMSpec, context: LaunchContext) -> WriteSeed | None:
+    """The cloud-init seed to attach; its file name carries its content's digest, so a change
+    of the cloud-init config changes argv and restarts the VM."""
+    if spec.cloud_init is None:
+        return None
+    files = seed_files(spec.cloud_init, uid=desired.uid, name=desired.name)
+    return WriteSeed(context.seed_path(seed_digest(files)), tuple(sorted(files.items())))
+
+
 def _argv(desired: Desired, spec: QemuVMSpec, observed: Observed, context: LaunchContext) -> tuple[str, ...]:
+    seed = _seed(desired, spec, context)
     inputs = LaunchInputs(
         uid=desired.uid,
         name=desired.name,
         accel=context.accel,
         runtime=context.runtime,
         images_dir=context.images_dir,
-        disk_paths={disk.name: context.disk_path(disk.name) for disk in spec.disks},
+        disk_paths={
+            disk.name: record.path
+            if (record := observed.disks.get(disk.name))
+            else context.disk_path(disk.name)
+            for disk in spec.disks
+        },
         host_ports=dict(observed.ports),
+        forward_address=context.forward_address,
+        seed_path=seed.path if seed is not None else None,
     )
     return build_argv(spec, inputs)
 
@@ -237,11 +366,18 @@ def _keep_running(
     digest: str,
     memory: Memory,
     spec: QemuVMSpec,
+    observed: Observed,
     now: datetime,
     context: LaunchContext,
 ) -> Plan:
     if process.argv_digest != digest:
         return _stop(process, memory, spec, now, Intent.RESTARTING, "the spec changed and needs a restart")
+    growing = [
+        disk for disk, _ in _growing_disks(spec, observed) if observed.disks[disk.name].size_mib is not None
+    ]
+    if growing:
+        sizes = ", ".join(f"{disk.name!r} to {disk.size} MiB" for disk in growing)
+        return _stop(process, memory, spec, now, Intent.RESTARTING, f"growing disk {sizes} needs a restart")
     if process.qmp is QmpState.UNREACHABLE:
         if now - process.started_at < QMP_STARTUP_GRACE:
             return Plan(Intent.STARTING, memory, requeue_after=timedelta(milliseconds=200))
@@ -292,7 +428,16 @@ def _start(
         and last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER
     )
     memory = replace(memory, restarts=memory.restarts + int(is_restart), next_retry_at=None)
-    actions = (*_release_unused(spec, observed), Spawn(argv, argv_digest(argv)))
+    grow = [
+        GrowDisk(disk.name, path, disk.size) for disk, path in _growing_disks(spec, observed) if disk.size
+    ]
+    seed = _seed(desired, spec, context)
+    actions = (
+        *_release_unused(spec, observed),
+        *grow,
+        *((seed,) if seed is not None else ()),
+        Spawn(argv, argv_digest(argv)),
+    )
     return Plan(Intent.STARTING, memory, actions, again=True)
 
 
@@ -303,7 +448,7 @@ def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
     actions: list[Action] = [ReleasePorts(unused_ports)] if unused_ports else []
     wanted_disks = {disk.name for disk in spec.disks}
     actions += [
-        DeleteDisk(name)
+        DeleteDisk(name, record.path)
         for name, record in sorted(observed.disks.items())
         if name not in wanted_disks and record.reclaim_policy is ReclaimPolicy.DELETE
     ]

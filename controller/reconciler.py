@@ -28,7 +28,7 @@ from controller.errors import TerminalError, TransientError
 from controller.executor import Executor
 from controller.layout import DataLayout
 from controller.model import Desired, Memory, Observed
-from controller.observe import observe
+from controller.observe import ImageLookups, observe
 from controller.plan import LaunchContext, Plan, plan
 from controller.qemu.accel import AccelResolver
 from controller.qemu.runtime import Runtime
@@ -101,9 +101,16 @@ class Reconciler:
         quotas: QuotaGate,
         memory_reserve_mib: int = 0,
         liveness_period: timedelta | None = None,
+        forward_address: str = "127.0.0.1",
+        images: ImageLookups | None = None,
+        shutting_down: Callable[[], bool] = lambda: False,
         restarted: Callable[[str], None] = lambda _reason: None,
     ) -> None:
-        """`restarted(reason)` is told of every restart, with the exit reason that caused it."""
+        """`restarted(reason)` is told of every restart, with the exit reason that caused it;
+        `shutting_down()` says whether the controller is stopping every VM before it exits."""
+        self._forward_address = forward_address
+        self._images = images
+        self._shutting_down = shutting_down
         self._boots = boots
         self._quotas = quotas
         self._memory_reserve_mib = memory_reserve_mib
@@ -142,6 +149,8 @@ class Reconciler:
             disks_dir=self._layout.disks_dir(uid),
             memory_reserve_mib=self._memory_reserve_mib,
             liveness_period=self._liveness_period,
+            forward_address=self._forward_address,
+            shutting_down=self._shutting_down(),
         )
         previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
         _describe(span, record, previous)
@@ -216,6 +225,7 @@ class Reconciler:
             allocations=self._allocations,
             images_dir=self._layout.images_dir,
             clock=self._clock,
+            images=self._images,
             expect_process=expect_process,
         )
 

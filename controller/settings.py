@@ -6,6 +6,7 @@ config key `port_range`.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -45,6 +46,24 @@ class ControllerSettings(ProcessSettings):
         default=256, ge=0, description="Memory (MiB) a VM start must leave available on the host"
     )
     accel_cache: Path | None = Field(default=None, description="Where the KVM probe verdict is kept")
+    forward_address: str = Field(
+        default="127.0.0.1",
+        description="IPv4 address VM port forwards listen on (0.0.0.0 in a container, to publish them)",
+    )
+    stop_vms_on_exit: bool = Field(
+        default=False,
+        description="On SIGTERM, power guests down (ACPI, then quit) before exiting instead of leaving "
+        "them running for the next start to adopt",
+    )
+    shutdown_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="With stop_vms_on_exit: the longest wait for guests to stop"
+    )
+    image_cache_grace_seconds: float = Field(
+        default=86400.0,
+        ge=0,
+        description="How long an image no VM or disk references stays in the download cache",
+    )
+    image_max_gib: float = Field(default=64.0, gt=0, description="The largest image a URL may download")
     ops_listen: str = Field(
         default="127.0.0.1:8081",
         description="HOST:PORT for /healthz, /readyz and /metrics of `tofu-qemu controller` (no auth)",
@@ -54,6 +73,15 @@ class ControllerSettings(ProcessSettings):
     @classmethod
     def _valid_ops_listen(cls, value: str) -> str:
         split_listen(value)
+        return value
+
+    @field_validator("forward_address")
+    @classmethod
+    def _valid_forward_address(cls, value: str) -> str:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address") from None
         return value
 
     @field_validator("project_quotas")

@@ -23,6 +23,8 @@ from controller.model import Desired, Observed, QmpState
 from controller.plan import Intent, Plan
 
 STEADY_INTENTS = frozenset({Intent.RUNNING, Intent.HALTED, Intent.FINISHED, Intent.INVALID})
+# Intents that leave a running guest running: it stays Running and Ready while they wait.
+_KEEPS_RUNNING = frozenset({Intent.REFUSED, Intent.WAITING_FOR_IMAGES})
 _PHASES = {
     Intent.INVALID: Phase.INVALID,
     Intent.DELETING: Phase.STOPPING,
@@ -30,6 +32,8 @@ _PHASES = {
     Intent.RESTARTING: Phase.STOPPING,
     Intent.HALTED: Phase.STOPPED,
     Intent.FINISHED: Phase.STOPPED,
+    Intent.SHUTTING_DOWN: Phase.STOPPING,
+    Intent.REFUSED: Phase.FAILED,
     Intent.PREPARING: Phase.PENDING,
     Intent.WAITING_FOR_IMAGES: Phase.PENDING,
     Intent.QUOTA_EXCEEDED: Phase.PENDING,
@@ -56,8 +60,10 @@ def compute_status(
     phase = _PHASES[result.intent]
     if error is not None and phase is Phase.STARTING and process is None:
         phase = Phase.FAILED
-    if result.intent is Intent.DELETING and process is None:
+    if result.intent in (Intent.DELETING, Intent.SHUTTING_DOWN) and process is None:
         phase = Phase.STOPPED
+    if result.intent in _KEEPS_RUNNING and running:
+        phase = Phase.RUNNING
     memory = result.memory
     verdicts = (
         _valid(desired),
@@ -116,7 +122,7 @@ def _admitted(result: Plan) -> _Verdict:
 def _ready(result: Plan, running: bool, error: str | None) -> _Verdict:
     if error is not None:
         return _condition("Ready", False, "ReconcileError", error)
-    if running and result.intent is Intent.RUNNING:
+    if running and (result.intent is Intent.RUNNING or result.intent in _KEEPS_RUNNING):
         return _condition("Ready", True, "Running")
     reasons = {
         Intent.WAITING_FOR_IMAGES: "ImageNotFound",
@@ -124,7 +130,8 @@ def _ready(result: Plan, running: bool, error: str | None) -> _Verdict:
         Intent.FINISHED: "Stopped",
         Intent.HALTED: "Halted",
     }
-    return _condition("Ready", False, reasons.get(result.intent, result.intent.value), result.detail)
+    reason = result.reason or reasons.get(result.intent, result.intent.value)
+    return _condition("Ready", False, reason, result.detail)
 
 
 def _synced(desired: Desired, result: Plan, error: str | None) -> _Verdict:
@@ -134,7 +141,7 @@ def _synced(desired: Desired, result: Plan, error: str | None) -> _Verdict:
         return _condition("Synced", False, "InvalidSpec", "the last valid spec keeps running")
     if result.intent in STEADY_INTENTS:
         return _condition("Synced", True, "UpToDate")
-    return _condition("Synced", False, result.intent.value, result.detail)
+    return _condition("Synced", False, result.reason or result.intent.value, result.detail)
 
 
 def _to_condition(verdict: _Verdict, previous: tuple[Condition, ...], now: datetime) -> Condition:

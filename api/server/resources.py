@@ -8,7 +8,8 @@ from aiohttp import web
 
 from api.server.backend import project_of
 from api.server.errors import BadRequest
-from api.server.keys import STATES, VMS
+from api.server.keys import DATABASE, STATES, VMS
+from api.store.allocations import Allocations, DiskRow
 from api.store.states import ProjectInfo, VersionInfo
 
 
@@ -74,3 +75,30 @@ async def list_vms(request: web.Request) -> web.StreamResponse:
 async def get_vm(request: web.Request) -> web.StreamResponse:
     record = await request.app[VMS].get(project_of(request), request.match_info["name"])
     return web.json_response(record.to_object().model_dump(mode="json", by_alias=True))
+
+
+def _disk_json(row: DiskRow, *, retained: bool) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "project": row.owner.project if row.owner else None,
+        "vm": row.owner.vm_name if row.owner else None,
+        "uid": row.uid,
+        "sizeMiB": row.size_mib,
+        "reclaimPolicy": row.reclaim_policy.value,
+        "base": row.base,
+        # Its VM is gone and `reclaimPolicy: Retain` kept it for a VM of the same name.
+        "retained": retained,
+    }
+
+
+async def list_disks(request: web.Request) -> web.StreamResponse:
+    """Disk files the controller holds, including retained ones whose VM is gone."""
+    project = project_of(request) if "project" in request.match_info else None
+    allocations = Allocations(request.app[DATABASE])
+    retained = {(row.uid, row.name) for row in await allocations.retained_disks()}
+    items = [
+        _disk_json(row, retained=(row.uid, row.name) in retained)
+        for row in await allocations.disks()
+        if project is None or (row.owner is not None and row.owner.project == project)
+    ]
+    return web.json_response({"items": items})

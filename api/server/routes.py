@@ -37,4 +37,6 @@ ROUTES = [
     web.get(f"{API}/vms", resources.list_vms),
     web.get(f"{API}/projects/{{project}}/vms", resources.list_vms),
     web.get(f"{API}/projects/{{project}}/vms/{{name}}", resources.get_vm),
+    web.get(f"{API}/disks", resources.list_disks),
+    web.get(f"{API}/projects/{{project}}/disks", resources.list_disks),
 ]

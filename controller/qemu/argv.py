@@ -103,6 +103,10 @@ class LaunchInputs:
     images_dir: PurePath
     disk_paths: dict[str, PurePath]
     host_ports: dict[tuple[Protocol, int], int]
+    # Where forwards listen on the host; an IPv4 address checked by the settings.
+    forward_address: str = "127.0.0.1"
+    # The cloud-init NoCloud seed ISO, when the spec has cloudInit.
+    seed_path: PurePath | None = None
 
 
 def mac_address(uid: str) -> str:
@@ -155,11 +159,34 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
         path = option_value(str(inputs.disk_paths[disk.name]))
         argv += ["-blockdev", f"driver=qcow2,node-name={node},file.driver=file,file.filename={path}"]
         argv += ["-device", f"{block_device},drive={node},serial={disk_serial(inputs.uid, disk.name)}"]
+    if inputs.seed_path is not None:
+        argv += _seed_drive(spec.machine, inputs.seed_path)
     forwards = []
     for forward in spec.network.forwards:
         host_port = inputs.host_ports[(forward.protocol, forward.guest_port)]
-        forwards.append(f"hostfwd={forward.protocol.value}:127.0.0.1:{host_port}-:{forward.guest_port}")
+        forwards.append(
+            f"hostfwd={forward.protocol.value}:{inputs.forward_address}:{host_port}-:{forward.guest_port}"
+        )
     argv += ["-netdev", ",".join(["user", "id=net0", "restrict=on", *forwards])]
     net_device = "virtio-net-device" if microvm else "virtio-net-pci"
     argv += ["-device", f"{net_device},netdev=net0,mac={mac_address(inputs.uid)}"]
     return tuple(argv)
+
+
+def _seed_drive(machine: Machine, path: PurePath) -> list[str]:
+    """The NoCloud seed as a read-only SCSI CD-ROM (/dev/sr0 in the guest) on its own virtio-scsi
+    controller. Not IDE/AHCI: Debian's cloud kernel (and so its genericcloud images) has no AHCI
+    driver, while virtio-scsi is in every cloud kernel. Not a virtio-blk disk: a second vdX next
+    to the root disk confuses some guests' device naming. cloud-init finds it by its label."""
+    blockdev = (
+        f"driver=raw,node-name=cidata,read-only=on,file.driver=file,file.filename={option_value(str(path))}"
+    )
+    controller = "virtio-scsi-device" if machine is Machine.MICROVM else "virtio-scsi-pci"
+    return [
+        "-blockdev",
+        blockdev,
+        "-device",
+        f"{controller},id=seed-scsi",
+        "-device",
+        "scsi-cd,drive=cidata,bus=seed-scsi.0",
+    ]

@@ -86,6 +86,9 @@ class Runtime:
         self._wake = wake
         self._tasks = tasks
         self._attached: dict[str, _Attachment] = {}
+        # Set whenever no process is watched: what a stop-everything shutdown waits for.
+        self._none_attached = asyncio.Event()
+        self._none_attached.set()
 
     def attached_record(self, uid: str) -> process.LaunchRecord | None:
         """The launch record of the process watched for `uid`, proven ours when attached.
@@ -94,6 +97,20 @@ class Runtime:
         """
         attachment = self._attached.get(uid)
         return attachment.record if attachment is not None else None
+
+    def attached_uids(self) -> list[str]:
+        """The VMs whose process is watched (alive, as far as its pidfd knows)."""
+        return list(self._attached)
+
+    async def wait_none_attached(self) -> None:
+        """Return once no process is watched (every exit seen, or every VM let go)."""
+        await self._none_attached.wait()
+
+    def _forget(self, uid: str) -> _Attachment | None:
+        attachment = self._attached.pop(uid, None)
+        if not self._attached:
+            self._none_attached.set()
+        return attachment
 
     def is_attached(self, uid: str, pid: int) -> bool:
         attachment = self._attached.get(uid)
@@ -118,6 +135,7 @@ class Runtime:
             return
         attachment = _Attachment(uid, paths, record, child, pidfd, fresh=child is not None)
         self._attached[uid] = attachment
+        self._none_attached.clear()
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit, uid)
         # Before QMP answers, so threads QEMU starts meanwhile inherit it; and after, for those
         # it started before (its vCPU threads exist once the monitor listens).
@@ -130,7 +148,7 @@ class Runtime:
 
     async def detach(self, uid: str) -> None:
         """Stop watching `uid` without touching its process (controller shutdown)."""
-        attachment = self._attached.pop(uid, None)
+        attachment = self._forget(uid)
         if attachment is not None:
             await self._release(attachment)
 
@@ -234,7 +252,7 @@ class Runtime:
             return
 
     def _on_exit(self, uid: str) -> None:
-        attachment = self._attached.pop(uid, None)
+        attachment = self._forget(uid)
         if attachment is None:
             return
         if attachment.shutdown_at is not None:

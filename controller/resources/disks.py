@@ -1,9 +1,13 @@
-"""VM disks: qcow2 overlays on base images from the images dir, or blank qcow2 disks.
+"""VM disks: qcow2 overlays on base images, or blank qcow2 disks; grown, adopted, deleted.
 
 The disk is recorded in the store before its file exists and forgotten only after the file is
 gone, so a crash at any point leaves nothing unaccounted for. The file is created under a
 temporary name and renamed, so a half-made disk is never taken for a finished one.
-Base images are resolved inside the images dir only: a symlink pointing out is refused.
+
+A base image is only trusted as raw or qcow2 without a backing file or external data file:
+either could name a host file (a downloaded qcow2 whose backing file is /etc/shadow), and
+QEMU would read it into the guest. The overlay names the base's format explicitly (-F), so
+nothing is probed at start.
 """
 
 from __future__ import annotations
@@ -12,24 +16,28 @@ import asyncio
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
-from api.store.allocations import Allocations
-from api.types import DiskSpec
-from controller.layout import image_problem
+from api.store.allocations import Allocations, DiskHeld, DiskOwner, DiskRow
+from api.types import DiskSpec, ReclaimPolicy
 
 QEMU_IMG = "qemu-img"
 QEMU_IMG_TIMEOUT_SECONDS = 60.0
 MIB = 1024 * 1024
+BASE_FORMATS = frozenset({"qcow2", "raw"})
 
 
 class DiskError(Exception):
-    """A disk cannot be made from this spec (missing or unsafe image, shrinking). Terminal."""
+    """A disk cannot be made from this spec (unsafe image, shrinking). Terminal."""
+
+
+class DiskBusy(Exception):
+    """The disk cannot be made yet (a retained disk is still held). Retry later."""
 
 
 class DiskManager:
-    def __init__(self, allocations: Allocations, *, images_dir: Path, disks_dir: Path) -> None:
+    def __init__(self, allocations: Allocations, *, disks_dir: Path) -> None:
         self._allocations = allocations
-        self._images_dir = images_dir
         self._disks_dir = disks_dir
 
     def directory(self, uid: str) -> Path:
@@ -38,56 +46,97 @@ class DiskManager:
     def path(self, uid: str, name: str) -> Path:
         return self.directory(uid) / f"{name}.qcow2"
 
-    def base_image(self, image: str) -> Path:
-        """The image file inside the images dir. :raise DiskError: missing, or a link out of it."""
-        problem = image_problem(self._images_dir, image)
-        if problem is not None:
-            raise DiskError(problem)
-        return (self._images_dir / image).resolve()
+    async def create(self, uid: str, owner: DiskOwner, disk: DiskSpec, base: Path | None) -> None:
+        """Create the disk file (idempotent: an existing file is kept), or adopt the retained
+        disk of a gone VM of the same name when this one retains it too.
 
-    async def create(self, uid: str, disk: DiskSpec) -> None:
-        """Create the disk file (idempotent: an existing file is kept)."""
+        :raise DiskError: the base image is unusable, or smaller than `disk.size` allows.
+        :raise DiskBusy: the retained disk still belongs to a VM being deleted.
+        """
+        if disk.reclaim_policy is ReclaimPolicy.RETAIN:
+            try:
+                if await self._allocations.adopt_retained_disk(uid, owner, disk.name) is not None:
+                    return
+            except DiskHeld as err:
+                raise DiskBusy(str(err)) from err
         target = self.path(uid, disk.name)
-        await self._allocations.record_disk(uid, disk.name, str(target), disk.reclaim_policy)
-        if target.exists():
-            return
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = target.with_name(target.name + ".partial")
         argv = [QEMU_IMG, "create", "-q", "-f", "qcow2"]
-        if disk.image is not None:
-            base = self.base_image(disk.image)
-            image_format, virtual_size = await _image_info(base)
-            base_size_mib = -(-virtual_size // MIB)
+        size_mib = disk.size
+        if base is not None:
+            image_format, base_size_mib = await _base_info(base)
             if disk.size is not None and disk.size < base_size_mib:
                 raise DiskError(
                     f"disk {disk.name!r}: size {disk.size} MiB is smaller than its image"
                     f" ({base_size_mib} MiB); shrinking is refused"
                 )
+            size_mib = disk.size if disk.size is not None else base_size_mib
             argv += ["-b", str(base), "-F", image_format]
+        row = DiskRow(
+            uid, disk.name, str(target), disk.reclaim_policy, size_mib, str(base) if base else None, owner
+        )
+        await self._allocations.record_disk(uid, row)
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = target.with_name(target.name + ".partial")
         argv.append(str(partial))
         if disk.size is not None:
             argv.append(f"{disk.size}M")
         await _run(argv)
         partial.replace(target)
 
-    async def delete(self, uid: str, name: str) -> None:
+    async def grow(self, uid: str, name: str, path: Path, size_mib: int) -> None:
+        """Grow the disk to `size_mib` (the guest sees it at its next boot). Never shrinks.
+
+        :raise DiskError: the file is larger than `size_mib`: shrinking is refused.
+        """
+        info = await _image_info(path)
+        current_mib = -(-_virtual_size(info, path) // MIB)
+        if size_mib < current_mib:
+            raise DiskError(f"disk {name!r} is {current_mib} MiB; shrinking to {size_mib} MiB is refused")
+        if size_mib > current_mib:
+            await _run([QEMU_IMG, "resize", "-q", "-f", "qcow2", str(path), f"{size_mib}M"])
+        await self._allocations.set_disk_size(uid, name, size_mib)
+
+    async def delete(self, uid: str, name: str, path: Path) -> None:
         """Delete the disk file, then forget it. A missing file is success."""
         with contextlib.suppress(FileNotFoundError):
-            self.path(uid, name).unlink()
+            path.unlink()
         with contextlib.suppress(FileNotFoundError, OSError):
-            self.directory(uid).rmdir()
+            path.parent.rmdir()
         await self._allocations.forget_disk(uid, name)
 
 
-async def _image_info(path: Path) -> tuple[str, int]:
-    """The image's format and virtual size in bytes. `-U`: the base may be open by running VMs."""
+async def _base_info(path: Path) -> tuple[str, int]:
+    """The base image's format and virtual size in MiB. :raise DiskError: not a safe base."""
+    info = await _image_info(path)
+    image_format = info.get("format")
+    if image_format not in BASE_FORMATS:
+        raise DiskError(f"image {path.name}: format {image_format!r} is not supported (raw or qcow2)")
+    if info.get("backing-filename") is not None or info.get("full-backing-filename") is not None:
+        raise DiskError(f"image {path.name} has a backing file; only standalone images can be a base")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and data.get("data-file") is not None:
+        raise DiskError(f"image {path.name} has an external data file; it cannot be a base")
+    return str(image_format), -(-_virtual_size(info, path) // MIB)
+
+
+async def _image_info(path: Path) -> dict[str, Any]:
+    """`qemu-img info` of one file, without opening its backing chain. `-U`: the image may be
+    open by running VMs."""
     output = await _run([QEMU_IMG, "info", "-U", "--output=json", str(path)])
     info = json.loads(output)
-    image_format = info.get("format") if isinstance(info, dict) else None
-    size = info.get("virtual-size") if isinstance(info, dict) else None
-    if not isinstance(image_format, str) or not isinstance(size, int):
+    if not isinstance(info, dict):
         raise DiskError(f"qemu-img info {path.name}: unexpected output")
-    return image_format, size
+    return info
+
+
+def _virtual_size(info: dict[str, Any], path: Path) -> int:
+    size = info.get("virtual-size")
+    if not isinstance(size, int):
+        raise DiskError(f"qemu-img info {path.name}: no virtual size")
+    return size
 
 
 async def _run(argv: list[str]) -> str:

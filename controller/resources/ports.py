@@ -34,10 +34,12 @@ def is_bindable(protocol: Protocol, port: int, host: str = LOOPBACK) -> bool:
 
 
 class PortAllocator:
-    def __init__(self, allocations: Allocations, *, first: int, last: int) -> None:
+    def __init__(self, allocations: Allocations, *, first: int, last: int, address: str = LOOPBACK) -> None:
+        """`address`: where QEMU's forwards will listen, so the probe binds the same address."""
         if not 1024 <= first <= last <= 65535:
             raise ValueError(f"port range {first}-{last} must lie within 1024-65535")
         self._allocations = allocations
+        self._address = address
         self._first, self._last = first, last
         self._next = first
 
@@ -56,7 +58,7 @@ class PortAllocator:
         await self._allocations.release_ports(uid, list(keys))
 
     async def _reserve_requested(self, uid: str, protocol: Protocol, guest_port: int, port: int) -> None:
-        if not is_bindable(protocol, port):
+        if not is_bindable(protocol, port, self._address):
             raise PortUnavailable(f"hostPort {protocol.value}/{port} is in use by another process")
         try:
             await self._allocations.reserve_port(uid, protocol, guest_port, port)
@@ -72,7 +74,7 @@ class PortAllocator:
         for offset in range(size):
             # Rotate through the range so a just-released port is not reused at once.
             port = self._first + (self._next - self._first + offset) % size
-            if port in held or not is_bindable(protocol, port):
+            if port in held or not is_bindable(protocol, port, self._address):
                 continue
             try:
                 await self._allocations.reserve_port(uid, protocol, guest_port, port)

@@ -25,7 +25,7 @@ from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
 from api.telemetry.metrics import Metrics
 from api.tfstate import extract_vms, parse_state
-from api.types import QemuVMStatus
+from api.types import Phase, QemuVMStatus
 from controller.manager import Controller
 from controller.settings import ControllerSettings
 from tests.builders import encode, vm_state
@@ -164,9 +164,10 @@ async def test_disk_image_linked_outside_the_images_dir_is_refused(harness: Harn
     outside.write_bytes(b"\0" * 4096)
     (harness.settings.resolved_images_dir / "evil.raw").symlink_to(outside)
     await harness.declare({"web": {**SPEC, "disks": [{"name": "root", "image": "evil.raw"}]}})
-    status = await harness.wait_for("web", lambda s: any(c.reason == "ReconcileError" for c in s.conditions))
+    status = await harness.wait_for("web", lambda s: any(c.reason == "ImageNotFound" for c in s.conditions))
     ready = next(c for c in status.conditions if c.type == "Ready")
-    assert "resolves outside the images dir" in ready.message
+    assert "disk 'root': image 'evil.raw' resolves outside the images dir" in ready.message
+    assert status.phase is Phase.PENDING
     assert list(harness.settings.data_dir.glob("disks/*/*.qcow2")) == []
 
 

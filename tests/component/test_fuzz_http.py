@@ -179,10 +179,7 @@ async def test_fuzzed_requests_to_every_route_never_5xx(
 @fuzz_settings()
 @given(data=st.data())
 async def test_fuzzed_requests_to_any_path_never_5xx(client: Client, data: st.DataObject) -> None:
-    """Random method, path (often no route), credentials (often wrong) and body: 4xx at worst.
-
-    Credentials are ASCII: non-ASCII ones still crash auth (test_http_auth.py, xfail).
-    """
+    """Random method, path (often no route), credentials (often wrong) and body: 4xx at worst."""
     method = data.draw(methods)
     path = data.draw(any_paths | route_paths())
     body = data.draw(bodies)

@@ -157,3 +157,29 @@ def test_unresolved_accelerator_is_refused() -> None:
     """`auto` must be probed before a command line is built."""
     with pytest.raises(ValueError, match="must be resolved"):
         build_argv(spec(), inputs(accel=Accel.AUTO))
+
+
+def test_forwards_listen_on_the_configured_address() -> None:
+    """In a container forwards listen on 0.0.0.0 so `-p` can publish them; loopback otherwise."""
+    default = " ".join(build_argv(spec(), inputs()))
+    published = " ".join(build_argv(spec(), inputs(forward_address="0.0.0.0")))  # noqa: S104 - the point
+    assert "hostfwd=tcp:127.0.0.1:20080-:80" in default
+    assert "hostfwd=tcp:0.0.0.0:20080-:80" in published
+
+
+@pytest.mark.parametrize(
+    ("machine", "controller"),
+    [("q35", "virtio-scsi-pci,id=seed-scsi"), ("microvm", "virtio-scsi-device,id=seed-scsi")],
+)
+def test_cloud_init_seed_is_a_read_only_cd_rom(machine: str, controller: str) -> None:
+    """A SCSI CD-ROM on its own controller (not a second virtio disk); never writable."""
+    seed = PurePath("/data,x/run") / UID / "cidata-0123abcd.iso"
+    argv = build_argv(spec(machine=machine), inputs(seed_path=seed))
+    blockdev = argv[argv.index("-blockdev", argv.index("-blockdev") + 1) + 1]
+    assert blockdev == (
+        "driver=raw,node-name=cidata,read-only=on,file.driver=file,"
+        f"file.filename=/data,,x/run/{UID}/cidata-0123abcd.iso"
+    )
+    at = argv.index(blockdev)
+    assert argv[at + 1 : at + 5] == ("-device", controller, "-device", "scsi-cd,drive=cidata,bus=seed-scsi.0")
+    assert "cidata" not in " ".join(build_argv(spec(machine=machine), inputs()))

@@ -75,3 +75,15 @@ def test_boolean_settings_have_an_off_flag(monkeypatch: pytest.MonkeyPatch) -> N
     ):
         args = _build_parser().parse_args(argv)
         assert _settings_from(args, args.model).metrics_auth is expected
+
+
+def test_an_unusable_data_dir_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Not a traceback: the data dir is named, and why it cannot be used."""
+    monkeypatch.setenv("TOFU_QEMU_USERS", "a:b")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = main(["serve", "--listen", "127.0.0.1:0", "--data-dir", str(blocker / "data")])
+    assert code == 2
+    assert f"cannot create the data dir {blocker / 'data'}: Not a directory" in capsys.readouterr().err

@@ -31,6 +31,8 @@ from controller.model import (
     Desired,
     DiskRecord,
     ExitObservation,
+    ImageLookup,
+    ImageState,
     Memory,
     Observed,
     ProcessObservation,
@@ -48,7 +50,9 @@ CONTEXT = LaunchContext(
     disks_dir=PurePath("/data/disks") / UID,
 )
 HTTP = (Protocol.TCP, 80)
-ROOT_DISK = DiskRecord("root", ReclaimPolicy.DELETE, exists=True)
+ROOT_PATH = PurePath("/data/disks") / UID / "root.qcow2"
+ROOT_DISK = DiskRecord("root", ReclaimPolicy.DELETE, exists=True, path=ROOT_PATH, size_mib=1024)
+BASE_READY = {"root": ImageLookup(ImageState.READY, path=PurePath("/data/images/base.raw"))}
 
 
 def spec(**fields: Any) -> QemuVMSpec:
@@ -129,7 +133,7 @@ VM = desired()
 RUNNING = process(digest_for(VM))
 ROWS = {
     "new-vm-allocates-ports-and-creates-disks": Row(
-        VM, observed(), intent=Intent.PREPARING, actions=[AllocatePorts, CreateDisk]
+        VM, observed(bases=BASE_READY), intent=Intent.PREPARING, actions=[AllocatePorts, CreateDisk]
     ),
     "prepared-vm-spawns": Row(VM, observed(**ready()), intent=Intent.STARTING, actions=[Spawn]),
     "spawned-paused-vm-continues": Row(
@@ -211,7 +215,7 @@ ROWS = {
     ),
     "retained-disk-survives-deletion": Row(
         desired(deleting=True),
-        observed(ports={}, disks={"root": DiskRecord("root", ReclaimPolicy.RETAIN, exists=True)}),
+        observed(ports={}, disks={"root": replace(ROOT_DISK, reclaim_policy=ReclaimPolicy.RETAIN)}),
         intent=Intent.DELETING,
         actions=[Finalize],
     ),

@@ -29,6 +29,7 @@ locals {
         for disk in var.disks : {
           name          = disk.name
           image         = disk.image
+          sha256        = disk.sha256
           size          = disk.size
           reclaimPolicy = disk.reclaim_policy
         }
@@ -41,6 +42,12 @@ locals {
             hostPort  = forward.host_port
           }
         ]
+      }
+      cloudInit = var.cloud_init == null ? null : {
+        userData          = var.cloud_init.user_data
+        metaData          = var.cloud_init.meta_data
+        networkConfig     = var.cloud_init.network_config
+        sshAuthorizedKeys = var.cloud_init.ssh_authorized_keys
       }
       stopTimeout = var.stop_timeout
     }

@@ -146,13 +146,15 @@ variable "cmdline" {
 
 variable "disks" {
   description = <<-EOT
-    Disks, at most 16. Each has a unique name (an RFC 1123 label) and an image (a file in the
-    images dir, used as the backing file of a qcow2 overlay), a size (MiB as a number, or a
-    quantity string such as "10Gi"), or both; reclaim_policy is Delete (default) or Retain.
+    Disks, at most 16. Each has a unique name (an RFC 1123 label) and an image (the base of a
+    qcow2 overlay: a file in the images dir, "sha256:<hex>" from the download cache, or an
+    http(s) URL verified by sha256 or by its "<url>.sha256" sidecar), a size (MiB as a number,
+    or a quantity string such as "10Gi"), or both; reclaim_policy is Delete (default) or Retain.
   EOT
   type = list(object({
     name           = string
     image          = optional(string)
+    sha256         = optional(string)
     size           = optional(string)
     reclaim_policy = optional(string)
   }))
@@ -174,9 +176,20 @@ variable "disks" {
   validation {
     condition = alltrue([
       for disk in var.disks :
-      disk.image == null ? true : length(disk.image) <= 255 && can(regex("^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$", disk.image))
+      disk.image == null ? true : (
+        can(regex("^https?://[^[:space:]@#]+$", disk.image)) ? length(disk.image) <= 2048 :
+        can(regex("^sha256:", disk.image)) ? can(regex("^sha256:[0-9a-f]{64}$", disk.image)) :
+        length(disk.image) <= 255 && can(regex("^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*$", disk.image))
+      )
     ])
-    error_message = "Disk images must be relative paths inside the images dir (at most 255 characters): letters, digits, '_', '.', '+', '-' and '/' between names; no '..', no leading '/', '.' or '-'."
+    error_message = "Disk images must be a relative path inside the images dir (at most 255 characters: letters, digits, '_', '.', '+', '-' and '/' between names; no '..', no leading '/', '.' or '-'), sha256:<64 hex digits>, or an http(s) URL without credentials (at most 2048 characters)."
+  }
+  validation {
+    condition = alltrue([
+      for disk in var.disks :
+      disk.sha256 == null ? true : can(regex("^(sha256:)?[0-9a-fA-F]{64}$", disk.sha256)) && can(regex("^https?://", coalesce(disk.image, "-")))
+    ])
+    error_message = "Disk sha256 must be 64 hex digits, and only URL images take one."
   }
   validation {
     condition     = alltrue([for disk in var.disks : disk.image != null || disk.size != null])
@@ -281,5 +294,26 @@ variable "stop_timeout" {
       tonumber(parts[0]) * { "" = 1, h = 3600, m = 60, s = 1 }[parts[1]]
     ])) <= 3600, !can(regex("^([0-9]{1,6}|([0-9]{1,6}[hms])+)$", tostring(var.stop_timeout))))
     error_message = "stop_timeout ${jsonencode(var.stop_timeout)} must be at most 1h (3600 seconds)."
+  }
+}
+
+variable "cloud_init" {
+  description = <<-EOT
+    A cloud-init NoCloud seed, attached as a CD-ROM labelled cidata. user_data is text (a script,
+    "#cloud-config" YAML) or an object (written as #cloud-config); meta_data adds meta-data keys
+    (instance-id and local-hostname are set by the server); network_config is a version 1 or 2
+    object; ssh_authorized_keys are OpenSSH public key lines for the default user. Null: no seed.
+  EOT
+  type = object({
+    user_data           = optional(any)
+    meta_data           = optional(map(any))
+    network_config      = optional(any)
+    ssh_authorized_keys = optional(list(string))
+  })
+  default = null
+
+  validation {
+    condition     = var.cloud_init == null ? true : length(coalesce(var.cloud_init.ssh_authorized_keys, [])) <= 32
+    error_message = "At most 32 SSH keys are allowed."
   }
 }
