@@ -160,7 +160,7 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
         argv += ["-blockdev", f"driver=qcow2,node-name={node},file.driver=file,file.filename={path}"]
         argv += ["-device", f"{block_device},drive={node},serial={disk_serial(inputs.uid, disk.name)}"]
     if inputs.seed_path is not None:
-        argv += _seed_drive(spec.machine, inputs.seed_path)
+        argv += seed_drive(spec.machine, inputs.seed_path)
     forwards = []
     for forward in spec.network.forwards:
         host_port = inputs.host_ports[(forward.protocol, forward.guest_port)]
@@ -173,7 +173,7 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
     return tuple(argv)
 
 
-def _seed_drive(machine: Machine, path: PurePath) -> list[str]:
+def seed_drive(machine: Machine, path: PurePath) -> list[str]:
     """The NoCloud seed as a read-only SCSI CD-ROM (/dev/sr0 in the guest) on its own virtio-scsi
     controller. Not IDE/AHCI: Debian's cloud kernel (and so its genericcloud images) has no AHCI
     driver, while virtio-scsi is in every cloud kernel. Not a virtio-blk disk: a second vdX next

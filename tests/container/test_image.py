@@ -44,6 +44,7 @@ from tests.e2e.harness import (
     http_request,
     is_running_current,
     run_setup_step,
+    vm_or_none,
     wait_until,
 )
 
@@ -223,12 +224,7 @@ class Container:
         )
 
     def vm(self) -> dict[str, Any] | None:
-        answer = self.request("GET", f"/api/v1/projects/{PROJECT}/vms/{VM_NAME}")
-        if answer.status == 404:
-            return None
-        assert answer.status == 200, f"GET VM: {answer.status} {answer.body[:500]!r}"
-        result: dict[str, Any] = answer.json()
-        return result
+        return vm_or_none(self.request, PROJECT, VM_NAME)
 
     def wait_vm(
         self, accept: Callable[[dict[str, Any]], bool], *, what: str, timeout: float

@@ -664,6 +664,19 @@ def get_guest_page(host_port: int, path: str = "/", *, timeout: float) -> tuple[
             conn.close()
 
 
+def vm_or_none(request: Callable[[str, str], HttpAnswer], project: str, name: str) -> dict[str, Any] | None:
+    """GET one VM object through `request(method, path)`; None on 404.
+
+    :raise AssertionError: any other status than 200 or 404.
+    """
+    answer = request("GET", f"/api/v1/projects/{project}/vms/{name}")
+    if answer.status == 404:
+        return None
+    assert answer.status == 200, f"GET VM {project}/{name}: {answer.status} {answer.body[:500]!r}"
+    result: dict[str, Any] = answer.json()
+    return result
+
+
 # ---- A data dir with its servers and VMs -----------------------------------------------------
 
 VM_WAIT_TIMEOUT = 60.0
@@ -730,12 +743,7 @@ class VmHost:
 
     def vm_or_none(self, project: str, name: str) -> dict[str, Any] | None:
         """The VM object, or None on 404. :raise AssertionError: any other status."""
-        answer = self.request("GET", f"/api/v1/projects/{project}/vms/{name}")
-        if answer.status == 404:
-            return None
-        assert answer.status == 200, f"GET VM {project}/{name}: {answer.status} {answer.body[:500]!r}"
-        result: dict[str, Any] = answer.json()
-        return result
+        return vm_or_none(self.request, project, name)
 
     def vm(self, project: str, name: str) -> dict[str, Any]:
         found = self.vm_or_none(project, name)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -268,18 +268,20 @@ def create_overlay(image: GuestImage, overlay: Path) -> None:
 def launch(
     request: pytest.FixtureRequest, guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Launch]:
-    """`launch(name, disk=...)` starts a guest and returns once QMP answers; all are killed on teardown."""
+    """`launch(name, disk=..., extra_args=...)` starts a guest and returns once QMP answers; all are
+    killed on teardown. `extra_args` go before the final `-append`."""
     guests: list[Guest] = []
     failed_before = request.session.testsfailed
 
-    def launch(name: str, *, disk: Disk = "initramfs") -> Guest:
+    def launch(name: str, *, disk: Disk = "initramfs", extra_args: Sequence[str] = ()) -> Guest:
         workdir = tmp_path_factory.mktemp("vm")  # short: a unix socket path must fit in 108 bytes
         if disk != "initramfs":
             create_overlay(guest_image, workdir / "overlay.qcow2")
         for _attempt in range(5):
             port = free_port()
             started = time.monotonic()
-            spawned = spawn_qemu(qemu_argv(guest_image, workdir, name=name, port=port, disk=disk), workdir)
+            argv = qemu_argv(guest_image, workdir, name=name, port=port, disk=disk)
+            spawned = spawn_qemu([*argv[:-2], *extra_args, *argv[-2:]], workdir)
             if spawned is not None:
                 process, qmp = spawned
                 guest = Guest(
@@ -309,7 +311,8 @@ def print_to_terminal(request: pytest.FixtureRequest, text: str) -> None:
 
 
 def test_guest_boots_and_serves_its_name_over_http(launch: Launch) -> None:
-    """A q35 TCG guest reaches the ready marker and serves a page naming the VM from its cmdline."""
+    """A q35 TCG guest reaches the ready marker and serves a page naming the VM from its cmdline.
+    Without a cloud-init seed there is no /cidata/ (test_guest_cidata.py has one)."""
     guest = launch("vm-alpha")
     guest.wait_ready()
 
@@ -317,6 +320,7 @@ def test_guest_boots_and_serves_its_name_over_http(launch: Launch) -> None:
 
     assert status == 200
     assert "<h1>vm-alpha</h1>" in body
+    assert guest.get("/cidata/user-data")[0] == 404
 
 
 def test_system_powerdown_makes_qemu_exit(launch: Launch) -> None:
