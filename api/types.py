@@ -407,6 +407,17 @@ class AllocatedPort(_Model):
     host_port: int
 
 
+class RunOverride(_Model):
+    """Imperative requests (`tofu-qemu stop|start|restart`, the dashboard). They override the
+    spec's runStrategy without touching the Terraform-owned spec; `start` clears a stop."""
+
+    stopped: bool = False
+    # A restart is wanted of any QEMU started before this time.
+    restart_requested_at: datetime | None = None
+    requested_by: str = ""
+    updated_at: datetime
+
+
 class QemuVMStatus(_Model):
     """Observed state. Only the controller writes it; the API shows it.
 
@@ -426,6 +437,8 @@ class QemuVMStatus(_Model):
     last_exit: LastExit | None = None
     next_retry_at: datetime | None = None
     stop_requested_at: datetime | None = None
+    # Shown by the API from the store's override column; the controller never writes it.
+    override: RunOverride | None = None
 
 
 class ObjectMeta(_Model):
@@ -438,6 +451,24 @@ class ObjectMeta(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     state_serial: int = Field(description="The state serial that last changed this object")
+    resource_version: str = Field(
+        default="0", description="Changes with every change of the object (store-wide, as in Kubernetes)"
+    )
+
+    namespace: str = Field(default="", description="The project, under the name Kubernetes tools expect")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _namespace_defaults_to_the_project(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("namespace"):
+            return {**data, "namespace": data.get("project", "")}
+        return data
+
+    @model_validator(mode="after")
+    def _namespace_is_the_project(self) -> ObjectMeta:
+        if self.namespace != self.project:
+            raise ValueError("metadata.namespace must equal metadata.project")
+        return self
 
 
 class QemuVM(_Model):

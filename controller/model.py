@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import PurePath
 
-from api.types import LastExit, Protocol, QemuVMSpec, ReclaimPolicy
+from api.types import LastExit, Protocol, QemuVMSpec, ReclaimPolicy, RunOverride
 from controller.admission import ADMITTED, Admission
 
 PortKey = tuple[Protocol, int]
@@ -30,6 +30,16 @@ class Desired:
     deleting: bool
     # Whether the fleet's quotas let this VM start (controller/admission.py).
     admission: Admission = ADMITTED
+    # Imperative stop/start/restart requests (the API's, not the spec's).
+    override: RunOverride | None = None
+
+    @property
+    def stopped_by_request(self) -> bool:
+        return self.override is not None and self.override.stopped
+
+    @property
+    def restart_requested_at(self) -> datetime | None:
+        return self.override.restart_requested_at if self.override is not None else None
 
 
 class QmpState(StrEnum):

@@ -38,6 +38,7 @@ from controller.cloudinit import seed_digest, seed_files
 from controller.exits import classify_exit, crash_backoff, failures_after, is_failure, should_restart
 from controller.model import (
     Desired,
+    ExitObservation,
     ImageState,
     Memory,
     Observed,
@@ -144,10 +145,11 @@ def plan(
         if process is not None:
             return _stop(process, memory, spec, now, Intent.SHUTTING_DOWN, "tofu-qemu is shutting down")
         return Plan(Intent.SHUTTING_DOWN, memory, detail="tofu-qemu is shutting down")
-    if spec.run_strategy is RunStrategy.HALTED:
+    if spec.run_strategy is RunStrategy.HALTED or desired.stopped_by_request:
+        why = _halt_reason(desired)
         if process is not None:
-            return _stop(process, memory, spec, now, Intent.STOPPING, "runStrategy is Halted")
-        return Plan(Intent.HALTED, memory, _clean_if_stale(observed))
+            return _stop(process, memory, spec, now, Intent.STOPPING, why)
+        return Plan(Intent.HALTED, memory, _clean_if_stale(observed), detail=why)
 
     if process is None:
         refused = _not_admitted(desired, spec, observed, memory, context)
@@ -164,8 +166,18 @@ def plan(
         return Plan(Intent.PREPARING, memory, prepare, again=True)
     digest = argv_digest(_argv(desired, spec, observed, context))
     if process is not None:
+        restart_at = desired.restart_requested_at
+        if restart_at is not None and process.started_at < restart_at:
+            why = f"restart requested by {desired.override.requested_by if desired.override else '?'}"
+            return _stop(process, memory, spec, now, Intent.RESTARTING, why)
         return _keep_running(process, digest, memory, spec, observed, now, context)
     return _start(desired, spec, observed, memory, context, now)
+
+
+def _halt_reason(desired: Desired) -> str:
+    if desired.stopped_by_request and desired.override is not None:
+        return f"stopped by request of {desired.override.requested_by or 'an API client'}"
+    return "runStrategy is Halted"
 
 
 def _not_admitted(
@@ -407,10 +419,14 @@ def _start(
     # Stale runtime files are left for Spawn to clear: until then the exit record they hold is
     # what tells this plan (and the next) that a restart is a restart.
     last_exit = memory.last_exit
-    if last_exit is not None and not should_restart(last_exit.reason, spec.run_strategy):
+    restart_at = desired.restart_requested_at
+    # A restart requested after the last exit starts the VM now: after a guest poweroff under
+    # RerunOnFailure, and without waiting out a crash-loop backoff.
+    kicked = restart_at is not None and last_exit is not None and restart_at > last_exit.at
+    if last_exit is not None and not kicked and not should_restart(last_exit.reason, spec.run_strategy):
         detail = f"{last_exit.reason.value}; runStrategy {spec.run_strategy.value}"
         return Plan(Intent.FINISHED, memory, _clean_if_stale(observed), detail=detail)
-    if memory.next_retry_at is not None and now < memory.next_retry_at:
+    if not kicked and memory.next_retry_at is not None and now < memory.next_retry_at:
         wait = memory.next_retry_at - now
         detail = f"next start in {wait.total_seconds():.1f} s"
         if last_exit is not None:
@@ -422,10 +438,9 @@ def _start(
         detail = "not a file in the images dir (or a link out of it): " + ", ".join(observed.missing_images)
         return Plan(Intent.WAITING_FOR_IMAGES, memory, requeue_after=IMAGE_RECHECK, detail=detail)
     argv = _argv(desired, spec, observed, context)
-    is_restart = (
-        observed.exit is not None
-        and last_exit is not None
-        and last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER
+    is_restart = observed.exit is not None and (
+        (last_exit is not None and last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER)
+        or _ended_by_requested_restart(observed.exit, restart_at)
     )
     memory = replace(memory, restarts=memory.restarts + int(is_restart), next_retry_at=None)
     grow = [
@@ -439,6 +454,14 @@ def _start(
         Spawn(argv, argv_digest(argv)),
     )
     return Plan(Intent.STARTING, memory, actions, again=True)
+
+
+def _ended_by_requested_restart(exit_: ExitObservation, restart_at: datetime | None) -> bool:
+    """The process that just exited is the one a restart request was for: it started before the
+    request and ended after it. A restart the user asked for counts in `restarts`."""
+    if restart_at is None or exit_.started_at is None:
+        return False
+    return exit_.started_at < restart_at <= exit_.at
 
 
 def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:

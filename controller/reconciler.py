@@ -73,6 +73,7 @@ def desired_from(record: VMRecord | None) -> Desired | None:
         spec=spec,
         spec_error=spec_error,
         deleting=record.deleted_at is not None,
+        override=record.run_override,
     )
 
 

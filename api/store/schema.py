@@ -101,4 +101,36 @@ MIGRATIONS: tuple[str, ...] = (
         fetched_at TEXT NOT NULL
     );
     """,
+    """
+    -- Imperative requests (stop, start, restart from the API, CLI or dashboard), as JSON
+    -- (api/types.py RunOverride). Neither the Terraform-owned spec nor the controller's status:
+    -- the API writes it, the controller obeys it, the API shows it in status.override.
+    ALTER TABLE vms ADD COLUMN override TEXT;
+    -- Objects removed by finalize, kept for a while with the resourceVersion of their removal,
+    -- so a watch resumed from an older resourceVersion still sees them DELETED.
+    CREATE TABLE vm_tombstones (
+        uid              TEXT PRIMARY KEY,
+        project          TEXT NOT NULL,
+        name             TEXT NOT NULL,
+        resource_version INTEGER NOT NULL,
+        object           TEXT NOT NULL,    -- the last QemuVM as the API served it
+        deleted_at       TEXT NOT NULL
+    );
+    CREATE INDEX vm_tombstones_by_version ON vm_tombstones(resource_version);
+    -- The per-VM event log (Kubernetes Events, simplified). By project and name as well as uid,
+    -- so a VM's history reads across its re-creations and after its deletion.
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        uid      TEXT NOT NULL,
+        project  TEXT NOT NULL,
+        vm_name  TEXT NOT NULL,
+        time     TEXT NOT NULL,
+        type     TEXT NOT NULL,         -- Normal or Warning
+        reason   TEXT NOT NULL,         -- CamelCase: Created, Started, ExitDetected, ...
+        message  TEXT NOT NULL,
+        trace_id TEXT                   -- the trace of the reconcile or request that recorded it
+    );
+    CREATE INDEX events_by_uid ON events(uid, id);
+    CREATE INDEX events_by_vm ON events(project, vm_name, id);
+    """,
 )

@@ -6,6 +6,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import aiosqlite
@@ -14,12 +15,12 @@ from api.publish import ExistingVM, SpecChanges, diff_specs
 from api.store.db import Database
 from api.store.errors import NotFound
 from api.tfstate import DeclaredVM
-from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus
+from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus, RunOverride
 
 ADDRESS_ANNOTATION = "tofu-qemu.dev/terraform-address"
 VM_COLUMNS = (
     "uid, project, name, generation, spec, spec_error, labels, address, created_at,"
-    " spec_changed_at, deleted_at, state_serial, status, resource_version, spec_trace"
+    " spec_changed_at, deleted_at, state_serial, status, resource_version, spec_trace, override"
 )
 
 
@@ -43,6 +44,12 @@ class VMRecord:
     resource_version: int
     # W3C traceparent of the write that set this generation (None: written untraced).
     spec_trace: str | None = None
+    # Imperative stop/start/restart requests (api/types.py RunOverride), as stored.
+    override: dict[str, Any] | None = None
+
+    @property
+    def run_override(self) -> RunOverride | None:
+        return RunOverride.model_validate(self.override) if self.override else None
 
     def to_object(self) -> QemuVM:
         return QemuVM(
@@ -56,6 +63,7 @@ class VMRecord:
                 labels=self.labels,
                 annotations={ADDRESS_ANNOTATION: self.address},
                 state_serial=self.state_serial,
+                resource_version=str(self.resource_version),
             ),
             spec=self.spec,
             status=render_status(self),
@@ -69,6 +77,7 @@ def render_status(record: VMRecord) -> QemuVMStatus:
     the store supplies that condition until the controller reports its own.
     """
     status = QemuVMStatus.model_validate(record.status) if record.status else QemuVMStatus()
+    status = status.model_copy(update={"override": record.run_override})
     if any(condition.type == "Valid" for condition in status.conditions) and record.status:
         return status
     valid = Condition(
@@ -187,9 +196,58 @@ class VMStore:
             raise NotFound(f"project {project!r} has no VM named {name!r}")
         return records[0]
 
+    async def request(
+        self, project: str, name: str, action: RunAction, *, by: str, now: datetime
+    ) -> VMRecord:
+        """Record an imperative stop, start or restart of the live VM `name`; the controller
+        obeys it at its next reconcile. The spec is untouched: Terraform still owns it.
+
+        `stop` holds the VM stopped (whatever its runStrategy) until `start`; `restart` asks for
+        a graceful restart of the QEMU running now (and, like start, lifts a stop).
+
+        :raise NotFound: no live VM of that name (a VM being deleted takes no requests).
+        """
+        async with self._db.write() as conn:
+            async with conn.execute(
+                "SELECT uid, override FROM vms WHERE project = ? AND name = ? AND deleted_at IS NULL",
+                (project, name),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                raise NotFound(f"project {project!r} has no live VM named {name!r}")
+            uid = str(row[0])
+            current = RunOverride.model_validate(json.loads(row[1])) if row[1] else None
+            override = next_override(current, action, by=by, now=now)
+            await conn.execute(
+                "UPDATE vms SET override = ?, resource_version = ? WHERE uid = ?",
+                (override.model_dump_json(by_alias=True), await _next_resource_version(conn), uid),
+            )
+        records = await self._select("WHERE uid = ?", (uid,))
+        return records[0]
+
     async def _select(self, clause: str, params: tuple[str, ...]) -> list[VMRecord]:
         rows = await self._db.read(f"SELECT {VM_COLUMNS} FROM vms {clause}", params)  # noqa: S608
         return [decode_vm_row(row) for row in rows]
+
+
+class RunAction(StrEnum):
+    STOP = "stop"
+    START = "start"
+    RESTART = "restart"
+
+
+def next_override(current: RunOverride | None, action: RunAction, *, by: str, now: datetime) -> RunOverride:
+    """The override after `action`: stop sets stopped; start clears it; restart clears it and
+    asks for a restart of any QEMU started before `now`."""
+    restart_at = current.restart_requested_at if current else None
+    if action is RunAction.RESTART:
+        restart_at = now
+    return RunOverride(
+        stopped=action is RunAction.STOP,
+        restart_requested_at=restart_at,
+        requested_by=by,
+        updated_at=now,
+    )
 
 
 def decode_vm_row(row: Any) -> VMRecord:
@@ -209,4 +267,5 @@ def decode_vm_row(row: Any) -> VMRecord:
         status=json.loads(row[12]) if row[12] else None,
         resource_version=row[13],
         spec_trace=row[14],
+        override=json.loads(row[15]) if row[15] else None,
     )
