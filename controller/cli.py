@@ -1,5 +1,7 @@
-"""The `tofu-qemu` command: the composition root that wires settings, store, server (and, later,
-the controller) together.
+"""The `tofu-qemu` command: servers, store maintenance, and a kubectl-like client.
+
+The composition root for the servers: it wires settings, store, HTTP server and controller
+together. The client commands (get, describe, logs, ...) live in controller/client/.
 
 Flags are generated from the settings model, so every setting has a flag, an environment variable
 and a config-file key of the same name (see api/settings.py).
@@ -36,6 +38,7 @@ from api.store.backup import Refused, back_up, hold_data_dir, restore
 from api.store.db import DB_FILE_NAME, utc_now
 from api.telemetry.metrics import Metrics
 from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
+from controller.client.commands import add_client_commands
 from controller.layout import DataLayout
 from controller.manager import Controller
 from controller.settings import ControllerSettings, ServeSettings
@@ -80,6 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
         restorer, force_help=f"replace an existing store (it is kept as {DB_FILE_NAME}.before-restore-TIME)"
     )
     restorer.set_defaults(run=_restore)
+    add_client_commands(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The `tofu-qemu` client commands (get, describe, logs, restart, ...): kubectl for QemuVMs."""

@@ -1,0 +1,128 @@
+"""Rendering API objects for a terminal, the way kubectl does. Pure: no I/O, no clock.
+
+Tables are left-aligned columns separated by three spaces, headers in capitals, `<none>` for an
+empty value; ages use kubectl's human durations ("45s", "5m30s", "3h", "2d5h").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+NONE = "<none>"
+COLUMN_GAP = "   "
+# ANSI SGR colours by phase, used only on a terminal (and never with NO_COLOR).
+_PHASE_COLOURS = {
+    "Running": "32",
+    "Starting": "33",
+    "Pending": "33",
+    "Stopping": "33",
+    "Stopped": "90",
+    "CrashLoopBackOff": "31",
+    "Failed": "31",
+    "Invalid": "31",
+}
+VM_COLUMNS = ("NAME", "PROJECT", "PHASE", "READY", "ACCEL", "PORTS", "RESTARTS", "AGE")
+VM_WIDE_COLUMNS = (*VM_COLUMNS, "PID", "CPUS", "MEMORY", "GENERATION", "REASON")
+
+
+def human_duration(delta: timedelta) -> str:
+    """kubectl's HumanDuration: coarser the older, never more than two units."""
+    seconds = int(delta.total_seconds())
+    if seconds < -1:
+        return "<invalid>"
+    if seconds < 0:
+        return "0s"
+    if seconds < 120:
+        return f"{seconds}s"
+    minutes = seconds // 60
+    if minutes < 10:
+        return f"{minutes}m" + (f"{seconds % 60}s" if seconds % 60 else "")
+    if minutes < 180:
+        return f"{minutes}m"
+    hours = seconds // 3600
+    if hours < 8:
+        return f"{hours}h" + (f"{minutes % 60}m" if minutes % 60 else "")
+    if hours < 48:
+        return f"{hours}h"
+    if hours < 24 * 8:
+        return f"{hours // 24}d" + (f"{hours % 24}h" if hours % 24 else "")
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24}d"
+    if hours < 24 * 365 * 8:
+        days = (hours // 24) % 365
+        return f"{hours // 24 // 365}y" + (f"{days}d" if days else "")
+    return f"{hours // 24 // 365}y"
+
+
+def age(timestamp: str | None, now: datetime) -> str:
+    if not timestamp:
+        return NONE
+    return human_duration(now - datetime.fromisoformat(timestamp))
+
+
+def condition(vm: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for item in vm.get("status", {}).get("conditions", ()):
+        if item.get("type") == type_:
+            return item  # type: ignore[no-any-return]
+    return None
+
+
+def ports(vm: Mapping[str, Any]) -> str:
+    items = vm.get("status", {}).get("ports", ())
+    text = ",".join(f"{p['hostPort']}->{p['guestPort']}/{p['protocol']}" for p in items)
+    return text or NONE
+
+
+def vm_row(vm: Mapping[str, Any], now: datetime, *, wide: bool = False) -> list[str]:
+    metadata, status, spec = vm["metadata"], vm.get("status", {}), vm.get("spec", {})
+    ready = condition(vm, "Ready")
+    row = [
+        metadata["name"],
+        metadata["project"],
+        status.get("phase") or NONE,
+        ready["status"] if ready else "Unknown",
+        status.get("accel") or NONE,
+        ports(vm),
+        str(status.get("restarts", 0)),
+        age(metadata.get("creationTimestamp"), now),
+    ]
+    if wide:
+        memory = spec.get("memory")
+        row += [
+            str(status["pid"]) if status.get("pid") else NONE,
+            str(spec.get("cpus", NONE)),
+            f"{memory}Mi" if isinstance(memory, int) else NONE,
+            f"{status.get('observedGeneration', 0)}/{metadata['generation']}",
+            (ready["reason"] if ready and ready["status"] != "True" else "") or NONE,
+        ]
+    return row
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, colour_column: int | None = None) -> str:
+    """Columns padded to their widest cell. `colour_column`: the phase column, to colour (the
+    padding is computed on the plain text so colours never misalign the table)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = []
+    for index, row in enumerate([list(headers), *rows]):
+        cells = []
+        for column, (cell, width) in enumerate(zip(row, widths, strict=True)):
+            padded = cell.ljust(width) if column < len(widths) - 1 else cell
+            if colour_column == column and index > 0:
+                padded = paint(cell, _PHASE_COLOURS.get(cell)) + padded[len(cell) :]
+            cells.append(padded)
+        lines.append(COLUMN_GAP.join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def paint(text: str, sgr: str | None) -> str:
+    return f"\x1b[{sgr}m{text}\x1b[0m" if sgr else text
+
+
+def vm_table(
+    vms: Sequence[Mapping[str, Any]], now: datetime, *, wide: bool = False, colour: bool = False
+) -> str:
+    headers = VM_WIDE_COLUMNS if wide else VM_COLUMNS
+    rows = [vm_row(vm, now, wide=wide) for vm in vms]
+    return table(headers, rows, colour_column=2 if colour else None)
