@@ -16,6 +16,7 @@ from api.server.errors import error_middleware
 from api.server.health import ReadinessCheck, database_check_context
 from api.server.keys import DATABASE, SETTINGS, STATES, VMS
 from api.server.ops import install_ops
+from api.server.origin import same_origin_middleware
 from api.server.routes import ROUTES
 from api.settings import ServerSettings
 from api.store import Database, StateStore, StorageFull, VMStore, open_database
@@ -44,7 +45,7 @@ def create_app(
     """
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, auth_middleware, same_origin_middleware],
     )
     app[SETTINGS] = settings
     install_ops(
