@@ -180,12 +180,18 @@ SshAuthorizedKey = Annotated[str, AfterValidator(_check_ssh_key)]
 KernelCmdline = Annotated[str, AfterValidator(_check_cmdline)]
 MemoryMiB = Annotated[
     int,
-    BeforeValidator(quantity.parse_mebibytes),
+    BeforeValidator(quantity.parse_mebibytes, json_schema_input_type=int | str),
     _in_range(MEMORY_MIN_MIB, MEMORY_MAX_MIB, " MiB"),
 ]
-DiskMiB = Annotated[int, BeforeValidator(quantity.parse_mebibytes), _in_range(1, DISK_MAX_MIB, " MiB")]
+DiskMiB = Annotated[
+    int,
+    BeforeValidator(quantity.parse_mebibytes, json_schema_input_type=int | str),
+    _in_range(1, DISK_MAX_MIB, " MiB"),
+]
 Seconds = Annotated[
-    int, BeforeValidator(quantity.parse_seconds), _in_range(0, STOP_TIMEOUT_MAX_SECONDS, " s")
+    int,
+    BeforeValidator(quantity.parse_seconds, json_schema_input_type=int | str),
+    _in_range(0, STOP_TIMEOUT_MAX_SECONDS, " s"),
 ]
 # Strict: "80" or 80.0 in a manifest is a mistake worth reporting, not a value to coerce.
 Port = Annotated[int, Strict(), _in_range(1, 65535, "")]
