@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from collections.abc import Mapping
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +43,14 @@ class ProcessSettings(BaseModel):
     )
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
+    # Both the API (its own events) and the controller write the event log, so both know its
+    # retention; whichever runs prunes it.
+    events_per_vm: int = Field(default=200, ge=1, description="Events kept per VM (the newest)")
+    events_max_age_hours: float = Field(default=168.0, gt=0, description="Events older than this are removed")
+
+    @property
+    def events_max_age(self) -> timedelta:
+        return timedelta(hours=self.events_max_age_hours)
 
 
 class ServerSettings(ProcessSettings):

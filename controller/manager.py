@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from api.server.health import ReadinessCheck
 from api.store import Database
 from api.store.allocations import Allocations
+from api.store.events import EventLog
 from api.store.image_sources import ImageSources
 from api.store.status_writer import VMStatusWriter
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics
@@ -77,6 +78,7 @@ class Controller:
         self._layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
         self._objects = VMStatusWriter(db)
         self._allocations = Allocations(db)
+        self.events = EventLog(db, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
         self.queue: WorkQueue[str] = WorkQueue(
             clock=self._clock,
             backoff=Backoff(base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds),
@@ -135,6 +137,7 @@ class Controller:
                 images=images,
                 shutting_down=lambda: self._shutting_down,
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
+                events=self.events,
             )
             sources = [
                 tasks.create_task(watch_store(self._db, self._objects, self.queue), name="watch-store"),
@@ -159,6 +162,7 @@ class Controller:
                     ),
                     name="image-gc",
                 ),
+                tasks.create_task(self.events.prune_forever(), name="events-prune"),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")

@@ -7,10 +7,11 @@ becomes a condition the user can see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from enum import StrEnum
+from typing import Protocol
 
 import structlog
 from opentelemetry import trace
@@ -18,13 +19,15 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from api.store.allocations import Allocations
+from api.store.events import EventType, NewEvent
 from api.store.status_writer import StatusConflict, VMStatusWriter
 from api.store.vms import VMRecord
 from api.telemetry.tracing import span_context_of
 from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
-from controller.actions import Finalize, Spawn
+from controller.actions import Action, Finalize, Spawn
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
+from controller.events import VMEvent, events_for
 from controller.executor import Executor
 from controller.layout import DataLayout
 from controller.model import Desired, Memory, Observed
@@ -39,6 +42,17 @@ from controller.telemetry import BootSpans
 log = structlog.get_logger(__name__)
 # Steps that feed each other (ports and disks, spawn, continue) run in one reconcile.
 MAX_ROUNDS = 6
+
+
+class EventRecorder(Protocol):
+    """Where a reconcile's events go (api/store/events.py EventLog)."""
+
+    async def record(self, *events: NewEvent) -> None: ...
+
+
+class _NoEvents:
+    async def record(self, *events: NewEvent) -> None:
+        return None
 
 
 class Outcome(StrEnum):
@@ -106,9 +120,12 @@ class Reconciler:
         images: ImageLookups | None = None,
         shutting_down: Callable[[], bool] = lambda: False,
         restarted: Callable[[str], None] = lambda _reason: None,
+        events: EventRecorder | None = None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it;
-        `shutting_down()` says whether the controller is stopping every VM before it exits."""
+        `shutting_down()` says whether the controller is stopping every VM before it exits;
+        `events` gets what each reconcile did, as the VM's events."""
+        self._events = events or _NoEvents()
         self._forward_address = forward_address
         self._images = images
         self._shutting_down = shutting_down
@@ -161,6 +178,9 @@ class Reconciler:
         error: str | None = None
         outcome = Outcome.SUCCESS
         finalized = False
+        # Actions that ran since the last status computed, and the events of the steps before.
+        executed: list[Action] = []
+        events: list[VMEvent] = []
         current: Plan | None = None
         observed: Observed | None = None
         for _ in range(MAX_ROUNDS):
@@ -170,14 +190,25 @@ class Reconciler:
             if desired is not None and current.memory != memory and _spawns(current):
                 # Spawning clears the exit record this memory was folded from: store the count
                 # first, or a controller killed right after the spawn would lose the exit.
-                previous = compute_status(
+                stored = compute_status(
                     desired, observed, current, previous, accel=accel, error=None, now=self._clock.now()
                 )
+                # An exit noticed before this spawn is told before it: a step ends here.
+                events += events_for(desired, previous, stored, executed, None)
+                previous, executed = stored, []
                 await self._write_status(uid, previous)
             memory = current.memory
             try:
                 for action in current.actions:
+                    if isinstance(action, Finalize) and desired is not None:
+                        # The store records Deleted as it removes the object: what the
+                        # teardown did is told first.
+                        await self._record(
+                            desired, [*events, *events_for(desired, previous, previous, executed, None)]
+                        )
+                        events, executed = [], []
                     await self._executor.execute(uid, paths, action)
+                    executed.append(action)
                     finalized = finalized or isinstance(action, Finalize)
             except TransientError as err:
                 error, outcome = str(err), Outcome.TRANSIENT_ERROR
@@ -200,6 +231,8 @@ class Reconciler:
                 await self._write_status(uid, status)
             span.set_attribute("tofu_qemu.phase_after", status.phase.value)
             self._follow_boot(uid, observed, status)
+            events += events_for(desired, previous, status, executed, error)
+        await self._record(desired, events)
         span.set_attributes({"tofu_qemu.actions": planned, "tofu_qemu.intent": current.intent.value})
         if memory.restarts > restarts_before and memory.last_exit is not None:
             self._restarted(memory.last_exit.reason.value)
@@ -229,6 +262,28 @@ class Reconciler:
             images=self._images,
             expect_process=expect_process,
         )
+
+    async def _record(self, desired: Desired | None, events: Sequence[VMEvent]) -> None:
+        """Record `events` of `desired` (an orphan has no name to file them under). A failed
+        write is logged and dropped: the log must never fail what it describes."""
+        if desired is None or not events:
+            return
+        try:
+            await self._events.record(
+                *(
+                    NewEvent(
+                        uid=desired.uid,
+                        project=desired.project,
+                        vm_name=desired.name,
+                        reason=event.reason,
+                        message=event.message,
+                        type=EventType.WARNING if event.warning else EventType.NORMAL,
+                    )
+                    for event in events
+                )
+            )
+        except Exception as err:
+            log.warning("events_dropped", error=f"{type(err).__name__}: {err}", count=len(events))
 
     async def _write_status(self, uid: str, status: QemuVMStatus) -> None:
         try:

@@ -14,6 +14,7 @@ import aiosqlite
 from api.publish import ExistingVM, SpecChanges, diff_specs
 from api.store.db import Database
 from api.store.errors import NotFound
+from api.store.events import EventType, NewEvent, insert_events, trace_id_of
 from api.tfstate import DeclaredVM
 from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus, RunOverride
 
@@ -111,13 +112,18 @@ async def apply_declared(
         existing = tuple(ExistingVM(*row) for row in await cursor.fetchall())
     changes = diff_specs(declared, existing)
     stamp = now.isoformat()
+    # Recorded in this transaction, so an event exists exactly when its change does.
+    events: list[NewEvent] = []
+    note = _SpecEvents(project=project, serial=serial, trace_id=trace_id_of(trace))
     for vm in changes.created:
+        uid = str(uuid.uuid4())
+        events += note.created(uid, vm)
         await conn.execute(
             "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, spec_error, labels,"
             " address, created_at, spec_changed_at, state_serial, resource_version, spec_trace)"
             " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                str(uuid.uuid4()),
+                uid,
                 project,
                 vm.name,
                 vm.spec_hash,
@@ -133,6 +139,7 @@ async def apply_declared(
             ),
         )
     for current, vm in changes.changed:
+        events += note.changed(current.uid, vm, await _generation_spec_labels(conn, current.uid))
         await conn.execute(
             "UPDATE vms SET generation = generation + 1, spec_hash = ?, spec = ?, spec_error = ?,"
             " labels = ?, address = ?, spec_changed_at = ?, state_serial = ?, resource_version = ?,"
@@ -156,12 +163,71 @@ async def apply_declared(
             (vm.address, await _next_resource_version(conn), current.uid),
         )
     for current in changes.deleted:
+        events.append(note.deleting(current.uid, current.name))
         await conn.execute(
             "UPDATE vms SET deleted_at = ?, state_serial = COALESCE(?, state_serial),"
             " resource_version = ? WHERE uid = ?",
             (stamp, serial, await _next_resource_version(conn), current.uid),
         )
+    await insert_events(conn, events, now=now)
     return changes
+
+
+@dataclass(frozen=True, slots=True)
+class _SpecEvents:
+    """The events of one apply_declared: what Terraform asked for, at which serial, by which request."""
+
+    project: str
+    serial: int | None
+    trace_id: str | None
+
+    def created(self, uid: str, vm: DeclaredVM) -> list[NewEvent]:
+        message = f"generation 1 from {vm.address}{self._at_serial()}"
+        return [self._event(uid, vm.name, "Created", message), *self._invalid(uid, vm)]
+
+    def changed(
+        self, uid: str, vm: DeclaredVM, before: tuple[int, dict[str, Any], dict[str, str]]
+    ) -> list[NewEvent]:
+        generation, spec, labels = before
+        fields = [
+            f"spec.{key}" for key in sorted(spec.keys() | vm.spec.keys()) if spec.get(key) != vm.spec.get(key)
+        ]
+        if labels != vm.labels:
+            fields.append("metadata.labels")
+        what = f": {', '.join(fields)} changed" if fields else ""
+        message = f"generation {generation + 1}{what}{self._at_serial()}"
+        return [self._event(uid, vm.name, "SpecChanged", message), *self._invalid(uid, vm)]
+
+    def deleting(self, uid: str, name: str) -> NewEvent:
+        why = (
+            f"removed from the state{self._at_serial()}"
+            if self.serial is not None
+            else "the state was deleted"
+        )
+        return self._event(uid, name, "Deleting", f"{why}; releasing its resources")
+
+    def _invalid(self, uid: str, vm: DeclaredVM) -> list[NewEvent]:
+        if vm.error is None:
+            return []
+        return [self._event(uid, vm.name, "InvalidSpec", vm.error, EventType.WARNING)]
+
+    def _at_serial(self) -> str:
+        return f" (state serial {self.serial})" if self.serial is not None else ""
+
+    def _event(
+        self, uid: str, name: str, reason: str, message: str, type_: EventType = EventType.NORMAL
+    ) -> NewEvent:
+        return NewEvent(uid, self.project, name, reason, message, type_, self.trace_id)
+
+
+async def _generation_spec_labels(
+    conn: aiosqlite.Connection, uid: str
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """What a changed object holds before the change, for its SpecChanged event."""
+    async with conn.execute("SELECT generation, spec, labels FROM vms WHERE uid = ?", (uid,)) as cursor:
+        row = await cursor.fetchone()
+    assert row is not None, "diff_specs only reports objects read in this transaction"
+    return int(row[0]), json.loads(row[1]), json.loads(row[2])
 
 
 async def _next_resource_version(conn: aiosqlite.Connection) -> int:
