@@ -18,6 +18,7 @@ from api.server.keys import DATABASE, SETTINGS, STATES, VMS
 from api.server.ops import install_ops
 from api.server.origin import same_origin_middleware
 from api.server.routes import ROUTES
+from api.server.streams import install_streams
 from api.settings import ServerSettings
 from api.store import Database, StateStore, StorageFull, VMStore, open_database
 from api.store.db import Clock, utc_now
@@ -56,6 +57,8 @@ def create_app(
         readiness_checks=readiness_checks,
     )
     app.add_routes(ROUTES)
+    # Watches and console follows end at once on shutdown instead of holding it up.
+    install_streams(app)
 
     async def store_context(app: web.Application) -> AsyncIterator[None]:
         owned = database is None

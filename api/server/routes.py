@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.server import backend, health, metrics, resources
+from api.server import backend, console, events, health, k8s, locks, metrics, resources
 from api.server.auth import METRICS_PATH
+from api.server.ui import UI_ROUTES
 
 STATE = "/state/{project}"
 LOCK = "/state/{project}/lock"
 API = "/api/v1"
+# The Kubernetes-style API (docs/api.md).
+APIS = k8s.GROUP_VERSION
+QEMUVM = f"{APIS}/projects/{{project}}/qemuvms/{{name}}"
+OPENAPI_PATH = "/openapi.json"
 
 OPS_ROUTES = [
     web.get("/healthz", health.healthz),
@@ -39,4 +44,18 @@ ROUTES = [
     web.get(f"{API}/projects/{{project}}/vms/{{name}}", resources.get_vm),
     web.get(f"{API}/disks", resources.list_disks),
     web.get(f"{API}/projects/{{project}}/disks", resources.list_disks),
+    # Kubernetes-style API; `?watch=true` on the lists streams watch events.
+    web.get(f"{APIS}/qemuvms", k8s.list_qemuvms),
+    web.get(f"{APIS}/projects/{{project}}/qemuvms", k8s.list_qemuvms),
+    web.get(QEMUVM, k8s.get_qemuvm),
+    web.post(f"{QEMUVM}/restart", k8s.restart),
+    web.post(f"{QEMUVM}/stop", k8s.stop),
+    web.post(f"{QEMUVM}/start", k8s.start),
+    web.get(f"{QEMUVM}/console", k8s.stream_errors(console.console)),
+    web.get(f"{QEMUVM}/events", events.vm_events),
+    web.get(f"{APIS}/projects/{{project}}/events", events.project_events),
+    web.get(f"{APIS}/locks", locks.list_locks),
+    web.post(f"{APIS}/projects/{{project}}/force-unlock", locks.force_unlock),
+    web.get(OPENAPI_PATH, k8s.openapi),
+    *UI_ROUTES,
 ]

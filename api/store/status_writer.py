@@ -19,7 +19,9 @@ from typing import Any
 import aiosqlite
 
 from api.store.db import Database
+from api.store.events import EventLog, NewEvent
 from api.store.vms import VM_COLUMNS, VMRecord, decode_vm_row
+from api.store.watch import bury
 
 
 class StatusConflict(Exception):
@@ -36,6 +38,7 @@ class _PendingWrite:
 class VMStatusWriter:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._events = EventLog(db)
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_lock = asyncio.Lock()
         # resourceVersions produced by this writer's own status writes: change detection skips
@@ -107,10 +110,32 @@ class VMStatusWriter:
                 write.done.set_result(uid in versions)
 
     async def finalize(self, uid: str) -> None:
-        """Remove a deleting object once its resources are released. Idempotent."""
+        """Remove a deleting object once its resources are released. Idempotent.
+
+        In the same transaction: a tombstone (api/store/watch.py), so watches resumed from an
+        older resourceVersion see it DELETED, and a `Deleted` event.
+        """
         self.written_versions.pop(uid, None)
         async with self._db.write() as conn:
-            await conn.execute("DELETE FROM vms WHERE uid = ? AND deleted_at IS NOT NULL", (uid,))
+            rows = await conn.execute_fetchall(
+                f"SELECT {VM_COLUMNS} FROM vms WHERE uid = ? AND deleted_at IS NOT NULL",  # noqa: S608
+                (uid,),
+            )
+            if not rows:
+                return
+            record = decode_vm_row(next(iter(rows)))
+            await bury(conn, record, now=self._db.clock())
+            await conn.execute("DELETE FROM vms WHERE uid = ?", (uid,))
+            await self._events.record(
+                NewEvent(
+                    uid=uid,
+                    project=record.project,
+                    vm_name=record.name,
+                    reason="Deleted",
+                    message="resources released; the object is removed",
+                ),
+                conn=conn,
+            )
 
 
 async def _current_statuses(conn: aiosqlite.Connection, uids: list[str]) -> dict[str, str | None]:

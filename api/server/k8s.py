@@ -1,0 +1,122 @@
+"""The Kubernetes-style API under /apis/tofu-qemu.dev/v1alpha1 (docs/api.md): QemuVM lists
+(and watches), single objects, and the imperative stop/start/restart actions.
+
+Console, events, locks and the watch stream live in their own modules; this one routes the
+QemuVM resource. Errors the error middleware does not know (too many streams, shutting down)
+are mapped here.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from api.k8s_types import ListMeta, QemuVMList
+from api.openapi import build_document
+from api.server import params
+from api.server.auth import PRINCIPAL
+from api.server.backend import project_of
+from api.server.errors import Handler, status_response
+from api.server.events import event_log_of
+from api.server.keys import DATABASE, VMS
+from api.server.streams import ShuttingDown, TooManyStreams
+from api.server.watch import WATCH_TIMEOUT_DEFAULT, WATCH_TIMEOUT_MAX, WatchRequest, serve_watch
+from api.store import StorageFull
+from api.store.events import NewEvent
+from api.store.vms import RunAction
+from api.store.watch import WatchStore
+
+log = structlog.get_logger(__name__)
+GROUP_VERSION = "/apis/tofu-qemu.dev/v1alpha1"
+ANONYMOUS = "anonymous"
+STREAM_RETRY_AFTER_SECONDS = 5
+_ACTION_REASONS = {
+    RunAction.RESTART: "RestartRequested",
+    RunAction.STOP: "StopRequested",
+    RunAction.START: "StartRequested",
+}
+
+
+def stream_errors(handler: Handler) -> Handler:
+    """Answer the stream hub's refusals: 429 (with Retry-After) and 503."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except TooManyStreams as err:
+            return status_response(429, str(err), headers={"Retry-After": str(STREAM_RETRY_AFTER_SECONDS)})
+        except ShuttingDown as err:
+            return status_response(503, str(err))
+
+    return wrapped
+
+
+@stream_errors
+async def list_qemuvms(request: web.Request) -> web.StreamResponse:
+    """The QemuVMs of every project (or of `{project}` / `?project=`), matching `?labelSelector=`;
+    with `?watch=true`, a watch stream instead (api/server/watch.py)."""
+    project = params.project_scope(request)
+    selector = params.label_selector(request)
+    since = params.integer(request, "resourceVersion", default=0, minimum=0, maximum=2**63 - 1)
+    timeout = params.integer(
+        request, "timeoutSeconds", default=WATCH_TIMEOUT_DEFAULT, minimum=1, maximum=WATCH_TIMEOUT_MAX
+    )
+    params.flag(request, "allowWatchBookmarks")  # accepted for client-go; bookmarks are always sent
+    if params.flag(request, "watch"):
+        watch = WatchRequest(project, selector, since or None, timeout)
+        return await serve_watch(request, watch)
+    # A list is always the newest state, whatever resourceVersion says (Kubernetes' "0" and
+    # "not older than" both allow that).
+    snapshot = await WatchStore(request.app[DATABASE]).snapshot(project=project)
+    items = tuple(record.to_object() for record in snapshot.records if selector.matches(record.labels))
+    body = QemuVMList(metadata=ListMeta(resource_version=str(snapshot.resource_version)), items=items)
+    return web.json_response(body.model_dump(mode="json", by_alias=True))
+
+
+async def get_qemuvm(request: web.Request) -> web.StreamResponse:
+    record = await request.app[VMS].get(project_of(request), request.match_info["name"])
+    return web.json_response(record.to_object().model_dump(mode="json", by_alias=True))
+
+
+async def restart(request: web.Request) -> web.StreamResponse:
+    return await _act(request, RunAction.RESTART)
+
+
+async def stop(request: web.Request) -> web.StreamResponse:
+    return await _act(request, RunAction.STOP)
+
+
+async def start(request: web.Request) -> web.StreamResponse:
+    return await _act(request, RunAction.START)
+
+
+async def _act(request: web.Request, action: RunAction) -> web.StreamResponse:
+    """Record the request as the VM's status.override (the controller obeys it), record an
+    event naming who asked, and answer the updated object. The spec is Terraform's: untouched."""
+    project, name = project_of(request), request.match_info["name"]
+    principal = request.get(PRINCIPAL) or ANONYMOUS
+    db = request.app[DATABASE]
+    record = await request.app[VMS].request(project, name, action, by=principal, now=db.clock())
+    event = NewEvent(record.uid, project, name, _ACTION_REASONS[action], f"{action} requested by {principal}")
+    try:
+        await event_log_of(request.app).record(event)
+    except (StorageFull, sqlite3.Error) as err:
+        # The request is recorded and will be obeyed; a lost event must not make the client retry.
+        log.warning("event_record_failed", project=project, vm=name, reason=event.reason, error=str(err))
+    log.info("vm_action_requested", project=project, vm=name, action=str(action), by=principal)
+    return web.json_response(record.to_object().model_dump(mode="json", by_alias=True))
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    return build_document()
+
+
+async def openapi(request: web.Request) -> web.StreamResponse:
+    """The OpenAPI 3.1 document of every route (api/openapi.py)."""
+    return web.json_response(_document())
