@@ -20,7 +20,13 @@ from urllib.parse import quote
 import yaml
 
 from controller.client import format as fmt
-from controller.client.connection import ClientError, Connection, NotFoundError, connect
+from controller.client.connection import (
+    REQUEST_TIMEOUT_SECONDS,
+    ClientError,
+    Connection,
+    NotFoundError,
+    connect,
+)
 from controller.client.describe import describe_vm
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
@@ -172,7 +178,9 @@ def _logs(connection: Connection, args: argparse.Namespace, out: TextIO, now: Cl
     params = {"tailBytes": str(args.tail_bytes)}
     if args.follow:
         params["follow"] = "true"
-    for chunk in connection.stream_bytes(_vm_path(vm, "console"), params):
+    # Following, the console may stay quiet for hours: no read deadline then (as kubectl logs -f).
+    timeout = None if args.follow else REQUEST_TIMEOUT_SECONDS
+    for chunk in connection.stream_bytes(_vm_path(vm, "console"), params, timeout=timeout):
         out.write(chunk.decode(errors="replace"))
         out.flush()
 

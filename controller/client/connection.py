@@ -62,8 +62,16 @@ class Connection:
             except OSError as err:
                 raise ClientError(f"the stream from {self.server} broke: {err}") from None
 
-    def stream_bytes(self, path: str, params: Mapping[str, str] | None = None) -> Iterator[bytes]:
-        with self._open("GET", path, params, timeout=STREAM_TIMEOUT_SECONDS) as response:
+    def stream_bytes(
+        self,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        *,
+        timeout: float | None = STREAM_TIMEOUT_SECONDS,
+    ) -> Iterator[bytes]:
+        """Chunks of a response; `timeout` None for a stream that may be quiet for long (a
+        followed console has nothing to send while the guest is silent)."""
+        with self._open("GET", path, params, timeout=timeout) as response:
             try:
                 while chunk := response.read1(STREAM_CHUNK):
                     yield chunk
@@ -77,7 +85,7 @@ class Connection:
         params: Mapping[str, str] | None,
         *,
         data: bytes | None = None,
-        timeout: float = REQUEST_TIMEOUT_SECONDS,
+        timeout: float | None = REQUEST_TIMEOUT_SECONDS,
     ) -> Any:
         url = self.server.rstrip("/") + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
         request = urllib.request.Request(url, data=data, method=method)  # noqa: S310 - http(s) only, checked
