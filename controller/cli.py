@@ -185,6 +185,8 @@ async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup |
                     database=database,
                     metrics=metrics,
                     readiness_checks=checks,
+                    # The controller prunes the event log itself when it runs here.
+                    prune_events=controller is None,
                 )
                 tasks.create_task(
                     _serve_http(app, settings.host, settings.port, http.ssl_context, stop), name="http"
