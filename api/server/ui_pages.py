@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from urllib.parse import quote
 
+from api.humanize import human_duration
 from api.store.events import EventRecord
 from api.store.states import HeldLock, ProjectInfo, VersionInfo
 from api.types import Condition, QemuVM
@@ -48,26 +49,7 @@ def project_href(project: str) -> str:
     return f"/ui/projects/{_seg(project)}"
 
 
-# ---- Small formatters (app.js has the same) ------------------------------------------------
-
-
-def human_age(seconds: float) -> str:
-    """kubectl's AGE style: 45s, 3m20s, 25m, 5h10m, 30h, 3d4h, 12d."""
-    s = max(0, int(seconds))
-    m, h, d = s // 60, s // 3600, s // 86400
-    if s < 120:
-        return f"{s}s"
-    if m < 10:
-        return f"{m}m{s % 60}s" if s % 60 else f"{m}m"
-    if h < 3:
-        return f"{m}m"
-    if h < 8:
-        return f"{h}h{m % 60}m" if m % 60 else f"{h}h"
-    if h < 48:
-        return f"{h}h"
-    if d < 8:
-        return f"{d}d{h % 24}h" if h % 24 else f"{d}d"
-    return f"{d}d"
+# ---- Small formatters (app.js has the same; ages come from api/humanize.py) ---------------
 
 
 def _time(at: datetime | None, *, now: datetime, suffix: str = " ago") -> str:
@@ -76,7 +58,7 @@ def _time(at: datetime | None, *, now: datetime, suffix: str = " ago") -> str:
     if at is None:
         return NONE
     iso = at.isoformat()
-    age = human_age((now - at).total_seconds())
+    age = human_duration(now - at)
     return f'<time datetime="{_e(iso)}" title="{_e(iso)}" data-age="{_e(suffix)}">{_e(age + suffix)}</time>'
 
 
@@ -231,6 +213,16 @@ def event_row(event: EventRecord, *, now: datetime) -> str:
     )
 
 
+def _events_table(title: str, events: Sequence[EventRecord], *, now: datetime) -> str:
+    return _table(
+        title,
+        ("TIME", "TYPE", "REASON", "MESSAGE", "TRACE"),
+        (event_row(e, now=now) for e in events),
+        table_id="events",
+        empty="No events recorded.",
+    )
+
+
 def _vm_summary(vm: QemuVM, *, now: datetime) -> str:
     meta, status = vm.metadata, vm.status
     last_exit = status.last_exit
@@ -306,13 +298,7 @@ def vm_page(vm: QemuVM, events: Sequence[EventRecord], *, console: str | None, n
         (condition_row(c, now=now) for c in vm.status.conditions),
         table_id="conditions",
     )
-    events_table = _table(
-        "Events (oldest first)",
-        ("TIME", "TYPE", "REASON", "MESSAGE", "TRACE"),
-        (event_row(e, now=now) for e in events),
-        table_id="events",
-        empty="No events recorded.",
-    )
+    events_table = _events_table("Events (oldest first)", events, now=now)
     body = f"""<h1>VM <span class="name">{_e(meta.name)}</span> <small>in {_e(meta.project)}</small></h1>
 {_status_line()}{_noscript()}
 <section aria-labelledby="h-actions"><h2 id="h-actions">Actions</h2>
@@ -435,12 +421,8 @@ def project_page(
     vm_table = _table(
         "VMs", (*VM_COLUMNS, "ACTIONS"), (vm_row(vm, now=now) for vm in vms), table_id="vms", empty="No VMs."
     )
-    events_table = _table(
-        "Events of the project itself (force-unlocks), oldest first",
-        ("TIME", "TYPE", "REASON", "MESSAGE", "TRACE"),
-        (event_row(e, now=now) for e in events),
-        table_id="events",
-        empty="No events recorded.",
+    events_table = _events_table(
+        "Events of the project itself (force-unlocks), oldest first", events, now=now
     )
     body = f"""<h1>Project <span class="name">{_e(project.name)}</span></h1>{_noscript()}
 <section aria-labelledby="h-lock"><h2 id="h-lock">Lock</h2>{_lock_section(project, now=now)}

@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from controller.client.format import NONE, age, human_duration, ports, table
+from api.humanize import human_duration
+from controller.client.format import NONE, age, ports, table
 
 LABEL_WIDTH = 14
 

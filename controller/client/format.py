@@ -7,8 +7,10 @@ empty value; ages use kubectl's human durations ("45s", "5m30s", "3h", "2d5h").
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
+
+from api.humanize import human_duration
 
 NONE = "<none>"
 COLUMN_GAP = "   "
@@ -25,35 +27,6 @@ _PHASE_COLOURS = {
 }
 VM_COLUMNS = ("NAME", "PROJECT", "PHASE", "READY", "ACCEL", "PORTS", "RESTARTS", "AGE")
 VM_WIDE_COLUMNS = (*VM_COLUMNS, "PID", "CPUS", "MEMORY", "GENERATION", "REASON")
-
-
-def human_duration(delta: timedelta) -> str:
-    """kubectl's HumanDuration: coarser the older, never more than two units."""
-    seconds = int(delta.total_seconds())
-    if seconds < -1:
-        return "<invalid>"
-    if seconds < 0:
-        return "0s"
-    if seconds < 120:
-        return f"{seconds}s"
-    minutes = seconds // 60
-    if minutes < 10:
-        return f"{minutes}m" + (f"{seconds % 60}s" if seconds % 60 else "")
-    if minutes < 180:
-        return f"{minutes}m"
-    hours = seconds // 3600
-    if hours < 8:
-        return f"{hours}h" + (f"{minutes % 60}m" if minutes % 60 else "")
-    if hours < 48:
-        return f"{hours}h"
-    if hours < 24 * 8:
-        return f"{hours // 24}d" + (f"{hours % 24}h" if hours % 24 else "")
-    if hours < 24 * 365 * 2:
-        return f"{hours // 24}d"
-    if hours < 24 * 365 * 8:
-        days = (hours // 24) % 365
-        return f"{hours // 24 // 365}y" + (f"{days}d" if days else "")
-    return f"{hours // 24 // 365}y"
 
 
 def age(timestamp: str | None, now: datetime) -> str:

@@ -9,7 +9,6 @@ names are validated, but lock info, console output and event messages are free t
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from api.server.console import serial_log_path
 from api.server.keys import DATABASE, VMS
 from api.server.routes import ROUTES
 from api.server.ui import UI_ROUTES
-from api.server.ui_pages import human_age
 from api.settings import ServerSettings
 from api.store.events import EventLog, EventType, NewEvent
 from api.store.status_writer import VMStatusWriter
@@ -264,12 +262,3 @@ async def test_the_script_sends_writes_as_json_with_the_ui_header() -> None:
     assert '"X-Requested-By": "tofu-qemu-ui"' in script
     for unsafe in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert unsafe not in script
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [(0, "0s"), (119, "119s"), (150, "2m30s"), (300, "5m"), (1500, "25m"), (3 * 3600 + 600, "3h10m"),
-     (30 * 3600, "30h"), (3 * 86400 + 4 * 3600, "3d4h"), (12 * 86400, "12d"), (-5, "0s")],
-)  # fmt: skip
-def test_ages_read_like_kubectl(seconds: float, text: str) -> None:
-    assert human_age(timedelta(seconds=seconds).total_seconds()) == text
