@@ -101,6 +101,14 @@ async def test_reconcile_spans_link_to_the_write_and_hold_the_spawn(
         await harness.declare({"web": SPEC})
     uid, _ = await harness.status_of("web")
     await harness.wait_for("web", lambda s: s.failures >= 1)
+    # Status is written inside the reconcile (its events are recorded after): wait for its span.
+    await wait_until(
+        lambda: any(
+            c.name == "spawn"
+            for r in reconciles_of(spans.get_finished_spans(), uid)
+            for c in children(spans.get_finished_spans(), r)
+        )
+    )
 
     finished = spans.get_finished_spans()
     ours = reconciles_of(finished, uid)
