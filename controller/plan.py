@@ -164,14 +164,16 @@ def plan(
     prepare = _prepare(desired, spec, observed)
     if prepare:
         return Plan(Intent.PREPARING, memory, prepare, again=True)
-    digest = argv_digest(_argv(desired, spec, observed, context))
+    seed = _seed(desired, spec, context)
+    argv = _argv(desired, spec, observed, context, seed)
+    digest = argv_digest(argv)
     if process is not None:
         restart_at = desired.restart_requested_at
         if restart_at is not None and process.started_at < restart_at:
             why = f"restart requested by {desired.override.requested_by if desired.override else '?'}"
             return _stop(process, memory, spec, now, Intent.RESTARTING, why)
         return _keep_running(process, digest, memory, spec, observed, now, context)
-    return _start(desired, spec, observed, memory, context, now)
+    return _start(desired, spec, observed, memory, now, argv, seed)
 
 
 def _halt_reason(desired: Desired) -> str:
@@ -352,8 +354,9 @@ def _seed(desired: Desired, spec: QemuVMSpec, context: LaunchContext) -> WriteSe
     return WriteSeed(context.seed_path(seed_digest(files)), tuple(sorted(files.items())))
 
 
-def _argv(desired: Desired, spec: QemuVMSpec, observed: Observed, context: LaunchContext) -> tuple[str, ...]:
-    seed = _seed(desired, spec, context)
+def _argv(
+    desired: Desired, spec: QemuVMSpec, observed: Observed, context: LaunchContext, seed: WriteSeed | None
+) -> tuple[str, ...]:
     inputs = LaunchInputs(
         uid=desired.uid,
         name=desired.name,
@@ -413,9 +416,12 @@ def _start(
     spec: QemuVMSpec,
     observed: Observed,
     memory: Memory,
-    context: LaunchContext,
     now: datetime,
+    argv: tuple[str, ...],
+    seed: WriteSeed | None,
 ) -> Plan:
+    """Start QEMU with `argv` (and `seed`, computed once by `plan`), unless the last exit, a
+    backoff or a missing boot file says to wait."""
     # Stale runtime files are left for Spawn to clear: until then the exit record they hold is
     # what tells this plan (and the next) that a restart is a restart.
     last_exit = memory.last_exit
@@ -437,7 +443,6 @@ def _start(
     if observed.missing_images:
         detail = "not a file in the images dir (or a link out of it): " + ", ".join(observed.missing_images)
         return Plan(Intent.WAITING_FOR_IMAGES, memory, requeue_after=IMAGE_RECHECK, detail=detail)
-    argv = _argv(desired, spec, observed, context)
     is_restart = observed.exit is not None and (
         (last_exit is not None and last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER)
         or _ended_by_requested_restart(observed.exit, restart_at)
@@ -446,7 +451,6 @@ def _start(
     grow = [
         GrowDisk(disk.name, path, disk.size) for disk, path in _growing_disks(spec, observed) if disk.size
     ]
-    seed = _seed(desired, spec, context)
     actions = (
         *_release_unused(spec, observed),
         *grow,
