@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from controller.qemu.process import read_stat
+from tests.builders import encode, vm_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DB_FILE_NAME = "tofu-qemu.sqlite3"
@@ -260,6 +261,11 @@ class ServerProcess:
         answer = self.request("GET", path)
         assert answer.status == 200, f"GET {path}: {answer.status} {answer.body[:500]!r}"
         return answer.json()
+
+    def declare_vms(self, project: str, serial: int, vms: Mapping[str, dict[str, Any]]) -> None:
+        """POST a state declaring exactly `vms` (name -> spec) in `project`, as Terraform would."""
+        answer = self.request("POST", f"/state/{project}", body=encode(vm_state(serial, dict(vms))))
+        assert answer.status == 200, answer.body
 
     def lock(self, project: str, lock_id: str) -> HttpAnswer:
         return self.request("LOCK", f"/state/{project}/lock", body=lock_info(lock_id))

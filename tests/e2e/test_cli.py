@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.builders import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     PASSWORD,
@@ -84,8 +83,7 @@ def json_documents(text: str) -> list[Any]:
 def running(make_vm_host: MakeVmHost) -> tuple[VmHost, Cli]:
     host = make_vm_host()
     server = host.start("serve")
-    answer = server.request("POST", f"/state/{PROJECT}", body=encode(vm_state(1, {"web": SPEC, "db": SPEC})))
-    assert answer.status == 200, answer.body
+    server.declare_vms(PROJECT, 1, {"web": SPEC, "db": SPEC})
     for name in ("web", "db"):
         vm = host.wait_vm(PROJECT, name, is_running_current, what=f"{name} Running")
         get_guest_page(host_port(vm), "/", timeout=90)

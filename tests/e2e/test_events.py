@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from tests.builders import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import VM_WAIT_TIMEOUT, ServerProcess, VmHost, is_running_current, wait_until
 
@@ -29,8 +28,7 @@ Event = tuple[str, str, str, str | None]
 
 
 def declare(server: ServerProcess, serial: int, vms: dict[str, dict[str, Any]]) -> None:
-    answer = server.request("POST", f"/state/{PROJECT}", body=encode(vm_state(serial, vms)))
-    assert answer.status == 200, answer.body
+    server.declare_vms(PROJECT, serial, vms)
 
 
 def events_of(host: VmHost, name: str) -> list[Event]:

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from tests.builders import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
@@ -89,8 +88,7 @@ def image_server(guest_images: Path) -> Iterator[ImageServer]:
 
 
 def declare(server: ServerProcess, serial: int, vms: dict[str, dict[str, Any]]) -> None:
-    answer = server.request("POST", f"/state/{PROJECT}", body=encode(vm_state(serial, vms)))
-    assert answer.status == 200, answer.body
+    server.declare_vms(PROJECT, serial, vms)
 
 
 def root_disk_vm(disk: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from tests.builders import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import ServerProcess, condition, is_running_current
 
@@ -23,10 +22,7 @@ SPEC: dict[str, Any] = {
 
 
 def declare(server: ServerProcess, serial: int, names: list[str]) -> None:
-    answer = server.request(
-        "POST", f"/state/{PROJECT}", body=encode(vm_state(serial, dict.fromkeys(names, SPEC)))
-    )
-    assert answer.status == 200, answer.body
+    server.declare_vms(PROJECT, serial, dict.fromkeys(names, SPEC))
 
 
 def is_waiting_for(reason: str) -> Callable[[dict[str, Any]], bool]:
