@@ -31,6 +31,7 @@ from controller.executor import Executor
 from controller.image_gc import collect_images_forever
 from controller.images.cache import ImageCache
 from controller.layout import DataLayout
+from controller.project_index import ProjectIndex
 from controller.qemu import process
 from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
@@ -79,10 +80,12 @@ class Controller:
         self._objects = VMStatusWriter(db)
         self._allocations = Allocations(db)
         self.events = EventLog(db, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
+        self._projects = ProjectIndex(db)
         self.queue: WorkQueue[str] = WorkQueue(
             clock=self._clock,
             backoff=Backoff(base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds),
             observer=QueueMetrics(self._metrics),
+            group_of=self._projects,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -140,13 +143,16 @@ class Controller:
                 events=self.events,
             )
             sources = [
-                tasks.create_task(watch_store(self._db, self._objects, self.queue), name="watch-store"),
+                tasks.create_task(
+                    watch_store(self._db, self._objects, self.queue, self._projects), name="watch-store"
+                ),
                 tasks.create_task(
                     resync_forever(
                         self._objects,
                         self._allocations,
                         self._layout,
                         self.queue,
+                        self._projects,
                         interval=self._settings.resync_seconds,
                         finished=self._resync_finished,
                     ),

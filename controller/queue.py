@@ -9,6 +9,12 @@ Semantics (client-go `util/workqueue`):
   (`base * 2**failures`, capped at `cap`); `forget(key)` resets that key's failures.
 - `shut_down()` makes `get()` raise `QueueShutDown` once the queue is empty, so workers drain.
 
+Fair across projects: each key belongs to a group (its project, from the injected `group_of`),
+and `get()` takes round-robin across the groups that have keys waiting, FIFO within a group.
+So one project's 10,000 queued keys delay another project's key by at most one key per other
+waiting group, instead of by all 10,000 (client-go's queue is one FIFO). A group that empties
+leaves the rotation; when it has a key again it joins at the end.
+
 Time comes from an injected `Clock`, so backoff is tested without sleeping.
 """
 
@@ -16,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Collection, Hashable
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -72,17 +78,31 @@ class _Pending:
     timer: TimerHandle
 
 
+def _one_group(_key: object) -> Hashable:
+    return None
+
+
 class WorkQueue(Generic[KeyT]):
     def __init__(
-        self, *, clock: Clock, backoff: Backoff | None = None, observer: QueueObserver | None = None
+        self,
+        *,
+        clock: Clock,
+        backoff: Backoff | None = None,
+        observer: QueueObserver | None = None,
+        group_of: Callable[[KeyT], Hashable] = _one_group,
     ) -> None:
+        """`group_of(key)`: the fairness group of a key (its project); asked when it is queued."""
         self._clock = clock
         self._backoff = backoff or Backoff()
         self._observer: QueueObserver = observer or _NoObserver()
+        self._group_of = group_of
         # When each waiting key was queued, and when each processing key was handed out.
         self._queued_at: dict[KeyT, float] = {}
         self._started_at: dict[KeyT, float] = {}
-        self._queue: deque[KeyT] = deque()
+        # The waiting keys of each group, and the groups that have some, in turn order.
+        self._groups: dict[Hashable, deque[KeyT]] = {}
+        self._turns: deque[Hashable] = deque()
+        self._depth = 0
         self._dirty: set[KeyT] = set()
         self._processing: set[KeyT] = set()
         self._pending: dict[KeyT, _Pending] = {}
@@ -95,7 +115,7 @@ class WorkQueue(Generic[KeyT]):
 
     def __len__(self) -> int:
         """The number of keys waiting for a worker (workqueue_depth)."""
-        return len(self._queue)
+        return self._depth
 
     def add(self, key: KeyT) -> None:
         """Queue `key` now, unless it already waits."""
@@ -138,18 +158,18 @@ class WorkQueue(Generic[KeyT]):
 
     async def get(self) -> KeyT:
         """Wait for a key and mark it processing. :raise QueueShutDown: shut down and empty."""
-        while not self._queue:
+        while not self._depth:
             if self._shutting_down:
                 raise QueueShutDown
             # No await between the emptiness check and clear(), so no add can slip between.
             self._wakeup.clear()
             await self._wakeup.wait()
-        key = self._queue.popleft()
+        key = self._take_next()
         self._processing.add(key)
         self._dirty.discard(key)
         now = self._clock.monotonic()
         self._started_at[key] = now
-        self._observer.started(now - self._queued_at.pop(key, now), len(self._queue))
+        self._observer.started(now - self._queued_at.pop(key, now), self._depth)
         return key
 
     def done(self, key: KeyT) -> None:
@@ -182,10 +202,28 @@ class WorkQueue(Generic[KeyT]):
         self._notify()
 
     def _enqueue(self, key: KeyT) -> None:
-        self._queue.append(key)
+        group = self._group_of(key)
+        waiting = self._groups.get(group)
+        if waiting is None:
+            waiting = self._groups[group] = deque()
+            self._turns.append(group)
+        waiting.append(key)
+        self._depth += 1
         self._queued_at[key] = self._clock.monotonic()
-        self._observer.added(len(self._queue))
+        self._observer.added(self._depth)
         self._notify()
+
+    def _take_next(self) -> KeyT:
+        """The oldest key of the group whose turn it is; the group goes to the back of the line."""
+        group = self._turns.popleft()
+        waiting = self._groups[group]
+        key = waiting.popleft()
+        if waiting:
+            self._turns.append(group)
+        else:
+            del self._groups[group]
+        self._depth -= 1
+        return key
 
     def _fire(self, key: KeyT) -> None:
         self._pending.pop(key, None)

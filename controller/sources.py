@@ -16,6 +16,7 @@ from api.store import Database
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
 from controller.layout import DataLayout
+from controller.project_index import ProjectIndex
 from controller.queue import WorkQueue
 
 STORE_POLL_SECONDS = 1.0
@@ -32,9 +33,12 @@ async def all_keys(objects: VMStatusWriter, allocations: Allocations, layout: Da
     return keys
 
 
-async def watch_store(db: Database, objects: VMStatusWriter, queue: WorkQueue[str]) -> None:
+async def watch_store(
+    db: Database, objects: VMStatusWriter, queue: WorkQueue[str], projects: ProjectIndex
+) -> None:
     """Queue every object whose resourceVersion changed, except by the controller's own status
-    writes (they change nothing the reconciler acts on)."""
+    writes (they change nothing the reconciler acts on). `projects` learns new uids' projects
+    first, so the queue is fair across projects from a VM's first reconcile on."""
     changed = asyncio.Event()
     db.subscribe(changed.set)
     seen: dict[str, int] = {}
@@ -53,9 +57,14 @@ async def watch_store(db: Database, objects: VMStatusWriter, queue: WorkQueue[st
                 continue
             last_data_version = data_version
         current = await objects.versions()
-        for uid, version in current.items():
-            if seen.get(uid) != version and objects.written_versions.get(uid) != version:
-                queue.add(uid)
+        changed_uids = [
+            uid
+            for uid, version in current.items()
+            if seen.get(uid) != version and objects.written_versions.get(uid) != version
+        ]
+        await projects.learn(changed_uids)
+        for uid in changed_uids:
+            queue.add(uid)
         seen = current
 
 
@@ -64,6 +73,7 @@ async def resync_forever(
     allocations: Allocations,
     layout: DataLayout,
     queue: WorkQueue[str],
+    projects: ProjectIndex,
     *,
     interval: float,
     finished: Callable[[float], None] = lambda _seconds: None,
@@ -77,6 +87,8 @@ async def resync_forever(
     while True:
         started = loop.time()
         keys = sorted(await all_keys(objects, allocations, layout))
+        projects.keep_only(keys)
+        await projects.learn(keys)
         for uid in keys:
             queue.add(uid)
         try:

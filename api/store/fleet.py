@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from api.store.db import Database
@@ -77,3 +79,12 @@ async def live_specs(db: Database) -> list[LiveSpec]:
         "SELECT uid, project, created_at, spec FROM vms WHERE deleted_at IS NULL AND spec_error IS NULL"
     )
     return [LiveSpec(str(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
+
+
+async def projects_of(db: Database, uids: Collection[str]) -> dict[str, str]:
+    """The project of each of `uids` that names a VM (gone ones are left out), in one read."""
+    rows = await db.read(
+        "SELECT uid, project FROM vms WHERE uid IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(uids)),),
+    )
+    return {str(uid): str(project) for uid, project in rows}

@@ -183,3 +183,66 @@ async def test_observer_sees_adds_waits_work_and_retries(clock: ManualClock) -> 
         ("finished", 0.5),
         ("retried", 0),
     ]
+
+
+def project_queue(clock: ManualClock) -> WorkQueue[str]:
+    """Keys look like "PROJECT/NAME"; the project is their fairness group."""
+    return WorkQueue(clock=clock, group_of=lambda key: key.partition("/")[0])
+
+
+async def test_projects_take_turns(clock: ManualClock) -> None:
+    """Round-robin across projects, FIFO within one: a's flood does not hold b and c back."""
+    queue = project_queue(clock)
+    for key in ("a/1", "a/2", "a/3", "a/4", "b/1", "c/1", "b/2"):
+        queue.add(key)
+    assert await drain(queue) == ["a/1", "b/1", "c/1", "a/2", "b/2", "a/3", "a/4"]
+
+
+async def test_a_project_that_empties_joins_the_rotation_at_the_end(clock: ManualClock) -> None:
+    """A group leaves the rotation when it has nothing queued, and rejoins behind the others."""
+    queue = project_queue(clock)
+    for key in ("a/1", "a/2", "b/1"):
+        queue.add(key)
+    assert await queue.get() == "a/1"
+    assert await queue.get() == "b/1"
+    queue.add("b/2")
+    queue.add("c/1")
+    assert await drain(queue) == ["a/2", "b/2", "c/1"]
+
+
+async def test_one_key_of_another_project_waits_for_one_key_of_a_flood(clock: ManualClock) -> None:
+    """10,000 keys of project a, then one of b: b is the second key handed out (a FIFO: 10,001st)."""
+    queue = project_queue(clock)
+    for index in range(10_000):
+        queue.add(f"a/{index}")
+    queue.add("b/late")
+    order = await drain(queue)
+    assert order.index("b/late") == 1
+    assert len(order) == 10_001
+
+
+async def test_fairness_keeps_dedup_and_one_worker_per_key(clock: ManualClock) -> None:
+    """Grouping changes the order only: a waiting key is queued once, a busy key runs again later."""
+    queue = project_queue(clock)
+    for key in ("a/1", "b/1", "a/1", "b/1"):
+        queue.add(key)
+    assert len(queue) == 2
+    key = await queue.get()
+    queue.add(key)
+    assert len(queue) == 1
+    queue.done(key)
+    assert sorted(await drain(queue)) == ["a/1", "b/1"]
+
+
+async def test_depth_counts_every_group(clock: ManualClock) -> None:
+    """workqueue_depth is the sum over projects, as added and as taken."""
+    observer = RecordingObserver()
+    queue: WorkQueue[str] = WorkQueue(
+        clock=clock, observer=observer, group_of=lambda key: key.partition("/")[0]
+    )
+    for key in ("a/1", "b/1", "a/2"):
+        queue.add(key)
+    assert [depth for event, depth in observer.events if event == "added"] == [1, 2, 3]
+    assert len(queue) == 3
+    await queue.get()
+    assert len(queue) == 2
