@@ -7,13 +7,22 @@ skipped and later, smaller ones may still fit. Limits apply per server and per p
 room (deleting or halting a VM, raising a limit) admits the next VM at its next reconcile.
 
 Admission gates starts only: a VM already running is never stopped because a limit went down.
+
+Host ports are part of it too: a forward's explicit hostPort must lie in the controller's port
+range (the API process may not know that range, so the controller decides, and says which field
+is wrong), and the number of forwards counts against max_ports.
+
+Every project gets the default project quota (max_disk_gib=1024 unless configured) for the
+limits its own entry does not set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
+
+from api.types import QemuVMSpec
 
 MIB_PER_GIB = 1024
 _LIMIT_UNITS = {"max_memory_mib": " MiB", "max_disk_gib": " GiB"}
@@ -27,11 +36,21 @@ class Quota:
     max_memory_mib: int | None = None
     max_vcpus: int | None = None
     max_disk_gib: int | None = None
+    max_ports: int | None = None
 
     @property
     def is_unlimited(self) -> bool:
-        return all(
-            limit is None for limit in (self.max_vms, self.max_memory_mib, self.max_vcpus, self.max_disk_gib)
+        return all(getattr(self, limit.name) is None for limit in fields(self))
+
+    def over(self, default: Quota) -> Quota:
+        """These limits, with `default`'s where these set none."""
+        return Quota(
+            **{
+                limit.name: getattr(default, limit.name)
+                if getattr(self, limit.name) is None
+                else getattr(self, limit.name)
+                for limit in fields(self)
+            }
         )
 
 
@@ -43,12 +62,23 @@ class Claim:
     vcpus: int
     memory_mib: int
     disk_mib: int
+    ports: int = 0
+
+
+QUOTA_EXCEEDED = "QuotaExceeded"
+# The spec cannot run on this controller (a hostPort outside its port range): Valid=False.
+INVALID_SPEC = "InvalidSpec"
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
     admitted: bool = True
     message: str = ""
+    reason: str = QUOTA_EXCEEDED
+
+    @property
+    def invalid_spec(self) -> bool:
+        return not self.admitted and self.reason == INVALID_SPEC
 
 
 ADMITTED = Admission()
@@ -60,22 +90,25 @@ class _Usage:
     memory_mib: int = 0
     vcpus: int = 0
     disk_mib: int = 0
+    ports: int = 0
 
     def add(self, claim: Claim) -> None:
         self.vms += 1
         self.memory_mib += claim.memory_mib
         self.vcpus += claim.vcpus
         self.disk_mib += claim.disk_mib
+        self.ports += claim.ports
 
 
 @dataclass(frozen=True, slots=True)
 class Quotas:
     server: Quota = Quota()
     projects: Mapping[str, Quota] = field(default_factory=dict)
+    # For every project, under the limits its own entry sets.
+    project_default: Quota = Quota()
 
-    @property
-    def is_unlimited(self) -> bool:
-        return self.server.is_unlimited and all(quota.is_unlimited for quota in self.projects.values())
+    def project(self, name: str) -> Quota:
+        return self.projects.get(name, Quota()).over(self.project_default)
 
 
 def admit(claims: Iterable[Claim], quotas: Quotas) -> dict[str, Admission]:
@@ -86,7 +119,7 @@ def admit(claims: Iterable[Claim], quotas: Quotas) -> dict[str, Admission]:
     for claim in sorted(claims, key=lambda c: (c.created_at, c.uid)):
         usage = project_usage.setdefault(claim.project, _Usage())
         problem = _over("server", quotas.server, server_usage, claim) or _over(
-            f"project {claim.project}", quotas.projects.get(claim.project, Quota()), usage, claim
+            f"project {claim.project}", quotas.project(claim.project), usage, claim
         )
         if problem:
             verdicts[claim.uid] = Admission(False, problem)
@@ -110,12 +143,26 @@ def _over(scope: str, quota: Quota, usage: _Usage, claim: Claim) -> str:
             claim.disk_mib,
             " MiB",
         ),
+        ("max_ports", quota.max_ports, usage.ports, claim.ports, ""),
     )
     for name, limit, used, wanted, unit in checks:
         if limit is not None and used + wanted > limit:
             return (
                 f"{scope} {name}: {wanted}{unit} requested, {used}{unit} in use by older VMs, "
                 f"limit {getattr(quota, name)}{_LIMIT_UNITS.get(name, '')}"
+            )
+    return ""
+
+
+def host_port_problem(spec: QemuVMSpec, port_range: tuple[int, int]) -> str:
+    """Why `spec` cannot run with this port range ("" when it can), naming the field."""
+    first, last = port_range
+    for index, forward in enumerate(spec.network.forwards):
+        port = forward.host_port
+        if port is not None and not first <= port <= last:
+            return (
+                f"spec.network.forwards[{index}].hostPort: {port} is outside the port range {first}-{last}"
+                " of this host"
             )
     return ""
 
@@ -130,14 +177,19 @@ def parse_project_quotas(text: str) -> dict[str, Quota]:
         project, sep, limits = entry.partition(":")
         if not sep or not project.strip():
             raise ValueError(f"project quota {entry!r} must look like PROJECT:max_vms=N,...")
-        values: dict[str, int] = {}
-        for item in filter(None, (part.strip() for part in limits.split(","))):
-            name, eq, number = item.partition("=")
-            if not eq or name not in Quota.__dataclass_fields__:
-                known = ", ".join(Quota.__dataclass_fields__)
-                raise ValueError(f"project quota {item!r}: expected one of {known} with =N")
-            if not number.isdigit() or int(number) < 1:
-                raise ValueError(f"project quota {item!r}: the limit must be a positive integer")
-            values[name] = int(number)
-        quotas[project.strip()] = Quota(**values)
+        quotas[project.strip()] = parse_quota(limits, what="project quota")
     return quotas
+
+
+def parse_quota(text: str, *, what: str = "quota") -> Quota:
+    """`max_vms=3,max_disk_gib=1024` -> a Quota. :raise ValueError: as parse_project_quotas."""
+    values: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, number = item.partition("=")
+        if not eq or name not in Quota.__dataclass_fields__:
+            known = ", ".join(Quota.__dataclass_fields__)
+            raise ValueError(f"{what} {item!r}: expected one of {known} with =N")
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"{what} {item!r}: the limit must be a positive integer")
+        values[name] = int(number)
+    return Quota(**values)

@@ -37,12 +37,14 @@ from controller.model import Desired
 
 # Exits the controller or the guest meant; the others are failures worth a Warning.
 _CLEAN_EXITS = frozenset({ExitReason.GUEST_POWEROFF, ExitReason.STOPPED_BY_CONTROLLER})
-_ADMISSION_WAITS = frozenset({"QuotaExceeded", "HostMemoryLow"})
+_ADMISSION_WAITS = frozenset({"QuotaExceeded", "HostMemoryLow", "InsufficientStorage"})
 # Ready reasons of a VM waiting on an image; all but a download in progress need the user.
 _IMAGE_WAITS = frozenset(
     {"ImageNotFound", "ImageDownloading", "ImageChecksumMismatch", "ImageDownloadFailed"}
 )
 _ERROR_REASON = "ReconcileError"
+# Synced reasons of a spec this host refuses (the VM keeps running if it runs).
+_REFUSALS = frozenset({"DiskShrinkRefused", "DiskTooLarge"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,7 @@ def events_for(
 
 
 def _admission(desired: Desired, before: QemuVMStatus, after: QemuVMStatus) -> list[VMEvent]:
-    if desired.spec is None or desired.deleting:
+    if desired.spec is None or desired.deleting or desired.admission.invalid_spec:
         return []
     old, new = _condition(before, "Admitted"), _condition(after, "Admitted")
     if new is None or new.status is not ConditionStatus.TRUE:
@@ -174,8 +176,8 @@ def _waits(before: QemuVMStatus, after: QemuVMStatus, executed: Sequence[Action]
         waiting = ready.reason != "ImageDownloading"
         events.append(VMEvent("WaitingForImage", f"{ready.reason}: {ready.message}", warning=waiting))
     synced_old, synced = _condition(before, "Synced"), _condition(after, "Synced")
-    if synced is not None and synced.reason == "DiskShrinkRefused" and not _same_reason(synced_old, synced):
-        events.append(VMEvent("DiskShrinkRefused", synced.message, warning=True))
+    if synced is not None and synced.reason in _REFUSALS and not _same_reason(synced_old, synced):
+        events.append(VMEvent(synced.reason, synced.message, warning=True))
     return events
 
 

@@ -133,8 +133,11 @@ class Controller:
                 layout=self._layout,
                 clock=self._clock,
                 boots=boots,
-                quotas=QuotaGate(self._db, self._settings.quotas),
+                quotas=QuotaGate(
+                    self._db, self._settings.quotas, port_range=self._settings.ports, clock=self._clock
+                ),
                 memory_reserve_mib=self._settings.memory_reserve_mib,
+                storage_reserve_mib=self._settings.storage_reserve_mib,
                 liveness_period=timedelta(seconds=self._settings.liveness_seconds),
                 forward_address=self._settings.forward_address,
                 images=images,

@@ -114,6 +114,14 @@ class DiskRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Storage:
+    """The filesystem of the disks dir (statvfs): its size, and the space still free for us."""
+
+    total_mib: int
+    available_mib: int
+
+
+@dataclass(frozen=True, slots=True)
 class Observed:
     process: ProcessObservation | None
     exit: ExitObservation | None
@@ -133,6 +141,8 @@ class Observed:
     lost_pid: int | None = None
     # MemAvailable of the host, looked at only when no process runs (None: unknown).
     host_memory_available_mib: int | None = None
+    # The disks dir's filesystem, looked at when the spec has sized disks (None: unknown).
+    storage: Storage | None = None
 
 
 @dataclass(frozen=True, slots=True)

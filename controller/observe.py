@@ -22,6 +22,7 @@ from controller.model import DiskRecord, ImageLookup, ImageState, Observed, Proc
 from controller.qemu import process
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.runtime import Runtime
+from controller.resources.disks import filesystem_space
 
 
 class ImageLookups(Protocol):
@@ -41,8 +42,10 @@ async def observe(
     clock: Clock,
     images: ImageLookups | None = None,
     expect_process: bool = False,
+    disks_root: Path | None = None,
 ) -> Observed:
-    """`expect_process`: status names a pid, so a process missing from the records is looked for."""
+    """`expect_process`: status names a pid, so a process missing from the records is looked for.
+    `disks_root`: where disks are made, whose free space is read when the spec sizes disks."""
     directory = Path(paths.directory)
     # A process the runtime watches was proven ours when it was attached; the files on disk
     # are read (and proven against /proc) only for one it does not watch yet.
@@ -105,6 +108,9 @@ async def observe(
         bases=_bases(spec, disks, images_dir, images),
         host_memory_available_mib=host_memory.available_mib() if found is None else None,
         lost_pid=process.find_lost(paths) if expect_process and record is None else None,
+        storage=filesystem_space(disks_root)
+        if disks_root is not None and spec is not None and any(disk.size for disk in spec.disks)
+        else None,
     )
 
 

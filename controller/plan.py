@@ -35,6 +35,7 @@ from controller.actions import (
     WriteSeed,
 )
 from controller.cloudinit import seed_digest, seed_files
+from controller.disk_space import larger_than_filesystem, storage_shortfall
 from controller.exits import classify_exit, crash_backoff, failures_after, is_failure, should_restart
 from controller.model import (
     Desired,
@@ -80,6 +81,7 @@ class Intent(StrEnum):
     WAITING_FOR_IMAGES = "WaitingForImages"
     QUOTA_EXCEEDED = "QuotaExceeded"
     HOST_MEMORY_LOW = "HostMemoryLow"
+    INSUFFICIENT_STORAGE = "InsufficientStorage"
     BACKING_OFF = "BackingOff"
     STARTING = "Starting"
     RUNNING = "Running"
@@ -95,6 +97,8 @@ class LaunchContext:
     disks_dir: PurePath
     # A start must leave the host at least this much available memory.
     memory_reserve_mib: int = 0
+    # Creating and growing a VM's disks must leave at least this much free once they are full.
+    storage_reserve_mib: int = 0
     # How often a running VM is looked at (its QMP asked) between other events; None: never.
     liveness_period: timedelta | None = None
     forward_address: str = "127.0.0.1"
@@ -139,8 +143,11 @@ def plan(
     if desired.spec is None:
         # Keep whatever runs: an invalid edit must not take a working VM down.
         return Plan(Intent.INVALID, memory)
-    spec = desired.spec
     process = observed.process
+    if desired.admission.invalid_spec:
+        # Valid for the API, not for this host (a hostPort outside its port range): the same.
+        return Plan(Intent.INVALID, memory, _hold_nothing(observed), detail=desired.admission.message)
+    spec = desired.spec
     if context.shutting_down:
         if process is not None:
             return _stop(process, memory, spec, now, Intent.SHUTTING_DOWN, "tofu-qemu is shutting down")
@@ -151,6 +158,9 @@ def plan(
             return _stop(process, memory, spec, now, Intent.STOPPING, why)
         return Plan(Intent.HALTED, memory, _clean_if_stale(observed), detail=why)
 
+    too_large = larger_than_filesystem(spec, observed.storage)
+    if too_large:
+        return Plan(Intent.REFUSED, memory, reason="DiskTooLarge", detail=too_large)
     if process is None:
         refused = _not_admitted(desired, spec, observed, memory, context)
         if refused is not None:
@@ -161,6 +171,16 @@ def plan(
     waiting = _wait_for_images(spec, observed, memory, context, now)
     if waiting is not None:
         return waiting
+    if process is None and observed.missing_images:
+        # Checked before ports are taken: a VM that cannot boot holds none.
+        detail = "not a file in the images dir (or a link out of it): " + ", ".join(observed.missing_images)
+        return Plan(
+            Intent.WAITING_FOR_IMAGES,
+            memory,
+            _hold_nothing(observed),
+            requeue_after=IMAGE_RECHECK,
+            detail=detail,
+        )
     prepare = _prepare(desired, spec, observed)
     if prepare:
         return Plan(Intent.PREPARING, memory, prepare, again=True)
@@ -185,12 +205,12 @@ def _halt_reason(desired: Desired) -> str:
 def _not_admitted(
     desired: Desired, spec: QemuVMSpec, observed: Observed, memory: Memory, context: LaunchContext
 ) -> Plan | None:
-    """A start the quotas or the host's memory do not allow: wait, holding nothing new."""
+    """A start the quotas or the host's memory or disk space do not allow: wait, holding no port."""
     if not desired.admission.admitted:
         return Plan(
             Intent.QUOTA_EXCEEDED,
             memory,
-            _clean_if_stale(observed),
+            _hold_nothing(observed),
             requeue_after=ADMISSION_RECHECK,
             detail=desired.admission.message,
         )
@@ -203,9 +223,18 @@ def _not_admitted(
         return Plan(
             Intent.HOST_MEMORY_LOW,
             memory,
-            _clean_if_stale(observed),
+            _hold_nothing(observed),
             requeue_after=ADMISSION_RECHECK,
             detail=detail,
+        )
+    short = storage_shortfall(spec, observed, context.storage_reserve_mib)
+    if short:
+        return Plan(
+            Intent.INSUFFICIENT_STORAGE,
+            memory,
+            _hold_nothing(observed),
+            requeue_after=ADMISSION_RECHECK,
+            detail=short,
         )
     return None
 
@@ -440,9 +469,6 @@ def _start(
                 f": {last_exit.message}" if last_exit.message else ""
             )
         return Plan(Intent.BACKING_OFF, memory, requeue_after=wait, detail=detail)
-    if observed.missing_images:
-        detail = "not a file in the images dir (or a link out of it): " + ", ".join(observed.missing_images)
-        return Plan(Intent.WAITING_FOR_IMAGES, memory, requeue_after=IMAGE_RECHECK, detail=detail)
     is_restart = observed.exit is not None and (
         (last_exit is not None and last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER)
         or _ended_by_requested_restart(observed.exit, restart_at)
@@ -484,6 +510,13 @@ def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
 
 def _clean_if_stale(observed: Observed) -> tuple[Action, ...]:
     return (CleanRuntime(),) if observed.has_stale_runtime else ()
+
+
+def _hold_nothing(observed: Observed) -> tuple[Action, ...]:
+    """For a VM that may not start: give back its host ports (while no process uses them)."""
+    if observed.process is not None or not observed.ports:
+        return _clean_if_stale(observed)
+    return (*_clean_if_stale(observed), ReleasePorts(tuple(sorted(observed.ports))))
 
 
 def _stop(

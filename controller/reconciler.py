@@ -115,6 +115,7 @@ class Reconciler:
         boots: BootSpans,
         quotas: QuotaGate,
         memory_reserve_mib: int = 0,
+        storage_reserve_mib: int = 0,
         liveness_period: timedelta | None = None,
         forward_address: str = "127.0.0.1",
         images: ImageLookups | None = None,
@@ -132,6 +133,7 @@ class Reconciler:
         self._boots = boots
         self._quotas = quotas
         self._memory_reserve_mib = memory_reserve_mib
+        self._storage_reserve_mib = storage_reserve_mib
         self._liveness_period = liveness_period
         self._restarted = restarted
         self._objects = objects
@@ -156,7 +158,7 @@ class Reconciler:
         span = trace.get_current_span()
         desired = desired_from(record)
         if desired is not None and desired.spec is not None and not desired.deleting:
-            desired = replace(desired, admission=await self._quotas.admission(uid))
+            desired = replace(desired, admission=await self._quotas.admission(uid, desired.generation))
         paths = self._layout.runtime(uid)
         spec = desired.spec if desired else None
         accel = await self._accel.resolve(spec.accel) if spec else Accel.TCG
@@ -166,6 +168,7 @@ class Reconciler:
             images_dir=self._layout.images_dir,
             disks_dir=self._layout.disks_dir(uid),
             memory_reserve_mib=self._memory_reserve_mib,
+            storage_reserve_mib=self._storage_reserve_mib,
             liveness_period=self._liveness_period,
             forward_address=self._forward_address,
             shutting_down=self._shutting_down(),
@@ -261,6 +264,7 @@ class Reconciler:
             clock=self._clock,
             images=self._images,
             expect_process=expect_process,
+            disks_root=self._layout.disks_root,
         )
 
     async def _record(self, desired: Desired | None, events: Sequence[VMEvent]) -> None:

@@ -12,7 +12,12 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from api.settings import ProcessSettings, ServerSettings, split_listen
-from controller.admission import Quota, Quotas, parse_project_quotas
+from controller.admission import Quota, Quotas, parse_project_quotas, parse_quota
+
+# A thin overlay costs nothing until the guest writes, so sizes are claims, not usage: 1 TiB lets
+# a project run dozens of ordinary VMs (8-64 GiB disks) and refuses a typo's or an attacker's
+# 16 x 64 TiB outright. Operators raise it per project (project_quotas) or for all.
+DEFAULT_PROJECT_MAX_DISK_GIB = 1024
 
 
 class ControllerSettings(ProcessSettings):
@@ -68,6 +73,23 @@ class ControllerSettings(ProcessSettings):
         default="127.0.0.1:8081",
         description="HOST:PORT for /healthz, /readyz and /metrics of `tofu-qemu controller` (no auth)",
     )
+    # Admission of host ports and disk space (docs/controller.md, "Quotas and the host reserves").
+    max_ports: int | None = Field(default=None, ge=1, description="Host ports all VMs' forwards may hold")
+    default_project_quotas: str = Field(
+        default=f"max_disk_gib={DEFAULT_PROJECT_MAX_DISK_GIB}",
+        description="Limits every project gets unless project_quotas sets its own: max_disk_gib=N,...",
+    )
+    storage_reserve_mib: int = Field(
+        default=1024,
+        ge=0,
+        description="Free space (MiB) the disks dir's filesystem must keep after a VM's new disks are full",
+    )
+
+    @field_validator("default_project_quotas")
+    @classmethod
+    def _valid_default_project_quotas(cls, value: str) -> str:
+        parse_quota(value, what="default_project_quotas")
+        return value
 
     @field_validator("ops_listen")
     @classmethod
@@ -94,8 +116,11 @@ class ControllerSettings(ProcessSettings):
     @property
     def quotas(self) -> Quotas:
         return Quotas(
-            server=Quota(self.max_vms, self.max_memory_mib, self.max_vcpus, self.max_disk_gib),
+            server=Quota(
+                self.max_vms, self.max_memory_mib, self.max_vcpus, self.max_disk_gib, self.max_ports
+            ),
             projects=parse_project_quotas(self.project_quotas or ""),
+            project_default=parse_quota(self.default_project_quotas),
         )
 
     @field_validator("port_range")

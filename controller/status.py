@@ -38,6 +38,7 @@ _PHASES = {
     Intent.WAITING_FOR_IMAGES: Phase.PENDING,
     Intent.QUOTA_EXCEEDED: Phase.PENDING,
     Intent.HOST_MEMORY_LOW: Phase.PENDING,
+    Intent.INSUFFICIENT_STORAGE: Phase.PENDING,
     Intent.BACKING_OFF: Phase.CRASH_LOOP_BACK_OFF,
     Intent.STARTING: Phase.STARTING,
     Intent.RUNNING: Phase.RUNNING,
@@ -110,11 +111,13 @@ def _condition(type_: str, ok: bool, reason: str, message: str = "") -> _Verdict
 def _valid(desired: Desired) -> _Verdict:
     if desired.spec_error is not None:
         return _condition("Valid", False, "InvalidSpec", desired.spec_error)
+    if desired.admission.invalid_spec:
+        return _condition("Valid", False, "InvalidSpec", desired.admission.message)
     return _condition("Valid", True, "SpecAccepted")
 
 
 def _admitted(result: Plan) -> _Verdict:
-    if result.intent in (Intent.QUOTA_EXCEEDED, Intent.HOST_MEMORY_LOW):
+    if result.intent in (Intent.QUOTA_EXCEEDED, Intent.HOST_MEMORY_LOW, Intent.INSUFFICIENT_STORAGE):
         return _condition("Admitted", False, result.intent.value, result.detail)
     return _condition("Admitted", True, "Admitted")
 
@@ -137,7 +140,7 @@ def _ready(result: Plan, running: bool, error: str | None) -> _Verdict:
 def _synced(desired: Desired, result: Plan, error: str | None) -> _Verdict:
     if error is not None:
         return _condition("Synced", False, "ReconcileError", error)
-    if desired.spec is None:
+    if desired.spec is None or desired.admission.invalid_spec:
         return _condition("Synced", False, "InvalidSpec", "the last valid spec keeps running")
     if result.intent in STEADY_INTENTS:
         return _condition("Synced", True, "UpToDate")

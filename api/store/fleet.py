@@ -74,6 +74,33 @@ async def specs_version(db: Database) -> tuple[int, int, int]:
     return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
 
 
+@dataclass(frozen=True, slots=True)
+class LiveSpecKey:
+    """A live VM's identity and spec generation, without the spec (cheap to read for all)."""
+
+    uid: str
+    project: str
+    created_at: str
+    generation: int
+
+
+async def live_spec_keys(db: Database) -> list[LiveSpecKey]:
+    rows = await db.read(
+        "SELECT uid, project, created_at, generation FROM vms WHERE deleted_at IS NULL AND spec_error IS NULL"
+    )
+    return [LiveSpecKey(str(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in rows]
+
+
+async def specs_of(db: Database, uids: Collection[str]) -> dict[str, tuple[int, str]]:
+    """The generation and spec of each of `uids` that names a VM with a valid spec, in one read."""
+    rows = await db.read(
+        "SELECT uid, generation, spec FROM vms WHERE spec_error IS NULL"
+        " AND uid IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(uids)),),
+    )
+    return {str(uid): (int(generation), str(spec)) for uid, generation, spec in rows}
+
+
 async def live_specs(db: Database) -> list[LiveSpec]:
     rows = await db.read(
         "SELECT uid, project, created_at, spec FROM vms WHERE deleted_at IS NULL AND spec_error IS NULL"

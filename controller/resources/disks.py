@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from api.store.allocations import Allocations, DiskHeld, DiskOwner, DiskRow
 from api.types import DiskSpec, ReclaimPolicy
+from controller.model import Storage
 
 QEMU_IMG = "qemu-img"
 QEMU_IMG_TIMEOUT_SECONDS = 60.0
@@ -33,6 +36,18 @@ class DiskError(Exception):
 
 class DiskBusy(Exception):
     """The disk cannot be made yet (a retained disk is still held). Retry later."""
+
+
+def filesystem_space(path: Path, statvfs: Callable[[Path], os.statvfs_result] = os.statvfs) -> Storage | None:
+    """The size of the filesystem holding `path` and the space an unprivileged writer still has
+    there (f_bavail: root's reserved blocks are not ours to plan with); None when unknown."""
+    try:
+        found = statvfs(path)
+    except OSError:
+        return None
+    return Storage(
+        total_mib=found.f_blocks * found.f_frsize // MIB, available_mib=found.f_bavail * found.f_frsize // MIB
+    )
 
 
 class DiskManager:

@@ -11,7 +11,7 @@ from controller.clock import LoopClock
 from controller.project_index import NO_PROJECT, ProjectIndex
 from controller.queue import WorkQueue
 from controller.sources import watch_store
-from tests.builders import manifest, vm_state
+from tests.builders import vm_state
 from tests.component.test_controller_failures import wait_until
 from tests.component.test_store_states import write
 
@@ -25,9 +25,9 @@ async def test_a_late_project_is_handed_out_second_after_a_flood(
     queue: WorkQueue[str] = WorkQueue(clock=LoopClock(), group_of=projects)
     watcher = asyncio.create_task(watch_store(db, VMStatusWriter(db), queue, projects))
     try:
-        await write(states, vm_state(1, {f"vm-{n}": manifest(f"vm-{n}") for n in range(FLOOD)}), project="a")
+        await write(states, vm_state(1, {f"vm-{n}": dict() for n in range(FLOOD)}), project="a")
         await wait_until(lambda: len(queue) >= FLOOD)
-        await write(states, vm_state(1, {"late": manifest("late")}), project="b")
+        await write(states, vm_state(1, {"late": dict()}), project="b")
         await wait_until(lambda: len(queue) >= FLOOD + 1)
     finally:
         watcher.cancel()
@@ -41,7 +41,7 @@ async def test_a_late_project_is_handed_out_second_after_a_flood(
 async def test_the_index_looks_up_once_and_forgets_gone_uids(
     db: Database, states: StateStore, vms: VMStore
 ) -> None:
-    await write(states, vm_state(1, {"one": manifest("one"), "two": manifest("two")}), project="a")
+    await write(states, vm_state(1, {"one": dict(), "two": dict()}), project="a")
     one, two = sorted(await vms.list_records(project="a"), key=lambda record: record.name)
     projects = ProjectIndex(db)
     await projects.learn([one.uid, two.uid, "orphan-uid"])

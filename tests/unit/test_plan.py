@@ -228,8 +228,16 @@ ROWS = {
         intent=Intent.DELETING,
         actions=[ReleasePorts, DeleteDisk, RemoveRuntimeDir],
     ),
-    "missing-image-waits": Row(
-        VM, observed(**ready(missing_images=("tiny-guest/vmlinuz",))), intent=Intent.WAITING_FOR_IMAGES
+    "missing-image-waits-and-gives-its-ports-back": Row(
+        VM,
+        observed(**ready(missing_images=("tiny-guest/vmlinuz",))),
+        intent=Intent.WAITING_FOR_IMAGES,
+        actions=[ReleasePorts],
+    ),
+    "missing-image-takes-no-port": Row(
+        VM,
+        observed(**ready(ports={}, missing_images=("tiny-guest/vmlinuz",))),
+        intent=Intent.WAITING_FOR_IMAGES,
     ),
     "removed-forward-and-disk-are-released-before-respawn": Row(
         desired(disks=[], network={"forwards": []}),
