@@ -18,7 +18,8 @@ LOOPBACK = "127.0.0.1"
 
 
 class PortUnavailable(Exception):
-    """No port could be reserved: the range is exhausted, or a requested hostPort is taken."""
+    """No port could be reserved: the range is exhausted, or a requested hostPort is taken or
+    outside the range."""
 
 
 def is_bindable(protocol: Protocol, port: int, host: str = LOOPBACK) -> bool:
@@ -58,6 +59,9 @@ class PortAllocator:
         await self._allocations.release_ports(uid, list(keys))
 
     async def _reserve_requested(self, uid: str, protocol: Protocol, guest_port: int, port: int) -> None:
+        if not self._first <= port <= self._last:
+            # Admission refuses such a spec first; this keeps the range a hard limit regardless.
+            raise PortUnavailable(f"hostPort {port} is outside the port range {self._first}-{self._last}")
         if not is_bindable(protocol, port, self._address):
             raise PortUnavailable(f"hostPort {protocol.value}/{port} is in use by another process")
         try:
