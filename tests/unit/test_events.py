@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import PurePath
 
@@ -39,6 +40,7 @@ from controller.actions import (
     RequestPowerdown,
     Spawn,
 )
+from controller.admission import INVALID_SPEC, Admission
 from controller.events import VMEvent, events_for
 from tests.unit.test_plan import HTTP, NOW, desired
 
@@ -259,8 +261,27 @@ def test_a_download_started_is_not_also_a_wait() -> None:
 
 def test_invalid_or_deleting_vms_are_not_scheduled() -> None:
     """Admitted=True of an invalid or deleting VM is no admission to run."""
-    for vm in (desired(invalid=True), desired(deleting=True)):
+    refused_port = replace(desired(), admission=Admission(False, "hostPort outside the range", INVALID_SPEC))
+    for vm in (desired(invalid=True), desired(deleting=True), refused_port):
         assert events_for(vm, QemuVMStatus(), RUNNING, (), None) == []
+
+
+def test_a_storage_wait_is_told_once() -> None:
+    """InsufficientStorage is an admission wait like QuotaExceeded."""
+    message = "its new disks need 16 MiB; the disks filesystem has 20 MiB free and keeps 16 MiB in reserve"
+    waiting = QemuVMStatus(conditions=(cond("Admitted", False, "InsufficientStorage", message),))
+    assert step(QemuVMStatus(), waiting) == [("InsufficientStorage", message, True)]
+    assert step(waiting, waiting) == []
+
+
+def test_a_disk_too_large_is_told_once() -> None:
+    refused = QemuVMStatus(
+        conditions=(ADMITTED, cond("Synced", False, "DiskTooLarge", "can never hold them"))
+    )
+    assert step(QemuVMStatus(conditions=(ADMITTED,)), refused) == [
+        ("DiskTooLarge", "can never hold them", True)
+    ]
+    assert step(refused, refused) == []
 
 
 def test_events_are_values() -> None:
