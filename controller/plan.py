@@ -420,6 +420,10 @@ def _keep_running(
         disk for disk, _ in _growing_disks(spec, observed) if observed.disks[disk.name].size_mib is not None
     ]
     if growing:
+        short = storage_shortfall(spec, observed, context.storage_reserve_mib)
+        if short:
+            # Stopping to grow would leave the VM down until room frees: it runs on meanwhile.
+            return Plan(Intent.INSUFFICIENT_STORAGE, memory, requeue_after=ADMISSION_RECHECK, detail=short)
         sizes = ", ".join(f"{disk.name!r} to {disk.size} MiB" for disk in growing)
         return _stop(process, memory, spec, now, Intent.RESTARTING, f"growing disk {sizes} needs a restart")
     if process.qmp is QmpState.UNREACHABLE:

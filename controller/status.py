@@ -24,7 +24,7 @@ from controller.plan import Intent, Plan
 
 STEADY_INTENTS = frozenset({Intent.RUNNING, Intent.HALTED, Intent.FINISHED, Intent.INVALID})
 # Intents that leave a running guest running: it stays Running and Ready while they wait.
-_KEEPS_RUNNING = frozenset({Intent.REFUSED, Intent.WAITING_FOR_IMAGES})
+_KEEPS_RUNNING = frozenset({Intent.REFUSED, Intent.WAITING_FOR_IMAGES, Intent.INSUFFICIENT_STORAGE})
 _PHASES = {
     Intent.INVALID: Phase.INVALID,
     Intent.DELETING: Phase.STOPPING,

@@ -187,6 +187,24 @@ def test_disks_that_exist_are_not_claimed_again_but_growth_is() -> None:
     assert result.detail.startswith(f"its new disks need {2 * GIB} MiB")
 
 
+def test_a_running_vm_is_not_stopped_to_grow_a_disk_there_is_no_room_for() -> None:
+    """Growing needs a restart; without room the restart would leave it down, so it runs on."""
+    made = {"root": ready()["disks"]["root"]}
+    small = desired(disks=[{"name": "root", "image": "base.raw", "size": "1Gi"}])
+    running = process(digest_for(small))
+    grown = desired(disks=[{"name": "root", "image": "base.raw", "size": "3Gi"}])
+    tight = with_storage(2 * GIB + 1023, disks=made, process=running)
+    result = plan(grown, tight, Memory(), RESERVE, now=NOW)
+    assert (result.intent, result.actions) == (Intent.INSUFFICIENT_STORAGE, ())
+    status = compute_status(grown, tight, result, QemuVMStatus(), accel=None, error=None, now=NOW)
+    conditions = {c.type: (c.status.value, c.reason) for c in status.conditions}
+    assert status.phase.value == "Running"
+    assert conditions["Ready"] == ("True", "Running")
+    assert conditions["Admitted"] == ("False", "InsufficientStorage")
+    roomy = with_storage(2 * GIB + 1024, disks=made, process=running)
+    assert plan(grown, roomy, Memory(), RESERVE, now=NOW).intent is Intent.RESTARTING
+
+
 def test_disks_larger_than_the_filesystem_are_refused() -> None:
     vm = desired(disks=[{"name": f"d{index}", "size": "64Ti"} for index in range(16)])
     result = plan(vm, with_storage(50 * GIB, total=100 * GIB), Memory(), CONTEXT, now=NOW)
