@@ -36,6 +36,7 @@ from api.settings import ServerSettings, SettingsError, SettingsT, load_settings
 from api.store import open_database
 from api.store.backup import Refused, back_up, hold_data_dir, restore
 from api.store.db import DB_FILE_NAME, utc_now
+from api.store.files import PRIVATE_UMASK, UnsafeDataDir, secure_data_dir
 from api.telemetry.metrics import Metrics
 from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
 from controller.client.commands import add_client_commands
@@ -136,10 +137,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_data_dir(data_dir: Path) -> None:
-    """:raise SettingsError: the data dir cannot be made or written by this user (a volume owned by
-    another uid is the usual cause in a container)."""
+    """Make what this process creates private, and check the data dir (api/store/files.py).
+
+    :raise SettingsError: the data dir cannot be made or written by this user (a volume owned by
+    another uid is the usual cause in a container), or other users may write in it.
+    """
+    os.umask(PRIVATE_UMASK)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        secure_data_dir(data_dir)
+    except UnsafeDataDir as err:
+        raise SettingsError(str(err)) from err
     except OSError as err:
         raise SettingsError(f"cannot create the data dir {data_dir}: {err.strerror}") from err
     if not os.access(data_dir, os.R_OK | os.W_OK | os.X_OK):
@@ -271,6 +278,8 @@ def _add_store_file_flags(parser: argparse.ArgumentParser, *, force_help: str) -
 
 
 def _store_file_settings(args: argparse.Namespace) -> ServeSettings:
+    # A backup holds every state, as the store does: nothing this command creates is for others.
+    os.umask(PRIVATE_UMASK)
     # ServeSettings holds every command's settings, so a config file written for serve, api or
     # controller is accepted here too (unknown keys are errors); only data_dir is used.
     return _settings_from(args, ServeSettings)
@@ -289,6 +298,7 @@ def _backup(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     settings = _store_file_settings(args)
+    _check_data_dir(settings.data_dir)
     try:
         restored = restore(args.file, settings.data_dir, force=args.force, now=utc_now())
     except (OSError, sqlite3.Error) as err:

@@ -19,6 +19,7 @@ from pathlib import Path
 import aiosqlite
 
 from api.store.errors import StorageFull
+from api.store.files import make_store_files_private, secure_data_dir
 from api.store.schema import MIGRATIONS
 
 DB_FILE_NAME = "tofu-qemu.sqlite3"
@@ -111,13 +112,23 @@ class Database:
 
 
 async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
-    """Open (creating if needed) the store in `data_dir` and bring its schema up to date."""
-    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
+    """Open (creating if needed) the store in `data_dir` and bring its schema up to date.
+
+    The data dir and the store files are made private first (api/store/files.py).
+
+    :raise UnsafeDataDir: the data dir is writable by other users.
+    """
     path = data_dir / DB_FILE_NAME
+    await asyncio.to_thread(_prepare_private_store, data_dir, path)
     writer = await aiosqlite.connect(path, isolation_level=None)
     try:
         await _configure(writer)
+        # Deleted rows (old versions, a deleted state) are overwritten with zeros, not left in
+        # free pages where their secrets would stay readable in the file.
+        await writer.execute("PRAGMA secure_delete = ON")
         await _migrate(writer)
+        # SQLite has created -wal and -shm by now, with the main file's mode; this checks it.
+        await asyncio.to_thread(make_store_files_private, path)
         reader = await aiosqlite.connect(path, isolation_level=None)
     except BaseException:
         await writer.close()
@@ -131,6 +142,12 @@ async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
         await writer.close()
         raise
     return Database(writer, reader, clock=clock)
+
+
+def _prepare_private_store(data_dir: Path, path: Path) -> None:
+    secure_data_dir(data_dir)
+    # Created 0600 before SQLite opens it: SQLite would create it 0644 under the usual umask.
+    make_store_files_private(path)
 
 
 async def _configure(connection: aiosqlite.Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -87,3 +88,19 @@ def test_an_unusable_data_dir_is_a_clear_error(
     code = main(["serve", "--listen", "127.0.0.1:0", "--data-dir", str(blocker / "data")])
     assert code == 2
     assert f"cannot create the data dir {blocker / 'data'}: Not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["serve", "api", "controller"])
+def test_a_data_dir_others_can_write_stops_the_server(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str
+) -> None:
+    """Exit 2 with one line that says why and how to fix it, before anything is created; and the
+    process's umask is 077, so what the server and its QEMUs create is private."""
+    monkeypatch.setenv("TOFU_QEMU_USERS", "a:b")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(0o777)
+    assert main([command, "--data-dir", str(data_dir)]) == 2
+    assert f"refusing the data dir {data_dir}: mode 0777" in capsys.readouterr().err
+    assert list(data_dir.iterdir()) == []
+    assert os.umask(0o077) == 0o077
