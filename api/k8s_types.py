@@ -106,6 +106,23 @@ class LockList(_Model):
     items: tuple[Lock, ...]
 
 
+class PurgeStatesRequest(_Model):
+    """Optional body of purge-states."""
+
+    keep: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Old versions to keep besides the current and the published one (the newest)",
+    )
+
+
+class PurgeStatesResult(_Model):
+    project: str
+    removed: int = Field(description="Versions removed")
+    kept: int = Field(description="Versions left: the current, the published one and the kept newest")
+
+
 class ForceUnlockRequest(_Model):
     """Optional body of force-unlock: the lock ID you mean to release, so that a newer lock
     taken by someone else meanwhile is not released by mistake."""

@@ -14,7 +14,17 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api.k8s_types import EventList, ForceUnlockRequest, Lock, LockList, QemuVMList, Status, WatchEvent
+from api.k8s_types import (
+    EventList,
+    ForceUnlockRequest,
+    Lock,
+    LockList,
+    PurgeStatesRequest,
+    PurgeStatesResult,
+    QemuVMList,
+    Status,
+    WatchEvent,
+)
 from api.types import API_VERSION, QemuVM
 
 OPENAPI_VERSION = "3.1.0"
@@ -28,6 +38,8 @@ COMPONENT_MODELS: tuple[type[BaseModel], ...] = (
     Lock,
     LockList,
     ForceUnlockRequest,
+    PurgeStatesRequest,
+    PurgeStatesResult,
     Status,
 )
 WATCH_CONTENT_TYPE = "application/json;stream=watch"
@@ -215,7 +227,7 @@ def _backend_paths() -> dict[str, Any]:
             "post": write,
             "put": write,
             "delete": _operation(
-                "Forget the current state (admin); its VMs are deleted, versions kept",
+                "Forget the state (admin): its VMs are deleted, and every kept version and the lock with it",
                 {
                     "200": _json(None, "{deleted, vmsMarkedForDeletion}"),
                     **_errors(400, 404, 409, 507),
@@ -362,6 +374,18 @@ def _k8s_paths() -> dict[str, Any]:
                 requestBody={
                     "required": False,
                     "content": {"application/json": {"schema": _ref("ForceUnlockRequest")}},
+                },
+            )
+        },
+        f"{APIS}/projects/{{project}}/purge-states": {
+            "post": _operation(
+                "Remove the project's old state versions (they hold the state's secrets); the current "
+                "and the published one always stay",
+                {"200": _json("PurgeStatesResult", "What was removed and kept"), **_errors(400, 404, 507)},
+                parameters=[PROJECT],
+                requestBody={
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("PurgeStatesRequest")}},
                 },
             )
         },

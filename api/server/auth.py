@@ -19,6 +19,12 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 METRICS_PATH = "/metrics"
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="tofu-qemu", charset="UTF-8"'}
 PRINCIPAL = web.RequestKey("principal", str)
+ANONYMOUS = "anonymous"
+
+
+def principal_of(request: web.Request) -> str:
+    """Who made the request, for events and logs: "anonymous" when auth is off."""
+    return request.get(PRINCIPAL) or ANONYMOUS
 
 
 def public_paths(*, metrics_auth: bool) -> frozenset[str]:

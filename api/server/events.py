@@ -7,16 +7,20 @@ last id seen), `limit` bounds the answer (the newest `limit` after `afterId`).
 
 from __future__ import annotations
 
+import sqlite3
 import weakref
 
+import structlog
 from aiohttp import web
 
 from api.k8s_types import Event, EventList
 from api.server import params
 from api.server.backend import project_of
 from api.server.keys import DATABASE
-from api.store.events import LIST_LIMIT_MAX, EventLog, EventRecord, EventType
+from api.store import StorageFull
+from api.store.events import LIST_LIMIT_MAX, EventLog, EventRecord, EventType, NewEvent
 
+log = structlog.get_logger(__name__)
 LIMIT_DEFAULT = 100
 # One EventLog per app: it group-commits the records made through it.
 _LOGS: weakref.WeakKeyDictionary[web.Application, EventLog] = weakref.WeakKeyDictionary()
@@ -28,6 +32,15 @@ def event_log_of(app: web.Application) -> EventLog:
     if events is None:
         events = _LOGS[app] = EventLog(app[DATABASE])
     return events
+
+
+async def record_project_event(app: web.Application, project: str, reason: str, message: str) -> None:
+    """Record a project-level event (no VM) for an operation already done: a lost event is
+    logged, never raised, so the client does not retry what succeeded."""
+    try:
+        await event_log_of(app).record(NewEvent("", project, "", reason, message))
+    except (StorageFull, sqlite3.Error) as err:
+        log.warning("event_record_failed", project=project, reason=reason, error=str(err))
 
 
 def event_of(record: EventRecord) -> Event:

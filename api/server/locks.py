@@ -9,7 +9,6 @@ after you looked is never released by mistake.
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import datetime
 from typing import Any
 
@@ -18,18 +17,16 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from api.k8s_types import ForceUnlockRequest, Lock, LockList
-from api.server.auth import PRINCIPAL
+from api.server.auth import principal_of
 from api.server.backend import project_of, read_body
 from api.server.errors import BadRequest, status_response
-from api.server.events import event_log_of
+from api.server.events import record_project_event
 from api.server.keys import DATABASE, STATES
-from api.store import LockMismatch, StorageFull
-from api.store.events import NewEvent
+from api.store import LockMismatch
 from api.store.states import HeldLock
 from api.types import describe_validation_error
 
 log = structlog.get_logger(__name__)
-ANONYMOUS = "anonymous"
 
 
 def lock_of(project: str, held: HeldLock, *, now: datetime) -> Lock:
@@ -80,16 +77,12 @@ async def force_unlock(request: web.Request) -> web.StreamResponse:
     if released is None:  # released by someone else since we looked
         return status_response(409, f"project {project!r} is not locked")
     info = _info(released)
-    principal = request.get(PRINCIPAL) or ANONYMOUS
+    principal = principal_of(request)
     message = (
         f"{principal} force-unlocked the state: ID={info.get('ID')!s}, Who={info.get('Who')!s},"
         f" Operation={info.get('Operation')!s}, Created={info.get('Created')!s}"
     )
-    try:
-        await event_log_of(request.app).record(NewEvent("", project, "", "ForceUnlocked", message))
-    except (StorageFull, sqlite3.Error) as err:
-        # The unlock is done; a lost event must not make the client retry it.
-        log.warning("event_record_failed", project=project, reason="ForceUnlocked", error=str(err))
+    await record_project_event(request.app, project, "ForceUnlocked", message)
     log.warning("state_force_unlocked", project=project, lock_id=info.get("ID"), by=principal)
     lock = lock_of(project, HeldLock(info, held.locked_at), now=request.app[DATABASE].clock())
     return web.json_response(lock_json(lock))

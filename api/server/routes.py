@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.server import backend, console, events, health, k8s, locks, metrics, resources
+from api.server import backend, console, events, health, history, k8s, locks, metrics, resources
 from api.server.auth import METRICS_PATH
 from api.server.ui import UI_ROUTES
 
@@ -56,6 +56,7 @@ ROUTES = [
     web.get(f"{APIS}/projects/{{project}}/events", events.project_events),
     web.get(f"{APIS}/locks", locks.list_locks),
     web.post(f"{APIS}/projects/{{project}}/force-unlock", locks.force_unlock),
+    web.post(f"{APIS}/projects/{{project}}/purge-states", history.purge_states),
     web.get(OPENAPI_PATH, k8s.openapi),
     *UI_ROUTES,
 ]

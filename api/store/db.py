@@ -17,11 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
+import structlog
 
 from api.store.errors import StorageFull
 from api.store.files import make_store_files_private, secure_data_dir
 from api.store.schema import MIGRATIONS
 
+log = structlog.get_logger(__name__)
 DB_FILE_NAME = "tofu-qemu.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 # FULL: an acknowledged state write survives power loss, not only a process kill.
@@ -105,6 +107,19 @@ class Database:
                 await self._writer.execute("BEGIN IMMEDIATE")
             finally:
                 await self._writer.rollback()
+
+    async def truncate_wal(self) -> None:
+        """Checkpoint the WAL into the file and truncate it, so that the pages of rows just
+        deleted (zeroed in the file by secure_delete) are no longer readable in old WAL frames.
+
+        Best effort: with another process reading or writing, SQLite checkpoints what it can and
+        the rest goes at a later checkpoint, as the WAL is reused from its start.
+        """
+        async with self._write_lock:
+            try:
+                await self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError as err:
+                log.warning("wal_truncate_failed", error=str(err))
 
     async def close(self) -> None:
         await self.reader.close()

@@ -1,5 +1,10 @@
 """Terraform states: the current document, its versions, its lock, and when specs are published.
 
+Versions hold whatever secrets the state holds. The newest `history_limit` are kept (plus the
+current and the published one); `purge` removes the rest on demand, and `delete` removes them
+all. Deleted rows are zeroed in the file (secure_delete, api/store/db.py) and the WAL that
+still held them is truncated.
+
 Lock semantics follow PROTOCOL.md §5.2:
 - LOCK when free stores the body verbatim; LOCK by the holder's own ID is idempotent (clients
   retry LOCK on 5xx); LOCK by anyone else is a conflict carrying the holder's body.
@@ -148,6 +153,12 @@ class ProjectInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class PurgeOutcome:
+    removed: int
+    kept: int
+
+
+@dataclass(frozen=True, slots=True)
 class WriteOutcome:
     version: int
     published: SpecChanges | None
@@ -161,6 +172,11 @@ class _BodyCache:
         self._entries: OrderedDict[str, StoredState] = OrderedDict()
         self._bytes = 0
 
+    def forget(self, project: str) -> None:
+        previous = self._entries.pop(project, None)
+        if previous is not None:
+            self._bytes -= len(previous.body)
+
     def get(self, project: str, version: int) -> StoredState | None:
         stored = self._entries.get(project)
         if stored is None or stored.version != version:
@@ -169,9 +185,7 @@ class _BodyCache:
         return stored
 
     def put(self, project: str, stored: StoredState) -> None:
-        previous = self._entries.pop(project, None)
-        if previous is not None:
-            self._bytes -= len(previous.body)
+        self.forget(project)
         if len(stored.body) > self._max_bytes:
             return
         self._entries[project] = stored
@@ -270,7 +284,7 @@ class StateStore:
             published = None
             if holder_id is None:
                 published = await _publish(conn, project, version, now, extraction=extraction)
-            await self._apply_retention(conn, project)
+            await _drop_old_versions(conn, project, keep=self._history_limit)
         self._bodies.put(
             project,
             StoredState(version, summary.serial, summary.lineage, digest, body),
@@ -278,9 +292,10 @@ class StateStore:
         return WriteOutcome(version, published)
 
     async def delete(self, project: str, *, lock_id: str | None) -> SpecChanges:
-        """Forget the current state (admin use); its versions stay for recovery.
+        """Forget the project's state: every kept version and its lock go with it (admin use).
 
-        Every VM of the project is marked for deletion.
+        Versions hold the state's secrets, so none is kept; `tofu-qemu backup` is the way to keep
+        a copy. Every VM of the project is marked for deletion.
 
         :raise NotFound: the project has no state.
         :raise StateLocked / LockMismatch: as for `write`.
@@ -294,14 +309,34 @@ class StateStore:
                 if lock_id is None:
                     raise StateLocked(bytes(row["lock_info"]))
                 raise LockMismatch(bytes(row["lock_info"]))
-            await conn.execute(
-                "UPDATE projects SET current_version = NULL, published_version = NULL,"
-                " specs_note = NULL, spec_problems = '[]' WHERE name = ?",
-                (project,),
-            )
-            return await vms.apply_declared(
+            await conn.execute("DELETE FROM state_versions WHERE project = ?", (project,))
+            await conn.execute("DELETE FROM projects WHERE name = ?", (project,))
+            changes = await vms.apply_declared(
                 conn, project=project, declared=(), serial=None, now=now, trace=current_traceparent()
             )
+        self._bodies.forget(project)
+        await self._db.truncate_wal()
+        return changes
+
+    async def purge(self, project: str, *, keep: int = 0) -> PurgeOutcome:
+        """Remove the project's old versions, keeping the current and the published one (they
+        differ while a write under a lock waits to be published) and the `keep` newest others.
+
+        :raise NotFound: unknown project.
+        """
+        now = self._db.clock()
+        async with self._db.write() as conn:
+            if await _project_row(conn, project, create=False, now=now) is None:
+                raise NotFound(f"project {project!r} does not exist")
+            # The current version is always the newest: keep it and the `keep` before it.
+            removed = await _drop_old_versions(conn, project, keep=keep + 1)
+            async with conn.execute(
+                "SELECT COUNT(*) FROM state_versions WHERE project = ?", (project,)
+            ) as cursor:
+                row = await cursor.fetchone()
+        if removed:
+            await self._db.truncate_wal()
+        return PurgeOutcome(removed=removed, kept=int(row[0]) if row else 0)
 
     async def lock(self, project: str, info: LockInfo) -> None:
         """Take the lock for `info.id`; idempotent for the holder.
@@ -438,16 +473,19 @@ class StateStore:
             version_count=row["version_count"],
         )
 
-    async def _apply_retention(self, conn: aiosqlite.Connection, project: str) -> None:
-        await conn.execute(
-            "DELETE FROM state_versions WHERE project = ?1 AND id NOT IN ("
-            "  SELECT id FROM state_versions WHERE project = ?1 ORDER BY id DESC LIMIT ?2)"
-            " AND id NOT IN (SELECT current_version FROM projects"
-            "                WHERE name = ?1 AND current_version IS NOT NULL)"
-            " AND id NOT IN (SELECT published_version FROM projects"
-            "                WHERE name = ?1 AND published_version IS NOT NULL)",
-            (project, self._history_limit),
-        )
+
+async def _drop_old_versions(conn: aiosqlite.Connection, project: str, *, keep: int) -> int:
+    """Delete all but the `keep` newest versions, the current and the published; return how many."""
+    cursor = await conn.execute(
+        "DELETE FROM state_versions WHERE project = ?1 AND id NOT IN ("
+        "  SELECT id FROM state_versions WHERE project = ?1 ORDER BY id DESC LIMIT ?2)"
+        " AND id NOT IN (SELECT current_version FROM projects"
+        "                WHERE name = ?1 AND current_version IS NOT NULL)"
+        " AND id NOT IN (SELECT published_version FROM projects"
+        "                WHERE name = ?1 AND published_version IS NOT NULL)",
+        (project, keep),
+    )
+    return max(cursor.rowcount, 0)
 
 
 async def _project_row(conn: aiosqlite.Connection, project: str, *, create: bool, now: datetime) -> Any:

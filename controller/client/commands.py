@@ -68,9 +68,18 @@ def add_client_commands(commands: Any) -> None:
         parser.add_argument("resource", choices=VM_RESOURCES, metavar="vm")
         parser.add_argument("name")
         parser.set_defaults(client=_act, action=action)
-    states = _client_parser(commands, "states", "list a project's kept state versions", project=False)
-    states.add_argument("project")
+    states = _client_parser(
+        commands,
+        "states",
+        "list a project's kept state versions; `states purge PROJECT` removes the old ones",
+        project=False,
+    )
+    states.add_argument("project", help="the project; or `purge`, followed by the project")
+    states.add_argument("purged", nargs="?", metavar="PROJECT", help="with `purge`: the project to purge")
     states.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    states.add_argument(
+        "--keep", type=int, default=0, help="with `purge`: keep this many of the newest old versions too"
+    )
     states.set_defaults(client=_states)
     locks = _client_parser(commands, "locks", "list held state locks", project=False)
     locks.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
@@ -193,6 +202,11 @@ def _act(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clo
 
 
 def _states(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:
+    if args.purged is not None:
+        if args.project != "purge":
+            raise ClientError(f"unexpected {args.purged!r}: use `states PROJECT` or `states purge PROJECT`")
+        _purge_states(connection, args.purged, args.keep, out)
+        return
     versions = connection.get_json(f"/api/v1/projects/{quote(args.project, safe='')}/states")["items"]
     if args.output != "table":
         _print_document({"items": versions}, args.output, out)
@@ -209,6 +223,14 @@ def _states(connection: Connection, args: argparse.Namespace, out: TextIO, now: 
         for v in versions
     ]
     out.write(fmt.table(("SERIAL", "LINEAGE", "BYTES", "WHO", "OPERATION", "AGE"), rows))
+
+
+def _purge_states(connection: Connection, project: str, keep: int, out: TextIO) -> None:
+    result = connection.post_json(f"{API}/projects/{quote(project, safe='')}/purge-states", {"keep": keep})
+    out.write(
+        f"project {project}: {result['removed']} old state version(s) removed, {result['kept']} kept "
+        "(the current, the published and the --keep newest)\n"
+    )
 
 
 def _locks(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -224,15 +225,78 @@ async def test_stale_lock_publishes(states: StateStore, vms: VMStore, clock: Fak
     assert await states.publish_stale_locks(timedelta(minutes=15)) == []
 
 
-async def test_delete_state_marks_vms_and_keeps_versions(states: StateStore, vms: VMStore) -> None:
-    """DELETE forgets the current state, marks its VMs for deletion, and keeps history."""
+async def test_delete_state_marks_vms_and_removes_every_version(states: StateStore, vms: VMStore) -> None:
+    """DELETE forgets the state, marks its VMs for deletion, and keeps no version (they hold the
+    state's secrets) and no lock: the project is gone."""
     await write(states, vm_state(1, {"web": {}}))
-    changes = await states.delete("lab", lock_id=None)
+    await write(states, vm_state(2, {"web": {}}))
+    await states.lock("lab", lock_info("a"))
+    changes = await states.delete("lab", lock_id="a")
     assert [vm.name for vm in changes.deleted] == ["web"]
     assert await states.read("lab") is None
-    assert len(await states.list_versions("lab")) == 1
+    with pytest.raises(NotFound):
+        await states.list_versions("lab")
+    with pytest.raises(NotFound):
+        await states.read_version("lab", 1)
+    assert [p.name for p in await states.list_projects()] == []
     with pytest.raises(NotFound):
         await states.delete("lab", lock_id=None)
+    # The project starts afresh: LOCK and writes work, and the first write is version 1 of 1.
+    await states.lock("lab", lock_info("b"))
+    await write(states, vm_state(3, {"web": {}}), lock_id="b")
+    assert [v.serial for v in await states.list_versions("lab")] == [3]
+
+
+async def test_purge_keeps_the_current_and_the_published_version(states: StateStore) -> None:
+    """Under a lock the current version waits to be published: both survive a purge."""
+    for serial in (1, 2):
+        await write(states, vm_state(serial, {}))
+    await states.lock("lab", lock_info("a"))
+    await write(states, vm_state(3, {}), lock_id="a")
+    outcome = await states.purge("lab")
+    assert (outcome.removed, outcome.kept) == (1, 2)
+    assert [v.serial for v in await states.list_versions("lab")] == [3, 2]
+    stored = await states.read("lab")
+    assert stored is not None
+    assert stored.serial == 3
+    assert (await states.project("lab")).published_serial == 2
+    assert (await states.purge("lab")).removed == 0
+
+
+async def test_purge_keeps_the_newest_when_asked(states: StateStore) -> None:
+    for serial in (1, 2, 3):
+        await write(states, vm_state(serial, {}))
+    outcome = await states.purge("lab", keep=1)
+    assert (outcome.removed, outcome.kept) == (1, 2)
+    assert [v.serial for v in await states.list_versions("lab")] == [3, 2]
+
+
+async def test_purge_of_an_unknown_project_is_not_found(states: StateStore) -> None:
+    with pytest.raises(NotFound, match="'nope' does not exist"):
+        await states.purge("nope")
+
+
+def store_bytes(data_dir: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(data_dir.glob("tofu-qemu.sqlite3*")))
+
+
+@pytest.mark.parametrize("how", ["delete", "purge"])
+async def test_removed_versions_leave_no_secret_in_the_store_files(
+    states: StateStore, tmp_path: Path, how: str
+) -> None:
+    """The bytes of a removed version are gone from the file and from its WAL, not only from
+    the tables: another reader of the files (a copied disk, a backup of the dir) finds nothing."""
+    secret = "hunter2-9f1c3e7a-do-not-keep"
+    leaky = vm_state(1, {"web": {}})
+    leaky["outputs"] = {"password": {"value": secret, "type": "string", "sensitive": True}}
+    await write(states, leaky)
+    await write(states, vm_state(2, {"web": {}}))
+    assert secret.encode() in store_bytes(tmp_path / "data")
+    if how == "delete":
+        await states.delete("lab", lock_id=None)
+    else:
+        assert (await states.purge("lab")).removed == 1
+    assert secret.encode() not in store_bytes(tmp_path / "data")
 
 
 async def test_delete_respects_the_lock(states: StateStore) -> None:

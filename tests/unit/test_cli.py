@@ -65,7 +65,7 @@ def test_hash_password_output_authenticates(
 
 def test_boolean_settings_have_an_off_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     """A setting that defaults to true (metrics auth) can be turned off from the command line."""
-    from controller.cli import _build_parser, _settings_from
+    from controller.cli import _settings_from, build_parser
 
     monkeypatch.delenv("TOFU_QEMU_METRICS_AUTH", raising=False)
     monkeypatch.delenv("TOFU_QEMU_CONFIG", raising=False)
@@ -74,7 +74,7 @@ def test_boolean_settings_have_an_off_flag(monkeypatch: pytest.MonkeyPatch) -> N
         (["api", "--no-metrics-auth"], False),
         (["api", "--metrics-auth"], True),
     ):
-        args = _build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
         assert _settings_from(args, args.model).metrics_auth is expected
 
 
