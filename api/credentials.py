@@ -1,24 +1,32 @@
 """Who may call the server: HTTP Basic users and bearer tokens.
 
-Secrets are compared in constant time. Stored hashes are scrypt (stdlib, memory-hard); because
-Terraform sends credentials on every request (PROTOCOL.md §3), a successful verification is
-remembered by a keyed digest so that only the first request of a client pays for scrypt.
+Secrets are compared in constant time. Stored hashes are scrypt (stdlib, memory-hard), about 50 ms
+of CPU per check: the server runs checks in a thread pool (api/server/auth.py). Every Basic check
+costs the same whoever the user is: an unknown user is checked against a dummy of the same kind
+and parameters as the real users' secrets, so timing does not tell which names exist.
+
+Because Terraform sends credentials on every request (PROTOCOL.md §3), a successful verification
+is remembered for a while (`VerifiedCache`) by an HMAC of the credential under a per-process
+random key, so that only the first request of a client pays for scrypt and the cache never
+holds a secret.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
+import time
 import tomllib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 _SCRYPT_PREFIX = "scrypt"
-_VERIFIED_CACHE_SIZE = 1024
 
 
 class CredentialsError(ValueError):
@@ -74,44 +82,98 @@ class _Secret:
 
 @dataclass
 class Credentials:
-    """The configured users and tokens; `check_*` return the principal's name or None."""
+    """The configured users and tokens; `check_*` return the principal's name or None.
+
+    The checks block for as long as scrypt takes when `hashed` (a users file is in use).
+    """
 
     users: dict[str, _Secret] = field(default_factory=dict)
     tokens: dict[str, _Secret] = field(default_factory=dict)
-    _cache_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
-    _verified: OrderedDict[bytes, str] = field(default_factory=OrderedDict)
 
     @property
     def enabled(self) -> bool:
         return bool(self.users or self.tokens)
 
+    @property
+    def hashed(self) -> bool:
+        """Whether a check may run scrypt (and so belongs off the event loop)."""
+        return any(secret.scrypt is not None for secret in (*self.users.values(), *self.tokens.values()))
+
+    @functools.cached_property
+    def _dummy(self) -> _Secret:
+        """What an unknown user is checked against: the costliest kind of the users' secrets."""
+        params = [secret.scrypt[:3] for secret in self.users.values() if secret.scrypt is not None]
+        if not params:
+            return _Secret.from_plain(secrets.token_urlsafe(16))
+        n, r, p = max(params, key=lambda nrp: nrp[0] * nrp[1] * nrp[2])
+        return _Secret(scrypt=(n, r, p, secrets.token_bytes(16), secrets.token_bytes(64)))
+
     def check_basic(self, username: str, password: str) -> str | None:
         secret = self.users.get(username)
-        # Unknown users still pay one comparison so timing does not reveal who exists.
+        dummy = self._dummy
         if secret is None:
-            _Secret.from_plain("").matches(password)
+            dummy.matches(password)
             return None
-        return username if self._verify(f"user:{username}", secret, password) else None
+        matched = secret.matches(password)
+        if secret.scrypt is None and dummy.scrypt is not None:
+            # A user from the environment beside hashed ones: as slow as theirs, or its name shows.
+            dummy.matches(password)
+        return username if matched else None
 
     def check_bearer(self, token: str) -> str | None:
         for name, secret in self.tokens.items():
-            if self._verify(f"token:{name}", secret, token):
+            if secret.matches(token):
                 return f"token:{name}"
         return None
 
-    def _verify(self, principal: str, secret: _Secret, presented: str) -> bool:
-        if secret.plain_digest is not None:
-            return secret.matches(presented)
-        key = hmac.new(self._cache_key, _presented_bytes(f"{principal}\0{presented}"), "sha256").digest()
-        if self._verified.get(key) == principal:
-            self._verified.move_to_end(key)
-            return True
-        if not secret.matches(presented):
-            return False
-        self._verified[key] = principal
-        if len(self._verified) > _VERIFIED_CACHE_SIZE:
-            self._verified.popitem(last=False)
-        return True
+
+class VerifiedCache:
+    """Credentials verified recently, by an HMAC-SHA256 of the credential under a random key made
+    for this cache: a lookup costs a microsecond, and what is kept cannot be turned back into the
+    secret without the key. An entry lives `ttl` seconds from its last use; at most `max_entries`,
+    least recently used dropped first.
+
+    Brief on purpose: a memory dump holds the key too, and then each entry can be guessed at
+    HMAC speed instead of scrypt speed.
+    """
+
+    def __init__(self, *, ttl: float, max_entries: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._entries: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+
+    def lookup(self, scheme: str, user: str, secret: str) -> str | None:
+        """The principal these credentials were verified as, if that was recent."""
+        key = self._digest(scheme, user, secret)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        principal, expires = entry
+        now = self._clock()
+        if now >= expires:
+            del self._entries[key]
+            return None
+        self._entries[key] = (principal, now + self._ttl)
+        self._entries.move_to_end(key)
+        return principal
+
+    def remember(self, scheme: str, user: str, secret: str, principal: str) -> None:
+        key = self._digest(scheme, user, secret)
+        self._entries[key] = (principal, self._clock() + self._ttl)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _digest(self, scheme: str, user: str, secret: str) -> bytes:
+        # Lengths first: ("a\0b", "c") and ("a", "b\0c") are different credentials.
+        parts = [_presented_bytes(part) for part in (scheme, user, secret)]
+        message = b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+        return hmac.new(self._key, message, "sha256").digest()
 
 
 def load_credentials(*, users: str | None, tokens: str | None, users_file: Path | None) -> Credentials:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from api.credentials import Credentials
-from api.server.auth import auth_middleware, public_paths
+from api.server.auth import AUTHENTICATOR, Authenticator, auth_middleware, close_authenticator, public_paths
 from api.server.errors import error_middleware
 from api.server.health import READINESS_CHECKS, ReadinessCheck, database_check_context
 from api.server.keys import CREDENTIALS, DATABASE, METRICS, PUBLIC_PATHS
@@ -59,6 +59,8 @@ def install_ops(
     """What auth, /metrics and /readyz read from an app, for both app factories. The store's
     own check and gauges come with `database_check_context`, once app[DATABASE] is set."""
     app[CREDENTIALS] = credentials
+    app[AUTHENTICATOR] = Authenticator(credentials, metrics=metrics)
+    app.on_cleanup.append(close_authenticator)
     app[PUBLIC_PATHS] = public_paths(metrics_auth=metrics_auth)
     app[METRICS] = metrics
     app[READINESS_CHECKS] = dict(readiness_checks or {})

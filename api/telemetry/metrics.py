@@ -42,6 +42,9 @@ WORKQUEUE_BUCKETS = (1e-5, 1e-4, 1e-3, 0.01, 0.1, 1, 10, 100)
 EXIT_DETECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 VM_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 MIB = 1024 * 1024
+# tofu_qemu_auth_failures_total{reason}: wrong credentials, an Authorization header that cannot
+# be read, and the two 429s (too many failures; too many checks waiting).
+AUTH_FAILURE_REASONS = ("invalid", "malformed", "throttled", "busy")
 
 
 class Metrics:
@@ -140,10 +143,19 @@ class Metrics:
             registry=registry,
         )
 
+        self.auth_failures_total = Counter(
+            "tofu_qemu_auth_failures",
+            "Requests refused by authentication, by reason: invalid, malformed, throttled, busy",
+            ("reason",),
+            registry=registry,
+        )
+
         # Series present from the start, as controller-runtime does, so rate() sees the first event.
         for result in RECONCILE_RESULTS:
             self.reconcile_total.labels(controller=CONTROLLER_NAME, result=result)
         self.reconcile_errors_total.labels(controller=CONTROLLER_NAME)
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures_total.labels(reason=reason)
         for queue_metric in (
             self.workqueue_depth,
             self.workqueue_adds_total,
