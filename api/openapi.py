@@ -98,11 +98,14 @@ def _errors(*codes: int) -> dict[str, Any]:
         409: "Conflict",
         410: "Expired: the resourceVersion is older than the kept history; list again",
         413: "The body is larger than max_body_bytes",
-        429: "Too many open streams; retry after Retry-After seconds",
+        429: (
+            "Too many failed authentications from this client or for this user, too many "
+            "authentications being checked, or too many open streams; retry after Retry-After seconds"
+        ),
         503: "Shutting down, or not ready",
         507: "The data dir is full; nothing was written",
     }
-    return {str(code): _json("Status", meanings[code]) for code in (401, *codes)}
+    return {str(code): _json("Status", meanings[code]) for code in (401, 429, *codes)}
 
 
 def _path_param(name: str, description: str) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from api.settings import ServerSettings, SettingsError, SettingsT, load_settings
 from api.store import open_database
 from api.store.backup import Refused, back_up, hold_data_dir, restore
 from api.store.db import DB_FILE_NAME, utc_now
-from api.store.files import PRIVATE_UMASK, UnsafeDataDir, secure_data_dir
+from api.store.files import PRIVATE_DIR_MODE, PRIVATE_UMASK, UnsafeDataDir, secure_data_dir
 from api.telemetry.metrics import Metrics
 from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
 from controller.client.commands import add_client_commands
@@ -144,9 +144,7 @@ def _check_data_dir(data_dir: Path) -> None:
     """
     os.umask(PRIVATE_UMASK)
     try:
-        secure_data_dir(data_dir)
-    except UnsafeDataDir as err:
-        raise SettingsError(str(err)) from err
+        data_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     except OSError as err:
         raise SettingsError(f"cannot create the data dir {data_dir}: {err.strerror}") from err
     if not os.access(data_dir, os.R_OK | os.W_OK | os.X_OK):
@@ -154,6 +152,10 @@ def _check_data_dir(data_dir: Path) -> None:
             f"the data dir {data_dir} is not writable by uid {os.getuid()}: chown it to that user "
             "(in a container: the volume's owner must match the image's user)"
         )
+    try:
+        secure_data_dir(data_dir)
+    except (UnsafeDataDir, OSError) as err:
+        raise SettingsError(str(err)) from err
 
 
 def _http_setup(settings: ServerSettings) -> _HttpSetup:
