@@ -52,8 +52,9 @@ def _fresh_clone(dest: Path) -> Path:
     return dest
 
 
-def _new_user_env() -> dict[str, str]:
-    """This environment minus every TOFU_QEMU_* and TF_* variable and the test run's own venv."""
+def _new_user_env(tmp_path: Path) -> dict[str, str]:
+    """This environment minus every TOFU_QEMU_* and TF_* variable and the test run's own venv; the
+    CLI config named is missing, which makes Terraform warn unless the quick start uses its own."""
     venv_bin = str(REPO_ROOT / ".venv" / "bin")
     env = {
         key: value
@@ -61,6 +62,7 @@ def _new_user_env() -> dict[str, str]:
         if not key.startswith(("TOFU_QEMU_", "TF_")) and key != "VIRTUAL_ENV"
     }
     env["PATH"] = os.pathsep.join(part for part in env.get("PATH", "").split(os.pathsep) if part != venv_bin)
+    env["TF_CLI_CONFIG_FILE"] = str(tmp_path / "missing-terraformrc")
     return env
 
 
@@ -82,7 +84,7 @@ def test_quickstart_from_a_fresh_clone_on_defaults(tmp_path: Path) -> None:
     127.0.0.1:8080 with the data dir ./.tofu-qemu, boots the example VM, then destroys it."""
     clone = _fresh_clone(tmp_path / "tofu-qemu")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tofu-qemu"]
-    env = _new_user_env()
+    env = _new_user_env(tmp_path)
 
     # The two stages that download run first, here, because the namespace below has no network.
     # hack/setup is the quick start's own first stage (it then finds the venv up to date; pip's
@@ -109,7 +111,7 @@ def test_quickstart_from_a_fresh_clone_on_defaults(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     for stage in STAGES:
-        assert re.search(rf"^  .*{re.escape(stage)} +\d+\.\d s$", result.stdout, re.MULTILINE), output
+        assert re.search(rf"^  .*{re.escape(stage)} +\d+\.\d\d s$", result.stdout, re.MULTILINE), output
     log = (clone / ".tofu-qemu" / "quickstart.log").read_text()
     assert "build-guest: built " in log, "the clone's guest was not built"
     assert "quickstart/hello  phase=Running" in result.stdout, output
