@@ -1,8 +1,9 @@
 """Who may call the server: HTTP Basic users and bearer tokens.
 
 Secrets are compared in constant time. Stored hashes are scrypt (stdlib, memory-hard); because
-Terraform sends credentials on every request (PROTOCOL.md §3), a successful verification is
-remembered by a keyed digest so that only the first request of a client pays for scrypt.
+Terraform sends credentials on every request (docs/backend.md#requests-on-the-wire), a
+successful verification is remembered by a keyed digest so that only the first request of a
+client pays for scrypt.
 """
 
 from __future__ import annotations
