@@ -5,10 +5,10 @@ of CPU per check: the server runs checks in a thread pool (api/server/auth.py). 
 costs the same whoever the user is: an unknown user is checked against a dummy of the same kind
 and parameters as the real users' secrets, so timing does not tell which names exist.
 
-Because Terraform sends credentials on every request (PROTOCOL.md §3), a successful verification
-is remembered for a while (`VerifiedCache`) by an HMAC of the credential under a per-process
-random key, so that only the first request of a client pays for scrypt and the cache never
-holds a secret.
+Because Terraform sends credentials on every request (docs/backend.md#requests-on-the-wire), a
+successful verification is remembered for a while (`VerifiedCache`) by an HMAC of the credential
+under a per-process random key, so that only the first request of a client pays for scrypt and
+the cache never holds a secret.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class EventList(_Model):
 
 
 class Lock(_Model):
-    """A held Terraform state lock, from the lock info the client sent (PROTOCOL.md §4.3)."""
+    """A held Terraform state lock, from the lock info the client sent (docs/backend.md#locks)."""
 
     project: str
     id: str = Field(description="The lock info's ID")

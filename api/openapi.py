@@ -219,7 +219,7 @@ def _backend_paths() -> dict[str, Any]:
     return {
         "/state/{project}": {
             "get": _operation(
-                "Read the state (Terraform http backend, PROTOCOL.md §4.1)",
+                "Read the state (Terraform http backend, docs/backend.md#answers)",
                 {
                     "200": _json(None, "The state, byte for byte"),
                     "204": {"description": "No state yet"},

@@ -2,17 +2,24 @@
 
 Every setting has one name used in all three places: `--history-limit`, `TOFU_QEMU_HISTORY_LIMIT`,
 `history_limit = 100`. Unknown keys in the file are an error, not silently ignored.
+
+Every path setting is made absolute here, once, so nothing downstream ever sees a relative path
+(QEMU runs with a VM's runtime dir as its working directory, where a relative path points
+nowhere). A relative path given as a flag or in the environment is taken from the current
+directory; one written in the config file is taken from the config file's own directory, so a
+config file means the same thing wherever the server is started from. `~` is expanded.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -35,7 +42,8 @@ class LogFormat(StrEnum):
 class ProcessSettings(BaseModel):
     """What every tofu-qemu process reads: where the store is, how it logs and traces."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # validate_default: the default data dir goes through the path validator below too.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     data_dir: Path = Field(default=Path(".tofu-qemu"), description="Where the SQLite store lives")
     otlp_endpoint: str | None = Field(
@@ -51,6 +59,26 @@ class ProcessSettings(BaseModel):
     @property
     def events_max_age(self) -> timedelta:
         return timedelta(hours=self.events_max_age_hours)
+
+    @field_validator("*")
+    @classmethod
+    def _absolute_paths(cls, value: Any) -> Any:
+        # "*" covers the Path fields of every subclass too, present and future.
+        return absolute_path(value) if isinstance(value, Path) else value
+
+
+def absolute_path(path: Path) -> Path:
+    """`path` with `~` expanded, made absolute against the current directory, `..` folded."""
+    return Path(os.path.abspath(path.expanduser()))
+
+
+def path_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The settings of `model` that hold a filesystem path."""
+    return frozenset(
+        name
+        for name, field in model.model_fields.items()
+        if field.annotation is Path or Path in get_args(field.annotation)
+    )
 
 
 class ServerSettings(ProcessSettings):
@@ -124,7 +152,8 @@ def load_settings(
     """Merge defaults < config file < environment < flags and validate the result.
 
     `flags` holds only the options given on the command line (None means "not given").
-    The config file is `config_file`, else $TOFU_QEMU_CONFIG, else none.
+    The config file is `config_file`, else $TOFU_QEMU_CONFIG, else none. Relative paths in it are
+    taken from its own directory; relative paths anywhere else from the current directory.
 
     :raise SettingsError: unreadable file, unknown key, or an invalid value.
     """
@@ -132,7 +161,7 @@ def load_settings(
     merged: dict[str, Any] = {}
     path = config_file or (Path(env[CONFIG_ENV]) if env.get(CONFIG_ENV) else None)
     if path is not None:
-        merged.update(_read_config_file(path, fields))
+        merged.update(_read_config_file(absolute_path(path), model))
     for name in fields:
         value = env.get(ENV_PREFIX + name.upper())
         if value is not None:
@@ -144,13 +173,16 @@ def load_settings(
         raise SettingsError(f"invalid settings: {describe_validation_error(err)}") from err
 
 
-def _read_config_file(path: Path, fields: set[str]) -> dict[str, Any]:
+def _read_config_file(path: Path, model: type[BaseModel]) -> dict[str, Any]:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise SettingsError(f"cannot read config file {path}: {err}") from err
     values = {key.replace("-", "_"): value for key, value in document.items()}
-    unknown = sorted(set(values) - fields)
+    unknown = sorted(set(values) - set(model.model_fields))
     if unknown:
         raise SettingsError(f"config file {path}: unknown settings {', '.join(unknown)}")
+    for name in path_fields(model) & set(values):
+        if isinstance(values[name], str):
+            values[name] = path.parent / Path(values[name]).expanduser()
     return values

@@ -2,7 +2,7 @@
 
 Pure: bytes in, frozen values out. The server stores the state verbatim whatever this module
 finds inside it; extraction problems become VM conditions or project notes, never a refused
-write (PROTOCOL.md §7 describes the format; §8 the OpenTofu encryption envelope).
+write (docs/backend.md#the-state-document describes the format; #opentofu-state-encryption the envelope).
 
 The only bodies refused are those no Terraform or OpenTofu client writes and the store could
 not hold or serve back: not UTF-8 JSON, nested past the parser's recursion limit, integers past
@@ -254,7 +254,8 @@ def _manifest_of(resource_type: str, attributes: dict[str, Any]) -> dict[str, An
 
 
 def _unwrap_dynamic(value: object) -> object:
-    """A dynamic attribute is stored as {"value": v, "type": t}; unwrap it (PROTOCOL.md §7.3)."""
+    """A dynamic attribute is stored as {"value": v, "type": t}; unwrap it
+    (docs/backend.md#the-state-document)."""
     if isinstance(value, dict) and set(value) == {"value", "type"}:
         return value["value"]
     return value

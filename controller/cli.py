@@ -25,13 +25,13 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from opentelemetry.instrumentation.aiohttp_server import AioHttpServerInstrumentor
 from pydantic import BaseModel
 
 from api.credentials import Credentials, CredentialsError, hash_password, load_credentials
 from api.logs import configure_logging
 from api.server import create_app
 from api.server.ops import create_ops_app
+from api.server.spans import instrument_http_server
 from api.settings import ServerSettings, SettingsError, SettingsT, load_settings, split_listen
 from api.store import open_database
 from api.store.backup import Refused, back_up, hold_data_dir, restore
@@ -126,7 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
     if http is not None:
         # Puts the server span of every request around our handlers (web.Application is
         # replaced by an instrumented subclass for this process).
-        AioHttpServerInstrumentor().instrument(tracer_provider=tracer_provider)
+        instrument_http_server(tracer_provider)
     try:
         # Held for the whole life of the process so that `tofu-qemu restore` can tell it is running.
         with hold_data_dir(settings.data_dir, exclusive=False):

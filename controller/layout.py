@@ -13,6 +13,13 @@ class DataLayout:
     data_dir: Path
     images_dir: Path
 
+    def __post_init__(self) -> None:
+        # QEMU runs in the VM's runtime dir: a relative pidfile, socket or disk path handed to it
+        # would point nowhere. Settings make every path absolute; this keeps it that way.
+        for path in (self.data_dir, self.images_dir):
+            if not path.is_absolute():
+                raise ValueError(f"{path} is not an absolute path")
+
     @property
     def run_root(self) -> Path:
         return self.data_dir / "run"

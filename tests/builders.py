@@ -1,7 +1,8 @@
 """Builders for Terraform state documents shaped exactly like the ones Terraform 1.11 writes.
 
 The shapes (module addresses, count/for_each index keys, the dynamic `input` wrapper, deposed
-and tainted instances) follow ../shared/fixtures/tfstate and PROTOCOL.md §7.
+and tainted instances) follow the real Terraform states in tests/fixtures/tfstate and
+docs/backend.md#the-state-document.
 """
 
 from __future__ import annotations

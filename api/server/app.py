@@ -19,6 +19,7 @@ from api.server.keys import DATABASE, SETTINGS, STATES, VMS
 from api.server.ops import install_ops
 from api.server.origin import same_origin_middleware
 from api.server.routes import ROUTES
+from api.server.spans import span_name_middleware
 from api.server.streams import install_streams
 from api.settings import ServerSettings
 from api.store import Database, StateStore, StorageFull, VMStore, open_database
@@ -52,7 +53,7 @@ def create_app(
     """
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware, same_origin_middleware],
+        middlewares=[span_name_middleware, error_middleware, auth_middleware, same_origin_middleware],
     )
     app[SETTINGS] = settings
     install_ops(

@@ -1,9 +1,9 @@
 """Authentication middleware: HTTP Basic or bearer token on every route but the public ones
 (the probes, and /metrics when `metrics_auth` is off).
 
-Terraform sends Basic credentials pre-emptively on every request (PROTOCOL.md §3); OpenTofu
->= 1.8 can send a bearer token through `headers`. Both clients report 401 as "requires auth".
-Lock IDs are never a credential.
+Terraform sends Basic credentials pre-emptively on every request
+(docs/backend.md#requests-on-the-wire); OpenTofu >= 1.8 can send a bearer token through
+`headers`. Both clients report 401 as "requires auth". Lock IDs are never a credential.
 
 A hashed secret costs about 50 ms of scrypt to check, so:
 - checks run in a pool of AUTH_WORKERS threads, with at most AUTH_PENDING_MAX waiting (429

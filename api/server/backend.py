@@ -1,4 +1,4 @@
-"""The Terraform/OpenTofu `http` state backend (PROTOCOL.md §4).
+"""The Terraform/OpenTofu `http` state backend (docs/backend.md#answers).
 
 GET/POST/PUT/DELETE /state/{project} and LOCK/UNLOCK (or GitLab-style POST/DELETE) on
 /state/{project}/lock. Handlers parse and validate at the edge, call the store once, and let
@@ -58,7 +58,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def lock_id_of(request: web.Request) -> str | None:
-    """`?ID=` as Terraform appends it to writes made under a lock (PROTOCOL.md §4.2)."""
+    """`?ID=` as Terraform appends it to writes made under a lock (docs/backend.md#requests-on-the-wire)."""
     return request.query.get("ID") or None
 
 
@@ -72,7 +72,7 @@ def traced_project(request: web.Request, operation: str) -> str:
 async def get_state(request: web.Request) -> web.StreamResponse:
     stored = await request.app[STATES].read(traced_project(request, "GET"))
     if stored is None:
-        # 204 means "no state yet" to Terraform and to every OpenTofu version (PROTOCOL.md §4.1).
+        # 204 means "no state yet" to Terraform and to every OpenTofu version (docs/backend.md#answers).
         return web.Response(status=204)
     return web.Response(body=stored.body, content_type="application/json")
 
@@ -144,7 +144,7 @@ async def lock_state(request: web.Request) -> web.StreamResponse:
         request.app[METRICS].lock_conflicts_total.labels(project=project).inc()
         raise
     log.info("state_locked", project=project, lock_id=info.id, who=info.who, operation=info.operation)
-    # Only 200 counts as "acquired"; 201/204 are errors to the client (PROTOCOL.md §4.3).
+    # Only 200 counts as "acquired"; 201/204 are errors to the client (docs/backend.md#answers).
     return web.Response(status=200, body=info.raw, content_type="application/json")
 
 

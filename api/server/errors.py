@@ -2,7 +2,8 @@
 
 Error bodies are Kubernetes `Status` objects, so every client gets JSON that says what is wrong.
 Lock conflicts are the exception: Terraform and OpenTofu parse the holder's lock info from
-the body of a 409/423 (PROTOCOL.md §4.3, §5.3), so that body is the stored lock JSON verbatim.
+the body of a 409/423 (docs/backend.md#conflicts-and--lock-timeout), so that body is the stored
+lock JSON verbatim.
 """
 
 from __future__ import annotations

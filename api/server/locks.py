@@ -1,6 +1,6 @@
 """Held Terraform state locks: list them across projects, and force-unlock one.
 
-Force-unlock does what `terraform force-unlock` does (PROTOCOL.md §5.6): an UNLOCK without an
+Force-unlock does what `terraform force-unlock` does (docs/backend.md#force-unlock): an UNLOCK without an
 ID releases whatever lock is held, and publishes the state written under it. With `{"id": ...}`
 it releases only that lock (the check OpenTofu >= 1.10 makes), so a lock taken by someone else
 after you looked is never released by mistake.

@@ -24,12 +24,13 @@ OPS_ROUTES = [
 ]
 ROUTES = [
     *OPS_ROUTES,
-    # Terraform/OpenTofu http backend (PROTOCOL.md §4); PUT for update_method=PUT.
+    # Terraform/OpenTofu http backend (docs/backend.md#answers); PUT for update_method=PUT.
     web.get(STATE, backend.get_state, allow_head=False),
     web.post(STATE, backend.put_state),
     web.put(STATE, backend.put_state),
     web.delete(STATE, backend.delete_state),
-    # LOCK/UNLOCK, and GitLab-style lock_method=POST / unlock_method=DELETE.
+    # LOCK/UNLOCK, and GitLab-style lock_method=POST / unlock_method=DELETE
+    # (docs/backend.md#gitlab-style-configurations).
     web.route("LOCK", LOCK, backend.lock_state),
     web.post(LOCK, backend.lock_state),
     web.route("UNLOCK", LOCK, backend.unlock_state),

@@ -13,7 +13,7 @@ MIGRATIONS: tuple[str, ...] = (
         current_version   INTEGER,          -- NULL: no state (never written, or deleted)
         published_version INTEGER,          -- the version whose VM specs the controller sees
         lock_id           TEXT,
-        lock_info         BLOB,             -- the LOCK body, verbatim (PROTOCOL.md §5.2)
+        lock_info         BLOB,             -- the LOCK body, verbatim (docs/backend.md#locks)
         locked_at         TEXT,
         specs_note        TEXT,             -- why specs cannot be read, e.g. encrypted state
         spec_problems     TEXT NOT NULL DEFAULT '[]'

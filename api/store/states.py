@@ -5,7 +5,7 @@ current and the published one); `purge` removes the rest on demand, and `delete`
 all. Deleted rows are zeroed in the file (secure_delete, api/store/db.py) and the WAL that
 still held them is truncated.
 
-Lock semantics follow PROTOCOL.md §5.2:
+Lock semantics (docs/backend.md#locks, #policy-choices):
 - LOCK when free stores the body verbatim; LOCK by the holder's own ID is idempotent (clients
   retry LOCK on 5xx); LOCK by anyone else is a conflict carrying the holder's body.
 - A write with `?ID=` must name the holder (else LockMismatch); a write with no ID while the
@@ -14,7 +14,7 @@ Lock semantics follow PROTOCOL.md §5.2:
 - UNLOCK with no ID (Terraform's force-unlock sends an empty body) or with the holder's ID
   releases; a different ID is a LockMismatch. UNLOCK of a free state succeeds.
 
-Publishing (PROTOCOL.md §7.5): a write under a lock may be an intermediate snapshot of a long
+Publishing (docs/backend.md#publishing): a write under a lock may be an intermediate snapshot of a long
 apply, so its VM specs are published only when the lock is released, when the write came with no
 lock held, or when the lock has been held longer than the stale-lock limit.
 """
@@ -81,7 +81,7 @@ class LockInfo:
 
 
 def unlock_id(body: bytes) -> str | None:
-    """The lock ID an UNLOCK names, or None for a force-unlock (PROTOCOL.md §5.6).
+    """The lock ID an UNLOCK names, or None for a force-unlock (docs/backend.md#force-unlock).
 
     Terraform and OpenTofu < 1.10 send an empty body; OpenTofu >= 1.10 sends the ID the user
     typed with zero-valued other fields, which can be checked like any other ID.
@@ -380,7 +380,8 @@ class StateStore:
     async def publish_stale_locks(self, max_age: timedelta) -> list[str]:
         """Publish the current state of projects locked longer than `max_age`.
 
-        A client that locks but never unlocks (PROTOCOL.md §5.7) must not freeze its VMs.
+        A client that locks but never unlocks must not freeze its VMs
+        (docs/backend.md#a-lock-address-without-an-unlock-address).
         Returns the projects published.
         """
         now = self._db.clock()

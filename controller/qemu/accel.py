@@ -1,8 +1,9 @@
 """Choosing the accelerator for `accel: auto` by proof, not by the presence of /dev/kvm.
 
 On nested hosts /dev/kvm can open and QMP can report KVM enabled while a Linux guest crawls
-~400x slower and then hangs on an emulation failure (QEMU-FACTS). So `auto` boots a tiny guest
-under KVM with a deadline; only a guest that reaches its ready marker in time proves KVM.
+~400x slower and then hangs on an emulation failure
+(docs/guest.md#qemu-behaviours-the-code-relies-on). So `auto` boots a tiny guest under KVM with
+a deadline; only a guest that reaches its ready marker in time proves KVM.
 The verdict is remembered in the data dir (per host kernel) so the probe runs once.
 """
 

@@ -4,8 +4,8 @@ Errors are typed by what the caller can do:
 - `MonitorUnavailable`: no answer (not listening yet, gone, hung past the deadline). Transient:
   observe again; a process that stays unavailable is treated as hung.
 - `MonitorCommandFailed`: QEMU answered with a QMP error. The command is wrong for the state.
-CancelledError is never wrapped. Every call has a deadline (QEMU-FACTS: a round trip is ~0.4 ms,
-so seconds mean "hung").
+CancelledError is never wrapped. Every call has a deadline: a round trip is ~0.4 ms, so seconds
+mean "hung" (docs/guest.md#qemu-behaviours-the-code-relies-on).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class Monitor:
         """Connect and negotiate, retrying for `within` seconds.
 
         QEMU writes its pidfile before its QMP socket listens, and a first connect can fail
-        negotiation (QEMU-FACTS), so early failures are retried, for as long as `while_()` holds
-        (the caller's "the process is still alive").
+        negotiation (docs/guest.md#qemu-behaviours-the-code-relies-on), so early failures are
+        retried, for as long as `while_()` holds (the caller's "the process is still alive").
 
         :raise MonitorUnavailable: not connected in time, or `while_()` turned false.
         """

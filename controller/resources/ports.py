@@ -2,7 +2,8 @@
 
 A port is reserved in the store (UNIQUE per protocol) before QEMU binds it, and probed by
 binding it first, so a port held by a foreign process is skipped. The probe is racy by nature
-(QEMU-FACTS: bind-then-close); QEMU failing on a busy port is reported and retried.
+(bind-then-close, docs/guest.md#qemu-behaviours-the-code-relies-on); QEMU failing on a busy port
+is reported and retried.
 """
 
 from __future__ import annotations

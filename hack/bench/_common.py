@@ -213,7 +213,8 @@ def self_cpu_seconds() -> float:
 
 
 def is_alive(pid: int) -> bool:
-    """Running and not a zombie (PID 1 reaps orphans lazily here, see QEMU-FACTS)."""
+    """Running and not a zombie: PID 1 reaps orphans lazily here
+    (docs/guest.md#qemu-behaviours-the-code-relies-on)."""
     fields = read_proc_stat(pid)
     return fields is not None and fields[0] not in ("Z", "X")
 

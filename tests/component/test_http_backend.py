@@ -1,4 +1,4 @@
-"""The http state backend over real HTTP: status codes and bodies as PROTOCOL.md §4-§5 require."""
+"""The http state backend over real HTTP: status codes and bodies as docs/backend.md describes."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ async def test_write_without_id_while_locked_is_423(client: Client) -> None:
 
 
 async def test_write_with_holder_id_and_reordered_query(client: Client) -> None:
-    """?ID= is found among other, re-ordered query parameters (PROTOCOL.md §4.2)."""
+    """?ID= is found among other, re-ordered query parameters (docs/backend.md#requests-on-the-wire)."""
     await client.request("LOCK", LOCK, data=lock_body("holder"), headers=AUTH)
     body = encode(vm_state(1, {}))
     response = await client.post(f"{STATE}?a=1&ID=holder&zone=eu", data=body, headers=md5_header(body))
@@ -125,7 +125,7 @@ async def test_unlock_releases(client: Client, unlock_body: bytes) -> None:
 
 
 async def test_unlock_with_chunked_empty_body(client: Client) -> None:
-    """Terraform's force-unlock sends an empty chunked body (PROTOCOL.md §3)."""
+    """Terraform's force-unlock sends an empty chunked body (docs/backend.md#requests-on-the-wire)."""
     await client.request("LOCK", LOCK, data=lock_body("holder"), headers=AUTH)
 
     async def empty_chunks() -> Any:

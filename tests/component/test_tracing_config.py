@@ -18,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 
+from api.server.spans import with_stable_http
 from api.telemetry.tracing import (
     DEFAULT_SERVICE_NAME,
     TracingConfigError,
@@ -122,3 +123,18 @@ def test_a_stored_traceparent_round_trips_to_a_link_target() -> None:
     )
     assert span_context_of(None) is None
     assert span_context_of("garbage") is None
+
+
+@pytest.mark.parametrize(
+    ("given", "wanted"),
+    [
+        pytest.param("", "http", id="unset"),
+        pytest.param("database", "database,http", id="other-signal"),
+        pytest.param("http", "http", id="http"),
+        pytest.param(" http/dup , database", "http/dup,database", id="dup-kept"),
+    ],
+)
+def test_server_spans_use_the_stable_http_conventions(given: str, wanted: str) -> None:
+    """OTEL_SEMCONV_STABILITY_OPT_IN always selects the stable HTTP attributes; an operator's
+    http/dup (old and new side by side) and other signals are kept."""
+    assert with_stable_http(given) == wanted

@@ -2,7 +2,7 @@
 
 hack/build-image builds the image with podman (wheels from the host, the base from debootstrap
 when no registry is reachable). The container runs with only `--device /dev/kvm` and the two
-ulimits this sandbox needs (../shared/CONTAINER-FACTS.md): no `--privileged`, no `--cap-add`.
+ulimits this sandbox needs (docs/deploy.md): no `--privileged`, no `--cap-add`.
 A VM declared through the state backend boots on TCG and answers HTTP through a forward the
 host publishes; `podman stop` powers it down and exits 0; the next start boots it again from
 the data volume.
@@ -55,7 +55,7 @@ BASE_IMAGE = "localhost/tofu-qemu-base:bookworm"  # hack/build-image's debootstr
 IMAGE_UID = 10001  # the Dockerfile's USER
 KVM_DEVICE = Path("/dev/kvm")
 KVM_MAJOR, KVM_MINOR = 10, 232
-# This sandbox's default rlimits cannot be raised, so the container's must be set (CONTAINER-FACTS).
+# This sandbox's default rlimits cannot be raised, so the container's must be set (docs/deploy.md).
 ULIMITS = ("--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768")
 # podman's default capability set (containers.conf): CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL,
 # SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, SETFCAP. Nothing else may be bounded.

@@ -70,7 +70,7 @@ def basic_auth(user: str, password: str) -> str:
 
 
 def lock_info(lock_id: str, *, operation: str = "OperationTypeApply") -> bytes:
-    """A lock body shaped like Terraform 1.11's (PROTOCOL.md §4.3)."""
+    """A lock body shaped like Terraform 1.11's (docs/backend.md#locks)."""
     return json.dumps(
         {
             "ID": lock_id,
@@ -315,7 +315,8 @@ class TerraformResult:
 def terraform_env(
     *, state_url: str, scratch: Path, user: str = USER, password: str = PASSWORD
 ) -> dict[str, str]:
-    """A scrubbed environment: the http backend via TF_HTTP_* (PROTOCOL.md §2), no network.
+    """A scrubbed environment: the http backend via TF_HTTP_*, no network
+    (docs/backend.md#configuring-the-client).
 
     `scratch` holds HOME and the empty CLI config, so no user-level config is ever read.
     """
@@ -651,7 +652,7 @@ def qemu_diagnostics(data_dir: Path) -> list[tuple[str, str]]:
 
 def get_guest_page(host_port: int, path: str = "/", *, timeout: float) -> tuple[int, str]:
     """GET through a VM's forwarded port, retrying until a real HTTP answer arrives: a TCP connect
-    through SLIRP succeeds even before the guest listens (QEMU-FACTS).
+    through SLIRP succeeds even before the guest listens (docs/guest.md#qemu-behaviours-the-code-relies-on).
 
     :raise AssertionError: no answer within `timeout` seconds.
     """
@@ -815,8 +816,9 @@ def terraform_for(binary: str, workdir: Path, *, state_url: str, scratch: Path) 
 
 # ---- Guest VMs declared through Terraform --------------------------------------------------
 
-# Every VM boots the tiny guest on TCG (never KVM here: QEMU-FACTS), has a blank disk (so disk
-# cleanup is observable) and forwards guest port 80 to a host port the controller allocates.
+# Every VM boots the tiny guest on TCG (never KVM here: docs/guest.md#qemu-behaviours-the-code-relies-on),
+# has a blank disk (so disk cleanup is observable) and forwards guest port 80 to a host port the
+# controller allocates.
 # stopTimeout bounds a graceful stop of a guest still booting (its power button is not watched yet).
 GUEST_VMS_HCL = """
 variable "vms" {

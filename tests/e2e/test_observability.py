@@ -111,3 +111,40 @@ def test_a_collector_that_is_down_does_not_stop_a_vm_from_booting(
     fleet.apply({"web": GuestVM(memory=128)})
     assert fleet.wait_running("web")["status"]["phase"] == "Running"
     assert host.stop() == 0, "shutdown does not hang on the unreachable collector"
+
+
+def test_lock_and_unlock_spans_follow_the_stable_http_conventions(
+    make_vm_host: MakeVmHost, terraform_bin: str, project: str
+) -> None:
+    """Terraform's LOCK and UNLOCK are named by their method and route, and every server span
+    carries the stable HTTP attributes, not the old ones."""
+    with OtlpReceiver() as receiver:
+        host = make_vm_host()
+        host.start("serve", extra_args=("--otlp-endpoint", receiver.endpoint))
+        fleet = Fleet(host, terraform_bin, project=project)
+        fleet.init()
+        fleet.apply({})
+        route = "/state/{project}/lock"
+
+        def lock_calls(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan] | None:
+            on_route = [s for s in spans if s.name.endswith(route)]
+            named = {str(s.attributes.get("http.request.method_original")): s for s in on_route}
+            return named if {"LOCK", "UNLOCK"} <= named.keys() else None
+
+        calls = receiver.wait_for(lock_calls, timeout=SPAN_WAIT_SECONDS, what="LOCK and UNLOCK spans")
+        for method in ("LOCK", "UNLOCK"):
+            span = calls[method]
+            assert span.name == f"{method} {route}"
+            assert span.kind == 2  # server
+            assert span.attributes["http.request.method"] == "_OTHER"
+            assert span.attributes["http.route"] == route
+            assert span.attributes["url.path"] == f"/state/{project}/lock"
+            assert span.attributes["http.response.status_code"] == 200
+            assert span.attributes["tofu_qemu.operation"] == method
+        servers = [s for s in receiver.spans() if s.kind == 2]
+        gets = [s for s in servers if s.name == "GET /state/{project}"]
+        assert gets
+        assert gets[0].attributes["http.request.method"] == "GET"
+        assert "http.request.method_original" not in gets[0].attributes
+        for span in servers:
+            assert not {"http.method", "http.target", "http.status_code"} & span.attributes.keys(), span

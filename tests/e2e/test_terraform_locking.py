@@ -15,8 +15,8 @@ from tests.e2e.harness import HttpAnswer, ServerProcess, copy_example
 pytestmark = pytest.mark.e2e
 
 PROMPT_TIMEOUT = 30.0
-# `-lock-timeout` retries LOCK after 1 s, 2 s, 4 s... (PROTOCOL.md §5.3): releasing at 2.5 s
-# lets the attempt at ~3 s succeed instead of waiting for the one at ~7 s.
+# `-lock-timeout` retries LOCK after 1 s, 2 s, 4 s... (docs/backend.md#conflicts-and--lock-timeout):
+# releasing at 2.5 s lets the attempt at ~3 s succeed instead of waiting for the one at ~7 s.
 RELEASE_AFTER_SECONDS = 2.5
 
 
@@ -29,7 +29,7 @@ def test_plan_fails_while_an_apply_holds_the_lock_at_its_prompt(
     holder.run("init")
     other.run("init")
 
-    # The lock is held while the approval prompt waits (PROTOCOL.md §5.1).
+    # The lock is held while the approval prompt waits (docs/backend.md#locks).
     with holder.interactive("apply") as apply:
         apply.wait_for_output("Enter a value:", timeout=PROMPT_TIMEOUT)
         lock = server.project(project)["lock"]

@@ -1,4 +1,5 @@
-"""HTTPS and mutual TLS, with Terraform as the client (PROTOCOL.md §2: client_*_pem settings)."""
+"""HTTPS and mutual TLS, with Terraform as the client (client_*_pem settings:
+docs/backend.md#configuring-the-client)."""
 
 from __future__ import annotations
 

@@ -3,36 +3,71 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from api.tfstate import StateFormatError, extract_vms, parse_state
+from api.tfstate import Extraction, StateFormatError, extract_vms, parse_state
 from tests.builders import encode, instance, manifest, resource, state
-
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "tfstate"
+from tests.fixtures import generate
 
 
 def fixture(name: str) -> bytes:
-    return (FIXTURES / name).read_bytes()
+    return (generate.FIXTURES / name).read_bytes()
+
+
+# The VMs of the lab (tests/fixtures/tfstate/lab) by name, with the address Terraform gave each.
+LAB_VMS = {
+    "single": "terraform_data.single",
+    "api": 'terraform_data.vm["api"]',
+    "web": 'terraform_data.vm["web"]',
+    "worker-0": "terraform_data.worker[0]",
+    "worker-1": "terraform_data.worker[1]",
+    "too-small": "terraform_data.too_small",
+    "db": "module.db.terraform_data.this",
+    "pool-a-0": 'module.pool["a"].module.member[0].terraform_data.this',
+    "pool-b-0": 'module.pool["b"].module.member[0].terraform_data.this',
+}
 
 
 def test_real_terraform_state_parses() -> None:
-    """A state written by Terraform 1.11 yields its serial and lineage and no VMs (ad-hoc inputs)."""
-    summary = parse_state(fixture("state-02-lab-update-serial2.json"))
-    assert (summary.serial, summary.lineage, summary.is_encrypted) == (
-        2,
-        "293de8df-eeef-85bb-f180-15b975114385",
-        False,
-    )
-    assert extract_vms(summary.document).vms == ()
+    """A state written by Terraform 1.11 yields its serial, lineage and every declared VM: root,
+    count, for_each, a module and a module nested in a for_each module; the plain input is not one."""
+    summary = parse_state(fixture(generate.UPDATED))
+    assert (summary.serial, summary.lineage, summary.is_encrypted) == (13, generate.LINEAGE, False)
+    vms = {vm.name: vm for vm in extract_vms(summary.document).vms}
+    assert {name: vm.address for name, vm in vms.items()} == LAB_VMS
+    assert vms["too-small"].error == "spec.memory: must be ≥ 16 MiB"
+    assert [name for name, vm in vms.items() if vm.error is not None] == ["too-small"]
+    assert vms["web"].spec["memory"] == 4096
+    assert vms["single"].labels == {"tier": "db"}
+
+
+def test_real_tainted_instance_is_still_declared() -> None:
+    """`terraform taint` marks the instance; it exists until the next apply replaces it."""
+    summary = parse_state(fixture(generate.TAINTED))
+    assert {vm.name for vm in extract_vms(summary.document).vms} == set(LAB_VMS)
+    assert '"status": "tainted"' in fixture(generate.TAINTED).decode()
+
+
+def test_real_state_after_destroy_declares_nothing() -> None:
+    """Destroy leaves a state with no resources (and check results left `unknown`)."""
+    summary = parse_state(fixture(generate.DESTROYED))
+    assert summary.lineage == generate.LINEAGE
+    assert extract_vms(summary.document) == Extraction(vms=(), problems=())
 
 
 def test_encrypted_envelope_is_recognised() -> None:
     """OpenTofu's encrypted envelope is detected by encryption_version and keeps serial/lineage."""
-    summary = parse_state(fixture("SYNTHETIC-opentofu-encrypted-state-pbkdf2-aesgcm.json"))
-    assert (summary.encryption_version, summary.serial) == ("v0", 2)
+    summary = parse_state(fixture(generate.ENCRYPTED))
+    assert (summary.encryption_version, summary.serial, summary.lineage) == ("v0", 13, generate.LINEAGE)
+
+
+def test_encrypted_fixture_holds_the_real_state() -> None:
+    """The envelope decrypts, as OpenTofu would with the documented passphrase, to the very bytes of
+    the Terraform state it was built from: it is a real envelope, not a look-alike."""
+    assert generate.open_envelope(fixture(generate.ENCRYPTED)) == fixture(generate.ENCRYPTED_FROM)
+    assert generate.seal(fixture(generate.ENCRYPTED_FROM)) == fixture(generate.ENCRYPTED)
 
 
 @pytest.mark.parametrize(
