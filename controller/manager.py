@@ -108,7 +108,8 @@ class Controller:
                 tasks=tasks,
                 wake=self.queue.add,
                 clock=self._clock,
-                max_bytes=int(self._settings.image_max_gib * 2**30),
+                limits=self._settings.image_fetch_limits,
+                egress=self._settings.image_egress,
             )
             await images.load()
             executor = Executor(

@@ -13,6 +13,8 @@ from pydantic import Field, field_validator
 
 from api.settings import ProcessSettings, ServerSettings, split_listen
 from controller.admission import Quota, Quotas, parse_project_quotas, parse_quota
+from controller.images.egress import EgressPolicy, parse_networks
+from controller.images.fetch import FetchLimits
 
 # A thin overlay costs nothing until the guest writes, so sizes are claims, not usage: 1 TiB lets
 # a project run dozens of ordinary VMs (8-64 GiB disks) and refuses a typo's or an attacker's
@@ -140,6 +142,45 @@ class ControllerSettings(ProcessSettings):
     @property
     def ports(self) -> tuple[int, int]:
         return split_port_range(self.port_range)
+
+    # Image downloads: where they may connect, and how long and how many (docs/images.md).
+    image_fetch_allow_networks: str | None = Field(
+        default=None,
+        description="Networks (CIDR, comma-separated) image downloads may reach besides public "
+        "addresses, e.g. a local mirror's; loopback, private and link-local are refused otherwise",
+    )
+    image_download_deadline_seconds: float = Field(
+        default=21600.0, gt=0, description="The longest one image download may take, resumes aside"
+    )
+    image_download_min_kib_per_second: float = Field(
+        default=10.0, ge=0, description="Slower downloads (over each rate window) are cut; 0 disables"
+    )
+    image_download_rate_window_seconds: float = Field(
+        default=60.0, gt=0, description="The window the minimum download rate is measured over"
+    )
+    image_max_concurrent_downloads: int = Field(
+        default=4, ge=1, le=64, description="Image downloads running at once; the others wait"
+    )
+
+    @field_validator("image_fetch_allow_networks")
+    @classmethod
+    def _valid_allow_networks(cls, value: str | None) -> str | None:
+        parse_networks(value)
+        return value
+
+    @property
+    def image_egress(self) -> EgressPolicy:
+        return EgressPolicy(parse_networks(self.image_fetch_allow_networks))
+
+    @property
+    def image_fetch_limits(self) -> FetchLimits:
+        return FetchLimits(
+            max_bytes=int(self.image_max_gib * 2**30),
+            deadline=self.image_download_deadline_seconds,
+            min_bytes_per_second=int(self.image_download_min_kib_per_second * 1024),
+            rate_window=self.image_download_rate_window_seconds,
+            max_concurrent=self.image_max_concurrent_downloads,
+        )
 
 
 def split_port_range(text: str) -> tuple[int, int]:

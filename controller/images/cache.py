@@ -3,8 +3,11 @@
 Invariants:
 - A file in `sha256/` has the digest it is named by: only a verified download is renamed in
   (download.py), and nothing else writes there. Partial files live in `.downloads/`.
-- At most one download runs per digest, and one sidecar read per URL, however many VMs ask:
-  later callers join the running fetch as waiters, and every waiter is woken when it ends.
+- At most one fetch runs per (URL, digest), however many VMs ask: later callers join it as
+  waiters, and every waiter is woken when it ends. Fetches are keyed by the URL too, so one
+  spec's URL never serves, holds back or shows up in another spec's VM that names the same
+  digest from another URL; whichever installs the digest first ends the others.
+- At most `limits.max_concurrent` fetches transfer at once; the others wait for a slot.
 - `lookup` never touches the network: it answers from a stat() and what this process knows
   (fetches running, failures and their backoff, digests sidecars gave).
 - A failed fetch is not retried before its `retry_at` (per source, exponential, reset by a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import sqlite3
 from collections.abc import Callable
@@ -25,22 +29,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import aiohttp
 import structlog
+from aiohttp.abc import AbstractResolver
 
 from api.images import CACHE_DIR_NAME, CachedImage, RemoteImage, digest_problem, parse_sidecar
 from api.store.errors import StoreError
 from api.store.image_sources import ImageSources
 from controller.clock import Clock
-from controller.images.download import (
-    Downloader,
-    DownloadError,
-    DownloadRefused,
-    Job,
-    Progress,
-    open_session,
-    read_sidecar,
-)
+from controller.images.download import Downloader, Http, Job, Progress, read_sidecar
+from controller.images.egress import EgressPolicy
+from controller.images.fetch import DownloadError, DownloadRefused, FetchLimits, open_session
 from controller.model import ImageLookup, ImageState
 
 log = structlog.get_logger(__name__)
@@ -52,7 +50,8 @@ DELETING_SUFFIX = ".deleting"
 TOUCH_SECONDS = 60.0
 NOT_FOUND = "ImageNotFound"
 DOWNLOADING = "ImageDownloading"
-_URL_KEY = "url:"
+# A fetch's key: its URL, and the digest it downloads (None while its sidecar is read).
+FlightKey = tuple[str, str | None]
 
 
 @dataclass(eq=False, slots=True)
@@ -65,6 +64,9 @@ class _Flight:
     sources: set[RemoteImage]
     progress: Progress = field(default_factory=Progress)
     task: asyncio.Task[None] | None = None
+    transferring: bool = False
+    # Another URL installed this digest: the cancellation that follows is an end, not a stop.
+    superseded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,17 +86,16 @@ class ImageCache:
         tasks: asyncio.TaskGroup,
         wake: Callable[[str], None],
         clock: Clock,
-        max_bytes: int = 64 * 2**30,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
+        limits: FetchLimits | None = None,
+        egress: EgressPolicy | None = None,
+        resolver: AbstractResolver | None = None,
         retry_base: timedelta = timedelta(seconds=10),
         retry_cap: timedelta = timedelta(minutes=10),
     ) -> None:
         """`tasks` owns every fetch; `wake(uid)` is called for each waiter when its fetch ends.
 
-        `connect_timeout` and `read_timeout` bound each connection attempt and each socket
-        read; there is no total deadline (a large image on a slow link takes long, a stalled
-        one fails within `read_timeout`).
+        `limits` bound sizes, time and concurrency; `egress` says which addresses may be
+        connected to; `resolver` (tests) replaces the system's DNS, under the same checks.
         """
         self._images_dir = images_dir
         self._cache_dir = images_dir / CACHE_DIR_NAME
@@ -103,18 +104,19 @@ class ImageCache:
         self._tasks = tasks
         self._wake = wake
         self._clock = clock
-        self._max_bytes = max_bytes
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
+        self._limits = limits or FetchLimits()
+        self._egress = egress or EgressPolicy()
+        self._resolver = resolver
+        self._slots = asyncio.Semaphore(self._limits.max_concurrent)
         self._retry_base = retry_base
         self._retry_cap = retry_cap
         # url -> digest, as the URL's sidecar last said.
         self._remembered: dict[str, str] = {}
-        # By digest, and by "url:<url>" while the digest is not known yet; one flight may be
-        # under both keys.
-        self._flights: dict[str, _Flight] = {}
+        # By (url, digest), and by (url, None) while the digest is not known yet; one flight
+        # may be under both keys.
+        self._flights: dict[FlightKey, _Flight] = {}
         self._failures: dict[RemoteImage, _Failure] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._http: Http | None = None
         self._closed = False
         self._foreign_logged: set[str] = set()
 
@@ -137,16 +139,17 @@ class ImageCache:
         digest = self.digest_of(source)
         if digest is not None and self._is_cached(digest, touch=True):
             return ImageLookup(ImageState.READY, path=self.path_of(digest))
-        flight = self._flight_for(source, digest)
-        if flight is not None:
-            return ImageLookup(ImageState.FETCHING, reason=DOWNLOADING, message=_describe(flight))
         if isinstance(source, CachedImage):
+            # Not the download of some other spec's URL: that is none of this VM's business.
             return ImageLookup(
                 ImageState.MISSING,
                 reason=NOT_FOUND,
                 message=f"sha256:{source.digest} is not in the image cache ({source.path} in the"
                 " images dir); download it once through a URL disk with this sha256",
             )
+        flight = self._flight_for(source, digest)
+        if flight is not None:
+            return ImageLookup(ImageState.FETCHING, reason=DOWNLOADING, message=self._describe(flight))
         failure = self._failures.get(source)
         if failure is not None and self._clock.now() < failure.retry_at:
             return ImageLookup(
@@ -157,7 +160,7 @@ class ImageCache:
         )
 
     def fetch(self, source: RemoteImage, *, waiter: str) -> None:
-        """Start fetching `source`, or join the fetch of it (or of its digest) that runs.
+        """Start fetching `source`, or join the fetch of its URL (and digest) that runs.
         `wake(waiter)` is called when that fetch ends. Does nothing while a failure of this
         source waits for its retry time. Never raises."""
         if self._closed:
@@ -177,9 +180,10 @@ class ImageCache:
         self._start(_Flight(source, source.digest, {waiter}, {source}))
 
     async def collect_garbage(self, referenced: set[str], *, grace: timedelta) -> list[str]:
-        """Delete cached images not in `referenced` and unused for `grace`, stale partial
-        downloads, and what sidecars said of digests no longer cached. Returns the digests
-        deleted. Never deletes a digest being downloaded.
+        """Delete cached images not in `referenced` and unused for `grace`; partial downloads
+        of digests no longer referenced (their VMs are gone) or already cached, or not resumed
+        for `grace`; and what sidecars said of digests neither cached nor referenced. Returns
+        the digests deleted. Never deletes a digest, or a partial file, being downloaded.
 
         :raise OSError: the cache dir cannot be read.
         """
@@ -187,9 +191,9 @@ class ImageCache:
         # Decided and moved out of the cache without an await in between, so no lookup or
         # fetch can slip in between the check and the move.
         collected, doomed = self._doom_images(referenced, cutoff)
-        doomed += self._doom_downloads(cutoff)
+        doomed += self._doom_downloads(referenced, cutoff)
         await asyncio.to_thread(_unlink_all, doomed)
-        await self._forget_uncached()
+        await self._forget_uncached(referenced)
         return collected
 
     async def close(self) -> None:
@@ -200,17 +204,17 @@ class ImageCache:
             task.cancel()
         if running:
             await asyncio.wait(running.values())
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._http is not None:
+            await self._http.session.close()
+            self._http = None
 
     # ---- fetching ----------------------------------------------------------------------------
 
     def _start(self, flight: _Flight) -> None:
-        key = flight.digest or _URL_KEY + flight.source.url
+        key = (flight.source.url, flight.digest)
         coroutine = self._run(flight)
         try:
-            flight.task = self._tasks.create_task(coroutine, name=f"image-fetch-{key[:24]}")
+            flight.task = self._tasks.create_task(coroutine, name=f"image-fetch-{(flight.digest or '')[:12]}")
         except RuntimeError as err:  # the TaskGroup is shutting down: nothing may start
             coroutine.close()
             log.warning("image_fetch_not_started", url=flight.source.url, error=str(err))
@@ -221,12 +225,22 @@ class ImageCache:
         """The whole fetch. Catches everything but cancellation: a failed download must never
         tear down the TaskGroup, which is the controller's."""
         try:
-            await self._fetch(flight)
+            async with self._slots:
+                flight.transferring = True
+                await self._fetch(flight)
+        except asyncio.CancelledError:
+            if not flight.superseded:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
         except DownloadError as err:
-            self._fail(flight, err.reason, str(err))
+            self._fail(flight, err.reason, str(err), detail=err.detail)
         except Exception as err:  # a bug here must not stop the controller
             log.exception("image_fetch_crashed", url=flight.source.url, digest=flight.digest)
-            self._fail(flight, "ImageDownloadFailed", f"unexpected error fetching {flight.source.url}: {err}")
+            self._fail(
+                flight, "ImageDownloadFailed", f"{flight.source.url}: unexpected error", detail=repr(err)
+            )
         else:
             for source in flight.sources:
                 self._failures.pop(source, None)
@@ -237,24 +251,45 @@ class ImageCache:
 
     async def _fetch(self, flight: _Flight) -> None:
         digest = flight.digest or await self._resolve_for(flight)
-        if digest is None:
+        if digest is None or self._is_cached(digest, touch=False):
             return
         job = Job(
             url=flight.source.url,
             digest=digest,
-            partial=self._downloads_dir / (digest + PARTIAL_SUFFIX),
+            partial=self._downloads_dir / partial_name(flight.source.url, digest),
             target=self.path_of(digest),
-            max_bytes=self._max_bytes,
+            limits=self._limits,
+            room=lambda: self._room(flight),
+            from_sidecar=flight.source.digest is None,
         )
-        await Downloader(self._open_session(), monotonic=self._clock.monotonic).download(job, flight.progress)
+        await Downloader(self._open_http(), monotonic=self._clock.monotonic).download(job, flight.progress)
         # Installed: now is its first use (the flight still guards it from collection).
         self._is_cached(digest, touch=True)
+        self._supersede(flight, digest)
+
+    def _supersede(self, winner: _Flight, digest: str) -> None:
+        """End the other URLs' downloads of `digest`: their waiters find it cached."""
+        for flight in list(self._flights.values()):
+            if flight is not winner and flight.digest == digest and flight.task is not None:
+                flight.superseded = True
+                flight.task.cancel()
+
+    def _room(self, flight: _Flight) -> int:
+        """Free bytes in the downloads dir less what the other transfers still need."""
+        stat = os.statvfs(self._downloads_dir)
+        promised = sum(
+            max(0, (other.progress.total or 0) - other.progress.received)
+            for other in set(self._flights.values())
+            if other is not flight and other.transferring
+        )
+        return stat.f_bavail * stat.f_frsize - promised
 
     async def _resolve_for(self, flight: _Flight) -> str | None:
         """Read the sidecar; the digest to download, or None when those bytes are cached or
-        being downloaded already (then this flight's waiters wait on that download)."""
+        being downloaded from this URL already (then this flight's waiters wait on that)."""
+        url = flight.source.url
         digest = await self._resolve(flight.source)
-        joined = self._flights.get(digest)
+        joined = self._flights.get((url, digest))
         if joined is not None:
             # Its waiters are ours now, and later callers find it by the digest.
             joined.waiters |= flight.waiters
@@ -263,15 +298,15 @@ class ImageCache:
             self._land(flight)
         else:
             flight.digest = digest
-            self._flights[digest] = flight
-        await self._sources_remember(flight.source.url, digest)
+            self._flights[(url, digest)] = flight
+        await self._sources_remember(url, digest)
         if joined is not None or self._is_cached(digest, touch=False):
             return None
         return digest
 
     async def _resolve(self, source: RemoteImage) -> str:
         """The digest `source`'s sidecar gives. :raise DownloadError: unreadable or unusable."""
-        text = await read_sidecar(self._open_session(), source.sidecar_url)
+        text = await read_sidecar(self._open_http(), source.sidecar_url)
         digest = parse_sidecar(text, source.url)
         if digest is None:
             name = source.url.rstrip("/").rsplit("/", 1)[-1]
@@ -286,14 +321,11 @@ class ImageCache:
             # Known in memory for this run; after a restart the sidecar is read again.
             log.warning("image_source_not_stored", url=url, digest=digest, error=str(err))
 
-    def _fail(self, flight: _Flight, reason: str, message: str) -> None:
-        """Record the failure for the sources that used this URL; joined sources of the same
-        digest from other URLs stay free to try theirs."""
+    def _fail(self, flight: _Flight, reason: str, message: str, *, detail: str | None) -> None:
+        """Record the failure for the sources of this flight (all of its URL)."""
         now = self._clock.now()
         retry_in = self._retry_base
         for source in flight.sources:
-            if source.url != flight.source.url:
-                continue
             previous = self._failures.get(source)
             count = previous.count + 1 if previous else 1
             retry_in = min(self._retry_cap, self._retry_base * 2 ** min(count - 1, 32))
@@ -304,27 +336,40 @@ class ImageCache:
             digest=flight.digest,
             reason=reason,
             message=message,
+            detail=detail,
             retry_in=retry_in.total_seconds(),
         )
 
     def _land(self, flight: _Flight) -> None:
-        for key in (_URL_KEY + flight.source.url, flight.digest):
-            if key is not None and self._flights.get(key) is flight:
+        for key in ((flight.source.url, None), (flight.source.url, flight.digest)):
+            if self._flights.get(key) is flight:
                 del self._flights[key]
 
-    def _flight_for(self, source: CachedImage | RemoteImage, digest: str | None) -> _Flight | None:
-        if digest is not None and digest in self._flights:
-            return self._flights[digest]
-        if isinstance(source, RemoteImage) and source.digest is None:
-            return self._flights.get(_URL_KEY + source.url)
-        return None
+    def _flight_for(self, source: RemoteImage, digest: str | None) -> _Flight | None:
+        flight = self._flights.get((source.url, digest))
+        if flight is None and source.digest is None:
+            flight = self._flights.get((source.url, None))
+        return flight
 
-    def _open_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = open_session(
-                connect_timeout=self._connect_timeout, read_timeout=self._read_timeout
-            )
-        return self._session
+    def _digests_in_flight(self) -> set[str]:
+        return {flight.digest for flight in self._flights.values() if flight.digest is not None}
+
+    def _open_http(self) -> Http:
+        if self._http is None:
+            session = open_session(self._egress, self._limits, resolver=self._resolver)
+            self._http = Http(session, self._egress, self._limits)
+        return self._http
+
+    def _describe(self, flight: _Flight) -> str:
+        url = flight.source.url
+        if not flight.transferring:
+            return f"{url}: waiting for one of the {self._limits.max_concurrent} download slots"
+        if flight.digest is None:
+            return f"reading {flight.source.sidecar_url}"
+        progress = flight.progress
+        if progress.percent is not None and progress.total is not None:
+            return f"downloading {url}: {progress.percent}% of {_size(progress.total)}"
+        return f"downloading {url}: {_size(progress.received)} so far"
 
     def _is_cached(self, digest: str, *, touch: bool) -> bool:
         """Whether the cache holds `digest`; with `touch`, mark it used (at most once a minute,
@@ -350,7 +395,7 @@ class ImageCache:
             if digest_problem(name) is not None or not entry.is_file(follow_symlinks=False):
                 self._log_foreign(entry.path)
                 continue
-            if name in referenced or name in self._flights or _mtime(entry) > cutoff:
+            if name in referenced or name in self._digests_in_flight() or _mtime(entry) > cutoff:
                 continue
             trash = self._downloads_dir / (name + DELETING_SUFFIX)
             if _move(Path(entry.path), trash):
@@ -358,28 +403,39 @@ class ImageCache:
                 doomed.append(trash)
         return collected, doomed
 
-    def _doom_downloads(self, cutoff: float) -> list[Path]:
-        """Leftovers of interrupted deletions, and partial files nobody resumed for `grace`
+    def _doom_downloads(self, referenced: set[str], cutoff: float) -> list[Path]:
+        """Leftovers of interrupted deletions, and partial files no running download writes
+        that are useless (digest unreferenced or cached) or were not resumed for `grace`
         (renamed at once too, so a download starting meanwhile begins a file of its own)."""
+        writing = {
+            partial_name(flight.source.url, flight.digest)
+            for flight in self._flights.values()
+            if flight.digest is not None
+        }
         doomed: list[Path] = []
         for entry in _entries(self._downloads_dir):
             path = Path(entry.path)
             if entry.name.endswith(DELETING_SUFFIX):
                 doomed.append(path)
-            elif entry.name.endswith(PARTIAL_SUFFIX):
-                digest = entry.name.removesuffix(PARTIAL_SUFFIX)
+            elif entry.name.endswith(PARTIAL_SUFFIX) and entry.name not in writing:
+                digest = entry.name[:64]
+                useless = digest not in referenced or self._is_cached(digest, touch=False)
                 trash = path.with_name(entry.name + DELETING_SUFFIX)
-                if digest not in self._flights and _mtime(entry) <= cutoff and _move(path, trash):
+                if (useless or _mtime(entry) <= cutoff) and _move(path, trash):
                     doomed.append(trash)
         return doomed
 
-    async def _forget_uncached(self) -> None:
-        """Forget what sidecars said of digests neither cached nor downloading: such a row
-        would only spare a sidecar read, and a missing image reads its sidecar again anyway."""
+    async def _forget_uncached(self, referenced: set[str]) -> None:
+        """Forget what sidecars said of digests neither cached, referenced nor downloading:
+        such a row would only spare a sidecar read, and a missing image reads its sidecar again
+        anyway. A referenced one stays: it keeps that spec's partial file from collection."""
+        in_flight = self._digests_in_flight()
         stale = {
             digest
             for digest in set(self._remembered.values())
-            if digest not in self._flights and not self._is_cached(digest, touch=False)
+            if digest not in in_flight
+            and digest not in referenced
+            and not self._is_cached(digest, touch=False)
         }
         if not stale:
             return
@@ -398,13 +454,9 @@ class ImageCache:
             )
 
 
-def _describe(flight: _Flight) -> str:
-    if flight.digest is None:
-        return f"reading {flight.source.sidecar_url}"
-    progress = flight.progress
-    if progress.percent is not None and progress.total is not None:
-        return f"downloading {flight.source.url}: {progress.percent}% of {_size(progress.total)}"
-    return f"downloading {flight.source.url}: {_size(progress.received)} so far"
+def partial_name(url: str, digest: str) -> str:
+    """The partial file of one (URL, digest): two URLs of one digest never write one file."""
+    return f"{digest}-{hashlib.sha256(url.encode()).hexdigest()[:16]}{PARTIAL_SUFFIX}"
 
 
 def _size(count: int) -> str:

@@ -10,8 +10,10 @@ Invariants:
 - Bytes are stored as they come (`Accept-Encoding: identity`, no decompression): digests
   published next to images are digests of the file, as curl and wget would save it.
 
-Every request has a connect and a per-read deadline but no total one: a large image on a slow
-link may take hours, and a stalled one stops within `read_timeout`.
+Time is bounded three ways (fetch.FetchLimits): each connect and each read, the whole
+download (`deadline`), and the rate (`min_bytes_per_second` over each `rate_window`), so a
+server dripping bytes cannot hold a download, or a download slot, for long. A download that
+misses one keeps its partial file: the next attempt resumes it.
 """
 
 from __future__ import annotations
@@ -29,35 +31,27 @@ from typing import BinaryIO, ClassVar
 import aiohttp
 import structlog
 
+from controller.images.egress import EgressPolicy
+from controller.images.fetch import (
+    DownloadError,
+    DownloadFailed,
+    DownloadRefused,
+    FetchLimits,
+    body_problem,
+    check_status,
+    guarded_get,
+    paced_chunks,
+)
+
 log = structlog.get_logger(__name__)
 
 SIDECAR_MAX_BYTES = 64 * 1024
 # Bytes are written and hashed off the event loop in batches of this size: a write can block
 # for seconds under writeback throttling, and a thread hop per MiB costs nothing measurable.
 WRITE_BATCH_BYTES = 1024 * 1024
-READ_CHUNK_BYTES = 256 * 1024
 PROGRESS_LOG_SECONDS = 5.0
 FILE_MODE = 0o644
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-
-
-class DownloadError(Exception):
-    """A fetch that did not produce a verified file. `reason` is the condition reason to show.
-
-    Every kind is retried by the cache with backoff; none is worth retrying at once.
-    """
-
-    reason: ClassVar[str] = "ImageDownloadFailed"
-
-
-class DownloadFailed(DownloadError):
-    """The server, the network or the local disk failed (HTTP error, timeout, reset, disk full).
-    A partial file is kept for a resume."""
-
-
-class DownloadRefused(DownloadFailed):
-    """The image is larger than allowed, or the sidecar is unusable: retrying helps only once
-    the source or the setting changes. Nothing is kept."""
 
 
 class ChecksumMismatch(DownloadError):
@@ -86,34 +80,42 @@ class Job:
     digest: str
     partial: Path
     target: Path
-    max_bytes: int
+    limits: FetchLimits
+    # Bytes this download may still write to the partial's filesystem (free space, less what
+    # the other running downloads still need).
+    room: Callable[[], int]
+    # The digest came from `<url>.sha256`, not from the spec: a mismatch blames the sidecar.
+    from_sidecar: bool = False
 
 
-def open_session(*, connect_timeout: float, read_timeout: float) -> aiohttp.ClientSession:
-    """A session for image downloads. Call from a coroutine; close it when done."""
-    return aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout),
-        auto_decompress=False,
-        headers={"Accept-Encoding": "identity"},
-    )
+@dataclass(frozen=True, slots=True)
+class Http:
+    """What every request of the cache goes through."""
+
+    session: aiohttp.ClientSession
+    policy: EgressPolicy
+    limits: FetchLimits
 
 
-async def read_sidecar(session: aiohttp.ClientSession, url: str, *, limit: int = SIDECAR_MAX_BYTES) -> str:
-    """The text of a `.sha256` sidecar, at most `limit` bytes.
+async def read_sidecar(http: Http, url: str, *, limit: int = SIDECAR_MAX_BYTES) -> str:
+    """The text of a `.sha256` sidecar, at most `limit` bytes, within the download deadline.
 
-    :raise DownloadFailed: HTTP error, timeout or connection failure.
-    :raise DownloadRefused: the sidecar is larger than `limit`.
+    :raise DownloadFailed: HTTP error, timeout, too slow or connection failure.
+    :raise DownloadRefused: a refused address, or the sidecar is larger than `limit`.
     """
     body = bytearray()
     try:
-        async with session.get(url) as response:
-            _check_status(response, url)
-            async for chunk in response.content.iter_any():
+        async with (
+            asyncio.timeout(http.limits.deadline),
+            guarded_get(http.session, http.policy, url, limits=http.limits) as response,
+        ):
+            check_status(response, url)
+            async for chunk in paced_chunks(response, url, http.limits):
                 body += chunk
                 if len(body) > limit:
                     raise DownloadRefused(f"{url} is larger than {limit // 1024} KiB: not a sha256 sidecar")
     except (aiohttp.ClientError, TimeoutError) as err:
-        raise DownloadFailed(_network_problem(url, err)) from err
+        raise DownloadFailed(body_problem(url, err), detail=repr(err)) from err
     return body.decode("utf-8", errors="replace")
 
 
@@ -158,34 +160,34 @@ class _Partial:
 
 
 class Downloader:
-    """Runs `Job`s on one session. `monotonic` paces the progress log."""
+    """Runs `Job`s through one `Http`. `monotonic` paces the progress log."""
 
-    def __init__(self, session: aiohttp.ClientSession, *, monotonic: Callable[[], float]) -> None:
-        self._session = session
+    def __init__(self, http: Http, *, monotonic: Callable[[], float]) -> None:
+        self._http = http
         self._monotonic = monotonic
 
     async def download(self, job: Job, progress: Progress) -> None:
         """Download `job.url` into `job.target`, resuming a partial file when there is one.
 
-        :raise DownloadFailed: HTTP error, network failure or timeout, local disk full; the
-            partial file is kept for a resume.
-        :raise DownloadRefused: larger than `job.max_bytes`; nothing is kept.
+        :raise DownloadFailed: HTTP error, network failure, timeout, too slow, past the
+            deadline, too little free space, local disk full; the partial file is kept.
+        :raise DownloadRefused: a refused address, larger than the limit; nothing is kept.
         :raise ChecksumMismatch: the complete file has another digest; nothing is kept.
         """
         partial = _Partial(job.partial)
         try:
             await _in_thread(partial.rehash)
-            if partial.size > job.max_bytes:
+            if partial.size > job.limits.max_bytes:
                 partial.restart()
             started, start_size = self._monotonic(), partial.size
             if partial.size == 0 or partial.hasher.hexdigest() != job.digest:
-                await self._transfer(job, partial, progress)
+                await self._transfer_in_time(job, partial, progress)
             await self._verify_and_install(job, partial)
         except DownloadRefused:
             partial.discard()
             raise
         except OSError as err:
-            raise DownloadFailed(_disk_problem(job, err)) from err
+            raise DownloadFailed(_disk_problem(job, err), detail=repr(err)) from err
         finally:
             partial.close()
             if partial.size == 0:  # nothing to resume from (a 404, a refused connection)
@@ -199,38 +201,51 @@ class Downloader:
             seconds=round(self._monotonic() - started, 3),
         )
 
+    async def _transfer_in_time(self, job: Job, partial: _Partial, progress: Progress) -> None:
+        deadline = job.limits.deadline
+        try:
+            async with asyncio.timeout(deadline):
+                await self._transfer(job, partial, progress)
+        except TimeoutError as err:  # only the deadline's: _transfer maps the others
+            raise DownloadFailed(
+                f"{job.url}: not downloaded within {deadline:g} s (image_download_deadline_seconds);"
+                " what arrived is kept to resume from"
+            ) from err
+
     async def _transfer(self, job: Job, partial: _Partial, progress: Progress) -> None:
         try:
             if not await self._request(job, partial, progress, resume=partial.size > 0):
                 # The server cannot serve the rest of this partial file: start over.
                 partial.restart()
                 await self._request(job, partial, progress, resume=False)
-        except aiohttp.ClientPayloadError as err:
-            raise DownloadFailed(
-                f"{job.url}: the connection ended early; {partial.size} bytes are kept to resume from"
-            ) from err
         except (aiohttp.ClientError, TimeoutError) as err:
-            raise DownloadFailed(_network_problem(job.url, err)) from err
+            raise DownloadFailed(body_problem(job.url, err), detail=repr(err)) from err
 
     async def _request(self, job: Job, partial: _Partial, progress: Progress, *, resume: bool) -> bool:
-        """One GET; False when a resume was asked for and the reply cannot continue it."""
+        """One GET (and its redirects); False when a resume was asked for and the reply cannot
+        continue it."""
         headers = {"Range": f"bytes={partial.size}-"} if resume else {}
-        async with self._session.get(job.url, headers=headers) as response:
+        http = self._http
+        async with guarded_get(
+            http.session, http.policy, job.url, limits=job.limits, headers=headers
+        ) as response:
             if resume and response.status == 416:
                 return False
-            _check_status(response, job.url)
+            check_status(response, job.url)
             total = _expected_total(response, partial.size if resume else 0)
             if total is None:
                 return False
             if response.status == 200 and partial.size:
                 partial.restart()  # the server ignored Range and sends the whole file
             size = total if total >= 0 else None
-            if size is not None and size > job.max_bytes:
-                raise DownloadRefused(_too_large(job, size))
+            if size is not None:
+                _check_size(job, size - partial.size, size)
             progress.total, progress.received = size, partial.size
             await self._receive(job, partial, response, progress)
             if size is not None and partial.size != size:
-                raise DownloadFailed(f"{job.url}: the body ended after {partial.size} of {size} bytes")
+                raise DownloadFailed(
+                    f"{job.url}: the body ended before its announced length; what arrived is kept"
+                )
         return True
 
     async def _receive(
@@ -240,9 +255,9 @@ class Downloader:
         started = last_log = self._monotonic()
         start_size = partial.size
         try:
-            async for chunk in response.content.iter_chunked(READ_CHUNK_BYTES):
-                if partial.size + len(batch) + len(chunk) > job.max_bytes:
-                    raise DownloadRefused(_too_large(job, None))
+            async for chunk in paced_chunks(response, job.url, job.limits):
+                if partial.size + len(batch) + len(chunk) > job.limits.max_bytes:
+                    raise DownloadRefused(_too_large(job))
                 batch += chunk
                 if len(batch) >= WRITE_BATCH_BYTES:
                     await _in_thread(partial.append, bytes(batch))
@@ -252,7 +267,9 @@ class Downloader:
                 if now - last_log >= PROGRESS_LOG_SECONDS:
                     last_log = now
                     _log_progress(job, progress, rate=(partial.size - start_size) / (now - started))
-        except (aiohttp.ClientError, TimeoutError):
+        except DownloadRefused:
+            raise
+        except (aiohttp.ClientError, TimeoutError, DownloadFailed):
             # What arrived before the failure is good data: keep it for the resume.
             if batch:
                 await _in_thread(partial.append, bytes(batch))
@@ -263,11 +280,14 @@ class Downloader:
         progress.received = partial.size
 
     async def _verify_and_install(self, job: Job, partial: _Partial) -> None:
-        actual = partial.hasher.hexdigest()
-        if actual != job.digest:
+        if partial.hasher.hexdigest() != job.digest:
             partial.discard()
+            # Neither digest is shown when the sidecar gave it: both would be read-back of
+            # what a server sent.
+            expected = "the sha256 its sidecar gives" if job.from_sidecar else f"sha256 {job.digest}"
             raise ChecksumMismatch(
-                f"{job.url} has sha256 {actual}, expected {job.digest}; nothing was cached"
+                f"{job.url}: the downloaded file does not match {expected}; nothing was cached",
+                detail=f"actual sha256 {partial.hasher.hexdigest()}",
             )
         await _in_thread(_install, partial, job)
 
@@ -298,14 +318,6 @@ def _install(partial: _Partial, job: Job) -> None:
         os.close(directory)
 
 
-def _check_status(response: aiohttp.ClientResponse, url: str) -> None:
-    """:raise DownloadFailed: anything but 200 or 206 (after redirects were followed)."""
-    if response.status not in (200, 206):
-        # The asked-for URL, not response.url: a redirect target may carry a signed token.
-        status = f"{response.status} {response.reason}" if response.reason else str(response.status)
-        raise DownloadFailed(f"HTTP {status} from {url}")
-
-
 def _expected_total(response: aiohttp.ClientResponse, offset: int) -> int | None:
     """The whole file's size (-1 when unknown), or None when a 206 does not start at `offset`."""
     if response.status == 200:
@@ -328,18 +340,28 @@ def _log_progress(job: Job, progress: Progress, *, rate: float) -> None:
     )
 
 
-def _too_large(job: Job, size: int | None) -> str:
-    what = f"is {size} bytes" if size is not None else "is larger than that"
-    return f"{job.url}: an image may have at most {job.max_bytes} bytes (image_max_gib); this one {what}"
+def _check_size(job: Job, remaining: int, size: int) -> None:
+    """Before any byte of the body: refuse what is too large, wait for room for what is not."""
+    if size > job.limits.max_bytes:
+        raise DownloadRefused(_too_large(job))
+    room = job.room()
+    if remaining > room:
+        raise DownloadFailed(
+            f"{job.url}: the images dir has too little free space for this image ({_mib(room)} MiB"
+            " usable); free some, the download is retried",
+            detail=f"{remaining} bytes to go",
+        )
 
 
-def _network_problem(url: str, err: BaseException) -> str:
-    if isinstance(err, TimeoutError):
-        return f"{url}: no answer in time ({type(err).__name__})"
-    return f"{url}: {type(err).__name__}: {err}" if str(err) else f"{url}: {type(err).__name__}"
+def _mib(count: int) -> int:
+    return max(0, count) // 2**20
+
+
+def _too_large(job: Job) -> str:
+    return f"{job.url}: refused: an image may have at most {job.limits.max_bytes} bytes (image_max_gib)"
 
 
 def _disk_problem(job: Job, err: OSError) -> str:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left for {job.url} in {job.partial.parent}: free some, the download resumes"
-    return f"writing {job.url} to {job.partial} failed: {err}"
+        return f"{job.url}: no space left in the images dir: free some, the download resumes"
+    return f"{job.url}: writing into the images dir failed: {err.strerror or type(err).__name__}"

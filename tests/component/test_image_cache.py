@@ -6,206 +6,38 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-
-import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from api.images import CachedImage, RemoteImage
 from api.store import Database
 from api.store.image_sources import ImageSources
 from controller.clock import ManualClock
 from controller.images import ImageCache
-from controller.model import ImageLookup, ImageState
-
-IMAGE = os.urandom(3 * 1024 * 1024 + 123)
-DIGEST = hashlib.sha256(IMAGE).hexdigest()
-OTHER_DIGEST = hashlib.sha256(b"something else").hexdigest()
-WAIT_SECONDS = 10.0
-POLL_SECONDS = 0.01
-
-
-@dataclass
-class ImageServer:
-    """Serves IMAGE at /disk.img (and a sidecar) and counts what it was asked."""
-
-    body: bytes = IMAGE
-    sidecar: str = f"{DIGEST}  disk.img\n"
-    status: int = 200
-    honour_range: bool = True
-    chunked: bool = False
-    # Send this many bytes of the next response, then drop the connection.
-    cut_after: int | None = None
-    # Send this many bytes, then stall until `release` is set.
-    stall_after: int | None = None
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    image_gets: int = 0
-    sidecar_gets: int = 0
-    ranges: list[str | None] = field(default_factory=list)
-    url: str = ""
-
-    async def image(self, request: web.Request) -> web.StreamResponse:
-        self.image_gets += 1
-        self.ranges.append(request.headers.get("Range"))
-        if self.status != 200:
-            return web.Response(status=self.status)
-        start = self._range_start(request)
-        body = self.body[start:]
-        response = web.StreamResponse(status=206 if start else 200)
-        if start:
-            response.headers["Content-Range"] = f"bytes {start}-{len(self.body) - 1}/{len(self.body)}"
-        if self.chunked:
-            response.enable_chunked_encoding()
-        else:
-            response.content_length = len(body)
-        await response.prepare(request)
-        if self.cut_after is not None:
-            await response.write(body[: self.cut_after])
-            self.cut_after = None
-            assert request.transport is not None
-            request.transport.close()
-            return response
-        if self.stall_after is not None:
-            await response.write(body[: self.stall_after])
-            await self.release.wait()
-            body = body[self.stall_after :]
-        await response.write(body)
-        await response.write_eof()
-        return response
-
-    async def sidecar_file(self, request: web.Request) -> web.Response:
-        self.sidecar_gets += 1
-        return web.Response(text=self.sidecar)
-
-    def _range_start(self, request: web.Request) -> int:
-        header = request.headers.get("Range")
-        if not self.honour_range or header is None:
-            return 0
-        return int(header.removeprefix("bytes=").rstrip("-"))
-
-
-@dataclass
-class Woken:
-    uids: list[str] = field(default_factory=list)
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __call__(self, uid: str) -> None:
-        self.uids.append(uid)
-        self.event.set()
-
-    async def wait(self) -> None:
-        await asyncio.wait_for(self.event.wait(), WAIT_SECONDS)
-        self.event.clear()
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[ImageServer]:
-    image_server = ImageServer()
-    app = web.Application()
-    app.router.add_get("/disk.img", image_server.image)
-    app.router.add_get("/disk.img.sha256", image_server.sidecar_file)
-    test_server = TestServer(app, host="127.0.0.1")
-    await test_server.start_server()
-    image_server.url = str(test_server.make_url("/disk.img"))
-    yield image_server
-    image_server.release.set()
-    await test_server.close()
-
-
-@pytest.fixture
-def manual_clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def images_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "images"
-    path.mkdir()
-    return path
-
-
-CacheFactory = Callable[..., Awaitable[ImageCache]]
-
-
-@pytest.fixture
-async def tasks() -> AsyncIterator[asyncio.TaskGroup]:
-    async with asyncio.TaskGroup() as group:
-        yield group
-
-
-@pytest.fixture
-async def woken() -> Woken:
-    return Woken()
-
-
-@pytest.fixture
-async def make_cache(
-    db: Database, images_dir: Path, tasks: asyncio.TaskGroup, woken: Woken, manual_clock: ManualClock
-) -> AsyncIterator[CacheFactory]:
-    made: list[ImageCache] = []
-
-    async def make(*, max_bytes: int = 64 * 2**30) -> ImageCache:
-        cache = ImageCache(
-            images_dir=images_dir,
-            sources=ImageSources(db),
-            tasks=tasks,
-            wake=woken,
-            clock=manual_clock,
-            max_bytes=max_bytes,
-            connect_timeout=2.0,
-            read_timeout=2.0,
-        )
-        await cache.load()
-        made.append(cache)
-        return cache
-
-    yield make
-    for cache in made:
-        await cache.close()
-
-
-@pytest.fixture
-async def cache(make_cache: CacheFactory) -> ImageCache:
-    return await make_cache()
-
-
-def remote(server: ImageServer, digest: str | None = DIGEST) -> RemoteImage:
-    return RemoteImage(server.url, digest)
-
-
-async def fetched(cache: ImageCache, woken: Woken, source: RemoteImage, waiter: str = "vm-1") -> ImageLookup:
-    cache.fetch(source, waiter=waiter)
-    await woken.wait()
-    return cache.lookup(source)
-
-
-def cached_files(images_dir: Path) -> list[str]:
-    cache_dir = images_dir / "sha256"
-    return sorted(path.name for path in cache_dir.iterdir()) if cache_dir.exists() else []
-
-
-def partials(images_dir: Path) -> list[Path]:
-    downloads = images_dir / ".downloads"
-    return sorted(downloads.iterdir()) if downloads.exists() else []
-
-
-def has_partial_bytes(images_dir: Path) -> bool:
-    found = partials(images_dir)
-    return bool(found) and found[0].stat().st_size > 0
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll a condition the server's progress makes true (there is no event to wait on)."""
-    for _ in range(int(WAIT_SECONDS / POLL_SECONDS)):
-        if condition():
-            return
-        await asyncio.sleep(POLL_SECONDS)
-    raise AssertionError(f"not true within {WAIT_SECONDS} s")
-
+from controller.images.cache import partial_name
+from controller.model import ImageState
+from tests.component.image_support import (
+    DIGEST,
+    IMAGE,
+    OTHER_DIGEST,
+    WAIT_SECONDS,
+    CacheFactory,
+    ImageServer,
+    Woken,
+    cached_files,
+    fetched,
+    has_partial_bytes,
+    partials,
+    remote,
+    wait_until,
+)
+from tests.component.image_support import cache as cache  # fixtures, re-exported for pytest
+from tests.component.image_support import images_dir as images_dir
+from tests.component.image_support import make_cache as make_cache
+from tests.component.image_support import manual_clock as manual_clock
+from tests.component.image_support import server as server
+from tests.component.image_support import tasks as tasks
+from tests.component.image_support import woken as woken
 
 # ---- downloads ------------------------------------------------------------------------------
 
@@ -259,14 +91,16 @@ async def test_a_sha256_image_not_in_the_cache_is_missing(cache: ImageCache) -> 
 async def test_a_checksum_mismatch_caches_nothing_and_retries_after_backoff(
     cache: ImageCache, server: ImageServer, woken: Woken, images_dir: Path, manual_clock: ManualClock
 ) -> None:
-    """Wrong bytes: FAILED ImageChecksumMismatch naming both digests, nothing kept, no GET
-    before retry_at, and a fetch after it works."""
+    """Wrong bytes: FAILED ImageChecksumMismatch naming the spec's digest but not the digest of
+    what the server sent, nothing kept, no GET before retry_at, and a fetch after it works."""
     server.body = b"not the image" * 1000
     lookup = await fetched(cache, woken, remote(server))
     assert (lookup.state, lookup.reason) == (ImageState.FAILED, "ImageChecksumMismatch")
-    assert DIGEST in lookup.message
-    assert hashlib.sha256(server.body).hexdigest() in lookup.message
-    assert server.url in lookup.message
+    assert (
+        lookup.message
+        == f"{server.url}: the downloaded file does not match sha256 {DIGEST}; nothing was cached"
+    )
+    assert hashlib.sha256(server.body).hexdigest() not in lookup.message
     assert lookup.retry_at == manual_clock.now() + timedelta(seconds=10)
     assert cached_files(images_dir) == []
     assert partials(images_dir) == []
@@ -297,11 +131,12 @@ async def test_backoff_doubles_and_resets_on_success(
 async def test_http_404_fails_with_the_status(
     cache: ImageCache, server: ImageServer, woken: Woken, images_dir: Path
 ) -> None:
-    """A 404 is FAILED, ImageDownloadFailed, and the message says HTTP 404 and the URL."""
+    """A 404 is FAILED, ImageDownloadFailed, and the message gives the status class and the URL,
+    not the status line (whose reason phrase the server chose)."""
     server.status = 404
     lookup = await fetched(cache, woken, remote(server))
     assert (lookup.state, lookup.reason) == (ImageState.FAILED, "ImageDownloadFailed")
-    assert f"HTTP 404 Not Found from {server.url}" in lookup.message
+    assert lookup.message == f"{server.url}: HTTP error 4xx"
     assert partials(images_dir) == []
 
 
@@ -326,7 +161,7 @@ async def test_an_interrupted_download_resumes_with_a_range_request(
     assert (lookup.state, lookup.reason) == (ImageState.FAILED, "ImageDownloadFailed")
     assert cached_files(images_dir) == []
     [partial] = partials(images_dir)
-    assert partial.name == f"{DIGEST}.partial"
+    assert partial.name == partial_name(server.url, DIGEST)
     kept = partial.stat().st_size
     assert 0 < kept <= half
 
@@ -357,7 +192,7 @@ async def test_a_complete_partial_is_installed_without_a_download(
     verified and installed without asking the server."""
     downloads = images_dir / ".downloads"
     downloads.mkdir()
-    (downloads / f"{DIGEST}.partial").write_bytes(IMAGE)
+    (downloads / partial_name(server.url, DIGEST)).write_bytes(IMAGE)
     assert (await fetched(cache, woken, remote(server))).state is ImageState.READY
     assert server.image_gets == 0
 
@@ -396,7 +231,7 @@ async def test_close_cancels_a_running_download_and_keeps_the_partial(
     assert (lookup.state, lookup.reason) == (ImageState.FETCHING, "ImageDownloading")
     assert "% of 3.0 MiB" in lookup.message
     await asyncio.wait_for(cache.close(), WAIT_SECONDS)
-    assert [path.name for path in partials(images_dir)] == [f"{DIGEST}.partial"]
+    assert [path.name for path in partials(images_dir)] == [partial_name(server.url, DIGEST)]
     assert cached_files(images_dir) == []
     assert woken.uids == []
     cache.fetch(remote(server), waiter="vm-2")  # closed: starts nothing, raises nothing
