@@ -269,8 +269,9 @@ class Downloader:
                     _log_progress(job, progress, rate=(partial.size - start_size) / (now - started))
         except DownloadRefused:
             raise
-        except (aiohttp.ClientError, TimeoutError, DownloadFailed):
-            # What arrived before the failure is good data: keep it for the resume.
+        except (aiohttp.ClientError, TimeoutError, DownloadFailed, asyncio.CancelledError):
+            # What arrived before the failure (or the deadline, or a stop) is good data: keep
+            # it for the resume.
             if batch:
                 await _in_thread(partial.append, bytes(batch))
                 progress.received = partial.size

@@ -4,6 +4,7 @@ a cache factory with test-sized limits, and waiting helpers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestServer
 
 from api.images import RemoteImage
@@ -28,6 +30,8 @@ OTHER_DIGEST = hashlib.sha256(b"something else").hexdigest()
 WAIT_SECONDS = 10.0
 TEST_LIMITS: dict[str, Any] = {"connect_timeout": 2.0, "read_timeout": 2.0}
 POLL_SECONDS = 0.01
+# The loopback image server stands for a local mirror, allowed as an operator would allow one.
+LOOPBACK_MIRROR = EgressPolicy(parse_networks("127.0.0.1/32"))
 
 
 @dataclass
@@ -44,6 +48,8 @@ class ImageServer:
     # Send this many bytes, then stall until `release` is set.
     stall_after: int | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    # Send the body in pieces of this many bytes, this many seconds apart (a slow link).
+    drip: tuple[int, float] | None = None
     image_gets: int = 0
     sidecar_gets: int = 0
     ranges: list[str | None] = field(default_factory=list)
@@ -74,6 +80,12 @@ class ImageServer:
             await response.write(body[: self.stall_after])
             await self.release.wait()
             body = body[self.stall_after :]
+        if self.drip is not None:
+            size, pause = self.drip
+            while len(body) > size:
+                await response.write(body[:size])
+                body = body[size:]
+                await asyncio.sleep(pause)
         await response.write(body)
         await response.write_eof()
         return response
@@ -103,8 +115,9 @@ class Woken:
         self.event.clear()
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[ImageServer]:
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[ImageServer]:
+    """An ImageServer listening on 127.0.0.1."""
     image_server = ImageServer()
     app = web.Application()
     app.router.add_get("/disk.img", image_server.image)
@@ -112,9 +125,17 @@ async def server() -> AsyncIterator[ImageServer]:
     test_server = TestServer(app, host="127.0.0.1")
     await test_server.start_server()
     image_server.url = str(test_server.make_url("/disk.img"))
-    yield image_server
-    image_server.release.set()
-    await test_server.close()
+    try:
+        yield image_server
+    finally:
+        image_server.release.set()
+        await test_server.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[ImageServer]:
+    async with serving() as image_server:
+        yield image_server
 
 
 @pytest.fixture
@@ -149,16 +170,23 @@ async def make_cache(
 ) -> AsyncIterator[CacheFactory]:
     made: list[ImageCache] = []
 
-    async def make(*, max_bytes: int = 64 * 2**30, **limits: Any) -> ImageCache:
+    async def make(
+        *,
+        max_bytes: int = 64 * 2**30,
+        egress: EgressPolicy = LOOPBACK_MIRROR,
+        resolver: AbstractResolver | None = None,
+        directory: Path | None = None,
+        **limits: Any,
+    ) -> ImageCache:
         cache = ImageCache(
-            images_dir=images_dir,
+            images_dir=directory or images_dir,
             sources=ImageSources(db),
             tasks=tasks,
             wake=woken,
             clock=manual_clock,
             limits=FetchLimits(max_bytes=max_bytes, **{**TEST_LIMITS, **limits}),
-            # The loopback image server is a local mirror: allowed by the operator's setting.
-            egress=EgressPolicy(parse_networks("127.0.0.1/32")),
+            egress=egress,
+            resolver=resolver,
         )
         await cache.load()
         made.append(cache)
