@@ -127,7 +127,7 @@ async def mirror(internal: Internal) -> AsyncIterator[Mirror]:
 
 
 @pytest.fixture
-async def connects(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Connects]:
+async def connects(monkeypatch: pytest.MonkeyPatch) -> Connects:
     """Record socket connects; refuse (without sending anything) any to a non-loopback address."""
     loop = asyncio.get_running_loop()
     original = loop.sock_connect
