@@ -42,17 +42,25 @@ _VDA_BLOCKS_RE = re.compile(r"\[vda\] (\d+) 512-byte logical blocks")
 
 
 class ImageServer:
-    """A loopback HTTP server for one image and its .sha256 sidecar, counting GETs by path."""
+    """A loopback HTTP server for one image and its .sha256 sidecar, counting GETs by path;
+    `redirects` maps a path to the Location it answers 302 with."""
 
-    def __init__(self, image: bytes) -> None:
+    def __init__(self, image: bytes, *, host: str = "127.0.0.1") -> None:
         self.image = image
         self.digest = hashlib.sha256(image).hexdigest()
         self.gets: Counter[str] = Counter()
+        self.redirects: dict[str, str] = {}
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.gets[self.path] += 1
+                if self.path in owner.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", owner.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path == "/rootfs.raw":
                     body = owner.image
                 elif self.path == "/rootfs.raw.sha256":
@@ -68,8 +76,8 @@ class ImageServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -85,6 +93,11 @@ def image_server(guest_images: Path) -> Iterator[ImageServer]:
         yield server
     finally:
         server.close()
+
+
+# The loopback image servers stand for a local mirror, which an operator allows by network:
+# image downloads refuse loopback addresses otherwise.
+MIRROR_ARGS = ("--image-fetch-allow-networks", "127.0.0.1/32")
 
 
 def declare(server: ServerProcess, serial: int, vms: dict[str, dict[str, Any]]) -> None:
@@ -138,7 +151,7 @@ def test_vms_boot_from_a_downloaded_image_fetched_once(
     """Two VMs name one URL (one with its sha256, one reading the sidecar): one download, verified,
     cached by digest; each root disk is a qcow2 overlay on the cached file; both guests boot."""
     host = make_vm_host()
-    server = host.start("serve")
+    server = host.start("serve", extra_args=MIRROR_ARGS)
     url = f"{image_server.url}/rootfs.raw"
     declare(
         server,
@@ -187,7 +200,7 @@ def test_a_compressed_qcow2_image_stays_compressed_in_the_cache_and_boots(
     image_server = ImageServer(compressed.read_bytes())
     try:
         host = make_vm_host()
-        server = host.start("serve")
+        server = host.start("serve", extra_args=MIRROR_ARGS)
         declare(server, 1, {"squeezed": root_disk_vm({"image": f"{image_server.url}/rootfs.raw"})})
         vm = host.wait_vm(PROJECT, "squeezed", is_running_current, what="Running", timeout=120)
         assert guest_name(vm) == "squeezed"
@@ -201,21 +214,25 @@ def test_a_compressed_qcow2_image_stays_compressed_in_the_cache_and_boots(
 
 
 def test_a_checksum_mismatch_is_a_condition_and_caches_nothing(make_vm_host: MakeVmHost) -> None:
-    """Wrong digest: Ready=False reason=ImageChecksumMismatch naming both digests, nothing cached,
-    no disk made. The right digest in a new apply: downloaded, cached, the disk made on it."""
+    """Wrong digest: Ready=False reason=ImageChecksumMismatch naming the spec's digest (not the
+    served file's: that would read back what a server sent), nothing cached, no disk made. The
+    right digest in a new apply: downloaded, cached, the disk made on it."""
     # Bytes of this test's own: the session's images dir may cache other tests' images.
     image_server = ImageServer(os.urandom(256 * 1024))
     try:
         host = make_vm_host()
-        server = host.start("serve")
+        server = host.start("serve", extra_args=MIRROR_ARGS)
         url = f"{image_server.url}/rootfs.raw"
         wrong = "0" * 64
         declare(server, 1, {"bad": root_disk_vm({"image": url, "sha256": wrong})})
         vm = host.wait_vm(PROJECT, "bad", has_ready_reason("ImageChecksumMismatch"), what="checksum mismatch")
         assert vm["status"]["phase"] == "Pending"
         message = condition(vm, "Ready")["message"]
-        assert wrong in message
-        assert image_server.digest in message
+        assert (
+            message
+            == f"disk 'root': {url}: the downloaded file does not match sha256 {wrong}; nothing was cached"
+        )
+        assert image_server.digest not in message
         cached = host.images_dir / "sha256" / image_server.digest
         assert not (host.images_dir / "sha256" / wrong).exists()
         assert not cached.exists()
@@ -328,3 +345,45 @@ def test_stop_vms_on_exit_powers_guests_down_and_the_next_start_boots_them(make_
     guest_name(again)
     assert again["status"]["lastExit"]["reason"] == "stopped-by-controller"
     assert (again["status"]["restarts"], again["status"]["failures"]) == (0, 0)
+
+
+def test_image_urls_to_internal_addresses_are_refused_and_nothing_is_read_back(
+    make_vm_host: MakeVmHost, tmp_path: Path
+) -> None:
+    """The audit's SSRF, end to end: with only a mirror on 127.0.0.2 allowed, a URL naming the
+    server's own API, a name resolving to loopback, and a mirror redirecting to an internal
+    server are all refused before any connect. The internal server gets no request; no
+    condition or event carries its port, its status or its contents."""
+    internal = ImageServer(b"internal secret " * 64)
+    mirror = ImageServer(b"mirror image", host="127.0.0.2")
+    secret_url = f"{internal.url}/rootfs.raw"
+    mirror.redirects["/rootfs.raw"] = secret_url
+    try:
+        host = make_vm_host()
+        server = host.start("serve", extra_args=("--image-fetch-allow-networks", "127.0.0.2/32"))
+        internal_port = internal.url.rsplit(":", 1)[1]
+        urls = {
+            "api": f"{server.url}/api/v1/projects/{PROJECT}/vms",
+            "by-name": f"http://localhost:{internal_port}/rootfs.raw",
+            "redirected": f"{mirror.url}/rootfs.raw",
+        }
+        declare(server, 1, {name: root_disk_vm({"image": url}) for name, url in urls.items()})
+        for name, url in urls.items():
+            vm = host.wait_vm(PROJECT, name, has_ready_reason("ImageDownloadFailed"), what=f"{name} refused")
+            message = condition(vm, "Ready")["message"]
+            assert message.startswith(f"disk 'root': {url}"), message  # or its .sha256
+            assert ": refused: " in message, message
+            shown = json.dumps(vm) + json.dumps(events_of(host, name))
+            for leak in ("HTTP 401", "Unauthorized", "internal secret", internal.digest):
+                assert leak not in shown, (name, leak)
+        redirected = json.dumps(host.vm(PROJECT, "redirected")) + json.dumps(events_of(host, "redirected"))
+        assert f":{internal_port}" not in redirected, "the redirect target is not shown"
+        assert sum(internal.gets.values()) == 0
+        assert mirror.gets["/rootfs.raw.sha256"] >= 1
+    finally:
+        internal.close()
+        mirror.close()
+
+
+def events_of(host: VmHost, name: str) -> list[Any]:
+    return host.sql("SELECT reason, message FROM events WHERE project = ? AND vm_name = ?", PROJECT, name)
