@@ -39,6 +39,7 @@ from controller.clock import Clock
 from controller.images.download import Downloader, Http, Job, Progress, read_sidecar
 from controller.images.egress import EgressPolicy
 from controller.images.fetch import DownloadError, DownloadRefused, FetchLimits, open_session
+from controller.images.files import entries, move, mtime, unlink_all
 from controller.model import ImageLookup, ImageState
 
 log = structlog.get_logger(__name__)
@@ -192,7 +193,7 @@ class ImageCache:
         # fetch can slip in between the check and the move.
         collected, doomed = self._doom_images(referenced, cutoff)
         doomed += self._doom_downloads(referenced, cutoff)
-        await asyncio.to_thread(_unlink_all, doomed)
+        await asyncio.to_thread(unlink_all, doomed)
         await self._forget_uncached(referenced)
         return collected
 
@@ -376,11 +377,11 @@ class ImageCache:
         so lookups on every reconcile cost a stat, not a write)."""
         path = self.path_of(digest)
         try:
-            mtime = path.stat().st_mtime
+            used_at = path.stat().st_mtime
         except OSError:
             return False
         now = self._clock.now().timestamp()
-        if touch and abs(now - mtime) >= TOUCH_SECONDS:
+        if touch and abs(now - used_at) >= TOUCH_SECONDS:
             with contextlib.suppress(OSError):
                 os.utime(path, (now, now))
         return True
@@ -390,15 +391,15 @@ class ImageCache:
     def _doom_images(self, referenced: set[str], cutoff: float) -> tuple[list[str], list[Path]]:
         collected: list[str] = []
         doomed: list[Path] = []
-        for entry in _entries(self._cache_dir):
+        for entry in entries(self._cache_dir):
             name = entry.name
             if digest_problem(name) is not None or not entry.is_file(follow_symlinks=False):
                 self._log_foreign(entry.path)
                 continue
-            if name in referenced or name in self._digests_in_flight() or _mtime(entry) > cutoff:
+            if name in referenced or name in self._digests_in_flight() or mtime(entry) > cutoff:
                 continue
             trash = self._downloads_dir / (name + DELETING_SUFFIX)
-            if _move(Path(entry.path), trash):
+            if move(Path(entry.path), trash):
                 collected.append(name)
                 doomed.append(trash)
         return collected, doomed
@@ -413,7 +414,7 @@ class ImageCache:
             if flight.digest is not None
         }
         doomed: list[Path] = []
-        for entry in _entries(self._downloads_dir):
+        for entry in entries(self._downloads_dir):
             path = Path(entry.path)
             if entry.name.endswith(DELETING_SUFFIX):
                 doomed.append(path)
@@ -421,7 +422,7 @@ class ImageCache:
                 digest = entry.name[:64]
                 useless = digest not in referenced or self._is_cached(digest, touch=False)
                 trash = path.with_name(entry.name + DELETING_SUFFIX)
-                if (useless or _mtime(entry) <= cutoff) and _move(path, trash):
+                if (useless or mtime(entry) <= cutoff) and move(path, trash):
                     doomed.append(trash)
         return doomed
 
@@ -464,36 +465,3 @@ def _size(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.1f} {unit}"
     return f"{count} bytes"
-
-
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(directory) as entries:
-            return list(entries)
-    except FileNotFoundError:
-        return []
-
-
-def _mtime(entry: os.DirEntry[str]) -> float:
-    try:
-        return entry.stat(follow_symlinks=False).st_mtime
-    except OSError:
-        return float("inf")  # vanished or unreadable: not ours to delete now
-
-
-def _move(source: Path, target: Path) -> bool:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.replace(source, target)
-    except OSError as err:
-        log.warning("image_cache_delete_failed", path=str(source), error=str(err))
-        return False
-    return True
-
-
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as err:
-            log.warning("image_cache_delete_failed", path=str(path), error=str(err))
