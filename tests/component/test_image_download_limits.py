@@ -168,6 +168,30 @@ async def test_too_little_free_space_fails_before_the_body_and_works_once_freed(
     assert (images / "sha256" / DIGEST).read_bytes() == IMAGE
 
 
+async def test_free_space_counts_what_running_downloads_still_need(
+    make_cache: CacheFactory, server: ImageServer, woken: Woken, tiny_tmpfs: Path
+) -> None:
+    """With room for one 3 MiB image but not two, a second download fails while the first
+    still needs its bytes, although the disk's free space alone would let it start."""
+    images = tiny_tmpfs / "images"
+    (images / ".downloads").mkdir(parents=True)
+    cache = await make_cache(directory=images)
+    stat = os.statvfs(tiny_tmpfs)
+    (tiny_tmpfs / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - len(IMAGE) - 2**19))
+    server.stall_after = 1024
+    cache.fetch(remote(server), waiter="vm-1")
+    await wait_until(lambda: server.image_gets == 1)
+    async with serving() as other:
+        other.body = os.urandom(len(IMAGE))
+        second = RemoteImage(other.url, hashlib.sha256(other.body).hexdigest())
+        lookup = await fetched(cache, woken, second, waiter="vm-2")
+        assert lookup.message.startswith(f"{other.url}: the images dir has too little free space")
+        assert other.image_gets == 1
+    server.release.set()
+    await woken.wait()
+    assert cache.lookup(remote(server)).state is ImageState.READY
+
+
 # ---- partial files --------------------------------------------------------------------------
 
 
