@@ -2,7 +2,9 @@
 
 An image is needed while a live VM's spec names it (by digest, or by a URL whose digest is
 known) or while a disk file overlays it: deleting that base would corrupt the disk, and a
-retained disk keeps its VM's image alive as long as the disk exists.
+retained disk keeps its VM's image alive as long as the disk exists. The same referenced set
+decides partial downloads: one whose digest no live spec names belongs to VMs that are gone and
+goes at the next collection (ImageCache.collect_garbage).
 """
 
 from __future__ import annotations
