@@ -46,7 +46,8 @@ class AddressRefused(Exception):
     reason: ClassVar[str] = "ImageDownloadFailed"
 
     def __init__(self, host: str, category: str) -> None:
-        super().__init__(f"{host} is a {category} address")
+        article = "an" if category[:1] in "aeiouAEIOU" else "a"
+        super().__init__(f"{host} is {article} {category} address")
         self.host = host
         self.category = category
 
@@ -138,6 +139,8 @@ class EgressPolicy:
         try:
             address = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
+            if host.replace(".", "").isdigit():  # 127.1, 2130706433, 0177.0.0.1: sockets' forms
+                raise AddressRefused(host, "non-canonical IPv4") from None
             return  # a name: the resolver checks what it resolves to
         self.check(host, [str(address)])
 

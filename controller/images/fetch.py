@@ -165,7 +165,7 @@ def _refused(url: str, err: AddressRefused, *, redirected: bool) -> str:
         # The target came from the server: say nothing of it.
         return f"{url}: refused: it redirects to an address image downloads may not reach"
     return (
-        f"{url}: refused: {err.host} is a {err.category} address, which image downloads may not reach"
+        f"{url}: refused: {err}, which image downloads may not reach"
         f" (an operator can allow networks with {ALLOW_SETTING})"
     )
 

@@ -204,6 +204,9 @@ DIRECT = [
     pytest.param("http://224.0.0.1/disk.img", "multicast", id="multicast"),
     pytest.param("http://[ff02::1]/disk.img", "multicast", id="ipv6-multicast"),
     pytest.param("http://240.0.0.1/disk.img", "reserved", id="reserved"),
+    pytest.param("http://127.1:{port}/disk.img", "non-canonical IPv4", id="short-ipv4"),
+    pytest.param("http://2130706433:{port}/disk.img", "non-canonical IPv4", id="decimal-ipv4"),
+    pytest.param("http://0x7f.1:{port}/disk.img", "loopback", id="hex-ipv4-name"),
     pytest.param("http://intranet.test/disk.img", "private", id="name-to-private"),
     pytest.param("http://metadata.test/disk.img", "link-local", id="name-to-link-local"),
     pytest.param("http://mixed.test:{port}/disk.img", "loopback", id="name-public-and-loopback"),
@@ -231,12 +234,13 @@ async def test_a_refused_address_is_refused_before_any_connect(
     connects anywhere; the sidecar read is checked the same way."""
     dns = StubDNS({name: [list(answer) for answer in answers] for name, answers in STUB_TABLE.items()})
     # localhost goes to the system resolver, as it would in production.
-    resolver = _SystemFor({"localhost"}, dns)
+    resolver = _SystemFor({"localhost", "0x7f.1"}, dns)
     cache = await make_cache(egress=MIRROR_ONLY, resolver=resolver)
     url = template.format(port=internal.port, port6=internal.port6)
     lookup = await fetched(cache, woken, RemoteImage(url, None if sidecar else DIGEST))
     assert (lookup.state, lookup.reason) == (ImageState.FAILED, "ImageDownloadFailed")
-    assert f"refused: {_host(url)} is a {category} address" in lookup.message
+    article = "an" if category[0] in "aeiouI" else "a"
+    assert f"refused: {_host(url)} is {article} {category} address" in lookup.message
     assert "image_fetch_allow_networks" in lookup.message
     assert connects.addresses == []
     assert internal.requests == []

@@ -84,7 +84,7 @@ def test_a_bad_network_is_a_clear_settings_error() -> None:
 def test_literal_addresses_in_urls_are_checked() -> None:
     DEFAULT.refuse_literal("example.org")  # a name: the resolver checks it
     DEFAULT.refuse_literal("8.8.8.8")
-    for host in ("127.0.0.1", "[::1]", "::ffff:127.0.0.1", "0.0.0.0"):  # noqa: S104
+    for host in ("127.0.0.1", "[::1]", "::ffff:127.0.0.1", "0.0.0.0", "127.1", "2130706433"):  # noqa: S104
         with pytest.raises(AddressRefused, match="address"):
             DEFAULT.refuse_literal(host)
 
