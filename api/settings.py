@@ -105,6 +105,50 @@ class ServerSettings(ProcessSettings):
         default=900.0, gt=0, description="Seconds a lock may be held before its writes are published anyway"
     )
     metrics_auth: bool = Field(default=True, description="Require auth for GET /metrics")
+    # netguard: connection limits, the Host check and stream limits (docs/operations.md
+    # "Connections and streams", api/server/connections.py, hosts.py, streams.py).
+    max_connections: int = Field(
+        default=1024, ge=1, description="Open HTTP connections at most (and at most half the open-file limit)"
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="A new connection must send its first request header within this"
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="An idle connection, or one slow to send its next request, is closed after this",
+    )
+    body_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="A request body must have arrived within this (else 408)"
+    )
+    allowed_hosts: str | None = Field(
+        default=None,
+        description="Host names requests may name besides localhost, IP addresses and the listen host "
+        "(comma-separated; *.example.com for subdomains; * for any)",
+    )
+    max_watches: int = Field(default=100, ge=1, description="Watch streams open at once, in all")
+    max_watches_per_principal: int = Field(
+        default=50, ge=1, description="Watch streams open at once per authenticated user or token"
+    )
+    max_follows: int = Field(default=32, ge=1, description="Console follows open at once, in all")
+    max_follows_per_principal: int = Field(
+        default=16, ge=1, description="Console follows open at once per authenticated user or token"
+    )
+    watch_bookmark_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="How often an idle watch gets a BOOKMARK (keeps proxies from timing out)",
+    )
+    follow_timeout_seconds: int = Field(
+        default=3600, ge=1, le=86400, description="How long a console follow lasts without timeoutSeconds"
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _valid_allowed_hosts(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_allowed_hosts(value)
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -129,6 +173,17 @@ class ServerSettings(ProcessSettings):
             return ipaddress.ip_address(host).is_loopback
         except ValueError:
             return False
+
+
+def parse_allowed_hosts(text: str) -> frozenset[str]:
+    """Lower-cased host names from "a.example, *.lab.example, *". :raise ValueError: an entry
+    with a port, a scheme or a space (names only: any port is accepted)."""
+    names = frozenset(entry.strip().lower().rstrip(".") for entry in text.split(",") if entry.strip())
+    for name in names:
+        bare = name.removeprefix("*.")
+        if name != "*" and (not bare or any(char in bare for char in ":/ *[]@")):
+            raise ValueError(f"allowed host {name!r} must be a host name, *.SUFFIX or * (no port or scheme)")
+    return names
 
 
 def split_listen(listen: str) -> tuple[str, int]:

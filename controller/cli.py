@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from api.credentials import Credentials, CredentialsError, hash_password, load_credentials
 from api.logs import configure_logging
 from api.server import create_app
+from api.server.connections import CONNECTION_GUARD, GuardedSite, raise_open_file_limit
 from api.server.ops import create_ops_app
 from api.server.spans import instrument_http_server
 from api.settings import ServerSettings, SettingsError, SettingsT, load_settings, split_listen
@@ -114,10 +115,16 @@ class _HttpSetup:
     ssl_context: ssl.SSLContext | None
 
 
+class ListenFailed(Exception):
+    """A listener could not bind its address; the message says which and why."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args, args.model)
     configure_logging(settings.log_format, settings.log_level)
     _check_data_dir(settings.data_dir)
+    _warn_about_secrets_in_argv(args)
+    log.info("open_file_limit", soft=raise_open_file_limit())
     http = _http_setup(settings) if isinstance(settings, ServerSettings) else None
     try:
         tracer_provider = configure_tracing(otlp_endpoint=settings.otlp_endpoint)
@@ -131,9 +138,37 @@ def _serve(args: argparse.Namespace) -> int:
         # Held for the whole life of the process so that `tofu-qemu restore` can tell it is running.
         with hold_data_dir(settings.data_dir, exclusive=False):
             asyncio.run(_run(settings, http))
+    except ExceptionGroup as group:
+        failed = _listen_failure(group)
+        if failed is None:
+            raise
+        print(f"tofu-qemu: {failed}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         shutdown_tracing(tracer_provider)
     return 0
+
+
+def _listen_failure(group: BaseExceptionGroup[BaseException]) -> ListenFailed | None:
+    for error in group.exceptions:
+        if isinstance(error, ListenFailed):
+            return error
+        if isinstance(error, BaseExceptionGroup):
+            found = _listen_failure(error)
+            if found is not None:
+                return found
+    return None
+
+
+def _warn_about_secrets_in_argv(args: argparse.Namespace) -> None:
+    """Flags are visible to every local user (ps, /proc/PID/cmdline): secrets belong elsewhere."""
+    for flag, elsewhere in (("users", "TOFU_QEMU_USERS or --users-file"), ("tokens", "TOFU_QEMU_TOKENS")):
+        if getattr(args, flag, None) is not None:
+            log.warning(
+                "secret_on_command_line",
+                flag=f"--{flag}",
+                message=f"--{flag} is visible to every local user in ps; use {elsewhere} instead",
+            )
 
 
 def _check_data_dir(data_dir: Path) -> None:
@@ -170,7 +205,15 @@ def _http_setup(settings: ServerSettings) -> _HttpSetup:
                 "TOFU_QEMU_TOKENS or --users-file, or pass --insecure-no-auth"
             )
         log.warning("auth_disabled", listen=settings.listen)
-    return _HttpSetup(credentials, _ssl_context(settings))
+    ssl_context = _ssl_context(settings)
+    if credentials.enabled and ssl_context is None and not settings.is_loopback:
+        log.warning(
+            "credentials_over_plain_http",
+            listen=settings.listen,
+            message="passwords and tokens cross the network in clear text: set --tls-cert and "
+            "--tls-key, or serve behind a TLS proxy on loopback",
+        )
+    return _HttpSetup(credentials, ssl_context)
 
 
 async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup | None) -> None:
@@ -209,6 +252,7 @@ async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup |
                     credentials=Credentials(),
                     metrics_auth=False,
                     readiness_checks=checks,
+                    listen_host=split_listen(settings.ops_listen)[0],
                 )
                 host, port = split_listen(settings.ops_listen)
                 tasks.create_task(_serve_http(ops, host, port, None, stop), name="ops")
@@ -221,12 +265,18 @@ async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup |
 async def _serve_http(
     app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None, stop: asyncio.Event
 ) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    guard = app[CONNECTION_GUARD]
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=guard.limits.keepalive_timeout
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-        await site.start()
-        log.info("serving", listen=f"{host}:{port}", tls=ssl_context is not None)
+        site = GuardedSite(runner, host, port, guard=guard, ssl_context=ssl_context)
+        try:
+            await site.start()
+        except OSError as err:
+            raise ListenFailed(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        log.info("serving", listen=f"{host}:{port}", tls=ssl_context is not None, max_connections=guard.cap)
         await stop.wait()
         log.info("shutting_down")
     finally:

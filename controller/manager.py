@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -42,7 +42,13 @@ from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
 from controller.resources.ports import PortAllocator
 from controller.settings import ControllerSettings
-from controller.sources import RESYNC_WAIT_FLOOR_SECONDS, all_keys, resync_forever, watch_store
+from controller.sources import (
+    RESYNC_WAIT_FLOOR_SECONDS,
+    all_keys,
+    keep_running,
+    resync_forever,
+    watch_store,
+)
 from controller.telemetry import RECONCILE_SPAN, TRACER, BootSpans, QueueMetrics
 
 log = structlog.get_logger(__name__)
@@ -146,12 +152,17 @@ class Controller:
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
                 events=self.events,
             )
+            grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
             sources = [
-                tasks.create_task(
-                    watch_store(self._db, self._objects, self.queue, self._projects), name="watch-store"
+                self._start_source(
+                    tasks,
+                    "watch-store",
+                    lambda: watch_store(self._db, self._objects, self.queue, self._projects),
                 ),
-                tasks.create_task(
-                    resync_forever(
+                self._start_source(
+                    tasks,
+                    "resync",
+                    lambda: resync_forever(
                         self._objects,
                         self._allocations,
                         self._layout,
@@ -160,19 +171,14 @@ class Controller:
                         interval=self._settings.resync_seconds,
                         finished=self._resync_finished,
                     ),
-                    name="resync",
                 ),
                 tasks.create_task(self._beat(), name="heartbeat"),
-                tasks.create_task(
-                    collect_images_forever(
-                        self._db,
-                        self._allocations,
-                        images,
-                        grace=timedelta(seconds=self._settings.image_cache_grace_seconds),
-                    ),
-                    name="image-gc",
+                self._start_source(
+                    tasks,
+                    "image-gc",
+                    lambda: collect_images_forever(self._db, self._allocations, images, grace=grace),
                 ),
-                tasks.create_task(self.events.prune_forever(), name="events-prune"),
+                self._start_source(tasks, "events-prune", self.events.prune_forever),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -191,6 +197,16 @@ class Controller:
                 source.cancel()
             await images.close()
             await runtime.close()
+
+    def _start_source(
+        self, tasks: asyncio.TaskGroup, name: str, source: Callable[[], Awaitable[None]]
+    ) -> asyncio.Task[None]:
+        """Run an event source in `tasks`, retried after transient failures (sources.keep_running)."""
+        failed = self._metrics.source_errors_total
+        return tasks.create_task(
+            keep_running(name, source, failed=lambda source_name: failed.labels(source=source_name).inc()),
+            name=name,
+        )
 
     async def _stop_vms(self, runtime: Runtime) -> None:
         """Stop every VM through the reconcile loop (power button, quit, kill, as a stop always

@@ -4,24 +4,64 @@
   polling for writes by another process (`tofu-qemu api` + `tofu-qemu controller`);
 - process exits and QMP events: the runtime calls `queue.add` itself (controller/qemu/runtime.py);
 - a periodic full resync, which also finds orphans (runtime dirs or ledger rows with no object).
+
+Every source runs under `keep_running`: a transient failure (no file descriptor left, a full
+or briefly unreadable disk, a store that did not answer) is logged, counted and retried with
+backoff, never allowed to end the controller's TaskGroup and leave VMs unmanaged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Awaitable, Callable
 
-from api.store import Database
+import structlog
+
+from api.store import Database, StoreError
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
 from controller.layout import DataLayout
 from controller.project_index import ProjectIndex
 from controller.queue import WorkQueue
 
+log = structlog.get_logger(__name__)
 STORE_POLL_SECONDS = 1.0
+SOURCE_RETRY_FIRST_SECONDS = 1.0
+SOURCE_RETRY_CAP_SECONDS = 30.0
+# What a source may meet and live through: OSError (EMFILE, ENOSPC, EIO), SQLite's errors.
+TRANSIENT_ERRORS = (OSError, sqlite3.Error, StoreError)
 # The least time a resync is given to finish, and the readiness check's least tolerance.
 RESYNC_WAIT_FLOOR_SECONDS = 30.0
+
+
+async def keep_running(
+    name: str,
+    source: Callable[[], Awaitable[None]],
+    *,
+    failed: Callable[[str], None],
+    first_delay: float = SOURCE_RETRY_FIRST_SECONDS,
+    cap: float = SOURCE_RETRY_CAP_SECONDS,
+) -> None:
+    """Run `source()` (a loop that runs until cancelled) and run it again after a transient
+    failure: `failed(name)` counts it, the delay doubles from `first_delay` up to `cap`, and
+    starts over once the source has run `cap` seconds without failing. Other errors are bugs
+    and propagate."""
+    loop = asyncio.get_running_loop()
+    delay = first_delay
+    while True:
+        started = loop.time()
+        try:
+            await source()
+            return
+        except TRANSIENT_ERRORS as err:
+            if loop.time() - started >= cap:
+                delay = first_delay
+            failed(name)
+            log.warning("source_failed", source=name, error=f"{type(err).__name__}: {err}", retry_in=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, cap)
 
 
 async def all_keys(objects: VMStatusWriter, allocations: Allocations, layout: DataLayout) -> set[str]:

@@ -13,15 +13,17 @@ from aiohttp import web
 
 from api.credentials import Credentials
 from api.server.auth import auth_middleware
+from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits, body_deadline
 from api.server.errors import error_middleware
 from api.server.health import ReadinessCheck, database_check_context
+from api.server.hosts import allowed_host_names, host_middleware
 from api.server.keys import DATABASE, SETTINGS, STATES, VMS
 from api.server.ops import install_ops
 from api.server.origin import same_origin_middleware
 from api.server.routes import ROUTES
 from api.server.spans import span_name_middleware
 from api.server.streams import install_streams
-from api.settings import ServerSettings
+from api.settings import ServerSettings, parse_allowed_hosts
 from api.store import Database, StateStore, StorageFull, VMStore, open_database
 from api.store.db import Clock, utc_now
 from api.store.events import EventLog
@@ -51,15 +53,28 @@ def create_app(
     `prune_events`: keep the event log within its retention here (off when a controller in the
     same process does it).
     """
+    metrics = metrics if metrics is not None else Metrics()
+    limits = ConnectionLimits.of(settings)
+    guard = ConnectionGuard(limits, listener="api", metrics=metrics)
+    allowed_hosts = allowed_host_names(settings.host, parse_allowed_hosts(settings.allowed_hosts or ""))
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[span_name_middleware, error_middleware, auth_middleware, same_origin_middleware],
+        middlewares=[
+            guard.middleware(),
+            span_name_middleware,
+            error_middleware,
+            host_middleware(allowed_hosts),
+            auth_middleware,
+            same_origin_middleware,
+            body_deadline(limits.body_timeout),
+        ],
     )
     app[SETTINGS] = settings
+    app[CONNECTION_GUARD] = guard
     install_ops(
         app,
         credentials=credentials,
-        metrics=metrics if metrics is not None else Metrics(),
+        metrics=metrics,
         metrics_auth=settings.metrics_auth,
         readiness_checks=readiness_checks,
     )

@@ -33,17 +33,20 @@ class BadRequest(Exception):
     """The request itself is wrong (malformed JSON, bad name, bad MD5). Not retryable."""
 
 
-def status_response(code: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
-    reason = HTTPStatus(code).phrase.replace(" ", "")
-    body = {
+def status_body(code: int, message: str) -> dict[str, object]:
+    """The Kubernetes `Status` object every error answer carries."""
+    return {
         "kind": "Status",
         "apiVersion": "v1",
         "status": "Failure",
         "code": code,
-        "reason": reason,
+        "reason": HTTPStatus(code).phrase.replace(" ", ""),
         "message": message,
     }
-    return web.json_response(body, status=code, headers=headers)
+
+
+def status_response(code: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(status_body(code, message), status=code, headers=headers)
 
 
 def lock_info_response(code: int, holder_info: bytes) -> web.Response:

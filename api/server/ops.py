@@ -12,8 +12,10 @@ from aiohttp import web
 
 from api.credentials import Credentials
 from api.server.auth import AUTHENTICATOR, Authenticator, auth_middleware, close_authenticator, public_paths
+from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits
 from api.server.errors import error_middleware
 from api.server.health import READINESS_CHECKS, ReadinessCheck, database_check_context
+from api.server.hosts import allowed_host_names, host_middleware
 from api.server.keys import CREDENTIALS, DATABASE, METRICS, PUBLIC_PATHS
 from api.server.routes import OPS_ROUTES
 from api.store import Database
@@ -27,14 +29,26 @@ def create_ops_app(
     credentials: Credentials,
     metrics_auth: bool = True,
     readiness_checks: Mapping[str, ReadinessCheck] | None = None,
+    listen_host: str = "",
 ) -> web.Application:
-    """Serve /healthz, /readyz and /metrics for `database`, which the caller owns.
+    """Serve /healthz, /readyz and /metrics for `database`, which the caller owns, with the
+    default connection limits and Host check (api/server/connections.py, hosts.py) for a
+    listener on `listen_host`.
 
     /readyz checks that `database` is writable plus every check in `readiness_checks`; more
     may be added to app[READINESS_CHECKS] later. The store gauges of `database` are exported
     on `metrics` (Metrics.attach_store).
     """
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    guard = ConnectionGuard(ConnectionLimits.of(), listener="ops", metrics=metrics)
+    app = web.Application(
+        middlewares=[
+            guard.middleware(),
+            error_middleware,
+            host_middleware(allowed_host_names(listen_host, frozenset())),
+            auth_middleware,
+        ]
+    )
+    app[CONNECTION_GUARD] = guard
     install_ops(
         app,
         credentials=credentials,

@@ -142,6 +142,27 @@ class Metrics:
             ("project",),
             registry=registry,
         )
+        # netguard: connection limits (api/server/connections.py) and source failures
+        # (controller/sources.py).
+        self.http_connections = Gauge(
+            "tofu_qemu_http_connections",
+            "HTTP connections open, by listener",
+            ("listener",),
+            registry=registry,
+        )
+        self.http_connections_closed_total = Counter(
+            "tofu_qemu_http_connections_closed",
+            "HTTP connections the server closed to protect itself, by reason "
+            "(header_timeout, evicted, refused)",
+            ("listener", "reason"),
+            registry=registry,
+        )
+        self.source_errors_total = Counter(
+            "tofu_qemu_controller_source_errors",
+            "Failures of an event source (store watch, resync, image GC, event pruning), retried",
+            ("source",),
+            registry=registry,
+        )
 
         self.auth_failures_total = Counter(
             "tofu_qemu_auth_failures",

@@ -169,7 +169,7 @@ async def raw_get(client: Client, authorization: bytes) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(
-            b"GET /api/v1/vms HTTP/1.1\r\nHost: test\r\nConnection: close\r\nAuthorization: "
+            b"GET /api/v1/vms HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: "
             + authorization
             + b"\r\n\r\n"
         )
