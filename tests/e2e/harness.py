@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -129,13 +130,16 @@ class ServerProcess:
         extra_args: Sequence[str] = (),
         client_tls: ssl.SSLContext | None = None,
         command: Command = "serve",
+        open_files: tuple[int, int] | None = None,
     ) -> None:
-        """`extra_args` go to the command; `client_tls` makes requests use HTTPS with that context."""
+        """`extra_args` go to the command; `client_tls` makes requests use HTTPS with that context;
+        `open_files` is the (soft, hard) RLIMIT_NOFILE the server starts with."""
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = port or free_loopback_port()
         self.command: Command = command
         self._extra_args = tuple(extra_args)
+        self._open_files = open_files
         self._opener = (
             urllib.request.build_opener(
                 urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=client_tls)
@@ -187,9 +191,19 @@ class ServerProcess:
             log.write(f"---- start: {' '.join(argv)}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
-                argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                argv,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=self._limit_open_files if self._open_files else None,
             )
         self._wait_ready(log_offset)
+
+    def _limit_open_files(self) -> None:
+        assert self._open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, self._open_files)
 
     def _wait_ready(self, log_offset: int) -> None:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
