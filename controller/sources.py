@@ -43,6 +43,7 @@ async def keep_running(
     failed: Callable[[str], None],
     first_delay: float = SOURCE_RETRY_FIRST_SECONDS,
     cap: float = SOURCE_RETRY_CAP_SECONDS,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
     """Run `source()` (a loop that runs until cancelled) and run it again after a transient
     failure: `failed(name)` counts it, the delay doubles from `first_delay` up to `cap`, and
@@ -60,7 +61,7 @@ async def keep_running(
                 delay = first_delay
             failed(name)
             log.warning("source_failed", source=name, error=f"{type(err).__name__}: {err}", retry_in=delay)
-        await asyncio.sleep(delay)
+        await sleep(delay)
         delay = min(delay * 2, cap)
 
 
