@@ -298,9 +298,9 @@ def body_deadline(seconds: float) -> Middleware:
                 async with asyncio.timeout(seconds):
                     await request.read()
             except TimeoutError:
-                if request.transport is not None:
-                    request.transport.close()
-                return status_response(408, f"the request body did not arrive within {seconds:g} s")
+                answer = status_response(408, f"the request body did not arrive within {seconds:g} s")
+                answer.force_close()  # the rest of the body may still come: not a next request
+                return answer
         return await handler(request)
 
     return read_body_in_time
