@@ -344,8 +344,8 @@ def _k8s_paths() -> dict[str, Any]:
                     _query("follow", BOOLEAN, "Keep streaming what is appended"),
                     _query(
                         "timeoutSeconds",
-                        {"type": "integer", "minimum": 0, "maximum": 86400},
-                        "Follow: end after this long (0, the default: no limit)",
+                        {"type": "integer", "minimum": 1, "maximum": 86400},
+                        "Follow: end after this long (default: the server's follow_timeout_seconds, 3600)",
                     ),
                 ],
             )

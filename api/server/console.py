@@ -25,6 +25,7 @@ import structlog
 from aiohttp import web
 
 from api.server import params
+from api.server.auth import PRINCIPAL
 from api.server.backend import project_of
 from api.server.keys import SETTINGS, VMS
 from api.server.streams import StreamHub, StreamKind, hub_of
@@ -36,7 +37,7 @@ TAIL_DEFAULT_BYTES = 64 * 1024
 TAIL_MAX_BYTES = 1024 * 1024
 FOLLOW_POLL_SECONDS = 0.5
 FOLLOW_CHUNK_BYTES = 64 * 1024
-FOLLOW_TIMEOUT_MAX = 24 * 3600
+FOLLOW_TIMEOUT_MAX = 24 * 3600  # the default is the follow_timeout_seconds setting
 WRITE_TIMEOUT_SECONDS = 60.0
 SERIAL_LOG = "serial.log"
 
@@ -81,7 +82,13 @@ async def console(request: web.Request) -> web.StreamResponse:
     project = project_of(request)
     tail = params.integer(request, "tailBytes", default=TAIL_DEFAULT_BYTES, minimum=0, maximum=TAIL_MAX_BYTES)
     follow = params.flag(request, "follow")
-    timeout = params.integer(request, "timeoutSeconds", default=0, minimum=0, maximum=FOLLOW_TIMEOUT_MAX)
+    timeout = params.integer(
+        request,
+        "timeoutSeconds",
+        default=request.app[SETTINGS].follow_timeout_seconds,
+        minimum=1,
+        maximum=FOLLOW_TIMEOUT_MAX,
+    )
     record = await request.app[VMS].get(project, request.match_info["name"])
     path = serial_log_path(request.app[SETTINGS].data_dir, record.uid)
     try:
@@ -96,7 +103,7 @@ async def console(request: web.Request) -> web.StreamResponse:
             text=decoder.decode(first.data, final=True), content_type="text/plain", charset="utf-8"
         )
     hub = hub_of(request.app)
-    async with hub.slot(StreamKind.FOLLOW):
+    async with hub.slot(StreamKind.FOLLOW, request.get(PRINCIPAL)):
         response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         response.content_type = "text/plain"
         response.charset = "utf-8"
@@ -121,9 +128,9 @@ async def _follow(
     limit_seconds: int,
 ) -> None:
     """Send what is appended until the client leaves, the log goes (the VM was removed), the
-    server stops or `limit_seconds` (0: no limit) pass."""
+    server stops or `limit_seconds` pass."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit_seconds if limit_seconds else None
+    deadline = loop.time() + limit_seconds
     path = serial_log_path(request.app[SETTINGS].data_dir, record.uid)
     started_at = _started_at(record)
     while True:
@@ -134,7 +141,7 @@ async def _follow(
         transport = request.transport
         if hub.closing or transport is None or transport.is_closing():
             return
-        if deadline is not None and loop.time() >= deadline:
+        if loop.time() >= deadline:
             return
         if changed.is_set():
             # QEMU truncates the log in place when it starts again (same inode, and it may

@@ -1,5 +1,8 @@
 """What long-lived responses (watches, console follows) share: one wake-up signal for store
-commits, a bound on how many may be open, and an end at server shutdown.
+commits, bounds on how many may be open (in all, and per authenticated principal: one user or
+token cannot take every place), and an end at server shutdown. The bounds are settings
+(max_watches, max_watches_per_principal, max_follows, max_follows_per_principal); without
+credentials there are no principals, only the bound in all.
 
 One hub per application, made on first use (so an app built without install_streams works
 too). Commits of this process arrive through `Database.subscribe`; commits of another process on
@@ -15,16 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from enum import StrEnum
 
 from aiohttp import web
 
-from api.server.keys import DATABASE
+from api.server.keys import DATABASE, SETTINGS
+from api.settings import ServerSettings
 from api.store import Database
 
 POLL_SECONDS = 1.0
-STREAMS_MAX = {"watch": 100, "follow": 32}
 _HUBS: weakref.WeakKeyDictionary[web.Application, StreamHub] = weakref.WeakKeyDictionary()
 
 
@@ -33,8 +38,21 @@ class StreamKind(StrEnum):
     FOLLOW = "follow"
 
 
+@dataclass(frozen=True, slots=True)
+class StreamLimit:
+    total: int
+    per_principal: int
+
+
+def stream_limits(settings: ServerSettings) -> dict[StreamKind, StreamLimit]:
+    return {
+        StreamKind.WATCH: StreamLimit(settings.max_watches, settings.max_watches_per_principal),
+        StreamKind.FOLLOW: StreamLimit(settings.max_follows, settings.max_follows_per_principal),
+    }
+
+
 class TooManyStreams(Exception):
-    """STREAMS_MAX of this kind are open: 429, try again later."""
+    """As many streams of this kind as allowed are open (in all, or for this principal): 429."""
 
 
 class ShuttingDown(Exception):
@@ -42,11 +60,13 @@ class ShuttingDown(Exception):
 
 
 class StreamHub:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, limits: dict[StreamKind, StreamLimit]) -> None:
         self._db = db
+        self._limits = limits
         self._changed = asyncio.Event()
         self.closing = False
         self._open = dict.fromkeys(StreamKind, 0)
+        self._by_principal: Counter[tuple[StreamKind, str]] = Counter()
         self._poller: asyncio.Task[None] | None = None
         db.subscribe(self._notify)
 
@@ -68,23 +88,34 @@ class StreamHub:
         return self._open[kind]
 
     @contextlib.asynccontextmanager
-    async def slot(self, kind: StreamKind) -> AsyncIterator[None]:
-        """Hold one of the STREAMS_MAX places of `kind` for the body.
+    async def slot(self, kind: StreamKind, principal: str | None = None) -> AsyncIterator[None]:
+        """Hold one of the places of `kind` (and of `principal`'s, when authenticated) for the body.
 
         :raise TooManyStreams: all are taken.
         :raise ShuttingDown: the server is stopping.
         """
         if self.closing:
             raise ShuttingDown("the server is shutting down")
-        if self._open[kind] >= STREAMS_MAX[kind]:
-            raise TooManyStreams(f"{STREAMS_MAX[kind]} {kind} streams are open; try again later")
+        limit = self._limits[kind]
+        if self._open[kind] >= limit.total:
+            raise TooManyStreams(f"{limit.total} {kind} streams are open; try again later")
+        key = (kind, principal or "")
+        if principal is not None and self._by_principal[key] >= limit.per_principal:
+            raise TooManyStreams(
+                f"{principal!r} has {limit.per_principal} {kind} streams open, the most one may; "
+                "close one or try again later"
+            )
         self._open[kind] += 1
+        self._by_principal[key] += 1
         if self._poller is None:
             self._poller = asyncio.create_task(self._poll_data_version(), name="stream-hub-poller")
         try:
             yield
         finally:
             self._open[kind] -= 1
+            self._by_principal[key] -= 1
+            if not self._by_principal[key]:
+                del self._by_principal[key]
             if not any(self._open.values()) and self._poller is not None:
                 poller, self._poller = self._poller, None
                 poller.cancel()
@@ -107,7 +138,8 @@ def hub_of(app: web.Application) -> StreamHub:
     """The app's hub, made on first use (app state cannot be set once the app runs)."""
     hub = _HUBS.get(app)
     if hub is None:
-        hub = _HUBS[app] = StreamHub(app[DATABASE])
+        settings = app.get(SETTINGS) or ServerSettings()
+        hub = _HUBS[app] = StreamHub(app[DATABASE], stream_limits(settings))
     return hub
 
 

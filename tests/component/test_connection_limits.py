@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -152,7 +153,7 @@ async def _open(port: int, data: bytes) -> Stream:
     return reader, writer
 
 
-async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]:
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
     """Status and JSON body of a Content-Length answer."""
     async with asyncio.timeout(5):
         status = int((await reader.readline()).split()[1])
@@ -161,7 +162,7 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, object]]
             name, _, value = line.decode().partition(":")
             if name.lower() == "content-length":
                 length = int(value)
-        body: dict[str, object] = json.loads(await reader.readexactly(length))
+        body: dict[str, Any] = json.loads(await reader.readexactly(length))
     return status, body
 
 

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from api.server import create_app, streams, watch
+from api.server import create_app
 from api.server.streams import install_streams
 from api.settings import ServerSettings
 from api.store import Database, StateStore, open_database
@@ -24,6 +24,7 @@ from tests.component.k8s_support import (
     APIS,
     CREDENTIALS,
     Client,
+    Serve,
     WatchReader,
     api,
     post_state,
@@ -193,12 +194,10 @@ async def test_a_project_scoped_watch_sees_only_that_project(api: Client) -> Non
         assert summary(await reader.next_change()) == ("ADDED", "b")
 
 
-async def test_bookmarks_carry_the_current_version_as_heartbeats(
-    api: Client, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With nothing to send, a BOOKMARK arrives every HEARTBEAT_SECONDS with the newest version,
-    also when the change it reflects was filtered out."""
-    monkeypatch.setattr(watch, "HEARTBEAT_SECONDS", 0.2)
+async def test_bookmarks_carry_the_current_version_as_heartbeats(serve: Serve) -> None:
+    """With nothing to send, a BOOKMARK arrives every watch_bookmark_seconds with the newest
+    version, also when the change it reflects was filtered out."""
+    api = await serve(watch_bookmark_seconds=0.2)
     reader = await open_watch(api, project="lab")
     assert (await reader.next())["type"] == "BOOKMARK"
     await post_state(api, "other", vm_state(1, {"x": {}}))
@@ -232,10 +231,10 @@ async def test_writes_from_another_process_wake_the_watch(
         await other.close()
 
 
-async def test_watches_beyond_the_limit_get_429(api: Client, monkeypatch: pytest.MonkeyPatch) -> None:
-    """STREAMS_MAX watches are served; the next is a 429 Status with Retry-After; a slot frees
+async def test_watches_beyond_the_limit_get_429(serve: Serve) -> None:
+    """max_watches watches are served; the next is a 429 Status with Retry-After; a slot frees
     when a watch ends."""
-    monkeypatch.setitem(streams.STREAMS_MAX, streams.StreamKind.WATCH, 1)
+    api = await serve(max_watches=1)
     reader = await open_watch(api, timeoutSeconds="1")
     refused = await api.get(LIST, params={"watch": "true"}, headers=AUTH)
     body = await refused.json()
