@@ -275,7 +275,8 @@ async def _serve_http(
         try:
             await site.start()
         except OSError as err:
-            raise ListenFailed(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise ListenFailed(f"cannot listen on {host}:{port}: {reason}") from None
         log.info("serving", listen=f"{host}:{port}", tls=ssl_context is not None, max_connections=guard.cap)
         await stop.wait()
         log.info("shutting_down")

@@ -9,9 +9,12 @@ name: 400) are the API's JSON Status answers from the error middleware, like eve
 Security: the auth middleware guards these routes like every other (a browser gets the Basic
 challenge and prompts). Every UI answer carries SECURITY_HEADERS: the CSP allows this origin
 only and no inline script, so even a value that escaped escaping could not run; the pages may
-not be framed, so a click cannot be hijacked. The script sends its writes as JSON with
-`X-Requested-By: tofu-qemu-ui`, which a form of another site cannot, and the same-origin
-middleware refuses cross-site writes (api/server/origin.py).
+not be framed, so a click cannot be hijacked. Cross-site writes are refused by the same-origin
+middleware (api/server/origin.py), from the browser's Origin and Sec-Fetch-Site headers. The
+script's writes also carry `Content-Type: application/json` and `X-Requested-By: tofu-qemu-ui`;
+the server does not check that header (the CLI and Terraform do not send it): it only makes the
+request one that another site's page could send only after a CORS preflight, which this server
+never approves.
 """
 
 from __future__ import annotations

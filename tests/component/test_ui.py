@@ -256,7 +256,7 @@ async def test_only_the_static_files_are_reachable(ui: Client, name: str) -> Non
 
 
 async def test_the_script_sends_writes_as_json_with_the_ui_header() -> None:
-    """The actions are POSTs with a JSON body and X-Requested-By (not forgeable by a plain form)."""
+    """The actions are POSTs with a JSON body and X-Requested-By (unchecked: it forces a CORS preflight)."""
     script = (Path(__file__).parents[2] / "api" / "server" / "ui_static" / "app.js").read_text()
     assert '"Content-Type": "application/json"' in script
     assert '"X-Requested-By": "tofu-qemu-ui"' in script

@@ -5,8 +5,9 @@
 //   resourceVersion seen, and re-listed when the server says that version expired (410).
 // - The VM page follows its VM through the same watch, re-reads its events when it changes, and
 //   polls the serial console tail.
-// - Actions are POSTs with a JSON body and the X-Requested-By header (not forgeable by a form
-//   of another site); the result is shown in the page's <output>.
+// - Actions are POSTs with a JSON body and the X-Requested-By header (the server does not check
+//   it; another site could send it only after a CORS preflight, which the server never approves;
+//   cross-site writes are refused from Origin/Sec-Fetch-Site); the result is shown in <output>.
 //
 // Every value is written with textContent, never as HTML. The row text here must match
 // api/server/ui_pages.py (vm_row): change both together.
