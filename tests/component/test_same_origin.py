@@ -45,3 +45,18 @@ async def test_a_cross_site_state_write_is_refused_and_stores_nothing(client: Cl
 async def test_reads_are_never_refused_for_their_origin(client: Client) -> None:
     response = await client.get("/api/v1/projects", headers={**AUTH, "Origin": "https://evil.example"})
     assert response.status == 200
+
+
+async def test_a_cors_preflight_is_never_approved(client: Client) -> None:
+    """What makes X-Requested-By unsendable from another site (docs/dashboard.md): the browser
+    asks first, and no answer here carries an Access-Control-Allow-* header."""
+    preflight = await client.options(
+        "/apis/tofu-qemu.dev/v1alpha1/projects/lab/qemuvms/web/stop",
+        headers={
+            "Origin": "https://evil.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,x-requested-by",
+        },
+    )
+    assert preflight.status >= 400
+    assert not [name for name in preflight.headers if name.lower().startswith("access-control-")]
