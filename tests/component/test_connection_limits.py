@@ -106,7 +106,7 @@ async def test_a_slow_body_gets_408(listener: tuple[int, web.Application]) -> No
     reader, _writer = await _open(
         port, b'POST /state/lab HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"ver'
     )
-    status, body = await _answer(reader)
+    status, body, _headers = await _answer(reader)
     assert status == 408
     assert body["code"] == 408
     assert "did not arrive within 0.5 s" in body["message"]
@@ -123,7 +123,7 @@ async def test_at_the_cap_the_oldest_idle_connection_makes_room_for_a_probe(
     reader, _writer = await _open(
         port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
-    status, _body = await _answer(reader)
+    status, _body, _headers = await _answer(reader)
     assert status == 200
     oldest_reader, _ = half_sent[0]
     assert await _closed_within(oldest_reader, 0.5)
@@ -139,8 +139,9 @@ async def test_when_every_connection_is_in_a_request_a_new_one_gets_503(
     for reader, _writer in watches:
         assert (await reader.readline()).startswith(b"HTTP/1.1 200")
     reader, _writer = await _open(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-    status, body = await _answer(reader)
+    status, body, headers = await _answer(reader)
     assert status == 503
+    assert headers["retry-after"] == "1"
     assert body["reason"] == "ServiceUnavailable"
     assert "every connection slot is in a request" in body["message"]
     assert guard.open_count == 4
@@ -153,17 +154,16 @@ async def _open(port: int, data: bytes) -> Stream:
     return reader, writer
 
 
-async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
-    """Status and JSON body of a Content-Length answer."""
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and (lower-cased) headers of a Content-Length answer."""
+    headers: dict[str, str] = {}
     async with asyncio.timeout(5):
         status = int((await reader.readline()).split()[1])
-        length = 0
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        body: dict[str, Any] = json.loads(await reader.readexactly(length))
-    return status, body
+            headers[name.strip().lower()] = value.strip()
+        body: dict[str, Any] = json.loads(await reader.readexactly(int(headers.get("content-length", "0"))))
+    return status, body, headers
 
 
 async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
