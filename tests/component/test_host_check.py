@@ -12,7 +12,10 @@ from aiohttp.test_utils import TestClient
 from api.credentials import Credentials, load_credentials
 from api.server import create_app
 from api.server.hosts import DEFAULT_HOSTS, allowed_host_names, host_problem
+from api.server.ops import create_ops_app
 from api.settings import ServerSettings, SettingsError, load_settings, parse_allowed_hosts
+from api.store import Database
+from api.telemetry.metrics import Metrics
 from tests.component.conftest import AUTH, ClientFactory
 
 LOOPBACK_ONLY = allowed_host_names("127.0.0.1", frozenset())
@@ -122,3 +125,15 @@ async def test_allowed_hosts_lets_a_name_in(aiohttp_client: ClientFactory, tmp_p
     client = await _client(aiohttp_client, tmp_path, allowed_hosts="tofu.lab.example")
     assert (await client.get("/api/v1/vms", headers={"Host": "tofu.lab.example:8080"})).status == 200
     assert (await client.get("/api/v1/vms", headers={"Host": "other.lab.example"})).status == 403
+
+
+async def test_the_ops_listener_checks_the_host_too(aiohttp_client: ClientFactory, db: Database) -> None:
+    """`tofu-qemu controller`'s probes and metrics: the same defaults, plus its listen host."""
+    app = create_ops_app(
+        metrics=Metrics(), database=db, credentials=Credentials(), metrics_auth=False, listen_host="ops.lab"
+    )
+    client = await aiohttp_client(app)
+    assert (await client.get("/healthz", headers={"Host": "evil.example"})).status == 403
+    assert (await client.get("/metrics", headers={"Host": "evil.example"})).status == 403
+    assert (await client.get("/healthz", headers={"Host": "ops.lab:8081"})).status == 200
+    assert (await client.get("/healthz")).status == 200
