@@ -118,26 +118,32 @@ async def apply_declared(
     versions = await _next_resource_versions(conn, _row_writes(changes))
     note = _SpecEvents(project=project, serial=serial, trace_id=trace_id_of(trace))
     writes = _Writes.of(changes, before, note, stamp=now.isoformat(), trace=trace, versions=iter(versions))
-    await conn.executemany(
-        "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, spec_error, labels,"
-        " address, created_at, spec_changed_at, state_serial, resource_version, spec_trace)"
-        " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        writes.created,
+    statements = (
+        (
+            "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, spec_error, labels,"
+            " address, created_at, spec_changed_at, state_serial, resource_version, spec_trace)"
+            " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            writes.created,
+        ),
+        (
+            "UPDATE vms SET generation = generation + 1, spec_hash = ?, spec = ?, spec_error = ?,"
+            " labels = ?, address = ?, spec_changed_at = ?, state_serial = ?, resource_version = ?,"
+            " spec_trace = ? WHERE uid = ?",
+            writes.changed,
+        ),
+        ("UPDATE vms SET address = ?, resource_version = ? WHERE uid = ?", writes.moved),
+        (
+            "UPDATE vms SET deleted_at = ?, state_serial = COALESCE(?, state_serial),"
+            " resource_version = ? WHERE uid = ?",
+            writes.deleted,
+        ),
     )
-    await conn.executemany(
-        "UPDATE vms SET generation = generation + 1, spec_hash = ?, spec = ?, spec_error = ?,"
-        " labels = ?, address = ?, spec_changed_at = ?, state_serial = ?, resource_version = ?,"
-        " spec_trace = ? WHERE uid = ?",
-        writes.changed,
-    )
-    await conn.executemany("UPDATE vms SET address = ?, resource_version = ? WHERE uid = ?", writes.moved)
-    await conn.executemany(
-        "UPDATE vms SET deleted_at = ?, state_serial = COALESCE(?, state_serial),"
-        " resource_version = ? WHERE uid = ?",
-        writes.deleted,
-    )
-    # Recorded in this transaction, so an event exists exactly when its change does.
-    await insert_events(conn, writes.events, now=now)
+    for statement, rows in statements:
+        if rows:  # most writes change nothing: no round trip to the database thread for them
+            await conn.executemany(statement, rows)
+    if writes.events:
+        # Recorded in this transaction, so an event exists exactly when its change does.
+        await insert_events(conn, writes.events, now=now)
     return changes
 
 
