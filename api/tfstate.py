@@ -16,15 +16,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from pydantic import ValidationError
 
 from api import names
+from api.json_body import StateFormatError as StateFormatError
+from api.json_body import decode_json
+from api.json_body import holds_lone_surrogate as holds_lone_surrogate
+from api.json_body import load_json as load_json
+from api.json_body import nesting_exceeds as nesting_exceeds
 from api.types import API_GROUP, KIND, QemuVMManifest, describe_validation_error
 
 SUPPORTED_STATE_VERSION = 4
@@ -42,13 +46,6 @@ MANIFEST_MAX_BYTES = 64 * 1024
 # Only manifests this small are remembered by _declare_cached: the cache holds its keys, so
 # this bounds its memory (typical manifests are a few hundred bytes).
 CACHED_MANIFEST_MAX_BYTES = 4 * 1024
-# A lone surrogate can only come from a \uD800-\uDFFF escape (the body is strict UTF-8), so
-# the document is walked for one only when the text holds such an escape.
-_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-class StateFormatError(ValueError):
-    """A backend body (a state, or lock info) no Terraform or OpenTofu client could have written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +56,9 @@ class StateSummary:
     lineage: str | None
     encryption_version: str | None
     document: dict[str, Any]
+    # Decoded by the strict parser, so every number in it is finite and each value has one
+    # encoding: its manifests can be remembered by their encoded bytes (extract_vms `cache`).
+    strict: bool = True
 
     @property
     def is_encrypted(self) -> bool:
@@ -96,9 +96,14 @@ def parse_state(body: bytes) -> StateSummary:
 
     :raise StateFormatError: for anything else, with a message fit for the HTTP client.
     """
-    document = load_json(body, what="state")
+    document, strict = decode_json(body, what="state")
     if not isinstance(document, dict):
         raise StateFormatError("state must be a JSON object")
+    return summarize(document, strict=strict)
+
+
+def summarize(document: dict[str, Any], *, strict: bool) -> StateSummary:
+    """The summary of a decoded state object. :raise StateFormatError: as parse_state."""
     serial = document.get("serial")
     lineage = document.get("lineage")
     if serial is not None and (isinstance(serial, bool) or not isinstance(serial, int) or serial < 0):
@@ -113,7 +118,7 @@ def parse_state(body: bytes) -> StateSummary:
         raise StateFormatError("state 'encryption_version' must be a string")
     if encryption_version:
         # OpenTofu's own test for an encrypted envelope is a non-empty encryption_version.
-        return StateSummary(serial, lineage, encryption_version, document)
+        return StateSummary(serial, lineage, encryption_version, document, strict)
     version = document.get("version")
     if version != SUPPORTED_STATE_VERSION:
         raise StateFormatError(
@@ -124,88 +129,29 @@ def parse_state(body: bytes) -> StateSummary:
     resources = document.get("resources", [])
     if not isinstance(resources, list):
         raise StateFormatError("state 'resources' must be a list")
-    return StateSummary(serial, lineage, None, document)
+    return StateSummary(serial, lineage, None, document, strict)
 
 
-def holds_lone_surrogate(value: object) -> bool:
-    """Whether a JSON value holds a string (or key) that UTF-8 cannot encode: JSON's `\\ud800`
-    escape can write one, and SQLite, HTTP and logs then fail on it. Walks without recursion."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            try:
-                item.encode()
-            except UnicodeEncodeError:
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item)
-            pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            pending.extend(item)
-    return False
-
-
-def nesting_exceeds(value: object, limit: int) -> bool:
-    """Whether a JSON value nests containers more than `limit` deep. Walks without recursion."""
-    pending: list[tuple[object, int]] = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        children: Any
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return True
-        pending.extend((child, depth + 1) for child in children)
-    return False
-
-
-def load_json(body: bytes, *, what: str) -> Any:
-    """json.loads for a backend body, with each way it can fail (or succeed with something no
-    store can hold) turned into a StateFormatError that starts with `what` and says why.
-
-    :raise StateFormatError: not UTF-8 JSON, nested past the parser's recursion limit, an
-        integer past its digit limit, or a string with an unpaired surrogate escape.
-    """
-    try:
-        # Strict UTF-8 first: json.loads(bytes) would also take UTF-16, a BOM and raw surrogate
-        # bytes, none of which a Go client writes or could read back.
-        text = body.decode()
-        document = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StateFormatError(f"{what} is not valid JSON: {err}") from err
-    except RecursionError as err:
-        raise StateFormatError(f"{what} is nested too deeply to parse") from err
-    except ValueError as err:
-        # The one other ValueError json.loads raises: an integer past int_max_str_digits.
-        limit = sys.get_int_max_str_digits()
-        raise StateFormatError(f"{what} holds a number with more than {limit} digits") from err
-    if _SURROGATE_ESCAPE_RE.search(text) and holds_lone_surrogate(document):
-        raise StateFormatError(
-            f"{what} holds a string that is not valid Unicode (an unpaired \\ud800-\\udfff escape)"
-        )
-    return document
-
-
-def extract_vms(document: dict[str, Any]) -> Extraction:
+def extract_vms(document: dict[str, Any], *, cache: bool = True) -> Extraction:
     """Find every QemuVM declared in a plain state (as parse_state returned it) and validate it.
 
     Deposed objects (create_before_destroy leftovers) are skipped: they are on their way out.
     Tainted objects are kept: they still exist until the next apply replaces them.
+
+    With `cache`, a manifest met before (same address, same encoded bytes) is not validated
+    again: an apply rewrites the whole state, usually with most VMs unchanged. Pass
+    `cache=False` for a document the strict parser did not read (StateSummary.strict): NaN
+    and null encode alike there.
     """
     found: list[DeclaredVM] = []
     problems: list[ExtractionProblem] = []
     for address, raw in _manifest_candidates(document):
-        vm_or_problem = _declare_bounded(address, raw)
+        vm_or_problem = declare_bounded(address, raw, cache=cache)
         if isinstance(vm_or_problem, ExtractionProblem):
             problems.append(vm_or_problem)
         else:
             found.append(vm_or_problem)
-    return Extraction(vms=_mark_duplicate_names(found), problems=tuple(problems))
+    return Extraction(vms=mark_duplicate_names(found), problems=tuple(problems))
 
 
 def canonical_json(value: object) -> str:
@@ -215,21 +161,33 @@ def canonical_json(value: object) -> str:
 def _manifest_candidates(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     candidates = []
     for resource in document.get("resources") or []:
-        if not isinstance(resource, dict) or resource.get("mode") != "managed":
-            continue
-        resource_type = resource.get("type")
-        if resource_type not in (TERRAFORM_DATA, QEMU_VM_RESOURCE):
+        if not declares_vms(resource):
             continue
         for instance in resource.get("instances") or []:
-            if not isinstance(instance, dict) or instance.get("deposed"):
-                continue
-            attributes = instance.get("attributes")
-            if not isinstance(attributes, dict):
-                continue
-            raw = _manifest_of(resource_type, attributes)
-            if raw is not None:
-                candidates.append((_instance_address(resource, instance), raw))
+            candidate = manifest_candidate(resource, instance)
+            if candidate is not None:
+                candidates.append(candidate)
     return candidates
+
+
+def declares_vms(resource: object) -> bool:
+    """Whether a state's resource is of a type whose instances may hold QemuVM manifests."""
+    return (
+        isinstance(resource, dict)
+        and resource.get("mode") == "managed"
+        and resource.get("type") in (TERRAFORM_DATA, QEMU_VM_RESOURCE)
+    )
+
+
+def manifest_candidate(resource: dict[str, Any], instance: object) -> tuple[str, dict[str, Any]] | None:
+    """The address and raw manifest of one instance of a `declares_vms` resource, if it has one."""
+    if not isinstance(instance, dict) or instance.get("deposed"):
+        return None
+    attributes = instance.get("attributes")
+    if not isinstance(attributes, dict):
+        return None
+    raw = _manifest_of(resource["type"], attributes)
+    return None if raw is None else (_instance_address(resource, instance), raw)
 
 
 def _manifest_of(resource_type: str, attributes: dict[str, Any]) -> dict[str, Any] | None:
@@ -270,26 +228,30 @@ def _drop_nulls(value: object) -> object:
     return value
 
 
-def _declare_bounded(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProblem:
+def declare_bounded(address: str, raw: dict[str, Any], *, cache: bool) -> DeclaredVM | ExtractionProblem:
     """`_declare`, with the manifest's depth and size checked before anything recurses into it
     or keeps it, and small manifests served from the cache."""
     try:
-        raw_json = json.dumps(raw, separators=(",", ":"))
+        # msgspec's encoder, a tenth of json.dumps' time: this runs for every VM of every write.
+        encoded = msgspec.json.encode(raw)
     except RecursionError:
         # Deeper than the interpreter's stack allows; _declare refuses far shallower ones.
         return _refused(address, raw, f"nested more than {MANIFEST_DEPTH_MAX} levels deep")
-    if len(raw_json) > MANIFEST_MAX_BYTES:
+    if len(encoded) > MANIFEST_MAX_BYTES:
         return _refused(address, raw, f"larger than {MANIFEST_MAX_BYTES} bytes as JSON")
-    if len(raw_json) > CACHED_MANIFEST_MAX_BYTES:
+    if not cache or len(encoded) > CACHED_MANIFEST_MAX_BYTES:
         return _declare(address, raw)
-    return _declare_cached(address, raw_json)
+    return _declare_cached(address, encoded)
 
 
 @functools.lru_cache(maxsize=DECLARE_CACHE_SIZE)
-def _declare_cached(address: str, raw_json: str) -> DeclaredVM | ExtractionProblem:
-    """`_declare`, remembered by the manifest's exact text: a state is written again and again
-    with the same VMs (every apply, every serial bump), and validation is most of the cost."""
-    return _declare(address, json.loads(raw_json))
+def _declare_cached(address: str, encoded: bytes) -> DeclaredVM | ExtractionProblem:
+    """`_declare`, remembered by the manifest's exact encoding: a state is written again and
+    again with the same VMs (every apply, every serial bump), and validation is most of the cost.
+
+    The cache spans projects and versions: a manifest met in any earlier write is not
+    validated again, which includes every VM unchanged since the published version."""
+    return _declare(address, msgspec.json.decode(encoded))
 
 
 def _usable_name(address: str, raw: dict[str, Any]) -> str | ExtractionProblem:
@@ -355,7 +317,7 @@ def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProble
     )
 
 
-def _mark_duplicate_names(found: list[DeclaredVM]) -> tuple[DeclaredVM, ...]:
+def mark_duplicate_names(found: list[DeclaredVM]) -> tuple[DeclaredVM, ...]:
     by_name: dict[str, list[DeclaredVM]] = defaultdict(list)
     for vm in found:
         by_name[vm.name].append(vm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from aiohttp import web
@@ -18,20 +19,20 @@ from opentelemetry import trace
 from api.names import project_name_problem
 from api.server.errors import BadRequest
 from api.server.keys import METRICS, STATES
+from api.state_reader import read_state
 from api.store import LockConflict
 from api.store.states import LockInfo, unlock_id
-from api.tfstate import (
-    Extraction,
-    StateFormatError,
-    StateSummary,
-    extract_vms,
-    parse_state,
-)
+from api.tfstate import Extraction, StateFormatError, StateSummary
 
 log = structlog.get_logger(__name__)
 TRACER = trace.get_tracer("tofu_qemu.api")
-# Parsing a multi-megabyte state takes tens of milliseconds: keep it off the event loop.
+# Parsing a multi-megabyte state takes milliseconds per MiB: keep it off the event loop. The
+# parse holds the GIL, so more threads would not parse faster; two let one state's parse
+# overlap another's thread hops. Large states are decoded in pieces (api/json_body.py), so the
+# loop gets the GIL back between them while a thread parses.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
+PARSE_THREADS = 2
+_PARSER = ThreadPoolExecutor(max_workers=PARSE_THREADS, thread_name_prefix="state-parse")
 
 
 def project_of(request: web.Request) -> str:
@@ -48,13 +49,27 @@ async def read_body(request: web.Request) -> bytes:
 
     :raise BadRequest: the MD5 does not match. aiohttp raises 413 past the size limit.
     """
+    return (await read_body_and_md5(request))[0]
+
+
+async def read_body_and_md5(request: web.Request) -> tuple[bytes, str]:
+    """`read_body`, and the body's MD5 as hex: computed once, for the check and the store."""
     body = await request.read()
+    if len(body) > _PARSE_IN_THREAD_BYTES:
+        # hashlib lets go of the GIL: on a thread, a 40 MB body's MD5 does not stall the loop.
+        digest = await asyncio.get_running_loop().run_in_executor(_PARSER, _md5, body)
+    else:
+        digest = _md5(body)
     expected = request.headers.get("Content-MD5")
     if expected is not None:
-        actual = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        actual = base64.b64encode(digest).decode()
         if expected.strip() != actual:
             raise BadRequest(f"Content-MD5 {expected.strip()!r} does not match the body (md5 {actual})")
-    return body
+    return body, digest.hex()
+
+
+def _md5(body: bytes) -> bytes:
+    return hashlib.md5(body, usedforsecurity=False).digest()
 
 
 def lock_id_of(request: web.Request) -> str | None:
@@ -79,15 +94,16 @@ async def get_state(request: web.Request) -> web.StreamResponse:
 
 async def put_state(request: web.Request) -> web.StreamResponse:
     project = traced_project(request, "POST")
-    body = await read_body(request)
+    body, md5 = await read_body_and_md5(request)
     with TRACER.start_as_current_span("extract QemuVM specs") as span:
         if len(body) > _PARSE_IN_THREAD_BYTES:
-            summary, extraction = await asyncio.to_thread(_parse_and_extract, body)
+            loop = asyncio.get_running_loop()
+            summary, extraction = await loop.run_in_executor(_PARSER, _parse_and_extract, body)
         else:
             summary, extraction = _parse_and_extract(body)
         span.set_attribute("tofu_qemu.vms_declared", len(extraction.vms) if extraction else 0)
         outcome = await request.app[STATES].write(
-            project, body, summary, extraction, lock_id=lock_id_of(request)
+            project, body, summary, extraction, lock_id=lock_id_of(request), md5=md5
         )
         changes = outcome.published
         span.set_attributes(
@@ -118,11 +134,9 @@ async def put_state(request: web.Request) -> web.StreamResponse:
 
 def _parse_and_extract(body: bytes) -> tuple[StateSummary, Extraction | None]:
     try:
-        summary = parse_state(body)
+        return read_state(body)
     except StateFormatError as err:
         raise BadRequest(str(err)) from err
-    extraction = None if summary.is_encrypted else extract_vms(summary.document)
-    return summary, extraction
 
 
 async def delete_state(request: web.Request) -> web.StreamResponse:

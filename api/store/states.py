@@ -235,15 +235,18 @@ class StateStore:
         extraction: Extraction | None,
         *,
         lock_id: str | None,
+        md5: str | None = None,
     ) -> WriteOutcome:
-        """Store `body` as the new current state and keep it as a version.
+        """Store `body` (the bytes as received) as the new current state and keep it as a version.
+
+        `md5`: the body's MD5 in hex, when the caller has computed it already.
 
         :raise StateLocked: no lock ID given while the state is locked.
         :raise LockMismatch: the lock ID is not the holder's.
         :raise LineageConflict: strict_lineage is on and the lineage or serial do not follow.
         """
         now = self._db.clock()
-        digest = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        digest = md5 or hashlib.md5(body, usedforsecurity=False).hexdigest()
         async with self._db.write() as conn:
             row = await _project_row(conn, project, create=True, now=now)
             holder_id, holder_info = row["lock_id"], row["lock_info"]

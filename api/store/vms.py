@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -111,66 +112,86 @@ async def apply_declared(
     ) as cursor:
         existing = tuple(ExistingVM(*row) for row in await cursor.fetchall())
     changes = diff_specs(declared, existing)
-    stamp = now.isoformat()
-    # Recorded in this transaction, so an event exists exactly when its change does.
-    events: list[NewEvent] = []
+    before = await _generations_specs_labels(conn, project) if changes.changed else {}
+    # Reserved in one statement; each kind of change is one executemany, not one statement
+    # per VM: a 10,000-VM state is published in a few round trips to the database thread.
+    versions = await _next_resource_versions(conn, _row_writes(changes))
     note = _SpecEvents(project=project, serial=serial, trace_id=trace_id_of(trace))
-    for vm in changes.created:
-        uid = str(uuid.uuid4())
-        events += note.created(uid, vm)
-        await conn.execute(
+    writes = _Writes.of(changes, before, note, stamp=now.isoformat(), trace=trace, versions=iter(versions))
+    statements = (
+        (
             "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, spec_error, labels,"
             " address, created_at, spec_changed_at, state_serial, resource_version, spec_trace)"
             " VALUES (?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                uid,
-                project,
-                vm.name,
-                vm.spec_hash,
-                json.dumps(vm.spec),
-                vm.error,
-                json.dumps(vm.labels),
-                vm.address,
-                stamp,
-                stamp,
-                serial or 0,
-                await _next_resource_version(conn),
-                trace,
-            ),
-        )
-    for current, vm in changes.changed:
-        events += note.changed(current.uid, vm, await _generation_spec_labels(conn, current.uid))
-        await conn.execute(
+            writes.created,
+        ),
+        (
             "UPDATE vms SET generation = generation + 1, spec_hash = ?, spec = ?, spec_error = ?,"
             " labels = ?, address = ?, spec_changed_at = ?, state_serial = ?, resource_version = ?,"
             " spec_trace = ? WHERE uid = ?",
-            (
-                vm.spec_hash,
-                json.dumps(vm.spec),
-                vm.error,
-                json.dumps(vm.labels),
-                vm.address,
-                stamp,
-                serial or 0,
-                await _next_resource_version(conn),
-                trace,
-                current.uid,
-            ),
-        )
-    for current, vm in changes.moved:
-        await conn.execute(
-            "UPDATE vms SET address = ?, resource_version = ? WHERE uid = ?",
-            (vm.address, await _next_resource_version(conn), current.uid),
-        )
-    for current in changes.deleted:
-        events.append(note.deleting(current.uid, current.name))
-        await conn.execute(
+            writes.changed,
+        ),
+        ("UPDATE vms SET address = ?, resource_version = ? WHERE uid = ?", writes.moved),
+        (
             "UPDATE vms SET deleted_at = ?, state_serial = COALESCE(?, state_serial),"
             " resource_version = ? WHERE uid = ?",
-            (stamp, serial, await _next_resource_version(conn), current.uid),
-        )
-    await insert_events(conn, events, now=now)
+            writes.deleted,
+        ),
+    )
+    for statement, rows in statements:
+        if rows:  # most writes change nothing: no round trip to the database thread for them
+            await conn.executemany(statement, rows)
+    if writes.events:
+        # Recorded in this transaction, so an event exists exactly when its change does.
+        await insert_events(conn, writes.events, now=now)
     return changes
+
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Writes:
+    """The rows and events of one apply_declared, built before any is written."""
+
+    created: list[Row]
+    changed: list[Row]
+    moved: list[Row]
+    deleted: list[Row]
+    events: list[NewEvent]
+
+    @classmethod
+    def of(
+        cls,
+        changes: SpecChanges,
+        before: dict[str, tuple[int, dict[str, Any], dict[str, str]]],
+        note: _SpecEvents,
+        *,
+        stamp: str,
+        trace: str | None,
+        versions: Iterator[int],
+    ) -> _Writes:
+        serial = note.serial
+        writes = cls([], [], [], [], [])
+        for vm in changes.created:
+            uid = str(uuid.uuid4())
+            writes.events.extend(note.created(uid, vm))
+            head: Row = (uid, note.project, vm.name, vm.spec_hash, json.dumps(vm.spec), vm.error)
+            tail = (json.dumps(vm.labels), vm.address, stamp, stamp, serial or 0, next(versions), trace)
+            writes.created.append((*head, *tail))
+        for current, vm in changes.changed:
+            writes.events.extend(note.changed(current.uid, vm, before[current.uid]))
+            fields: Row = (vm.spec_hash, json.dumps(vm.spec), vm.error, json.dumps(vm.labels), vm.address)
+            writes.changed.append((*fields, stamp, serial or 0, next(versions), trace, current.uid))
+        writes.moved.extend((vm.address, next(versions), current.uid) for current, vm in changes.moved)
+        for current in changes.deleted:
+            writes.events.append(note.deleting(current.uid, current.name))
+            writes.deleted.append((stamp, serial, next(versions), current.uid))
+        return writes
+
+
+def _row_writes(changes: SpecChanges) -> int:
+    return len(changes.created) + len(changes.changed) + len(changes.moved) + len(changes.deleted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,23 +241,32 @@ class _SpecEvents:
         return NewEvent(uid, self.project, name, reason, message, type_, self.trace_id)
 
 
-async def _generation_spec_labels(
-    conn: aiosqlite.Connection, uid: str
-) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """What a changed object holds before the change, for its SpecChanged event."""
-    async with conn.execute("SELECT generation, spec, labels FROM vms WHERE uid = ?", (uid,)) as cursor:
-        row = await cursor.fetchone()
-    assert row is not None, "diff_specs only reports objects read in this transaction"
-    return int(row[0]), json.loads(row[1]), json.loads(row[2])
+async def _generations_specs_labels(
+    conn: aiosqlite.Connection, project: str
+) -> dict[str, tuple[int, dict[str, Any], dict[str, str]]]:
+    """What each live object holds before a change, for its SpecChanged event: one query."""
+    async with conn.execute(
+        "SELECT uid, generation, spec, labels FROM vms WHERE project = ? AND deleted_at IS NULL",
+        (project,),
+    ) as cursor:
+        rows = await cursor.fetchall()
+    return {str(row[0]): (int(row[1]), json.loads(row[2]), json.loads(row[3])) for row in rows}
 
 
 async def _next_resource_version(conn: aiosqlite.Connection) -> int:
+    return (await _next_resource_versions(conn, 1))[0]
+
+
+async def _next_resource_versions(conn: aiosqlite.Connection, count: int) -> range:
+    """`count` new resource versions, in order, reserved in one statement."""
+    if count == 0:
+        return range(0)
     async with conn.execute(
-        "UPDATE resource_versions SET value = value + 1 WHERE id = 1 RETURNING value"
+        "UPDATE resource_versions SET value = value + ? WHERE id = 1 RETURNING value", (count,)
     ) as cursor:
         row = await cursor.fetchone()
     assert row is not None
-    return int(row[0])
+    return range(int(row[0]) - count + 1, int(row[0]) + 1)
 
 
 class VMStore:
