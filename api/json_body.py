@@ -9,7 +9,7 @@ few documents only it accepts exactly as before: the outcome of every body is th
 A large state is decoded piece by piece (its top-level values, each resource's values, each
 resource instance) rather than in one C call: a thread decoding it then gives the GIL back to
 the event loop between pieces, so a 40 MB state does not stall every other request for the
-whole parse (PROTOCOL.md §7 describes the layout).
+whole parse (docs/backend.md#the-state-document describes the layout).
 """
 
 from __future__ import annotations
