@@ -10,11 +10,11 @@ from typing import Any
 import jsonschema
 import pytest
 
-from api.openapi import COMPONENT_MODELS, build_document
-from api.server.routes import ROUTES
+from api.openapi import COMPONENT_MODELS
+from api.server.routes import ROUTES, document
 from api.types import ObjectMeta, QemuVM, QemuVMStatus
 
-DOCUMENT = build_document()
+DOCUMENT = document()
 OPENAPI_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # The dashboard serves HTML pages to browsers; it is not an API to describe.
 NOT_API = re.compile(r"/ui(/|$)")
