@@ -163,8 +163,11 @@ def structural(node: Schema, *, path: str, keep_defaults: bool) -> Schema:
     """The Kubernetes structural form of one inlined JSON schema node (see the module doc)."""
     node = _without_null_branch(node)
     result = _union(node, path) if "anyOf" in node else _typed(node, path=path, keep_defaults=keep_defaults)
-    if "description" in node:
-        result["description"] = _unwrapped(node["description"])
+    own = _unwrapped(node.get("description", ""))
+    limits = _limits(result)
+    description = f"{own.rstrip('.')}. {limits}" if own and limits else own or limits
+    if description:
+        result["description"] = description
     # `default: null` would mean "absent", which is what no default means already.
     if keep_defaults and node.get("default") is not None:
         result["default"] = node["default"]
@@ -190,6 +193,16 @@ def _typed(node: Schema, *, path: str, keep_defaults: bool) -> Schema:
     if node.get("nullable"):
         result["nullable"] = True
     return result
+
+
+def _limits(node: Schema) -> str:
+    """The node's range and length in words: `kubectl explain` shows descriptions, not keywords."""
+    parts = []
+    if "minimum" in node or "maximum" in node:
+        parts.append(f"Between {node.get('minimum', '-∞')} and {node.get('maximum', '∞')}.")
+    if "maxLength" in node:
+        parts.append(f"At most {node['maxLength']} characters.")
+    return " ".join(parts)
 
 
 def _unwrapped(text: str) -> str:

@@ -107,9 +107,11 @@ def _table_renderer(request: web.Request) -> TableRenderer | None:
     if not wants_table(request):
         return None
     include = include_object(request)
-    columns = kube.vm_table_columns(vm_columns.VM_TABLE_COLUMNS, request.app[DATABASE].clock())
+    clock = request.app[DATABASE].clock
 
     def render(objects: list[dict[str, Any]], resource_version: str) -> dict[str, Any]:
+        # Ages as of now: a watch renders its events long after it started.
+        columns = kube.vm_table_columns(vm_columns.VM_TABLE_COLUMNS, clock())
         return kube.table(columns, objects, include=include, resource_version=resource_version)
 
     return render

@@ -10,12 +10,14 @@ import pytest
 
 from api.vm_columns import VM_TABLE_COLUMNS
 from tests.builders import vm_state
-from tests.component.conftest import AUTH
+from tests.component.conftest import AUTH, FakeClock
 from tests.component.k8s_support import APIS, Client, WatchReader, api, post_state, serve
 
 __all__ = ["api", "serve"]  # fixtures
 TABLE = {**AUTH, "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}
 NAMESPACED = f"{APIS}/namespaces/lab/qemuvms"
+# The AGE cell: after NAME, PHASE, READY, ACCEL, PORTS, RESTARTS.
+AGE = 6
 REFUSED = "QemuVM specs come from Terraform state; change them with tofu apply"
 
 
@@ -135,6 +137,19 @@ async def test_a_watch_sends_bookmarks_only_on_request_and_tables_when_asked(api
     assert [(await bookmarked.next())["type"] for _ in range(3)] == ["ADDED", "ADDED", "BOOKMARK"]
 
 
+async def test_a_watched_row_shows_its_age_when_it_is_sent(api: Client, clock: FakeClock) -> None:
+    """Ages are computed per event, not when the watch began (kubectl printed "<invalid>")."""
+    await declare(api)
+    reader = WatchReader(await api.get(f"{NAMESPACED}/web", headers=TABLE))
+    assert (await reader.response.json())["rows"][0]["cells"][AGE] == "0s"
+    watch = WatchReader(await api.get(NAMESPACED, params={"watch": "1"}, headers=TABLE))
+    await watch.next()
+    await watch.next()
+    clock.advance(300)
+    await post_state(api, "lab", vm_state(2, {"web": {"labels": {"app": "v2"}}, "db": {}}))
+    assert (await watch.next())["object"]["rows"][0]["cells"][AGE] == "5m"
+
+
 async def test_projects_are_namespaces(api: Client) -> None:
     await declare(api)
     listed = await get_json(api, "/api/v1/namespaces")
@@ -212,6 +227,7 @@ async def test_openapi_v3_serves_the_crd_schema_for_explain(api: Client) -> None
         "maximum": 64,
         "minimum": 1,
         "type": "integer",
+        "description": "Between 1 and 64.",
     }
     listed = document["paths"]["/apis/tofu-qemu.dev/v1alpha1/namespaces/{namespace}/qemuvms"]
     assert listed["get"]["x-kubernetes-group-version-kind"]["kind"] == "QemuVM"

@@ -371,7 +371,11 @@ def test_pydantic_titles_are_dropped_and_descriptions_kept(root: dict[str, Any])
     """No pydantic `title` noise; field and model descriptions reach `kubectl explain`."""
     assert "title" not in set(keys_anywhere(root))
     spec = root["properties"]["spec"]
-    assert spec["properties"]["memory"]["description"] == 'MiB, or a quantity like "2Gi"'
+    assert (
+        spec["properties"]["memory"]["description"]
+        == 'MiB, or a quantity like "2Gi". Between 16 and 1048576.'
+    )
+    assert spec["properties"]["cpus"]["description"] == "Between 1 and 64."
     assert spec["properties"]["boot"]["description"].startswith("Direct kernel boot")
 
 
