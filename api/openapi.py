@@ -174,7 +174,14 @@ LIST_QUERY = [
         {"type": "integer", "minimum": 1, "maximum": 3600},
         "Watch: end the stream after this long (default 1800)",
     ),
-    _query("allowWatchBookmarks", BOOLEAN, "Accepted; BOOKMARK events are always sent"),
+    _query(
+        "allowWatchBookmarks", BOOLEAN, "Watch: send BOOKMARK events (Kubernetes semantics: only when asked)"
+    ),
+    _query(
+        "resourceVersionMatch",
+        {"type": "string", "enum": ["Exact", "NotOlderThan"]},
+        "List, with resourceVersion: Exact is served only at the current version (410 otherwise)",
+    ),
 ]
 
 

@@ -26,7 +26,13 @@ from api.server.events import event_log_of
 from api.server.keys import DATABASE, VMS
 from api.server.kube import include_object, wants_table
 from api.server.streams import ShuttingDown, TooManyStreams
-from api.server.watch import WATCH_TIMEOUT_DEFAULT, WATCH_TIMEOUT_MAX, WatchRequest, serve_watch
+from api.server.watch import (
+    WATCH_TIMEOUT_DEFAULT,
+    WATCH_TIMEOUT_MAX,
+    WatchRequest,
+    expired_status,
+    serve_watch,
+)
 from api.store import StorageFull
 from api.store.events import NewEvent
 from api.store.vms import RunAction, VMRecord
@@ -72,13 +78,19 @@ async def list_qemuvms(request: web.Request) -> web.StreamResponse:
     )
     bookmarks = params.flag(request, "allowWatchBookmarks")
     table = _table_renderer(request)
+    exact = _exact_version_wanted(request)
     if params.flag(request, "watch"):
+        if exact is not None:
+            raise BadRequest("resourceVersionMatch is forbidden for watch")
         render = (lambda obj: table([obj], obj["metadata"]["resourceVersion"])) if table else None
         watch = WatchRequest(project, selector, since or None, timeout, fields, bookmarks, render)
         return await serve_watch(request, watch)
-    # A list is always the newest state, whatever resourceVersion says (Kubernetes' "0" and
-    # "not older than" both allow that).
+    # A list is the newest state (Kubernetes' "0" and "NotOlderThan" both allow that); only
+    # resourceVersionMatch=Exact asks for one version, which the store serves only if current.
     snapshot = await WatchStore(request.app[DATABASE]).snapshot(project=project)
+    if exact and since != snapshot.resource_version:
+        message = f"too old resource version: {since} (the store keeps only {snapshot.resource_version})"
+        return web.json_response(expired_status(message), status=410)
     records = [
         record
         for record in snapshot.records
@@ -90,6 +102,18 @@ async def list_qemuvms(request: web.Request) -> web.StreamResponse:
     items = tuple(record.to_object() for record in records)
     body = QemuVMList(metadata=ListMeta(resource_version=str(snapshot.resource_version)), items=items)
     return web.json_response(body.model_dump(mode="json", by_alias=True))
+
+
+def _exact_version_wanted(request: web.Request) -> bool | None:
+    """`resourceVersionMatch`: None when absent, else whether it is Exact (Kubernetes' rules)."""
+    match = request.query.get("resourceVersionMatch", "")
+    if not match:
+        return None
+    if match not in ("Exact", "NotOlderThan"):
+        raise BadRequest(f"resourceVersionMatch must be Exact or NotOlderThan, not {match[:40]!r}")
+    if not request.query.get("resourceVersion"):
+        raise BadRequest("resourceVersionMatch is forbidden unless resourceVersion is provided")
+    return match == "Exact"
 
 
 def _field_selector(request: web.Request) -> kube.FieldSelector:

@@ -234,3 +234,23 @@ async def test_openapi_v3_serves_the_crd_schema_for_explain(api: Client) -> None
     assert "fieldValidation" in str(listed["post"]["parameters"])
     v2 = await api.get("/openapi/v2", headers=AUTH)
     assert (v2.status, (await v2.json())["kind"]) == (404, "Status")
+
+
+async def test_resource_version_match_follows_kubernetes(api: Client) -> None:
+    """NotOlderThan and Exact at the current version list; Exact at another version is 410
+    (only the newest state is kept); the invalid combinations are 400s, as in Kubernetes."""
+    await declare(api)
+    current = (await get_json(api, NAMESPACED))["metadata"]["resourceVersion"]
+    for match in ("NotOlderThan", "Exact"):
+        listed = await get_json(api, NAMESPACED, resourceVersion=current, resourceVersionMatch=match)
+        assert listed["metadata"]["resourceVersion"] == current
+    older = await api.get(
+        NAMESPACED, params={"resourceVersion": "1", "resourceVersionMatch": "Exact"}, headers=AUTH
+    )
+    assert (older.status, (await older.json())["reason"]) == (410, "Expired")
+    for query in (
+        {"resourceVersionMatch": "Exact"},
+        {"resourceVersion": current, "resourceVersionMatch": "Newest"},
+        {"resourceVersion": current, "resourceVersionMatch": "Exact", "watch": "1"},
+    ):
+        assert (await api.get(NAMESPACED, params=query, headers=AUTH)).status == 400, query
