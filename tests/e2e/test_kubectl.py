@@ -21,6 +21,7 @@ pytestmark = pytest.mark.e2e
 
 PROJECT = "kube"
 WATCH_TIMEOUT = 60.0
+EDITOR = r"sed -i -e s/cpus:.1/cpus:\ 2/"
 REFUSED = "QemuVM specs come from Terraform state; change them with tofu apply"
 HCL = """
 variable "vms" {
@@ -137,6 +138,9 @@ def test_kubectl_reads_qemuvms_events_namespaces_and_schemas(
         "patch", "qvm", "web", "-n", PROJECT, "--type=merge", "-p", '{"spec":{"cpus":2}}', check=False
     )
     assert "(MethodNotAllowed)" in patched.stderr
+    # kubectl edit runs the editor (here sed, changing cpus), then PATCHes.
+    edited = kubectl.run("edit", "qvm", "web", "-n", PROJECT, check=False, env={"KUBE_EDITOR": EDITOR})
+    assert f"could not be patched: {REFUSED}" in edited.stderr
     assert server.vm(PROJECT, "web")["spec"]["cpus"] == 1
 
 
