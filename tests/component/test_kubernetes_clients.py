@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+from api.server import kube as kube_server
+from api.store import Database
+from api.store.events import LIST_LIMIT_MAX, EventLog, NewEvent
 from api.vm_columns import VM_TABLE_COLUMNS
 from tests.builders import vm_state
 from tests.component.conftest import AUTH, FakeClock
@@ -254,3 +257,15 @@ async def test_resource_version_match_follows_kubernetes(api: Client) -> None:
         {"resourceVersion": current, "resourceVersionMatch": "Exact", "watch": "1"},
     ):
         assert (await api.get(NAMESPACED, params=query, headers=AUTH)).status == 400, query
+
+
+async def test_core_events_are_500_per_request_unless_limited(api: Client, db: Database) -> None:
+    """kubectl describe pages 500 at a time: the default; `limit` beyond the event log's list
+    limit (1000) is capped there."""
+    await declare(api)
+    many = [NewEvent("", "busy", "", "ForceUnlocked", f"unlock {n}") for n in range(1100)]
+    await EventLog(db).record(*many)
+    path = "/api/v1/namespaces/busy/events"
+    assert len((await get_json(api, path))["items"]) == kube_server.EVENTS_LIMIT_DEFAULT == 500
+    assert len((await get_json(api, path, limit="5000"))["items"]) == LIST_LIMIT_MAX == 1000
+    assert (await get_json(api, path, limit="3"))["items"][-1]["message"] == "unlock 1099"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import os
+from pathlib import Path
 
 import pytest
+import yaml
 
+from api.credentials import load_credentials
 from api.kube import QEMUVM_FIELDS, FieldSelectorError, parse_field_selector
 from api.settings import ServerSettings, SettingsError
-from controller.client.kubeconfig import kubeconfig, server_url
+from controller.cli import main
+from controller.client.kubeconfig import NEW_TOKEN_BYTES, kubeconfig, server_url
 
 
 @pytest.mark.parametrize(
@@ -70,3 +75,23 @@ def test_the_server_url_follows_the_listen_and_tls_settings() -> None:
     assert server_url(ServerSettings(listen="[::1]:8080")) == "http://[::1]:8080"
     with pytest.raises(SettingsError, match="--server"):
         server_url(ServerSettings(listen="0.0.0.0:8443"))
+
+
+def test_a_new_token_comes_with_its_users_file_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--new-token NAME: a random token of NEW_TOKEN_BYTES in the kubeconfig, and on stderr the
+    hashed line that makes the server accept it."""
+    for name in [key for key in os.environ if key.startswith("TOFU_QEMU_")]:
+        monkeypatch.delenv(name)
+    certificate = tmp_path / "server.pem"
+    certificate.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    argv = ["kubeconfig", "--listen", "127.0.0.1:8443", "--tls-cert", str(certificate), "--new-token", "kube"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    token = yaml.safe_load(printed.out)["users"][0]["user"]["token"]
+    assert len(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))) == NEW_TOKEN_BYTES == 32
+    users_file = tmp_path / "users.toml"
+    users_file.write_text("[tokens]\n" + printed.err.strip().splitlines()[-1] + "\n")
+    credentials = load_credentials(users=None, tokens=None, users_file=users_file)
+    assert credentials.check_bearer(token) == "token:kube"
