@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import json
 from typing import Any
 
@@ -27,7 +28,15 @@ from api.server.keys import DATABASE, STATES
 from api.store.events import LIST_LIMIT_MAX, EventRecord, EventType
 from api.types import API_GROUP, API_VERSION, KIND
 
-SERVER_VERSION = "0.1.0"
+
+def _server_version() -> str:
+    try:
+        return importlib.metadata.version("tofu-qemu")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+SERVER_VERSION = _server_version()
 OPENAPI_V3_GROUP_PATH = f"apis/{API_VERSION}"
 OPENAPI_V3_ROOT = "/openapi/v3"
 # kubectl describe pages events 500 at a time; the event log's own list limit caps it.
