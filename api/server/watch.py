@@ -19,8 +19,8 @@ Semantics (docs/api.md "Watch"), following Kubernetes:
   than one batch.
 - `fieldSelector` (metadata.name, metadata.namespace) filters like `labelSelector`; a `render`
   (kubectl's one-row Table per event) shapes each object on the wire.
-- A BOOKMARK with the current resourceVersion every HEARTBEAT_SECONDS keeps proxies from
-  timing the connection out and tells the client where to resume.
+- A BOOKMARK with the current resourceVersion every `watch_bookmark_seconds` (a setting, 15 by
+  default) keeps proxies from timing the connection out and tells the client where to resume.
 - The stream ends after `timeoutSeconds` (default WATCH_TIMEOUT_DEFAULT), when the client
   goes away or stops reading for WRITE_TIMEOUT_SECONDS, or at server shutdown.
 """
@@ -40,7 +40,8 @@ from aiohttp import web
 from api.k8s_types import INITIAL_EVENTS_END, WatchEventType
 from api.kube import FieldSelector
 from api.labels import Selector
-from api.server.keys import DATABASE
+from api.server.auth import PRINCIPAL
+from api.server.keys import DATABASE, SETTINGS
 from api.server.streams import StreamHub, StreamKind, hub_of
 from api.store.vms import VMRecord
 from api.store.watch import Changes, Expired, WatchStore
@@ -49,7 +50,6 @@ from api.types import API_VERSION, KIND
 log = structlog.get_logger(__name__)
 EVERY_FIELD = FieldSelector()
 CONTENT_TYPE = "application/json;stream=watch"
-HEARTBEAT_SECONDS = 15.0
 WATCH_TIMEOUT_DEFAULT = 1800
 WATCH_TIMEOUT_MAX = 3600
 WRITE_TIMEOUT_SECONDS = 60.0
@@ -150,7 +150,7 @@ async def serve_watch(request: web.Request, watch: WatchRequest) -> web.StreamRe
     """Answer a watch. Errors found before the stream starts (410, 429, 503) are plain answers."""
     hub = hub_of(request.app)
     store = WatchStore(request.app[DATABASE])
-    async with hub.slot(StreamKind.WATCH):
+    async with hub.slot(StreamKind.WATCH, request.get(PRINCIPAL)):
         wake = hub.changed()
         if watch.since is None:
             snapshot = await store.snapshot(project=watch.project)
@@ -186,7 +186,8 @@ async def _follow(
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + watch.timeout_seconds
-    next_heartbeat = loop.time() + HEARTBEAT_SECONDS
+    heartbeat = stream.request.app[SETTINGS].watch_bookmark_seconds
+    next_heartbeat = loop.time() + heartbeat
     while True:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(TICK_SECONDS, max(0.0, next_heartbeat - loop.time()))):
@@ -205,7 +206,7 @@ async def _follow(
             await stream.flush()
         if loop.time() >= next_heartbeat:
             await stream.bookmark()
-            next_heartbeat = loop.time() + HEARTBEAT_SECONDS
+            next_heartbeat = loop.time() + heartbeat
 
 
 async def _emit(stream: _Stream, changes: Changes, *, resumed: bool) -> None:
