@@ -11,9 +11,10 @@ raises `UnsupportedSchemaError` naming the field, so a model change that Kuberne
 express fails `hack/gen-crds` instead of producing a CRD that an apiserver rejects or that
 validates less than it seems to.
 
-The CRD checks shape: types, enums, required fields, list lengths. Ranges and formats that live
-in the models' own validators (memory ≥ 16 MiB, DNS labels, image paths) are not in the JSON
-schema pydantic exports, and are not invented here; pydantic stays the authority.
+The CRD checks shape (types, enums, required fields, list lengths) and the constraints the
+models' own validators publish (api/types.py VALIDATOR_SCHEMAS: ranges such as memory ≥ 16 MiB,
+DNS labels, image paths, lengths), so an apiserver with this CRD refuses what tofu-qemu refuses.
+Checks that span fields (unique disk names, something to boot) stay pydantic's alone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaV
 from pydantic_core import core_schema
 
 from api import quantity
-from api.types import API_GROUP, API_VERSION, KIND, QemuVMSpec, QemuVMStatus
+from api.types import API_GROUP, API_VERSION, KIND, VALIDATOR_SCHEMAS, QemuVMSpec, QemuVMStatus
 
 VERSION = API_VERSION.removeprefix(f"{API_GROUP}/")
 PLURAL = "qemuvms"
@@ -57,7 +58,10 @@ _PLAIN_KEYWORDS = (
     "maxItems",
     "minProperties",
     "maxProperties",
+    "pattern",
 )
+# Value checks Kubernetes applies to an int-or-string node too (to the integer form).
+_INT_OR_STRING_KEYWORDS = ("minimum", "maximum")
 # Handled by the converter itself; `title` is pydantic's name of the class or field, noise in
 # `kubectl explain`.
 _HANDLED_KEYWORDS = frozenset(
@@ -75,7 +79,9 @@ _HANDLED_KEYWORDS = frozenset(
         "title",
     }
 )
-_UNION_KEYWORDS = frozenset({"anyOf", "description", "default", "nullable", "title"})
+_UNION_KEYWORDS = frozenset(
+    {"anyOf", "description", "default", "nullable", "title", *_INT_OR_STRING_KEYWORDS}
+)
 _SCALAR_TYPES = frozenset({"string", "integer", "number", "boolean"})
 _NULL: Schema = {"type": "null"}
 
@@ -116,6 +122,12 @@ class _InputSchema(GenerateJsonSchema):
             return {"anyOf": [{"type": "integer"}, {"type": "string"}]}
         return super().function_before_schema(schema)
 
+    def function_after_schema(self, schema: core_schema.AfterValidatorFunctionSchema) -> JsonSchemaValue:
+        """The inner schema, plus the constraints the validator publishes."""
+        inner = super().function_after_schema(schema)
+        published = VALIDATOR_SCHEMAS.get(schema["function"]["function"])
+        return {**inner, **published} if published else inner
+
 
 def model_schema(model: type[BaseModel], mode: JsonSchemaMode) -> Schema:
     """The model's JSON schema with every `$ref` inlined and `$defs` gone."""
@@ -151,8 +163,11 @@ def structural(node: Schema, *, path: str, keep_defaults: bool) -> Schema:
     """The Kubernetes structural form of one inlined JSON schema node (see the module doc)."""
     node = _without_null_branch(node)
     result = _union(node, path) if "anyOf" in node else _typed(node, path=path, keep_defaults=keep_defaults)
-    if "description" in node:
-        result["description"] = _unwrapped(node["description"])
+    own = _unwrapped(node.get("description", ""))
+    limits = _limits(result)
+    description = f"{own.rstrip('.')}. {limits}" if own and limits else own or limits
+    if description:
+        result["description"] = description
     # `default: null` would mean "absent", which is what no default means already.
     if keep_defaults and node.get("default") is not None:
         result["default"] = node["default"]
@@ -178,6 +193,16 @@ def _typed(node: Schema, *, path: str, keep_defaults: bool) -> Schema:
     if node.get("nullable"):
         result["nullable"] = True
     return result
+
+
+def _limits(node: Schema) -> str:
+    """The node's range and length in words: `kubectl explain` shows descriptions, not keywords."""
+    parts = []
+    if "minimum" in node or "maximum" in node:
+        parts.append(f"Between {node.get('minimum', '-∞')} and {node.get('maximum', '∞')}.")
+    if "maxLength" in node:
+        parts.append(f"At most {node['maxLength']} characters.")
+    return " ".join(parts)
 
 
 def _unwrapped(text: str) -> str:
@@ -212,7 +237,8 @@ def _union(node: Schema, path: str) -> Schema:
         raise UnsupportedSchemaError(path, f"unsupported keywords beside anyOf {sorted(unknown)}")
     branches: list[Schema] = node["anyOf"]
     if sorted(branch.get("type", "") for branch in branches) == ["integer", "string"]:
-        return {"x-kubernetes-int-or-string": True}
+        checks = {key: node[key] for key in _INT_OR_STRING_KEYWORDS if key in node}
+        return {"x-kubernetes-int-or-string": True, **checks}
     if any(_is_free_form(branch) for branch in branches):
         return {"x-kubernetes-preserve-unknown-fields": True}
     raise UnsupportedSchemaError(path, f"a union Kubernetes cannot express: {branches}")

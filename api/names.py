@@ -15,7 +15,8 @@ _PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 # RFC 1123 DNS label, as Kubernetes requires for most object names.
 DNS_LABEL_MAX = 63
-_DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+DNS_LABEL_PATTERN = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_LABEL_RE = re.compile(DNS_LABEL_PATTERN)
 
 # Kubernetes label keys and values (prefix/name), kept strict: they are shown in tables and
 # may become QEMU `-name` or SMBIOS strings later.

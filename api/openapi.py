@@ -1,14 +1,19 @@
 """The OpenAPI 3.1 document served at /openapi.json. Pure: built from the pydantic models the
 handlers answer with (api/types.py, api/k8s_types.py), so schemas cannot drift from responses.
 
-Paths are listed here by hand, one entry per route of api/server/routes.py;
-tests/unit/test_openapi.py fails when a route is missing. LOCK and UNLOCK are not OpenAPI
-methods: they are described on their path and listed in its `x-methods` extension.
+Paths come from the route table (api/server/routes.py): each route carries an `Op` naming its
+summary, the model it answers with, its query parameters and its error codes; path
+parameters are derived from the path's placeholders. A route without an `Op` (the dashboard's
+HTML pages) is not an API and not described. LOCK and UNLOCK are not OpenAPI methods: they are
+described on their path and listed in its `x-methods` extension.
 OpenAPI 3.1 schemas are JSON Schema 2020-12, which is what pydantic writes.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -46,7 +51,27 @@ WATCH_CONTENT_TYPE = "application/json;stream=watch"
 Document = dict[str, Any]
 
 
-def build_document() -> Document:
+@dataclass(frozen=True, slots=True)
+class Op:
+    """What one route answers, for the document."""
+
+    summary: str
+    # The component schema of the 200 JSON body; None: a JSON object described by `ok`.
+    model: str | None = None
+    ok: str = ""
+    errors: tuple[int, ...] = ()
+    query: tuple[dict[str, Any], ...] = ()
+    # Replaces the responses built from model/ok/errors (plain text, 204, lock-info bodies).
+    responses: Mapping[str, Any] | None = None
+    # Operation keys as they are: requestBody, security (probes: []).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+# A route as the document sees it: (method, path, its Op).
+DocumentedRoute = tuple[str, str, Op]
+
+
+def build_document(routes: Iterable[DocumentedRoute]) -> Document:
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -58,7 +83,7 @@ def build_document() -> Document:
             ),
         },
         "security": [{"basicAuth": []}, {"bearerAuth": []}],
-        "paths": _paths(),
+        "paths": paths(routes),
         "components": {"schemas": component_schemas(), "securitySchemes": _security_schemes()},
     }
 
@@ -122,9 +147,13 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-PROJECT = _path_param("project", "Project: letters, digits, '-', '_', '.'; at most 128 characters")
-NAME = _path_param("name", "The QemuVM's name (metadata.name)")
-SERIAL = _path_param("serial", "A state serial")
+PATH_PARAMETERS = {
+    "project": _path_param(
+        "project", "Project (namespace): letters, digits, '-', '_', '.'; at most 128 characters"
+    ),
+    "name": _path_param("name", "The object's name (metadata.name)"),
+    "serial": _path_param("serial", "A state serial"),
+}
 BOOLEAN = {"type": "string", "enum": ["true", "false", "1", "0"]}
 LIST_QUERY = [
     _query(
@@ -145,251 +174,232 @@ LIST_QUERY = [
         {"type": "integer", "minimum": 1, "maximum": 3600},
         "Watch: end the stream after this long (default 1800)",
     ),
-    _query("allowWatchBookmarks", BOOLEAN, "Accepted; BOOKMARK events are always sent"),
+    _query(
+        "allowWatchBookmarks", BOOLEAN, "Watch: send BOOKMARK events (Kubernetes semantics: only when asked)"
+    ),
+    _query(
+        "resourceVersionMatch",
+        {"type": "string", "enum": ["Exact", "NotOlderThan"]},
+        "List, with resourceVersion: Exact is served only at the current version (410 otherwise)",
+    ),
 ]
 
 
-def _operation(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"summary": summary, "responses": responses, **extra}
+# The methods OpenAPI has; others (LOCK, UNLOCK) go to the path's x-methods.
+OPENAPI_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
-def _qemuvm_list_get(summary: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
+def paths(routes: Iterable[DocumentedRoute]) -> dict[str, Any]:
+    """One path item per route path; path parameters from its placeholders."""
+    items: dict[str, Any] = {}
+    for method, path, op in routes:
+        item = items.setdefault(path, {})
+        if method.lower() in OPENAPI_METHODS:
+            item[method.lower()] = operation(path, op)
+        else:
+            item.setdefault("x-methods", []).append(method)
+            item["description"] = " ".join(
+                filter(None, (item.get("description"), f"{method}: {op.summary}."))
+            )
+    return items
+
+
+def operation(path: str, op: Op) -> dict[str, Any]:
+    responses = op.responses
+    if responses is None:
+        responses = {"200": _json(op.model, op.ok or op.summary), **_errors(*op.errors)}
+    parameters = [PATH_PARAMETERS[name] for name in _PLACEHOLDER.findall(path)] + list(op.query)
+    extra = {"parameters": parameters} if parameters else {}
+    return {"summary": op.summary, "responses": dict(responses), **extra, **op.extra}
+
+
+# ---- Operations the route table uses ------------------------------------------------------------
+
+_PLAIN = {"description": "Probe answer", "content": {"application/json": {"schema": {"type": "object"}}}}
+_TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+_JSON_BODY = {"content": {"application/json": {"schema": {"type": "object"}}}}
+HEALTHZ = Op("Liveness probe (no auth)", responses={"200": _PLAIN}, extra={"security": []})
+READYZ = Op(
+    "Readiness probe (no auth)",
+    responses={"200": _PLAIN, "503": _json("Status", "Not ready")},
+    extra={"security": []},
+)
+METRICS = Op(
+    "Prometheus metrics (auth unless metrics_auth = false)",
+    responses={"200": {"description": "Prometheus text", **_TEXT}},
+)
+OPENAPI = Op("This document", ok="The OpenAPI document")
+LOCK_ID = _query("ID", {"type": "string"}, "The lock ID Terraform appends to writes made under its lock")
+STATE_READ = Op(
+    "Read the state (Terraform http backend, docs/backend.md#answers)",
+    responses={
+        "200": _json(None, "The state, byte for byte"),
+        "204": {"description": "No state yet"},
+        **_errors(400),
+    },
+)
+STATE_WRITE = Op(
+    "Write the state (Terraform's update_method, POST or PUT)",
+    query=(LOCK_ID,),
+    responses={
+        "200": _json(None, "{version, serial, published}"),
+        **_errors(400, 409, 413, 507),
+        "423": _json(None, "Locked: the holder's lock info, verbatim"),
+    },
+    extra={"requestBody": {**_JSON_BODY, "required": True}},
+)
+STATE_DELETE = Op(
+    "Forget the state (admin): its VMs are deleted, and every kept version and the lock with it",
+    query=(LOCK_ID,),
+    responses={
+        "200": _json(None, "{deleted, vmsMarkedForDeletion}"),
+        **_errors(400, 404, 409, 507),
+        "423": _json(None, "Locked: the holder's lock info"),
+    },
+)
+LOCK = Op("acquire (body = lock info; 200 echoes it; 423 with the holder's info when another ID holds it)")
+UNLOCK = Op(
+    "release (empty body = force, or the holder's ID; 200; 409 with the holder's info for another ID)"
+)
+LOCK_POST = Op(
+    "Acquire the lock (as LOCK)",
+    responses={
+        "200": _json(None, "The lock info"),
+        **_errors(400, 507),
+        "423": _json(None, "The holder's lock info"),
+    },
+    extra={"requestBody": {**_JSON_BODY, "required": True}},
+)
+LOCK_DELETE = Op(
+    "Release the lock (as UNLOCK; an empty body forces it)",
+    responses={
+        "200": {"description": "Released, or was not locked"},
+        **_errors(400, 507),
+        "409": _json(None, "Another ID holds the lock: its lock info"),
+    },
+    extra={"requestBody": _JSON_BODY},
+)
+
+
+def read(summary: str, model: str | None = None) -> Op:
+    """A GET of the read API (/api/v1)."""
+    return Op(summary, model=model, errors=(400, 404))
+
+
+PROJECT_QUERY = _query("project", {"type": "string"}, "Only this project's QemuVMs")
+FIELD_SELECTOR = _query(
+    "fieldSelector",
+    {"type": "string", "maxLength": 4096},
+    "metadata.name=..., metadata.namespace=... (= == !=)",
+)
+
+
+def qemuvm_list(summary: str, *, scoped: bool) -> Op:
     ok = _json("QemuVMList", "The list, with the store's resourceVersion at read time")
     ok["content"][WATCH_CONTENT_TYPE] = {"schema": _ref("WatchEvent")}
-    return _operation(summary, {"200": ok, **_errors(400, 410, 429, 503)}, parameters=parameters)
+    query = (*LIST_QUERY, FIELD_SELECTOR) if scoped else (*LIST_QUERY, FIELD_SELECTOR, PROJECT_QUERY)
+    return Op(summary, query=query, responses={"200": ok, **_errors(400, 410, 429, 503)})
 
 
-def _action(verb: str, effect: str) -> dict[str, Any]:
-    return {
-        "post": _operation(
-            f"Request a {verb}: {effect}",
-            {"200": _json("QemuVM", "The object, with status.override updated"), **_errors(400, 404, 507)},
-            parameters=[PROJECT, NAME],
-        )
-    }
+QEMUVM_GET = Op("One QemuVM (a live one, else the newest being deleted)", model="QemuVM", errors=(400, 404))
 
 
-# ---- Paths -------------------------------------------------------------------------------------
-
-
-def _paths() -> dict[str, Any]:
-    return {**_ops_paths(), **_backend_paths(), **_read_api_paths(), **_k8s_paths()}
-
-
-def _ops_paths() -> dict[str, Any]:
-    plain = {"description": "Probe answer", "content": {"application/json": {"schema": {"type": "object"}}}}
-    return {
-        "/healthz": {"get": _operation("Liveness probe (no auth)", {"200": plain}, security=[])},
-        "/readyz": {
-            "get": _operation(
-                "Readiness probe (no auth)", {"200": plain, "503": _json("Status", "Not ready")}, security=[]
-            )
-        },
-        "/metrics": {
-            "get": _operation(
-                "Prometheus metrics (auth unless metrics_auth = false)",
-                {
-                    "200": {
-                        "description": "Prometheus text",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            )
-        },
-        "/openapi.json": {
-            "get": _operation("This document", {"200": _json(None, "The OpenAPI document"), **_errors()})
-        },
-    }
-
-
-def _backend_paths() -> dict[str, Any]:
-    state_body = {"content": {"application/json": {"schema": {"type": "object"}}}, "required": True}
-    lock_id = _query("ID", {"type": "string"}, "The lock ID Terraform appends to writes made under its lock")
-    write = _operation(
-        "Write the state (Terraform's update_method, POST or PUT)",
-        {
-            "200": _json(None, "{version, serial, published}"),
-            **_errors(400, 409, 413, 507),
-            "423": _json(None, "Locked: the holder's lock info, verbatim"),
-        },
-        parameters=[PROJECT, lock_id],
-        requestBody=state_body,
+def action(verb: str, effect: str) -> Op:
+    return Op(
+        f"Request a {verb}: {effect}",
+        model="QemuVM",
+        ok="The object, with status.override updated",
+        errors=(400, 404, 507),
     )
-    lock_info = {"content": {"application/json": {"schema": {"type": "object"}}}}
-    return {
-        "/state/{project}": {
-            "get": _operation(
-                "Read the state (Terraform http backend, docs/backend.md#answers)",
-                {
-                    "200": _json(None, "The state, byte for byte"),
-                    "204": {"description": "No state yet"},
-                    **_errors(400),
-                },
-                parameters=[PROJECT],
-            ),
-            "post": write,
-            "put": write,
-            "delete": _operation(
-                "Forget the state (admin): its VMs are deleted, and every kept version and the lock with it",
-                {
-                    "200": _json(None, "{deleted, vmsMarkedForDeletion}"),
-                    **_errors(400, 404, 409, 507),
-                    "423": _json(None, "Locked: the holder's lock info"),
-                },
-                parameters=[PROJECT, lock_id],
-            ),
-        },
-        "/state/{project}/lock": {
-            "description": (
-                "Terraform's lock_address/unlock_address. The methods are LOCK (acquire: body = lock "
-                "info; 200 echoes it; 423 with the holder's info when held by another ID) and UNLOCK "
-                "(release: empty body = force, or the holder's ID; 200; 409 with the holder's info for "
-                "another ID). POST and DELETE do the same for GitLab-style configurations."
-            ),
-            "x-methods": ["LOCK", "UNLOCK", "POST", "DELETE"],
-            "post": _operation(
-                "Acquire the lock (as LOCK)",
-                {
-                    "200": _json(None, "The lock info"),
-                    **_errors(400, 507),
-                    "423": _json(None, "The holder's lock info"),
-                },
-                parameters=[PROJECT],
-                requestBody={**lock_info, "required": True},
-            ),
-            "delete": _operation(
-                "Release the lock (as UNLOCK; an empty body forces it)",
-                {
-                    "200": {"description": "Released, or was not locked"},
-                    **_errors(400, 507),
-                    "409": _json(None, "Another ID holds the lock: its lock info"),
-                },
-                parameters=[PROJECT],
-                requestBody=lock_info,
-            ),
-        },
-    }
 
 
-def _read_api_paths() -> dict[str, Any]:
-    def get(summary: str, *params: dict[str, Any], ok: str | None = None) -> dict[str, Any]:
-        return {
-            "get": _operation(
-                summary, {"200": _json(ok, summary), **_errors(400, 404)}, parameters=list(params)
-            )
-        }
-
-    api = "/api/v1"
-    return {
-        f"{api}/projects": get("Projects: serials, lock holder, spec problems"),
-        f"{api}/projects/{{project}}": get("One project", PROJECT),
-        f"{api}/projects/{{project}}/states": get("Kept state versions", PROJECT),
-        f"{api}/projects/{{project}}/states/{{serial}}": get(
-            "A kept state version, verbatim", PROJECT, SERIAL
-        ),
-        f"{api}/vms": get("QemuVM objects of every project ({apiVersion: v1, kind: List, items})"),
-        f"{api}/projects/{{project}}/vms": get("QemuVM objects of a project", PROJECT),
-        f"{api}/projects/{{project}}/vms/{{name}}": get("One QemuVM", PROJECT, NAME, ok="QemuVM"),
-        f"{api}/disks": get("Disk files held"),
-        f"{api}/projects/{{project}}/disks": get("Disk files of a project's VMs", PROJECT),
-    }
-
-
-def _k8s_paths() -> dict[str, Any]:
-    vm = f"{APIS}/projects/{{project}}/qemuvms/{{name}}"
-    project_query = _query("project", {"type": "string"}, "Only this project's QemuVMs")
-    events_query = [
-        _query("afterId", {"type": "integer", "minimum": 0}, "Only events with a larger id (polling)"),
+CONSOLE = Op(
+    "The serial console log (text, UTF-8 with invalid bytes replaced)",
+    query=(
         _query(
-            "limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most this many (default 100)"
+            "tailBytes",
+            {"type": "integer", "minimum": 0, "maximum": 1048576},
+            "Start this many bytes before the end (default 65536)",
         ),
-    ]
-    return {
-        f"{APIS}/qemuvms": {"get": _qemuvm_list_get("List or watch QemuVMs", [*LIST_QUERY, project_query])},
-        f"{APIS}/projects/{{project}}/qemuvms": {
-            "get": _qemuvm_list_get("List or watch a project's QemuVMs", [PROJECT, *LIST_QUERY])
-        },
-        vm: {
-            "get": _operation(
-                "One QemuVM (a live one, else the newest being deleted)",
-                {"200": _json("QemuVM", "The object"), **_errors(400, 404)},
-                parameters=[PROJECT, NAME],
-            )
-        },
-        f"{vm}/restart": _action(
-            "restart",
-            "restart the running QEMU gracefully (counted in status.restarts), or start a "
-            "crash-looping VM at once; lifts a stop",
+        _query("follow", BOOLEAN, "Keep streaming what is appended"),
+        _query(
+            "timeoutSeconds",
+            {"type": "integer", "minimum": 1, "maximum": 86400},
+            "Follow: end after this long (default: the server's follow_timeout_seconds, 3600)",
         ),
-        f"{vm}/stop": _action("stop", "hold the VM stopped, whatever its runStrategy, until start"),
-        f"{vm}/start": _action("start", "lift a stop: the spec's runStrategy applies again"),
-        f"{vm}/console": {
-            "get": _operation(
-                "The serial console log (text, UTF-8 with invalid bytes replaced)",
-                {
-                    "200": {
-                        "description": "The log's tail, then (follow) what is appended",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **_errors(400, 404, 429, 503),
-                },
-                parameters=[
-                    PROJECT,
-                    NAME,
-                    _query(
-                        "tailBytes",
-                        {"type": "integer", "minimum": 0, "maximum": 1048576},
-                        "Start this many bytes before the end (default 65536)",
-                    ),
-                    _query("follow", BOOLEAN, "Keep streaming what is appended"),
-                    _query(
-                        "timeoutSeconds",
-                        {"type": "integer", "minimum": 1, "maximum": 86400},
-                        "Follow: end after this long (default: the server's follow_timeout_seconds, 3600)",
-                    ),
-                ],
-            )
-        },
-        f"{vm}/events": {
-            "get": _operation(
-                "The VM's events (by project and name, across re-creations), oldest first",
-                {"200": _json("EventList", "Events"), **_errors(400)},
-                parameters=[PROJECT, NAME, *events_query],
-            )
-        },
-        f"{APIS}/projects/{{project}}/events": {
-            "get": _operation(
-                "Every event of the project, its own (ForceUnlocked) included, oldest first",
-                {"200": _json("EventList", "Events"), **_errors(400)},
-                parameters=[PROJECT, *events_query],
-            )
-        },
-        f"{APIS}/locks": {
-            "get": _operation(
-                "Held state locks of every project", {"200": _json("LockList", "Locks"), **_errors()}
-            )
-        },
-        f"{APIS}/projects/{{project}}/force-unlock": {
-            "post": _operation(
-                "Release the project's state lock, as terraform force-unlock does",
-                {"200": _json("Lock", "The released lock"), **_errors(400, 404, 409, 507)},
-                parameters=[PROJECT],
-                requestBody={
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("ForceUnlockRequest")}},
-                },
-            )
-        },
-        f"{APIS}/projects/{{project}}/purge-states": {
-            "post": _operation(
-                "Remove the project's old state versions (they hold the state's secrets); the current "
-                "and the published one always stay",
-                {"200": _json("PurgeStatesResult", "What was removed and kept"), **_errors(400, 404, 507)},
-                parameters=[PROJECT],
-                requestBody={
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("PurgeStatesRequest")}},
-                },
-            )
-        },
-    }
+    ),
+    responses={
+        "200": {"description": "The log's tail, then (follow) what is appended", **_TEXT},
+        **_errors(400, 404, 429, 503),
+    },
+)
+_EVENTS_QUERY = (
+    _query("afterId", {"type": "integer", "minimum": 0}, "Only events with a larger id (polling)"),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most this many (default 100)"),
+)
+VM_EVENTS = Op(
+    "The VM's events (by project and name, across re-creations), oldest first",
+    model="EventList",
+    errors=(400,),
+    query=_EVENTS_QUERY,
+)
+PROJECT_EVENTS = Op(
+    "Every event of the project, its own (ForceUnlocked) included, oldest first",
+    model="EventList",
+    errors=(400,),
+    query=_EVENTS_QUERY,
+)
+LOCKS = Op("Held state locks of every project", model="LockList")
+FORCE_UNLOCK = Op(
+    "Release the project's state lock, as terraform force-unlock does",
+    model="Lock",
+    ok="The released lock",
+    errors=(400, 404, 409, 507),
+    extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": _ref("ForceUnlockRequest")}},
+        }
+    },
+)
+
+PURGE_STATES = Op(
+    "Remove the project's old state versions (they hold the state's secrets); the current "
+    "and the published one always stay",
+    model="PurgeStatesResult",
+    ok="What was removed and kept",
+    errors=(400, 404, 507),
+    extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": _ref("PurgeStatesRequest")}},
+        }
+    },
+)
+
+
+# ---- The Kubernetes routes (docs/kubectl.md) ---------------------------------------------------
+
+TABLE_NOTE = " With Accept: application/json;as=Table;v=v1;g=meta.k8s.io, a meta.k8s.io/v1 Table."
+
+
+def kubernetes(summary: str, *, errors: tuple[int, ...] = (), query: tuple[dict[str, Any], ...] = ()) -> Op:
+    """A Kubernetes document (discovery, core/v1): a JSON object whose `kind` names it."""
+    return Op(summary, errors=errors, query=query)
+
+
+WRITE_REFUSED = Op(
+    "Refused with 405: QemuVM specs come from Terraform state (kubectl create, apply, edit, patch, delete)",
+    responses={"405": _json("Status", "QemuVM specs come from Terraform state; change them with tofu apply")},
+)
+EVENTS_CORE = kubernetes(
+    "The project's event log as core/v1 Events (kubectl describe, kubectl get events)." + TABLE_NOTE,
+    errors=(400,),
+    query=(
+        _query("fieldSelector", {"type": "string", "maxLength": 4096},
+               "involvedObject.name, .uid, .namespace, .kind, reason, type, ... (= == !=)"),
+        _query("limit", {"type": "integer", "minimum": 1}, "At most this many (default 500)"),
+    ),
+)  # fmt: skip
+OPENAPI_V2 = Op("Not served (404): use /openapi/v3", responses={"404": _json("Status", "Not served")})

@@ -143,6 +143,12 @@ class ServerSettings(ProcessSettings):
         default=3600, ge=1, le=86400, description="How long a console follow lasts without timeoutSeconds"
     )
 
+    # kubectl and client-go (docs/kubectl.md): a client certificate as a login.
+    tls_client_cert_users: bool = Field(
+        default=False,
+        description="With tls_client_ca: a verified client certificate logs in as its subject CN",
+    )
+
     @field_validator("allowed_hosts")
     @classmethod
     def _valid_allowed_hosts(cls, value: str | None) -> str | None:

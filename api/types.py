@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -52,6 +53,26 @@ SSH_KEY_MAX = 8 * 1024
 ERRORS_SHOWN_MAX = 10
 
 
+# The OpenAPI constraints each validator below enforces, by validator function. api/crd.py
+# publishes them in the CRD and the served OpenAPI v3, so a schema-only client (an apiserver
+# with crds/qemuvm.yaml, kubectl explain) refuses the same values. pydantic stays the authority:
+# a constraint here may be looser than its validator (bytes vs characters), never stricter.
+VALIDATOR_SCHEMAS: dict[Callable[..., Any], dict[str, Any]] = {}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _publishes(**constraints: Any) -> Callable[[_F], _F]:
+    def register(function: _F) -> _F:
+        VALIDATOR_SCHEMAS[function] = constraints
+        return function
+
+    return register
+
+
+def _anchored(*alternatives: str) -> str:
+    return "^(" + "|".join(alternatives) + ")$"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         frozen=True,
@@ -61,6 +82,7 @@ class _Model(BaseModel):
     )
 
 
+@_publishes(maxLength=names.DNS_LABEL_MAX, pattern=_anchored(names.DNS_LABEL_PATTERN))
 def _check_dns_label(value: str) -> str:
     problem = names.dns_label_problem(value)
     if problem:
@@ -71,9 +93,13 @@ def _check_dns_label(value: str) -> str:
 # A file name inside the images dir, possibly in sub-folders. Every segment starts with a
 # letter, digit or '_', so '..', '.hidden', '-option' and absolute paths cannot be written,
 # and ',' / '=' (QEMU option syntax) are simply not in the alphabet.
-_IMAGE_PATH_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
+_IMAGE_PATH_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*"
+_IMAGE_PATH_RE = re.compile(_IMAGE_PATH_PATTERN)
+_DIGEST_PATTERN = "[0-9a-f]{64}"
+_URL_PATTERN = r"https?://\S+"
 
 
+@_publishes(maxLength=IMAGE_PATH_MAX, pattern=_anchored(_IMAGE_PATH_PATTERN))
 def _check_image_path(value: str) -> str:
     if len(value) > IMAGE_PATH_MAX:
         raise ValueError(f"must be at most {IMAGE_PATH_MAX} characters")
@@ -85,6 +111,10 @@ def _check_image_path(value: str) -> str:
     return value
 
 
+@_publishes(
+    maxLength=max(images.URL_MAX, IMAGE_PATH_MAX),
+    pattern=_anchored(images.SHA256_PREFIX + _DIGEST_PATTERN, _URL_PATTERN, _IMAGE_PATH_PATTERN),
+)
 def _check_image(value: str) -> str:
     """A file of the images dir, `sha256:<hex>` (the cache), or an http(s) URL."""
     if value.startswith(images.SHA256_PREFIX):
@@ -100,6 +130,8 @@ def _check_image(value: str) -> str:
     return _check_image_path(value)
 
 
+# `.lower()` comes first: "SHA256:" and upper-case hex are accepted.
+@_publishes(pattern=_anchored("([sS][hH][aA]256:)?[0-9a-fA-F]{64}"))
 def _check_digest(value: str) -> str:
     value = value.lower().removeprefix(images.SHA256_PREFIX)
     problem = images.digest_problem(value)
@@ -108,6 +140,7 @@ def _check_digest(value: str) -> str:
     return value
 
 
+@_publishes(maxLength=CLOUD_INIT_DATA_MAX)
 def _check_cloud_init_text(value: str) -> str:
     if len(value.encode()) > CLOUD_INIT_DATA_MAX:
         raise ValueError(f"must be at most {CLOUD_INIT_DATA_MAX // 1024} KiB")
@@ -126,9 +159,11 @@ def _check_cloud_init_object(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-_SSH_KEY_RE = re.compile(r"(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [ -~]*)?")
+_SSH_KEY_PATTERN = r"(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [ -~]*)?"
+_SSH_KEY_RE = re.compile(_SSH_KEY_PATTERN)
 
 
+@_publishes(maxLength=SSH_KEY_MAX, pattern=r"^\s*" + _SSH_KEY_PATTERN + r"\s*$")
 def _check_ssh_key(value: str) -> str:
     if len(value) > SSH_KEY_MAX:
         raise ValueError(f"an SSH key may be at most {SSH_KEY_MAX} characters")
@@ -139,6 +174,7 @@ def _check_ssh_key(value: str) -> str:
     return value.strip()
 
 
+@_publishes(maxLength=CMDLINE_MAX, pattern="^[ -~]*$")
 def _check_cmdline(value: str) -> str:
     if len(value) > CMDLINE_MAX:
         raise ValueError(f"must be at most {CMDLINE_MAX} characters")
@@ -155,6 +191,7 @@ def _in_range(low: int, high: int, unit: str) -> AfterValidator:
             raise ValueError(f"must be ≤ {high}{unit}")
         return value
 
+    VALIDATOR_SCHEMAS[check] = {"minimum": low, "maximum": high}
     return AfterValidator(check)
 
 

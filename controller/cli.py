@@ -41,6 +41,7 @@ from api.store.files import PRIVATE_DIR_MODE, PRIVATE_UMASK, UnsafeDataDir, secu
 from api.telemetry.metrics import Metrics
 from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
 from controller.client.commands import add_client_commands
+from controller.client.kubeconfig import add_kubeconfig_command
 from controller.layout import DataLayout
 from controller.manager import Controller
 from controller.settings import ControllerSettings, ServeSettings
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restorer.set_defaults(run=_restore)
     add_client_commands(commands)
+    add_kubeconfig_command(commands)
     return parser
 
 

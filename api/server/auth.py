@@ -38,6 +38,7 @@ import structlog
 from aiohttp import web
 
 from api.credentials import Credentials, VerifiedCache
+from api.server.client_cert import client_certificate_user
 from api.server.errors import Handler, status_response
 from api.server.keys import PUBLIC_PATHS
 from api.server.throttle import FailureThrottle, Limit
@@ -247,7 +248,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     authenticator = request.app[AUTHENTICATOR]
     if request.path in request.app[PUBLIC_PATHS] or not authenticator.credentials.enabled:
         return await handler(request)
-    outcome = await authenticator.authenticate(request)
+    # Without an Authorization header, a verified client certificate may log in (opt-in).
+    certified = None if request.headers.get("Authorization") else client_certificate_user(request)
+    outcome = certified or await authenticator.authenticate(request)
     if isinstance(outcome, web.Response):
         return outcome
     request[PRINCIPAL] = outcome

@@ -1,6 +1,8 @@
 """`?watch=true` on the QemuVM lists: a stream of newline-delimited JSON watch events.
 
 Semantics (docs/api.md "Watch"), following Kubernetes:
+- BOOKMARK events only with `allowWatchBookmarks=true`, as in Kubernetes (kubectl get -w does
+  not ask for them and would print one as an object).
 - Without `resourceVersion` (or with 0): an ADDED event for every current object, then a
   BOOKMARK annotated `k8s.io/initial-events-end`, then changes.
 - With `resourceVersion=N`: every change after N, then that BOOKMARK, then changes. A live
@@ -15,6 +17,8 @@ Semantics (docs/api.md "Watch"), following Kubernetes:
 - Changes are read from the store as they are now, not replayed: several changes of one object
   between two reads arrive as one event, so a slow reader never makes the server buffer more
   than one batch.
+- `fieldSelector` (metadata.name, metadata.namespace) filters like `labelSelector`; a `render`
+  (kubectl's one-row Table per event) shapes each object on the wire.
 - A BOOKMARK with the current resourceVersion every `watch_bookmark_seconds` (a setting, 15 by
   default) keeps proxies from timing the connection out and tells the client where to resume.
 - The stream ends after `timeoutSeconds` (default WATCH_TIMEOUT_DEFAULT), when the client
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +38,7 @@ import structlog
 from aiohttp import web
 
 from api.k8s_types import INITIAL_EVENTS_END, WatchEventType
+from api.kube import FieldSelector
 from api.labels import Selector
 from api.server.auth import PRINCIPAL
 from api.server.keys import DATABASE, SETTINGS
@@ -42,6 +48,7 @@ from api.store.watch import Changes, Expired, WatchStore
 from api.types import API_VERSION, KIND
 
 log = structlog.get_logger(__name__)
+EVERY_FIELD = FieldSelector()
 CONTENT_TYPE = "application/json;stream=watch"
 WATCH_TIMEOUT_DEFAULT = 1800
 WATCH_TIMEOUT_MAX = 3600
@@ -60,6 +67,16 @@ class WatchRequest:
     # None: list first (synthetic ADDED); else resume after it.
     since: int | None
     timeout_seconds: int
+    fields: FieldSelector = EVERY_FIELD
+    # BOOKMARK events only for clients that asked (allowWatchBookmarks), as in Kubernetes:
+    # kubectl get -w would print one as an object.
+    bookmarks: bool = True
+    # How an object goes on the wire (kubectl asks for a one-row Table per event).
+    render: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    def matches(self, project: str, name: str, labels: Mapping[str, str]) -> bool:
+        fields = {"metadata.name": name, "metadata.namespace": project}
+        return self.selector.matches(labels) and self.fields.matches(fields)
 
 
 class _ClientGone(Exception):
@@ -73,8 +90,13 @@ class _Stream:
     response: web.StreamResponse
     request: web.Request
     position: int
+    watch: WatchRequest
     shown: set[str] = field(default_factory=set)
     buffer: bytearray = field(default_factory=bytearray)
+
+    async def send_object(self, type_: WatchEventType, obj: dict[str, Any]) -> None:
+        render = self.watch.render
+        await self.send(type_, render(obj) if render is not None else obj)
 
     async def send(self, type_: WatchEventType, obj: dict[str, Any]) -> None:
         self.buffer += json.dumps({"type": type_, "object": obj}, separators=(",", ":")).encode() + b"\n"
@@ -97,6 +119,9 @@ class _Stream:
             raise _ClientGone("disconnected") from err
 
     async def bookmark(self, *, initial_end: bool = False) -> None:
+        if not self.watch.bookmarks:
+            await self.flush()
+            return
         metadata: dict[str, Any] = {"resourceVersion": str(self.position)}
         if initial_end:
             metadata["annotations"] = {INITIAL_EVENTS_END: "true"}
@@ -135,17 +160,17 @@ async def serve_watch(request: web.Request, watch: WatchRequest) -> web.StreamRe
             # What the client holds, as far as the server can tell: every matching object that
             # is live now (read first, so that `first` covers whatever is created after it).
             current = await store.snapshot(project=watch.project)
-            shown = {r.uid for r in current.records if watch.selector.matches(r.labels)}
+            shown = {r.uid for r in current.records if watch.matches(r.project, r.name, r.labels)}
             try:
                 first = await store.changes(watch.since, project=watch.project)
             except Expired as err:
                 return web.json_response(expired_status(str(err)), status=410)
         response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-cache"})
         await response.prepare(request)
-        stream = _Stream(response, request, first.resource_version, shown)
+        stream = _Stream(response, request, first.resource_version, watch, shown)
         log.info("watch_started", project=watch.project, since=watch.since, position=stream.position)
         try:
-            await _emit(stream, first, watch.selector, resumed=watch.since is not None)
+            await _emit(stream, first, resumed=watch.since is not None)
             await stream.bookmark(initial_end=True)
             await _follow(stream, hub, store, watch, wake)
         except _ClientGone as err:
@@ -177,23 +202,26 @@ async def _follow(
                 await stream.send("ERROR", expired_status(str(err)))
                 await stream.flush()
                 return
-            await _emit(stream, changes, watch.selector, resumed=False)
+            await _emit(stream, changes, resumed=False)
             await stream.flush()
         if loop.time() >= next_heartbeat:
             await stream.bookmark()
             next_heartbeat = loop.time() + heartbeat
 
 
-async def _emit(stream: _Stream, changes: Changes, selector: Selector, *, resumed: bool) -> None:
+async def _emit(stream: _Stream, changes: Changes, *, resumed: bool) -> None:
     """Send `changes` in resourceVersion order and move the stream's position past them."""
     events: list[tuple[int, WatchEventType, str, dict[str, Any]]] = []
+    watch = stream.watch
     for record in changes.live:
-        kind = _live_event(stream.shown, record, selector, resumed=resumed)
+        matches = watch.matches(record.project, record.name, record.labels)
+        kind = _live_event(stream.shown, record.uid, matches, resumed=resumed)
         if kind is not None:
             events.append((record.resource_version, kind, record.uid, _render(record)))
     for tombstone in changes.removed:
         labels = tombstone.object.get("metadata", {}).get("labels", {})
-        if tombstone.uid in stream.shown or (resumed and selector.matches(labels)):
+        matches = watch.matches(tombstone.project, tombstone.name, labels)
+        if tombstone.uid in stream.shown or (resumed and matches):
             events.append((tombstone.resource_version, "DELETED", tombstone.uid, tombstone.object))
     events.sort(key=lambda event: event[0])
     for _version, kind, uid, obj in events:
@@ -201,17 +229,15 @@ async def _emit(stream: _Stream, changes: Changes, selector: Selector, *, resume
             stream.shown.discard(uid)
         else:
             stream.shown.add(uid)
-        await stream.send(kind, obj)
+        await stream.send_object(kind, obj)
     stream.position = changes.resource_version
 
 
-def _live_event(
-    shown: set[str], record: VMRecord, selector: Selector, *, resumed: bool
-) -> WatchEventType | None:
-    if not selector.matches(record.labels):
+def _live_event(shown: set[str], uid: str, matches: bool, *, resumed: bool) -> WatchEventType | None:
+    if not matches:
         # It stopped matching: to this client it is gone.
-        return "DELETED" if record.uid in shown else None
-    if resumed or record.uid in shown:
+        return "DELETED" if uid in shown else None
+    if resumed or uid in shown:
         return "MODIFIED"
     return "ADDED"
 

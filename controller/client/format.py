@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from api.humanize import human_duration
+from api.vm_columns import NONE, age, columns, condition, ports
 
-NONE = "<none>"
+__all__ = ["NONE", "age", "condition", "ports", "table", "vm_row", "vm_table"]
 COLUMN_GAP = "   "
 # ANSI SGR colours by phase, used only on a terminal (and never with NO_COLOR).
 _PHASE_COLOURS = {
@@ -25,52 +25,12 @@ _PHASE_COLOURS = {
     "Failed": "31",
     "Invalid": "31",
 }
-VM_COLUMNS = ("NAME", "PROJECT", "PHASE", "READY", "ACCEL", "PORTS", "RESTARTS", "AGE")
-VM_WIDE_COLUMNS = (*VM_COLUMNS, "PID", "CPUS", "MEMORY", "GENERATION", "REASON")
-
-
-def age(timestamp: str | None, now: datetime) -> str:
-    if not timestamp:
-        return NONE
-    return human_duration(now - datetime.fromisoformat(timestamp))
-
-
-def condition(vm: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
-    for item in vm.get("status", {}).get("conditions", ()):
-        if item.get("type") == type_:
-            return item  # type: ignore[no-any-return]
-    return None
-
-
-def ports(vm: Mapping[str, Any]) -> str:
-    items = vm.get("status", {}).get("ports", ())
-    text = ",".join(f"{p['hostPort']}->{p['guestPort']}/{p['protocol']}" for p in items)
-    return text or NONE
+VM_COLUMNS = tuple(column.header for column in columns(wide=False))
+VM_WIDE_COLUMNS = tuple(column.header for column in columns(wide=True))
 
 
 def vm_row(vm: Mapping[str, Any], now: datetime, *, wide: bool = False) -> list[str]:
-    metadata, status, spec = vm["metadata"], vm.get("status", {}), vm.get("spec", {})
-    ready = condition(vm, "Ready")
-    row = [
-        metadata["name"],
-        metadata["project"],
-        status.get("phase") or NONE,
-        ready["status"] if ready else "Unknown",
-        status.get("accel") or NONE,
-        ports(vm),
-        str(status.get("restarts", 0)),
-        age(metadata.get("creationTimestamp"), now),
-    ]
-    if wide:
-        memory = spec.get("memory")
-        row += [
-            str(status["pid"]) if status.get("pid") else NONE,
-            str(spec.get("cpus", NONE)),
-            f"{memory}Mi" if isinstance(memory, int) else NONE,
-            f"{status.get('observedGeneration', 0)}/{metadata['generation']}",
-            (ready["reason"] if ready and ready["status"] != "True" else "") or NONE,
-        ]
-    return row
+    return [column.cell(vm, now) for column in columns(wide=wide)]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, colour_column: int | None = None) -> str:

@@ -14,8 +14,8 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from api.credentials import load_credentials
-from api.openapi import build_document
 from api.server import create_app
+from api.server.routes import document
 from api.server.streams import install_streams
 from api.settings import ServerSettings
 from api.store import Database
@@ -26,7 +26,7 @@ Client = TestClient[Any, Any]
 Serve = Callable[..., Awaitable[Client]]
 CREDENTIALS = load_credentials(users="alice:s3cret", tokens="tok-1", users_file=None)
 APIS = "/apis/tofu-qemu.dev/v1alpha1"
-DOCUMENT = build_document()
+DOCUMENT = document()
 READ_TIMEOUT = 5.0
 
 

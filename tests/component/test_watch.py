@@ -38,7 +38,8 @@ LIST = f"{APIS}/qemuvms"
 
 
 async def open_watch(api: Client, path: str = LIST, **params: str) -> WatchReader:
-    response = await api.get(path, params={"watch": "true", **params}, headers=AUTH)
+    query = {"watch": "true", "allowWatchBookmarks": "true", **params}
+    response = await api.get(path, params=query, headers=AUTH)
     assert response.status == 200, await response.text()
     assert response.headers["Content-Type"] == "application/json;stream=watch"
     return WatchReader(response)
@@ -261,7 +262,10 @@ async def test_shutdown_ends_open_watches_at_once(
     server = TestServer(app)
     await server.start_server()
     async with aiohttp.ClientSession(headers=AUTH) as session:
-        responses = [await session.get(server.make_url(LIST), params={"watch": "1"}) for _ in range(3)]
+        responses = [
+            await session.get(server.make_url(LIST), params={"watch": "1", "allowWatchBookmarks": "1"})
+            for _ in range(3)
+        ]
         for response in responses:
             assert (await WatchReader(response).next())["type"] == "BOOKMARK"
         started = time.monotonic()

@@ -93,7 +93,9 @@ def test_watch_console_actions_and_events_with_a_real_guest(make_vm_host: MakeVm
     listed = api_json(host, "GET", f"{APIS}/qemuvms?project={PROJECT}")
     assert (listed["kind"], listed["items"]) == ("QemuVMList", [])
 
-    with WatchStream(host.port, f"{APIS}/qemuvms?watch=1&project={PROJECT}&timeoutSeconds=600") as watch:
+    with WatchStream(
+        host.port, f"{APIS}/qemuvms?watch=1&allowWatchBookmarks=true&project={PROJECT}&timeoutSeconds=600"
+    ) as watch:
         watch.wait_for(lambda e: e["type"] == "BOOKMARK", timeout=HTTP_TIMEOUT, what="initial bookmark")
         answer = api.request("POST", f"/state/{PROJECT}", body=encode(vm_state(1, {"web": SPEC})))
         assert answer.status == 200, answer.body

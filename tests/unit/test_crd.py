@@ -182,9 +182,22 @@ def as_json_schema(node: dict[str, Any]) -> dict[str, Any]:
         result["type"] = [node["type"], "null"] if node.get("nullable") else node["type"]
     if "enum" in node:
         result["enum"] = [*node["enum"], None] if node.get("nullable") else node["enum"]
-    for key in ("maxItems", "minItems", "required", "minimum", "maximum", "maxLength", "minLength"):
+    for key in (
+        "maxItems",
+        "minItems",
+        "required",
+        "minimum",
+        "maximum",
+        "maxLength",
+        "minLength",
+        "pattern",
+    ):
         if key in node:
             result[key] = node[key]
+    if "pattern" in node:
+        # Kubernetes (Go RE2) and ECMA-262 end `$` at the end of the text; Python's `$` also
+        # matches before a final newline, which `\Z` does not.
+        result["pattern"] = node["pattern"].removesuffix("$") + "\\Z"
     if "properties" in node:
         result["properties"] = {name: as_json_schema(child) for name, child in node["properties"].items()}
         if not node.get("x-kubernetes-preserve-unknown-fields"):
@@ -358,7 +371,11 @@ def test_pydantic_titles_are_dropped_and_descriptions_kept(root: dict[str, Any])
     """No pydantic `title` noise; field and model descriptions reach `kubectl explain`."""
     assert "title" not in set(keys_anywhere(root))
     spec = root["properties"]["spec"]
-    assert spec["properties"]["memory"]["description"] == 'MiB, or a quantity like "2Gi"'
+    assert (
+        spec["properties"]["memory"]["description"]
+        == 'MiB, or a quantity like "2Gi". Between 16 and 1048576.'
+    )
+    assert spec["properties"]["cpus"]["description"] == "Between 1 and 64."
     assert spec["properties"]["boot"]["description"].startswith("Direct kernel boot")
 
 
@@ -452,12 +469,53 @@ def test_wrong_shapes_fail(root: dict[str, Any], field: str, value: Any) -> None
         jsonschema.validate(manifest("web-01", **{field: value}), as_json_schema(root))
 
 
-def test_ranges_are_left_to_the_models(root: dict[str, Any]) -> None:
-    """memory: 8 passes the CRD (pydantic exports no range for it) and only the model refuses it."""
-    bad = manifest("web-01", memory=8)
-    jsonschema.validate(bad, as_json_schema(root))
-    with pytest.raises(ValidationError, match="16 MiB"):
-        QemuVMSpec.model_validate(bad["spec"])
+DIGEST = "a" * 64
+KERNEL = {"kernel": "tiny-guest/vmlinuz"}
+# (spec overrides, accepted?): each is judged the same by the model and by the CRD's schema.
+VALIDATOR_CASES = [
+    ({"memory": 16}, True),
+    ({"memory": 8}, False),
+    ({"memory": 1024 * 1024 + 1}, False),
+    ({"cpus": 64}, True),
+    ({"cpus": 0}, False),
+    ({"cpus": 65}, False),
+    ({"stopTimeout": 3601}, False),
+    ({"network": {"forwards": [{"guestPort": 0}]}}, False),
+    ({"network": {"forwards": [{"guestPort": 80, "hostPort": 1023}]}}, False),
+    ({"network": {"forwards": [{"guestPort": 80, "hostPort": 1024}]}}, True),
+    ({"boot": {"kernel": "../etc/passwd"}}, False),
+    ({"boot": {"kernel": "/abs"}}, False),
+    ({"boot": {"kernel": "k,if=none"}}, False),
+    ({"boot": {"kernel": "a" * 256}}, False),
+    ({"boot": {**KERNEL, "cmdline": "console=ttyS0\n"}}, False),
+    ({"boot": {**KERNEL, "cmdline": "x" * 2049}}, False),
+    ({"disks": [{"name": "Root", "size": 10}]}, False),
+    ({"disks": [{"name": "r" * 64, "size": 10}]}, False),
+    ({"disks": [{"name": "root-1", "size": 0}]}, False),
+    ({"disks": [{"name": "root", "image": f"sha256:{DIGEST}"}]}, True),
+    ({"disks": [{"name": "root", "image": "sha256:xyz"}]}, False),
+    ({"disks": [{"name": "root", "image": "https://example.test/i.img", "sha256": DIGEST.upper()}]}, True),
+    ({"disks": [{"name": "root", "image": "https://example.test/i.img", "sha256": "abc"}]}, False),
+    ({"cloudInit": {"sshAuthorizedKeys": ["ssh-ed25519 AAAAC3Nz me@host"]}}, True),
+    ({"cloudInit": {"sshAuthorizedKeys": ["not a key"]}}, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("spec", "accepted"), VALIDATOR_CASES, ids=[str(case) for case, _ in VALIDATOR_CASES]
+)
+def test_the_crd_refuses_what_the_models_refuse(
+    root: dict[str, Any], spec: dict[str, Any], accepted: bool
+) -> None:
+    """The validators' ranges, patterns and lengths are in the schema (api/types.py
+    VALIDATOR_SCHEMAS): an apiserver with the CRD judges each value as tofu-qemu does."""
+    document = manifest("web-01", **spec)
+    model_accepts = True
+    try:
+        QemuVMSpec.model_validate(document["spec"])
+    except ValidationError:
+        model_accepts = False
+    assert (model_accepts, is_valid(document, root)) == (accepted, accepted)
 
 
 def test_missing_spec_fails(root: dict[str, Any]) -> None:

@@ -10,11 +10,11 @@ from typing import Any
 import jsonschema
 import pytest
 
-from api.openapi import COMPONENT_MODELS, build_document
-from api.server.routes import ROUTES
+from api.openapi import COMPONENT_MODELS, Op, build_document
+from api.server.routes import ROUTES, document
 from api.types import ObjectMeta, QemuVM, QemuVMStatus
 
-DOCUMENT = build_document()
+DOCUMENT = document()
 OPENAPI_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # The dashboard serves HTML pages to browsers; it is not an API to describe.
 NOT_API = re.compile(r"/ui(/|$)")
@@ -106,3 +106,27 @@ def test_a_served_qemuvm_validates_against_its_component() -> None:
     jsonschema.Draft202012Validator(schema).validate(vm)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(schema).validate({**vm, "kind": "Pod"})
+
+
+def test_paths_come_from_the_routes_and_their_models() -> None:
+    """build_document takes the routes: path parameters from the placeholders, the 200 body from
+    the route's model, methods OpenAPI lacks in x-methods."""
+    document = build_document(
+        [
+            ("GET", "/things/{project}/{name}", Op("One thing", model="QemuVM", errors=(404,))),
+            ("LOCK", "/things/{project}/lock", Op("take it")),
+        ]
+    )
+    operation = document["paths"]["/things/{project}/{name}"]["get"]
+    assert [p["name"] for p in operation["parameters"]] == ["project", "name"]
+    assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/QemuVM"
+    }
+    assert set(operation["responses"]) == {"200", "401", "404", "429"}
+    assert document["paths"]["/things/{project}/lock"]["x-methods"] == ["LOCK"]
+
+
+def test_qemuvm_writes_are_documented_as_refused() -> None:
+    item = DOCUMENT["paths"]["/apis/tofu-qemu.dev/v1alpha1/namespaces/{project}/qemuvms/{name}"]
+    for method in ("put", "patch", "delete"):
+        assert set(item[method]["responses"]) == {"405"}

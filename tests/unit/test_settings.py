@@ -155,3 +155,10 @@ def test_the_data_layout_refuses_relative_paths(tmp_path: Path) -> None:
         DataLayout(Path(".tofu-qemu"), tmp_path)
     with pytest.raises(ValueError, match="not an absolute path"):
         DataLayout(tmp_path, Path("images"))
+
+
+def test_client_certificates_are_not_logins_by_default() -> None:
+    """tls_client_cert_users is opt-in: mTLS next to passwords stays a second factor."""
+    assert load_settings(ServerSettings, flags={}, env={}).tls_client_cert_users is False
+    enabled = load_settings(ServerSettings, flags={}, env={"TOFU_QEMU_TLS_CLIENT_CERT_USERS": "true"})
+    assert enabled.tls_client_cert_users is True

@@ -172,6 +172,7 @@
         }
         const params = new URLSearchParams(query);
         params.set("watch", "true");
+        params.set("allowWatchBookmarks", "true");
         params.set("resourceVersion", version);
         const response = await fetch(`${API}/qemuvms?${params}`, { headers: { Accept: "application/json" } });
         if (response.status === 410) {
