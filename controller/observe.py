@@ -77,10 +77,9 @@ async def observe(
     exiting = found is None and record is not None and runtime.is_attached(uid, record.pid)
     exit_record = process.read_exit_record(paths)
     if found is None and not exiting and record is not None and exit_record is None:
-        # It died while no controller watched it: record the exit once, now.
-        process.write_exit_record(
-            paths, exit_code=None, signal=None, started_at=record.started_at, now=clock.now()
-        )
+        # It died while no controller watched it: record the exit once, now (with the wait
+        # status its supervisor recorded, if it had one).
+        process.record_exit(paths, record, now=clock.now())
         exit_record = process.read_exit_record(paths)
     stale = (
         found is None
