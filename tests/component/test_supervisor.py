@@ -43,7 +43,8 @@ def test_a_kill_9_is_recorded_with_its_signal_and_the_supervisor_exits(tmp_path:
     paths = RuntimePaths(tmp_path / "vm")
     supervisor = process.spawn(SLEEPER, "d", paths, now=NOW)
     record = _launched(paths)
-    assert record.supervisor is not None and record.supervisor[0] == supervisor.pid
+    assert record.supervisor is not None
+    assert record.supervisor[0] == supervisor.pid
     assert process.supervisor_alive(record)
 
     os.kill(record.pid, signal.SIGKILL)
@@ -84,7 +85,7 @@ def test_an_exec_failure_in_the_supervisor_fails_the_spawn_with_the_reason(tmp_p
     not_a_program = tmp_path / "qemu"
     not_a_program.write_bytes(b"\x00\x01 not an executable format")
     not_a_program.chmod(0o755)
-    with pytest.raises(process.SpawnFailed, match="cannot execute .*Exec format error"):
+    with pytest.raises(process.SpawnFailed, match=r"cannot execute .*Exec format error"):
         process.spawn((str(not_a_program),), "d", paths, now=NOW)
 
 
@@ -101,7 +102,8 @@ def test_the_supervisor_outlives_the_process_that_spawned_it(tmp_path: Path) -> 
     done = subprocess.run([sys.executable, "-c", controller], check=False, timeout=30)
     assert done.returncode == -signal.SIGKILL
     record = _launched(paths)
-    assert process.supervisor_alive(record) and process.is_alive_and_ours(record)
+    assert process.supervisor_alive(record)
+    assert process.is_alive_and_ours(record)
 
     os.kill(record.pid, signal.SIGKILL)
 
@@ -136,7 +138,8 @@ def test_a_status_of_another_pid_is_not_taken(tmp_path: Path) -> None:
     Path(paths.directory).mkdir()
     Path(paths.wait_status).write_text('{"pid": 41, "exitCode": 0, "signal": null, "at": 1.0}')
     assert process.read_wait_status(paths, 42) is None
-    assert process.read_wait_status(paths, 41) == process.WaitStatus(0, None, datetime.fromtimestamp(1.0, UTC))
+    expected = process.WaitStatus(0, None, datetime.fromtimestamp(1.0, UTC))
+    assert process.read_wait_status(paths, 41) == expected
 
 
 def test_the_supervisor_imports_only_built_in_modules() -> None:
