@@ -71,6 +71,7 @@ async def observe(
             started_at=record.started_at,
             qmp=await runtime.qmp_state(uid),
             runtime_intact=Path(paths.qmp_socket).exists(),
+            guest_booted=runtime.guest_booted(uid),
         )
     # QEMU's leader shows as a zombie for a few ms while its other threads exit; the runtime's
     # pidfd fires only when all are gone and then records the exit. Until then it is "exiting".

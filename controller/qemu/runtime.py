@@ -69,6 +69,8 @@ class _Attachment:
     fresh: bool = False
     # When QEMU announced its shutdown (QMP SHUTDOWN's timestamp, epoch seconds).
     shutdown_at: float | None = None
+    # The guest brought up its network card (see ProcessObservation.guest_booted).
+    guest_booted: bool = False
 
 
 class Runtime:
@@ -152,6 +154,8 @@ class Runtime:
         if child is not None and attachment.monitor is not None:
             # We started it with -S: it is paused until we `cont`, no need to ask.
             self._learn(attachment, QmpState.PAUSED)
+        if child is None:
+            attachment.guest_booted = await _nic_configured(attachment.monitor)
 
     async def detach(self, uid: str) -> None:
         """Stop watching `uid` without touching its process (controller shutdown)."""
@@ -162,6 +166,11 @@ class Runtime:
     async def close(self) -> None:
         for uid in list(self._attached):
             await self.detach(uid)
+
+    def guest_booted(self, uid: str) -> bool:
+        """Whether `uid`'s guest has brought up its network card (True if not watched)."""
+        attachment = self._attached.get(uid)
+        return attachment is None or attachment.guest_booted
 
     def monitor(self, uid: str) -> Monitor | None:
         attachment = self._attached.get(uid)
@@ -251,6 +260,8 @@ class Runtime:
                     attachment.shutdown_at = _event_time(event)
                     if data.get("guest"):
                         process.mark_guest_shutdown(attachment.paths)
+                if name == "NIC_RX_FILTER_CHANGED":
+                    attachment.guest_booted = True
                 if name in _EVENT_STATES:
                     self._learn(attachment, _EVENT_STATES[name])
                 log.info("qmp_event", uid=attachment.uid, qmp_event=name, reason=data.get("reason"))
@@ -313,6 +324,17 @@ class Runtime:
             attachment.events.cancel()
         if attachment.monitor is not None:
             await attachment.monitor.close()
+
+
+async def _nic_configured(monitor: Monitor | None) -> bool:
+    """For a process this controller did not start (it missed the event): ask QEMU. Unknown
+    counts as booted, so a guest whose state is unknown still gets its full stopTimeout."""
+    if monitor is None:
+        return True
+    try:
+        return await monitor.nic_configured()
+    except (MonitorUnavailable, MonitorCommandFailed):
+        return True
 
 
 def _open_pidfd(record: process.LaunchRecord) -> tuple[int, int] | None:
