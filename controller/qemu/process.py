@@ -163,24 +163,24 @@ def spawn(
         except BlockingIOError as err:
             raise DuplicateProcess(f"another QEMU of this VM holds {runtime.lock}") from err
         clear_stale_files(runtime)
-        watcher, pid = _start_supervised(argv, runtime, lock_fd)
+        # The supervisor writes the launch record itself, completing what only the controller knows.
+        record_start = json.dumps({"argv": list(argv), "digest": digest, "startedAt": now.isoformat()})
+        watcher, pid = _start_supervised(argv, runtime, lock_fd, record_start[:-1] + ", ")
     finally:
         os.close(lock_fd)
-    stat, watcher_stat = read_stat(pid), read_stat(watcher.pid)
-    record = LaunchRecord(
-        argv=argv,
-        digest=digest,
-        pid=pid,
-        start_ticks=stat.start_ticks if stat else -1,
-        started_at=now,
-        supervisor=(watcher.pid, watcher_stat.start_ticks if watcher_stat else -1),
-    )
-    _write_atomically(Path(runtime.record), record.encode())
+    record = read_launch_record(runtime)
+    if (
+        record is None
+        or record.pid != pid
+        or record.supervisor is None
+        or record.supervisor[0] != watcher.pid
+    ):
+        raise SpawnFailed(f"the supervisor (pid {watcher.pid}) wrote no launch record for QEMU pid {pid}")
     return watcher
 
 
 def _start_supervised(
-    argv: tuple[str, ...], runtime: RuntimePaths, lock_fd: int
+    argv: tuple[str, ...], runtime: RuntimePaths, lock_fd: int, record_start: str
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Run the supervisor (which holds `lock_fd` and hands it to QEMU); return it and QEMU's pid."""
     executable = shutil.which(argv[0])
@@ -191,7 +191,7 @@ def _start_supervised(
         with open(runtime.stderr_log, "wb") as stderr:
             try:
                 watcher = subprocess.Popen(
-                    [*_supervisor_argv(runtime), str(report_write), executable, *argv],
+                    [*_supervisor_argv(runtime), record_start, str(report_write), executable, *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
                     stderr=stderr,
@@ -218,7 +218,7 @@ def _start_supervised(
 
 def _supervisor_argv(runtime: RuntimePaths) -> list[str]:
     # -I -S: no site-packages, no environment, no import but built-in modules.
-    return [sys.executable, "-I", "-S", str(SUPERVISOR_SCRIPT), str(runtime.wait_status)]
+    return [sys.executable, "-I", "-S", str(SUPERVISOR_SCRIPT), str(runtime.wait_status), str(runtime.record)]
 
 
 def _read_report(fd: int) -> str:

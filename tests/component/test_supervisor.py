@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,3 +150,35 @@ def test_the_supervisor_imports_only_built_in_modules() -> None:
     assert not any(isinstance(node, ast.ImportFrom) for node in ast.walk(tree))
     assert imported == {"_signal", "posix", "sys", "time"}
     assert imported <= set(sys.builtin_module_names)
+
+
+def test_a_controller_gone_before_the_report_still_leaves_a_launch_record(tmp_path: Path) -> None:
+    """The report pipe's reader is closed (the controller was killed mid-spawn): the supervisor
+    writes the launch record, supervises, and records the exit all the same."""
+    paths = RuntimePaths(tmp_path / "vm")
+    Path(paths.directory).mkdir()
+    report_read, report_write = os.pipe()
+    os.close(report_read)
+    record_start = '{"argv": ["sleep", "60"], "digest": "d", "startedAt": "2026-11-22T00:00:00+00:00", '
+    argv = [
+        *process._supervisor_argv(paths),
+        record_start,
+        str(report_write),
+        shutil.which("sleep") or "sleep",
+    ]
+    supervisor = subprocess.Popen([*argv, "sleep", "60"], pass_fds=(report_write,), start_new_session=True)
+    os.close(report_write)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while (record := process.read_launch_record(paths)) is None:
+        assert supervisor.poll() is None, "the supervisor died"
+        assert time.monotonic() < deadline, "no launch record"
+        time.sleep(0.02)
+    assert record.supervisor is not None
+    assert record.supervisor[0] == supervisor.pid
+    assert process.is_alive_and_ours(record)
+    assert process.supervisor_alive(record)
+
+    os.kill(record.pid, signal.SIGKILL)
+
+    assert supervisor.wait(timeout=WAIT_SECONDS) == 0
+    assert _wait_status(paths, record.pid).signal == signal.SIGKILL
