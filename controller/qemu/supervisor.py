@@ -20,8 +20,8 @@ starts it with start_new_session) with no terminal, so a controller restart does
 - It never outlives QEMU: it only waits, and exits as soon as QEMU has.
 
 Only built-in modules, no `os`, `signal` or `json`: started with -I -S, this interpreter costs
-about 3 MiB of private memory per VM, and `os` plus `signal` (which imports enum) add another
-MiB (measured figures: docs/controller.md, "The per-VM supervisor").
+about 3 MiB of private memory per VM, and `os` plus `signal` (which imports enum) would add
+another 0.5 MiB (measured figures: docs/controller.md, "The per-VM supervisor").
 """
 
 # contextlib would cost memory too: hence try/except/pass below (SIM105).
