@@ -30,6 +30,7 @@ from controller.actions import (
     GrowDisk,
     Kill,
     KillLost,
+    Quit,
     RequestPowerdown,
     Spawn,
 )
@@ -90,7 +91,7 @@ def _admission(desired: Desired, before: QemuVMStatus, after: QemuVMStatus) -> l
 
 
 def _action_event(action: Action, after: QemuVMStatus) -> VMEvent | None:
-    """The event of an action worth telling; bookkeeping (clean-ups, cont, quit) has none."""
+    """The event of an action worth telling; bookkeeping (clean-ups, cont) has none."""
     match action:
         case AllocatePorts(requested=requested):
             wanted = {key for key, _ in requested}
@@ -115,6 +116,8 @@ def _action_event(action: Action, after: QemuVMStatus) -> VMEvent | None:
             return VMEvent("Started", f"QEMU started{started}")
         case RequestPowerdown():
             return VMEvent("Stopping", f"power button pressed: {_ready_message(after) or 'stopping'}")
+        case Quit():
+            return VMEvent("Stopping", f"QEMU told to quit: {_ready_message(after) or 'stopping'}")
         case Kill(pid=pid, signal=number):
             why = _ready_message(after)
             return VMEvent(

@@ -166,9 +166,10 @@ class Executor:
             return
         record = process.read_launch_record(paths)
         assert record is not None, "spawn writes the launch record"
-        trace.get_current_span().set_attribute("process.pid", child.pid)
-        log.info("vm_spawned", uid=uid, pid=child.pid, argv_digest=digest)
-        self._boots.started(uid, pid=child.pid, argv_digest=digest)
+        # QEMU's pid; `child` is its supervisor.
+        trace.get_current_span().set_attribute("process.pid", record.pid)
+        log.info("vm_spawned", uid=uid, pid=record.pid, argv_digest=digest)
+        self._boots.started(uid, pid=record.pid, argv_digest=digest)
         await self._runtime.attach(uid, paths, record, child=child)
         self._boots.event(uid, "qmp ready" if self._runtime.monitor(uid) else "qmp unavailable")
 

@@ -64,6 +64,9 @@ class ProcessObservation:
     # Its runtime dir and QMP socket still exist: without them it cannot be managed (no QMP
     # after a controller restart, no launch record to adopt it by).
     runtime_intact: bool = True
+    # The guest has booted far enough to bring up its network card (QMP NIC_RX_FILTER_CHANGED,
+    # or query-rx-filter for an adopted process): before that it ignores the power button.
+    guest_booted: bool = True
 
 
 @dataclass(frozen=True, slots=True)

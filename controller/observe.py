@@ -71,16 +71,16 @@ async def observe(
             started_at=record.started_at,
             qmp=await runtime.qmp_state(uid),
             runtime_intact=Path(paths.qmp_socket).exists(),
+            guest_booted=runtime.guest_booted(uid),
         )
     # QEMU's leader shows as a zombie for a few ms while its other threads exit; the runtime's
     # pidfd fires only when all are gone and then records the exit. Until then it is "exiting".
     exiting = found is None and record is not None and runtime.is_attached(uid, record.pid)
     exit_record = process.read_exit_record(paths)
     if found is None and not exiting and record is not None and exit_record is None:
-        # It died while no controller watched it: record the exit once, now.
-        process.write_exit_record(
-            paths, exit_code=None, signal=None, started_at=record.started_at, now=clock.now()
-        )
+        # It died while no controller watched it: record the exit once, now (with the wait
+        # status its supervisor recorded, if it had one).
+        process.record_exit(paths, record, now=clock.now())
         exit_record = process.read_exit_record(paths)
     stale = (
         found is None

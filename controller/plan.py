@@ -51,6 +51,9 @@ from controller.qemu.argv import LaunchInputs, RuntimePaths, argv_digest, build_
 
 # After `system_powerdown` and stopTimeout, `quit` gets this long before SIGKILL.
 QUIT_GRACE = timedelta(seconds=5)
+# A guest that has not booted (see ProcessObservation.guest_booted) ignores the power button; it
+# gets this long to answer it anyway (the tiny guest powers off within 0.2 s), then `quit`.
+BOOT_PROBE = timedelta(seconds=2)
 # QMP may not listen yet just after spawn (the pidfile comes first): wait before calling it hung.
 QMP_STARTUP_GRACE = timedelta(seconds=10)
 IMAGE_RECHECK = timedelta(seconds=30)
@@ -541,6 +544,7 @@ def _stop_process(
 
     The start of the stop is remembered in status, so a controller restart mid-stop continues
     where it was instead of starting over. A process that does not answer QMP is killed at once.
+    A guest that cannot answer the power button gets less than stopTimeout (`_answer_window`).
     """
     timeout = stop_timeout if stop_timeout is not None else timedelta(seconds=30)
     requested = memory.stop_requested_at
@@ -550,15 +554,37 @@ def _stop_process(
         if requested is not None and now - requested < QUIT_GRACE:
             return Plan(intent, memory, requeue_after=QUIT_GRACE - (now - requested), detail=why)
         return _kill(process, memory, intent, why)
+    window, no_answer = _answer_window(process, timeout)
+    if no_answer:
+        why = f"{why}; {no_answer}"
     if requested is None:
         memory = replace(memory, stop_requested_at=now)
-        return Plan(intent, memory, (RequestPowerdown(),), requeue_after=timeout, detail=why)
+        if not window:
+            return Plan(intent, memory, (Quit(),), requeue_after=QUIT_GRACE, detail=why)
+        return Plan(intent, memory, (RequestPowerdown(),), requeue_after=window, detail=why)
     elapsed = now - requested
-    if elapsed < timeout:
-        return Plan(intent, memory, requeue_after=timeout - elapsed, detail=why)
-    if elapsed < timeout + QUIT_GRACE:
-        return Plan(intent, memory, (Quit(),), requeue_after=timeout + QUIT_GRACE - elapsed, detail=why)
+    if elapsed < window:
+        return Plan(intent, memory, requeue_after=window - elapsed, detail=why)
+    if elapsed < window + QUIT_GRACE:
+        return Plan(intent, memory, (Quit(),), requeue_after=window + QUIT_GRACE - elapsed, detail=why)
     return _kill(process, memory, intent, why)
+
+
+def _answer_window(process: ProcessObservation, timeout: timedelta) -> tuple[timedelta, str]:
+    """How long the guest gets to power off after the power button, and why it is short.
+
+    A paused guest runs no code, so it cannot answer: `quit` at once. A guest that has not
+    booted yet ignores the button: it gets BOOT_PROBE to answer anyway, then `quit`.
+    """
+    if process.qmp is QmpState.PAUSED:
+        return timedelta(0), "the guest is paused and cannot answer the power button: quit"
+    if not process.guest_booted and timeout > BOOT_PROBE:
+        probe = BOOT_PROBE.total_seconds()
+        return (
+            BOOT_PROBE,
+            f"the guest has not booted (no network card up): quit unless it powers off within {probe:g} s",
+        )
+    return timeout, ""
 
 
 def _kill(process: ProcessObservation, memory: Memory, intent: Intent, why: str) -> Plan:

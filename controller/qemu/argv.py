@@ -88,6 +88,11 @@ class RuntimePaths:
         return self.directory / "exit.json"
 
     @property
+    def wait_status(self) -> PurePath:
+        """QEMU's wait status, written by its supervisor (qemu/supervisor.py)."""
+        return self.directory / "wait-status.json"
+
+    @property
     def lock(self) -> PurePath:
         return self.directory / "lock"
 

@@ -21,7 +21,15 @@ from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClie
 COMMAND_TIMEOUT_SECONDS = 2.0
 CONNECT_RETRY_SECONDS = 0.005
 # The controller reacts to these; the rest (e.g. RTC_CHANGE) are noise.
-WATCHED_EVENTS = ("SHUTDOWN", "RESET", "STOP", "RESUME", "GUEST_PANICKED", "POWERDOWN")
+WATCHED_EVENTS = (
+    "SHUTDOWN",
+    "RESET",
+    "STOP",
+    "RESUME",
+    "GUEST_PANICKED",
+    "POWERDOWN",
+    "NIC_RX_FILTER_CHANGED",
+)
 
 # qemu.qmp logs every disconnect at ERROR; a VM that exits is normal here and is logged once,
 # as a structured event, by the controller.
@@ -112,6 +120,17 @@ class Monitor:
             raise MonitorUnavailable(f"{command}: no reply within {within:.1f} s") from err
         except (StateError, EOFError, OSError, QMPError) as err:
             raise MonitorUnavailable(f"{command}: {err or type(err).__name__}") from err
+
+    async def nic_configured(self) -> bool:
+        """Whether the guest has brought up a network card: QEMU resets every virtio-net to
+        promiscuous mode, and a guest driver turns that off when its interface comes up. Asking
+        also re-arms the NIC_RX_FILTER_CHANGED event, which QEMU sends once until asked.
+
+        :raise MonitorUnavailable, MonitorCommandFailed: as `execute`.
+        """
+        reply = await self.execute("query-rx-filter")
+        nics = reply if isinstance(reply, list) else []
+        return any(isinstance(nic, dict) and nic.get("promiscuous") is False for nic in nics)
 
     async def query_status(self) -> str:
         """The guest run state: "running", "paused", "shutdown", "guest-panicked", ..."""

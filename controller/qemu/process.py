@@ -7,6 +7,10 @@ so it is never mistaken for a VM.
 No duplicate QEMU per VM: spawn takes an exclusive flock on DATA/run/<uid>/lock and hands the
 locked descriptor to QEMU, which then holds the lock for its whole life. A second spawn for the
 same uid cannot take it and fails safely, even from another controller process.
+
+QEMU's parent is its supervisor (supervisor.py), not the controller: it records QEMU's wait
+status in the runtime dir, so an exit is known exactly even after a controller restart. VMs
+started before the supervisor existed have none in their launch record and are watched directly.
 """
 
 from __future__ import annotations
@@ -15,17 +19,25 @@ import contextlib
 import fcntl
 import json
 import os
+import select
+import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from controller.model import ExitObservation
+from controller.qemu import supervisor
 from controller.qemu.argv import QEMU_BINARY, RuntimePaths
 
 STDERR_TAIL_LINES = 15
 STDERR_TAIL_BYTES = 4096
-_STALE_FILES = ("pidfile", "qmp_socket", "record", "exit_record")
+_STALE_FILES = ("pidfile", "qmp_socket", "record", "exit_record", "wait_status")
+# The supervisor forks and execs QEMU within milliseconds; this bounds a wedged interpreter.
+SUPERVISOR_REPORT_SECONDS = 10.0
+SUPERVISOR_SCRIPT = Path(supervisor.__file__)
 _GUEST_SHUTDOWN_MARKER = "guest-shutdown"
 
 
@@ -46,6 +58,8 @@ class LaunchRecord:
     pid: int
     start_ticks: int
     started_at: datetime
+    # QEMU's supervisor (pid, /proc start time); None for a QEMU started before supervisors.
+    supervisor: tuple[int, int] | None = None
 
     def encode(self) -> str:
         return json.dumps(
@@ -55,6 +69,9 @@ class LaunchRecord:
                 "pid": self.pid,
                 "startTicks": self.start_ticks,
                 "startedAt": self.started_at.isoformat(),
+                "supervisor": None
+                if self.supervisor is None
+                else {"pid": self.supervisor[0], "startTicks": self.supervisor[1]},
             }
         )
 
@@ -63,12 +80,14 @@ class LaunchRecord:
         """:raise ValueError: a record this controller did not write."""
         try:
             data = json.loads(text)
+            watcher = data.get("supervisor")
             return cls(
                 argv=tuple(data["argv"]),
                 digest=data["digest"],
                 pid=int(data["pid"]),
                 start_ticks=int(data["startTicks"]),
                 started_at=datetime.fromisoformat(data["startedAt"]),
+                supervisor=None if watcher is None else (int(watcher["pid"]), int(watcher["startTicks"])),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as err:
             raise ValueError(f"unreadable launch record: {err}") from err
@@ -129,10 +148,11 @@ def is_alive_and_ours(record: LaunchRecord, *, identity_proven: bool = False) ->
 def spawn(
     argv: tuple[str, ...], digest: str, runtime: RuntimePaths, *, now: datetime
 ) -> subprocess.Popen[bytes]:
-    """Start QEMU in its own session (so it outlives the controller) and record the launch.
+    """Start QEMU under its supervisor, in a session of their own (so both outlive the
+    controller), and record the launch. Returns the supervisor, the controller's child.
 
     :raise DuplicateProcess: another QEMU of this VM is alive.
-    :raise SpawnFailed: the binary could not be executed.
+    :raise SpawnFailed: QEMU or its supervisor could not be executed.
     """
     directory = Path(runtime.directory)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -143,31 +163,76 @@ def spawn(
         except BlockingIOError as err:
             raise DuplicateProcess(f"another QEMU of this VM holds {runtime.lock}") from err
         clear_stale_files(runtime)
+        # The supervisor writes the launch record itself, completing what only the controller knows.
+        record_start = json.dumps({"argv": list(argv), "digest": digest, "startedAt": now.isoformat()})
+        watcher, pid = _start_supervised(argv, runtime, lock_fd, record_start[:-1] + ", ")
+    finally:
+        os.close(lock_fd)
+    record = read_launch_record(runtime)
+    if (
+        record is None
+        or record.pid != pid
+        or record.supervisor is None
+        or record.supervisor[0] != watcher.pid
+    ):
+        raise SpawnFailed(f"the supervisor (pid {watcher.pid}) wrote no launch record for QEMU pid {pid}")
+    return watcher
+
+
+def _start_supervised(
+    argv: tuple[str, ...], runtime: RuntimePaths, lock_fd: int, record_start: str
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Run the supervisor (which holds `lock_fd` and hands it to QEMU); return it and QEMU's pid."""
+    executable = shutil.which(argv[0])
+    if executable is None:
+        raise SpawnFailed(f"cannot execute {argv[0]}: not found on PATH")
+    report_read, report_write = os.pipe()
+    try:
         with open(runtime.stderr_log, "wb") as stderr:
             try:
-                process = subprocess.Popen(
-                    argv,
+                watcher = subprocess.Popen(
+                    [*_supervisor_argv(runtime), record_start, str(report_write), executable, *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=stderr,
                     stderr=stderr,
                     start_new_session=True,
-                    pass_fds=(lock_fd,),
-                    cwd=directory,
+                    pass_fds=(lock_fd, report_write),
+                    cwd=runtime.directory,
                 )
             except OSError as err:
-                raise SpawnFailed(f"cannot execute {argv[0]}: {err}") from err
+                raise SpawnFailed(f"cannot execute the supervisor {sys.executable}: {err}") from err
+        os.close(report_write)
+        report_write = -1
+        report = _read_report(report_read)
     finally:
-        os.close(lock_fd)
-    stat = read_stat(process.pid)
-    record = LaunchRecord(
-        argv=argv,
-        digest=digest,
-        pid=process.pid,
-        start_ticks=stat.start_ticks if stat else -1,
-        started_at=now,
-    )
-    _write_atomically(Path(runtime.record), record.encode())
-    return process
+        os.close(report_read)
+        if report_write >= 0:
+            os.close(report_write)
+    if not report.strip().isdigit():
+        watcher.kill()
+        watcher.wait()
+        why = report.removeprefix("error: ") or f"the supervisor gave no pid: {stderr_tail(runtime)}"
+        raise SpawnFailed(why)
+    return watcher, int(report)
+
+
+def _supervisor_argv(runtime: RuntimePaths) -> list[str]:
+    # -I -S: no site-packages, no environment, no import but built-in modules.
+    return [sys.executable, "-I", "-S", str(SUPERVISOR_SCRIPT), str(runtime.wait_status), str(runtime.record)]
+
+
+def _read_report(fd: int) -> str:
+    """What the supervisor wrote before closing its end, within SUPERVISOR_REPORT_SECONDS."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + SUPERVISOR_REPORT_SECONDS
+    while (left := deadline - time.monotonic()) > 0 and poller.poll(left * 1000):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def clear_stale_files(runtime: RuntimePaths) -> None:
@@ -204,6 +269,49 @@ def write_exit_record(
     }
     with contextlib.suppress(FileNotFoundError):
         _write_atomically(Path(runtime.exit_record), json.dumps(record))
+
+
+@dataclass(frozen=True, slots=True)
+class WaitStatus:
+    """How QEMU ended, as its supervisor's waitpid saw it."""
+
+    exit_code: int | None
+    signal: int | None
+    at: datetime
+
+
+def read_wait_status(runtime: RuntimePaths, pid: int) -> WaitStatus | None:
+    """The wait status the supervisor recorded for QEMU `pid`, if it did."""
+    try:
+        data = json.loads(Path(runtime.wait_status).read_text())
+        if data["pid"] != pid:
+            return None
+        return WaitStatus(data["exitCode"], data["signal"], datetime.fromtimestamp(data["at"], UTC))
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        return None
+
+
+def supervisor_alive(record: LaunchRecord) -> bool:
+    """The supervisor the launch record names still runs (so it will record QEMU's exit)."""
+    if record.supervisor is None:
+        return False
+    pid, start_ticks = record.supervisor
+    stat = read_stat(pid)
+    return stat is not None and stat.state not in ("Z", "X") and stat.start_ticks == start_ticks
+
+
+def record_exit(runtime: RuntimePaths, record: LaunchRecord, *, now: datetime) -> WaitStatus | None:
+    """Write the exit record of the process `record` describes, which is gone: with the wait
+    status its supervisor left (and the time it saw the exit), or unknown without one."""
+    status = read_wait_status(runtime, record.pid)
+    write_exit_record(
+        runtime,
+        exit_code=status.exit_code if status else None,
+        signal=status.signal if status else None,
+        started_at=record.started_at,
+        now=status.at if status else now,
+    )
+    return status
 
 
 def read_exit_record(runtime: RuntimePaths) -> ExitObservation | None:

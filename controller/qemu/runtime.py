@@ -4,6 +4,11 @@ Every process of ours, spawned or adopted, gets one attachment: a pidfd reader t
 exit within milliseconds (also for processes this controller is not the parent of), and one QMP
 connection used for commands and for events. On exit the attachment writes the exit record to
 the runtime dir (the controller may restart before reconciling it) and wakes the reconciler.
+
+The pidfd follows QEMU's supervisor when it has one: the supervisor exits right after it has
+written QEMU's wait status, so the exit record is written from that status. A QEMU without a
+supervisor (started before supervisors, or whose supervisor was killed) is followed itself,
+and its exit code is then unknown.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class _Attachment:
     record: process.LaunchRecord
     child: subprocess.Popen[bytes] | None
     pidfd: int
+    # The process the pidfd follows: QEMU's supervisor, or QEMU itself when it has none.
+    watched_pid: int
     monitor: Monitor | None = None
     events: asyncio.Task[None] | None = field(default=None, repr=False)
     known_state: QmpState | None = None
@@ -62,6 +69,8 @@ class _Attachment:
     fresh: bool = False
     # When QEMU announced its shutdown (QMP SHUTDOWN's timestamp, epoch seconds).
     shutdown_at: float | None = None
+    # The guest brought up its network card (see ProcessObservation.guest_booted).
+    guest_booted: bool = False
 
 
 class Runtime:
@@ -128,12 +137,12 @@ class Runtime:
         if self.is_attached(uid, record.pid):
             return
         await self.detach(uid)
-        try:
-            pidfd = os.pidfd_open(record.pid)
-        except ProcessLookupError:
+        opened = _open_pidfd(record)
+        if opened is None:
             self._record_exit(uid, paths, record, child)
             return
-        attachment = _Attachment(uid, paths, record, child, pidfd, fresh=child is not None)
+        pidfd, watched = opened
+        attachment = _Attachment(uid, paths, record, child, pidfd, watched, fresh=child is not None)
         self._attached[uid] = attachment
         self._none_attached.clear()
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit, uid)
@@ -145,6 +154,8 @@ class Runtime:
         if child is not None and attachment.monitor is not None:
             # We started it with -S: it is paused until we `cont`, no need to ask.
             self._learn(attachment, QmpState.PAUSED)
+        if child is None:
+            attachment.guest_booted = await _nic_configured(attachment.monitor)
 
     async def detach(self, uid: str) -> None:
         """Stop watching `uid` without touching its process (controller shutdown)."""
@@ -155,6 +166,11 @@ class Runtime:
     async def close(self) -> None:
         for uid in list(self._attached):
             await self.detach(uid)
+
+    def guest_booted(self, uid: str) -> bool:
+        """Whether `uid`'s guest has brought up its network card (True if not watched)."""
+        attachment = self._attached.get(uid)
+        return attachment is None or attachment.guest_booted
 
     def monitor(self, uid: str) -> Monitor | None:
         attachment = self._attached.get(uid)
@@ -244,6 +260,8 @@ class Runtime:
                     attachment.shutdown_at = _event_time(event)
                     if data.get("guest"):
                         process.mark_guest_shutdown(attachment.paths)
+                if name == "NIC_RX_FILTER_CHANGED":
+                    attachment.guest_booted = True
                 if name in _EVENT_STATES:
                     self._learn(attachment, _EVENT_STATES[name])
                 log.info("qmp_event", uid=attachment.uid, qmp_event=name, reason=data.get("reason"))
@@ -252,6 +270,9 @@ class Runtime:
             return
 
     def _on_exit(self, uid: str) -> None:
+        attachment = self._attached.get(uid)
+        if attachment is not None and self._supervisor_lost(attachment):
+            return
         attachment = self._forget(uid)
         if attachment is None:
             return
@@ -260,6 +281,27 @@ class Runtime:
         self._record_exit(uid, attachment.paths, attachment.record, attachment.child)
         self._tasks.create_task(self._release(attachment), name=f"qmp-close-{uid}")
 
+    def _supervisor_lost(self, attachment: _Attachment) -> bool:
+        """The supervisor ended while QEMU runs on (someone killed it): follow QEMU itself."""
+        record = attachment.record
+        if attachment.watched_pid == record.pid or not process.is_alive_and_ours(record):
+            return False
+        if process.read_wait_status(attachment.paths, record.pid) is not None:
+            return False
+        try:
+            pidfd = os.pidfd_open(record.pid)
+        except ProcessLookupError:
+            return False
+        log.warning("supervisor_lost", uid=attachment.uid, pid=record.pid, supervisor=attachment.watched_pid)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(attachment.pidfd)
+        os.close(attachment.pidfd)
+        if attachment.child is not None:
+            attachment.child.poll()  # reap it
+        attachment.pidfd, attachment.watched_pid = pidfd, record.pid
+        loop.add_reader(pidfd, self._on_exit, attachment.uid)
+        return True
+
     def _record_exit(
         self,
         uid: str,
@@ -267,17 +309,10 @@ class Runtime:
         record: process.LaunchRecord,
         child: subprocess.Popen[bytes] | None,
     ) -> None:
-        code: int | None = None
-        signal: int | None = None
         if child is not None:
-            returncode = child.poll()
-            if returncode is not None and returncode < 0:
-                signal = -returncode
-            else:
-                code = returncode
-        process.write_exit_record(
-            paths, exit_code=code, signal=signal, started_at=record.started_at, now=self._clock.now()
-        )
+            child.poll()  # reap the supervisor; QEMU's own status is in the file it wrote
+        status = process.record_exit(paths, record, now=self._clock.now())
+        code, signal = (status.exit_code, status.signal) if status else (None, None)
         log.info("vm_exit_detected", uid=uid, pid=record.pid, exit_code=code, signal=signal)
         self._wake(uid)
 
@@ -289,6 +324,33 @@ class Runtime:
             attachment.events.cancel()
         if attachment.monitor is not None:
             await attachment.monitor.close()
+
+
+async def _nic_configured(monitor: Monitor | None) -> bool:
+    """For a process this controller did not start (it missed the event): ask QEMU. Unknown
+    counts as booted, so a guest whose state is unknown still gets its full stopTimeout."""
+    if monitor is None:
+        return True
+    try:
+        return await monitor.nic_configured()
+    except (MonitorUnavailable, MonitorCommandFailed):
+        return True
+
+
+def _open_pidfd(record: process.LaunchRecord) -> tuple[int, int] | None:
+    """A pidfd on QEMU's supervisor if it runs, else on QEMU; with the pid it follows. None:
+    both are gone."""
+    if record.supervisor is not None:
+        with contextlib.suppress(ProcessLookupError):
+            pidfd = os.pidfd_open(record.supervisor[0])
+            # Checked once the pidfd pins the pid: a reused pid is not taken for the supervisor.
+            if process.supervisor_alive(record):
+                return pidfd, record.supervisor[0]
+            os.close(pidfd)
+    try:
+        return os.pidfd_open(record.pid), record.pid
+    except ProcessLookupError:
+        return None
 
 
 def _event_time(event: dict[str, object]) -> float | None:

@@ -1,7 +1,11 @@
-"""No duplicate QEMU per VM: the runtime lock is held by the process itself from spawn onward."""
+"""No duplicate QEMU per VM: the runtime lock is held by the process and its supervisor from spawn
+onward, until the supervisor has recorded the exit."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,8 +29,16 @@ def first(tmp_path: Path) -> Iterator[tuple[RuntimePaths, subprocess.Popen[bytes
     try:
         yield paths, child
     finally:
-        child.kill()
-        child.wait()
+        _kill_vm(paths, child)
+
+
+def _kill_vm(paths: RuntimePaths, supervisor: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the QEMU stand-in; its supervisor records that and exits."""
+    record = process.read_launch_record(paths)
+    assert record is not None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(record.pid, signal.SIGKILL)
+    supervisor.wait(timeout=10)
 
 
 def test_a_second_spawn_for_the_same_vm_fails_and_changes_nothing(
@@ -37,7 +49,9 @@ def test_a_second_spawn_for_the_same_vm_fails_and_changes_nothing(
         process.spawn(SLEEPER, "digest-2", paths, now=NOW)
     record = process.read_launch_record(paths)
     assert record is not None
-    assert (record.pid, record.digest) == (child.pid, "digest-1")
+    assert record.supervisor is not None
+    assert (record.supervisor[0], record.digest) == (child.pid, "digest-1")
+    assert process.is_alive_and_ours(record)
     assert child.poll() is None
 
 
@@ -60,11 +74,19 @@ def test_another_controller_process_cannot_spawn_it_either(
 
 def test_the_lock_goes_with_the_process(first: tuple[RuntimePaths, subprocess.Popen[bytes]]) -> None:
     paths, child = first
-    child.kill()
-    child.wait()
+    _kill_vm(paths, child)
     again = process.spawn(SLEEPER, "digest-2", paths, now=NOW)
     try:
         assert again.pid != child.pid
     finally:
-        again.kill()
-        again.wait()
+        _kill_vm(paths, again)
+
+
+def test_the_lock_stays_with_a_qemu_whose_supervisor_was_killed(
+    first: tuple[RuntimePaths, subprocess.Popen[bytes]],
+) -> None:
+    paths, child = first
+    child.kill()
+    child.wait()
+    with pytest.raises(process.DuplicateProcess):
+        process.spawn(SLEEPER, "digest-2", paths, now=NOW)

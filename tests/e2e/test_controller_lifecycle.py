@@ -2,10 +2,9 @@
 
 One `tofu-qemu serve` and one Terraform working dir serve the whole module (booting guests on
 TCG is the slow part), with two VMs, alpha and bravo. Each test first waits for the VMs it uses
-to run their current spec, so it does not depend on what an earlier test left, with one
-exception: the adoption test restarts the server, and a QEMU adopted that way cannot be the
-subject of the kill -9 test (a process that is not the controller's child has no readable exit
-status), so it comes last.
+to run their current spec, so it does not depend on what an earlier test left. The adoption test
+restarts the server and comes last; the kill -9 of an adopted QEMU has its own test
+(test_exit_after_restart.py).
 """
 
 from __future__ import annotations

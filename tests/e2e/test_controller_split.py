@@ -40,7 +40,9 @@ def test_api_and_controller_processes_converge_on_spec_changes(
     first = fleet.wait_vm("solo", runs_generation(1), what="Running at generation 1")
     stat = proc_stat(first["status"]["pid"])
     assert stat is not None
-    assert stat.parent_pid == controller.pid, "QEMU should be a child of the controller process"
+    supervisor = proc_stat(stat.parent_pid)  # QEMU's parent is its per-VM supervisor
+    assert supervisor is not None
+    assert supervisor.parent_pid == controller.pid, "QEMU should be started by the controller process"
     status, body = get_guest_page(host_port(first), "/", timeout=GUEST_BOOT_TIMEOUT)
     assert (status, "<h1>solo</h1>" in body) == (200, True), body
 

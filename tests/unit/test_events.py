@@ -35,6 +35,7 @@ from controller.actions import (
     Finalize,
     GrowDisk,
     Kill,
+    Quit,
     ReleasePorts,
     RemoveRuntimeDir,
     RequestPowerdown,
@@ -127,6 +128,7 @@ def test_a_first_start_is_scheduled_ports_allocated_started_in_order() -> None:
         pytest.param(DeleteDisk("root", PurePath("/d/root.qcow2")), "DiskDeleted", "disk 'root' deleted"),
         pytest.param(Kill(4242), "Killing", "SIGKILL sent to pid 4242", id="kill"),
         pytest.param(RequestPowerdown(), "Stopping", "power button pressed: stopping", id="powerdown"),
+        pytest.param(Quit(), "Stopping", "QEMU told to quit: stopping", id="quit"),
     ],
 )
 def test_each_told_action_has_its_event(action: Action, reason: str, message: str) -> None:

@@ -438,3 +438,52 @@ def test_a_qemu_that_lost_its_runtime_dir_is_killed_before_anything_starts() -> 
     assert [(type(a), getattr(a, "pid", None)) for a in result.actions] == [(KillLost, 31337)]
     deleting = plan(desired(deleting=True), observed(**ready(lost_pid=31337)), Memory(), CONTEXT, now=NOW)
     assert kinds(deleting) == [KillLost]
+
+
+# The stop ladder by what the guest can answer: (qmp, booted, stopTimeout, seconds since the stop
+# was requested or None for the first plan) -> (actions, requeue seconds).
+STOP_ROWS = {
+    "booted: power button, full stopTimeout": (
+        (QmpState.RUNNING, True, 300, None),
+        ([RequestPowerdown], 300),
+    ),
+    "booted: still waiting at 2 s": ((QmpState.RUNNING, True, 300, 2), ([], 298)),
+    "not booted: power button, a 2 s probe": ((QmpState.RUNNING, False, 300, None), ([RequestPowerdown], 2)),
+    "not booted: waiting within the probe": ((QmpState.RUNNING, False, 300, 1), ([], 1)),
+    "not booted: quit after the probe": ((QmpState.RUNNING, False, 300, 2), ([Quit], 5)),
+    "not booted: SIGKILL after the quit grace": ((QmpState.RUNNING, False, 300, 7), ([Kill], 1)),
+    "not booted, stopTimeout below the probe": ((QmpState.RUNNING, False, 1, None), ([RequestPowerdown], 1)),
+    "booted during the probe: full stopTimeout": ((QmpState.RUNNING, True, 300, 3), ([], 297)),
+    "paused: quit at once": ((QmpState.PAUSED, True, 300, None), ([Quit], 5)),
+    "paused: SIGKILL after the quit grace": ((QmpState.PAUSED, True, 300, 5), ([Kill], 1)),
+}
+
+
+@pytest.mark.parametrize(("situation", "expected"), STOP_ROWS.values(), ids=STOP_ROWS.keys())
+def test_stop_ladder_by_what_the_guest_can_answer(
+    situation: tuple[QmpState, bool, int, float | None], expected: tuple[list[type[Action]], float]
+) -> None:
+    qmp, booted, stop_timeout, elapsed = situation
+    vm = desired(runStrategy="Halted", stopTimeout=stop_timeout)
+    seen = observed(**ready(process=replace(process(RUNNING.argv_digest, qmp=qmp), guest_booted=booted)))
+    memory = Memory() if elapsed is None else Memory(stop_requested_at=NOW - timedelta(seconds=elapsed))
+    result = plan(vm, seen, memory, CONTEXT, now=NOW)
+    assert (kinds(result), result.requeue_after) == (expected[0], timedelta(seconds=expected[1]))
+    assert result.memory.stop_requested_at == (NOW if elapsed is None else memory.stop_requested_at)
+
+
+def test_a_stop_that_skips_the_wait_says_why() -> None:
+    """The condition message (and so the Stopping event) names the rule that shortened the stop."""
+    vm = desired(runStrategy="Halted", stopTimeout=300)
+    booting = replace(RUNNING, guest_booted=False)
+    probing = plan(vm, observed(**ready(process=booting)), Memory(), CONTEXT, now=NOW)
+    assert probing.detail == (
+        "runStrategy is Halted; the guest has not booted (no network card up): "
+        "quit unless it powers off within 2 s"
+    )
+    paused = replace(RUNNING, qmp=QmpState.PAUSED)
+    quitting = plan(vm, observed(**ready(process=paused)), Memory(), CONTEXT, now=NOW)
+    assert (
+        quitting.detail
+        == "runStrategy is Halted; the guest is paused and cannot answer the power button: quit"
+    )
