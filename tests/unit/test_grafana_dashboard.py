@@ -151,6 +151,8 @@ def test_compose_provisions_grafana_with_prometheus_and_the_dashboard() -> None:
     compose = yaml.safe_load((OBSERVABILITY / "compose.yaml").read_text())
     grafana = compose["services"]["grafana"]
     assert grafana["network_mode"] == "host"
+    # On the host network: loopback only, as Prometheus's targets are.
+    assert grafana["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
     mounts = dict(volume.removesuffix(":ro").split(":", 1) for volume in grafana["volumes"])
     for source in mounts:
         assert (OBSERVABILITY / source).exists(), source
