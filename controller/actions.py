@@ -117,6 +117,22 @@ class KillLost:
 
 
 @dataclass(frozen=True, slots=True)
+class Attach:
+    """Watch `pid`, a live process of ours nobody watches yet (found after a controller
+    restart): its exit and events reach the controller from then on. Adoption is this."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordExit:
+    """Record the exit of `pid`, which died while no controller watched it, so the exit is
+    counted (once) by the next plan. Legal only when that process is gone."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class CleanRuntime:
     """Remove what a dead process left (pidfile, socket, launch and exit records).
 
@@ -148,6 +164,8 @@ Action = (
     | Quit
     | Kill
     | KillLost
+    | Attach
+    | RecordExit
     | CleanRuntime
     | RemoveRuntimeDir
     | Finalize

@@ -1,11 +1,12 @@
-"""The only code that changes the world: performs a plan's actions for one VM, in order."""
+"""The only code that changes the world: performs a plan's actions for one VM, in order.
+
+It reaches the world through Protocols only: the Hypervisor (processes, runtime dir), the store
+(api/store/contracts.py), ports, disks and the image cache.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import signal as signals
+import time
 from pathlib import Path
 from typing import Protocol, assert_never
 
@@ -13,11 +14,12 @@ import structlog
 from opentelemetry import trace
 
 from api.images import RemoteImage
-from api.store.allocations import DiskOwner
-from api.store.status_writer import VMStatusWriter
+from api.store.contracts import StatusStore
+from api.store.records import DiskOwner
 from controller.actions import (
     Action,
     AllocatePorts,
+    Attach,
     CleanRuntime,
     Continue,
     CreateDisk,
@@ -28,6 +30,7 @@ from controller.actions import (
     Kill,
     KillLost,
     Quit,
+    RecordExit,
     ReleasePorts,
     RemoveRuntimeDir,
     RequestPowerdown,
@@ -37,13 +40,10 @@ from controller.actions import (
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
 from controller.faults import CrashPoint, crash_point
-from controller.qemu import process
+from controller.hypervisor import AlreadyRunning, CommandRefused, CommandUnanswered, Hypervisor
 from controller.qemu.argv import RuntimePaths
-from controller.qemu.monitor import MonitorCommandFailed, MonitorUnavailable
-from controller.qemu.runtime import Runtime
 from controller.resources.disks import DiskBusy, DiskError, DiskManager
 from controller.resources.ports import PortAllocator, PortUnavailable
-from controller.resources.seed import write_seed_iso
 from controller.telemetry import TRACER, BootSpans
 
 log = structlog.get_logger(__name__)
@@ -57,17 +57,17 @@ class Executor:
     def __init__(
         self,
         *,
-        runtime: Runtime,
+        hypervisor: Hypervisor,
         ports: PortAllocator,
         disks: DiskManager,
-        objects: VMStatusWriter,
+        objects: StatusStore,
         clock: Clock,
         boots: BootSpans,
         images: ImageFetcher | None = None,
     ) -> None:
         self._images = images
         self._boots = boots
-        self._runtime = runtime
+        self._hypervisor = hypervisor
         self._ports = ports
         self._disks = disks
         self._objects = objects
@@ -119,7 +119,7 @@ class Executor:
             case DeleteDisk(name=name, path=path):
                 await self._disks.delete(uid, name, Path(path))
             case WriteSeed(path=path, files=files):
-                await asyncio.to_thread(_write_seed, Path(path), dict(files))
+                await self._hypervisor.write_seed(path, dict(files))
             case Spawn(argv=argv, digest=digest):
                 await self._spawn(uid, paths, argv, digest)
             case Continue():
@@ -129,68 +129,44 @@ class Executor:
             case Quit():
                 await self._qmp(uid, "quit")
             case Kill(pid=pid, signal=signal):
-                # The watched process's record also serves when its runtime dir is gone.
-                record = self._runtime.attached_record(uid) or process.read_launch_record(paths)
-                if record is not None and record.pid == pid:
-                    process.send_signal(record, signal)
-                    log.info("vm_killed", uid=uid, pid=pid, signal=signal)
+                await self._hypervisor.signal(uid, paths, pid, signal)
             case KillLost(pid=pid):
-                if process.find_lost(paths) == pid:
-                    os.kill(pid, signals.SIGKILL)
-                    log.info("vm_killed", uid=uid, pid=pid, signal=signals.SIGKILL, lost=True)
+                await self._hypervisor.kill_lost(uid, paths, pid)
+            case Attach(pid=pid):
+                await self._hypervisor.attach(uid, paths, pid)
+            case RecordExit(pid=pid):
+                await self._hypervisor.record_exit(uid, paths, pid)
             case CleanRuntime():
-                process.clear_stale_files(paths)
+                await self._hypervisor.clean(uid, paths)
             case RemoveRuntimeDir():
-                await self._runtime.detach(uid)
-                await asyncio.to_thread(shutil.rmtree, paths.directory, True)
+                await self._hypervisor.remove(uid, paths)
             case Finalize():
                 await self._objects.finalize(uid)
             case _:
                 assert_never(action)
 
     async def _spawn(self, uid: str, paths: RuntimePaths, argv: tuple[str, ...], digest: str) -> None:
-        """Start QEMU and return once it is watched; an early exit is recorded, not raised.
-
-        A QEMU that dies at start (bad kernel, busy port) leaves an exit record with its stderr;
-        the next plan counts it as a failure and backs off, the same path as any crash.
-        """
-        now = self._clock.now()
+        """Start QEMU and return once it is watched; an early exit is recorded, not raised."""
+        since = (time.time_ns(), time.monotonic())
         try:
-            # fork+exec of QEMU takes milliseconds; other VMs' reconciles go on meanwhile.
-            child = await asyncio.to_thread(process.spawn, argv, digest, paths, now=now)
-        except process.DuplicateProcess as err:
+            spawned = await self._hypervisor.spawn(uid, paths, argv, digest)
+        except AlreadyRunning as err:
             raise TransientError(str(err)) from err
-        except process.SpawnFailed as err:
-            Path(paths.stderr_log).write_text(str(err))
-            process.write_exit_record(paths, exit_code=127, signal=None, started_at=now, now=now)
+        if spawned is None:
             return
-        record = process.read_launch_record(paths)
-        assert record is not None, "spawn writes the launch record"
-        # QEMU's pid; `child` is its supervisor.
-        trace.get_current_span().set_attribute("process.pid", record.pid)
-        log.info("vm_spawned", uid=uid, pid=record.pid, argv_digest=digest)
-        self._boots.started(uid, pid=record.pid, argv_digest=digest)
-        await self._runtime.attach(uid, paths, record, child=child)
-        self._boots.event(uid, "qmp ready" if self._runtime.monitor(uid) else "qmp unavailable")
+        trace.get_current_span().set_attribute("process.pid", spawned.pid)
+        self._boots.started(uid, pid=spawned.pid, argv_digest=digest, since=since)
+        self._boots.event(uid, "qmp ready" if spawned.monitor_ready else "qmp unavailable")
 
     async def _qmp(self, uid: str, command: str) -> None:
         try:
-            await self._runtime.execute(uid, command)
-        except MonitorUnavailable as err:
+            await self._hypervisor.command(uid, command)
+        except CommandUnanswered as err:
             if command == "quit":
                 return  # QEMU may close the socket before it replies to quit
             raise TransientError(str(err)) from err
-        except MonitorCommandFailed as err:
+        except CommandRefused as err:
             raise TransientError(str(err)) from err
-
-
-def _write_seed(path: Path, files: dict[str, bytes]) -> None:
-    """Write this seed and remove older ones (their content is what the spec used to say)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_seed_iso(path, files)
-    for old in path.parent.glob("cidata-*.iso"):
-        if old != path:
-            old.unlink(missing_ok=True)
 
 
 # Where crash-consistency tests kill the controller: right after each step that changes the world.
@@ -213,6 +189,8 @@ _SPAN_NAMES: dict[type[Action], str] = {
     Spawn: "spawn",
     Kill: "kill",
     KillLost: "kill",
+    Attach: "attach",
+    RecordExit: "record exit",
     CleanRuntime: "clean runtime",
     RemoveRuntimeDir: "remove runtime dir",
     Finalize: "finalize",

@@ -119,7 +119,7 @@ class Controller:
             )
             await images.load()
             executor = Executor(
-                runtime=runtime,
+                hypervisor=runtime,
                 ports=PortAllocator(
                     self._allocations, first=first, last=last, address=self._settings.forward_address
                 ),
@@ -132,7 +132,7 @@ class Controller:
             reconciler = Reconciler(
                 objects=self._objects,
                 allocations=self._allocations,
-                runtime=runtime,
+                hypervisor=runtime,
                 executor=executor,
                 accel=AccelResolver(
                     images_dir=self._layout.images_dir, cache_file=self._settings.resolved_accel_cache

@@ -67,6 +67,9 @@ class ProcessObservation:
     # The guest has booted far enough to bring up its network card (QMP NIC_RX_FILTER_CHANGED,
     # or query-rx-filter for an adopted process): before that it ignores the power button.
     guest_booted: bool = True
+    # The hypervisor watches it (its exit and events): false for a process found after a
+    # controller restart, until it is attached.
+    watched: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,8 @@ class Observed:
     bases: Mapping[str, ImageLookup] = field(default_factory=dict)
     # A QEMU of this VM that lost its runtime dir (looked for only when one was expected).
     lost_pid: int | None = None
+    # A process of ours that died while nobody watched it, its exit not recorded yet.
+    unrecorded_exit_pid: int | None = None
     # MemAvailable of the host, looked at only when no process runs (None: unknown).
     host_memory_available_mib: int | None = None
     # The disks dir's filesystem, looked at when the spec has sized disks (None: unknown).

@@ -2,8 +2,8 @@
 
 Shape (KubeVirt virt-handler's): first the intents are computed from (spec, observed process),
 then one ordered decision picks the actions. A plan never assumes its actions succeed beyond
-the memory it returns; the reconciler plans again after executing when `again` is set, so each
-step (ports and disks, then spawn, then continue) is decided from a fresh observation.
+the memory it returns; `again` asks for the next reconcile at once (requeue 0), so each step
+(ports and disks, then spawn, then continue) is decided from a fresh observation.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from enum import StrEnum
 from pathlib import PurePath
 
 from api.images import RemoteImage
-from api.types import Accel, DiskSpec, ExitReason, QemuVMSpec, ReclaimPolicy, RunStrategy
+from api.types import Accel, DiskSpec, ExitReason, LastExit, QemuVMSpec, ReclaimPolicy, RunStrategy
 from controller.actions import (
     Action,
     AllocatePorts,
+    Attach,
     CleanRuntime,
     Continue,
     CreateDisk,
@@ -28,6 +29,7 @@ from controller.actions import (
     Kill,
     KillLost,
     Quit,
+    RecordExit,
     ReleasePorts,
     RemoveRuntimeDir,
     RequestPowerdown,
@@ -88,6 +90,9 @@ class Intent(StrEnum):
     BACKING_OFF = "BackingOff"
     STARTING = "Starting"
     RUNNING = "Running"
+    # Bookkeeping before any decision: attach a process nobody watches, record an exit nobody
+    # recorded. Status stays as it was; the next reconcile (at once) decides.
+    ADOPTING = "Adopting"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,9 @@ def plan(
     if observed.exiting:
         # Nothing is safe to do until the exit is recorded (the runtime lock is still held).
         return Plan(Intent.STOPPING, memory, requeue_after=EXIT_RECHECK, detail="QEMU is exiting")
+    unwatched = _look_after(observed, memory)
+    if unwatched is not None:
+        return unwatched
     if observed.lost_pid is not None and observed.process is None:
         # Ours but unmanageable (no QMP, no record to adopt it by): replace it, or a second
         # QEMU would be started beside it.
@@ -199,6 +207,16 @@ def plan(
     return _start(desired, spec, observed, memory, now, argv, seed)
 
 
+def _look_after(observed: Observed, memory: Memory) -> Plan | None:
+    """A live process nobody watches is attached, an exit nobody recorded is recorded: every
+    decision after needs the attachment's QMP answer, or the exit record."""
+    if observed.process is not None and not observed.process.watched:
+        return Plan(Intent.ADOPTING, memory, (Attach(observed.process.pid),), again=True)
+    if observed.unrecorded_exit_pid is not None:
+        return Plan(Intent.ADOPTING, memory, (RecordExit(observed.unrecorded_exit_pid),), again=True)
+    return None
+
+
 def _halt_reason(desired: Desired) -> str:
     if desired.stopped_by_request and desired.override is not None:
         return f"stopped by request of {desired.override.requested_by or 'an API client'}"
@@ -258,11 +276,23 @@ def absorb_exit(memory: Memory, observed: Observed, desired: Desired | None) -> 
     failures = failures_after(memory.failures, last_exit, exit_.started_at)
     retry_at = exit_.at + crash_backoff(failures) if is_failure(last_exit.reason) else None
     return Memory(
-        restarts=memory.restarts,
+        restarts=memory.restarts + int(_leads_to_restart(exit_, last_exit, desired)),
         failures=failures,
         last_exit=last_exit,
         next_retry_at=retry_at,
         stop_requested_at=None,
+    )
+
+
+def _leads_to_restart(exit_: ExitObservation, last_exit: LastExit, desired: Desired | None) -> bool:
+    """Whether the VM is to start again after this exit. Counted in `restarts` as the exit is
+    folded in, so the count is stored with the exit, before the start that follows it."""
+    if desired is None or desired.deleting or desired.spec is None or desired.stopped_by_request:
+        return False
+    if _ended_by_requested_restart(exit_, desired.restart_requested_at):
+        return True
+    return last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER and should_restart(
+        last_exit.reason, desired.spec.run_strategy
     )
 
 
@@ -281,9 +311,12 @@ def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now:
     ]
     if observed.has_runtime_dir:
         actions.append(RemoveRuntimeDir())
-    if desired is not None:
-        actions.append(Finalize())
-    return Plan(Intent.DELETING, memory, tuple(actions))
+    if desired is None:
+        return Plan(Intent.DELETING, memory, tuple(actions))
+    if actions:
+        # Finalize comes alone, in the next reconcile: what the teardown did is told first.
+        return Plan(Intent.DELETING, memory, tuple(actions), again=True)
+    return Plan(Intent.DELETING, memory, (Finalize(),))
 
 
 def _shrinking_disks(spec: QemuVMSpec, observed: Observed) -> str:
@@ -476,11 +509,7 @@ def _start(
                 f": {last_exit.message}" if last_exit.message else ""
             )
         return Plan(Intent.BACKING_OFF, memory, requeue_after=wait, detail=detail)
-    is_restart = observed.exit is not None and (
-        (last_exit is not None and last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER)
-        or _ended_by_requested_restart(observed.exit, restart_at)
-    )
-    memory = replace(memory, restarts=memory.restarts + int(is_restart), next_retry_at=None)
+    memory = replace(memory, next_retry_at=None)
     grow = [
         GrowDisk(disk.name, path, disk.size) for disk, path in _growing_disks(spec, observed) if disk.size
     ]

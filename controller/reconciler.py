@@ -1,8 +1,13 @@
-"""Reconcile one VM: read desired, observe, plan, execute, re-observe, write status if changed.
+"""Reconcile one VM in one pass: read desired, observe, plan, execute, write status once.
 
 Called with a uid only (level-triggered): it reads the world fresh every time and never
-branches on what triggered it. Status is written even when acting failed, so the failure
-becomes a condition the user can see.
+branches on what triggered it. A step whose result the next step needs (ports before spawn,
+spawn before `cont`) ends the pass with requeue(0), or the event it causes (a QMP event, a
+pidfd exit) queues the VM again, as controller-runtime does. Status is written even when
+acting failed, so the failure becomes a condition the user can see.
+
+It depends on Protocols only (the Hypervisor, the store's contracts, accel and admission
+sources): tests/unit/test_reconciler_table.py builds it on the fakes.
 """
 
 from __future__ import annotations
@@ -18,36 +23,37 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
-from api.store.allocations import Allocations
-from api.store.events import EventType, NewEvent
-from api.store.status_writer import StatusConflict, VMStatusWriter
-from api.store.vms import VMRecord
+from api.store.contracts import AllocationLedger, EventSink, StatusStore
+from api.store.records import EventType, NewEvent, StatusConflict, VMRecord
 from api.telemetry.tracing import span_context_of
 from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
 from controller.actions import Action, Finalize, Spawn
+from controller.admission import Admission
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
 from controller.events import VMEvent, events_for
 from controller.executor import Executor
+from controller.hypervisor import Hypervisor
 from controller.layout import DataLayout
 from controller.model import Desired, Memory, Observed
 from controller.observe import ImageLookups, observe
 from controller.plan import LaunchContext, Plan, plan
-from controller.qemu.accel import AccelResolver
-from controller.qemu.runtime import Runtime
-from controller.quota_gate import QuotaGate
 from controller.status import compute_status
 from controller.telemetry import BootSpans
 
 log = structlog.get_logger(__name__)
-# Steps that feed each other (ports and disks, spawn, continue) run in one reconcile.
-MAX_ROUNDS = 6
 
 
-class EventRecorder(Protocol):
-    """Where a reconcile's events go (api/store/events.py EventLog)."""
+class AccelSource(Protocol):
+    """Which accelerator a spec's `accel` means on this host (controller/qemu/accel.py)."""
 
-    async def record(self, *events: NewEvent) -> None: ...
+    async def resolve(self, requested: Accel) -> Accel: ...
+
+
+class AdmissionSource(Protocol):
+    """Whether the quotas let a VM start (controller/quota_gate.py)."""
+
+    async def admission(self, uid: str, generation: int) -> Admission: ...
 
 
 class _NoEvents:
@@ -105,15 +111,15 @@ class Reconciler:
     def __init__(
         self,
         *,
-        objects: VMStatusWriter,
-        allocations: Allocations,
-        runtime: Runtime,
+        objects: StatusStore,
+        allocations: AllocationLedger,
+        hypervisor: Hypervisor,
         executor: Executor,
-        accel: AccelResolver,
+        accel: AccelSource,
         layout: DataLayout,
         clock: Clock,
         boots: BootSpans,
-        quotas: QuotaGate,
+        quotas: AdmissionSource,
         memory_reserve_mib: int = 0,
         storage_reserve_mib: int = 0,
         liveness_period: timedelta | None = None,
@@ -121,12 +127,12 @@ class Reconciler:
         images: ImageLookups | None = None,
         shutting_down: Callable[[], bool] = lambda: False,
         restarted: Callable[[str], None] = lambda _reason: None,
-        events: EventRecorder | None = None,
+        events: EventSink | None = None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it;
         `shutting_down()` says whether the controller is stopping every VM before it exits;
         `events` gets what each reconcile did, as the VM's events."""
-        self._events = events or _NoEvents()
+        self._events: EventSink = events or _NoEvents()
         self._forward_address = forward_address
         self._images = images
         self._shutting_down = shutting_down
@@ -138,16 +144,15 @@ class Reconciler:
         self._restarted = restarted
         self._objects = objects
         self._allocations = allocations
-        self._runtime = runtime
+        self._hypervisor = hypervisor
         self._executor = executor
         self._accel = accel
         self._layout = layout
         self._clock = clock
 
     async def reconcile(self, uid: str) -> Result:
-        """Converge `uid` once; the current span (the reconcile's root) gets what was seen and done.
-
-        Log lines inside name the VM's project and name too (the caller binds its uid).
+        """Converge `uid` one step; the current span (the reconcile's root) gets what was seen
+        and done. Log lines inside name the VM's project and name too (the caller binds its uid).
         """
         record = await self._objects.get(uid)
         names = {"project": record.project, "vm": record.name} if record is not None else {}
@@ -155,16 +160,40 @@ class Reconciler:
             return await self._converge(uid, record)
 
     async def _converge(self, uid: str, record: VMRecord | None) -> Result:
+        """One pass: observe, plan, execute, then compute and write status once."""
         span = trace.get_current_span()
         desired = desired_from(record)
         if desired is not None and desired.spec is not None and not desired.deleting:
             desired = replace(desired, admission=await self._quotas.admission(uid, desired.generation))
-        paths = self._layout.runtime(uid)
         spec = desired.spec if desired else None
         accel = await self._accel.resolve(spec.accel) if spec else Accel.TCG
-        context = LaunchContext(
+        previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
+        _describe(span, record, previous)
+        memory = memory_from(previous)
+        expect_process = previous.pid is not None
+        observed = await self._observe(uid, spec, expect_process=expect_process)
+        decided = plan(desired, observed, memory, self._context(uid, accel), now=self._clock.now())
+        decided = spawn_after_stored(decided, memory)
+        executed, outcome, error = await self._execute(uid, decided.actions)
+        span.set_attributes(
+            {
+                "tofu_qemu.actions": [type(action).__name__ for action in decided.actions],
+                "tofu_qemu.intent": decided.intent.value,
+            }
+        )
+        if desired is not None and not any(isinstance(action, Finalize) for action in executed):
+            if decided.actions:
+                # The world changed since the look; status tells what is there now.
+                observed = await self._observe(uid, spec, expect_process=expect_process)
+            await self._publish(desired, observed, decided, previous, executed, error, accel)
+        if decided.memory.restarts > memory.restarts and decided.memory.last_exit is not None:
+            self._restarted(decided.memory.last_exit.reason.value)
+        return _result(decided, outcome, error)
+
+    def _context(self, uid: str, accel: Accel) -> LaunchContext:
+        return LaunchContext(
             accel=accel,
-            runtime=paths,
+            runtime=self._layout.runtime(uid),
             images_dir=self._layout.images_dir,
             disks_dir=self._layout.disks_dir(uid),
             memory_reserve_mib=self._memory_reserve_mib,
@@ -173,78 +202,40 @@ class Reconciler:
             forward_address=self._forward_address,
             shutting_down=self._shutting_down(),
         )
-        previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
-        _describe(span, record, previous)
-        memory = memory_from(previous)
-        restarts_before = previous.restarts
-        planned: list[str] = []
-        error: str | None = None
-        outcome = Outcome.SUCCESS
-        finalized = False
-        # Actions that ran since the last status computed, and the events of the steps before.
+
+    async def _execute(self, uid: str, actions: Sequence[Action]) -> tuple[list[Action], Outcome, str | None]:
+        """Perform `actions` in order until one fails; returns those that succeeded."""
+        paths = self._layout.runtime(uid)
         executed: list[Action] = []
-        events: list[VMEvent] = []
-        current: Plan | None = None
-        observed: Observed | None = None
-        for _ in range(MAX_ROUNDS):
-            observed = await self._observe(uid, spec, expect_process=previous.pid is not None)
-            current = plan(desired, observed, memory, context, now=self._clock.now())
-            planned += [type(action).__name__ for action in current.actions]
-            if desired is not None and current.memory != memory and _spawns(current):
-                # Spawning clears the exit record this memory was folded from: store the count
-                # first, or a controller killed right after the spawn would lose the exit.
-                stored = compute_status(
-                    desired, observed, current, previous, accel=accel, error=None, now=self._clock.now()
-                )
-                # An exit noticed before this spawn is told before it: a step ends here.
-                events += events_for(desired, previous, stored, executed, None)
-                previous, executed = stored, []
-                await self._write_status(uid, previous)
-            memory = current.memory
-            try:
-                for action in current.actions:
-                    if isinstance(action, Finalize) and desired is not None:
-                        # The store records Deleted as it removes the object: what the
-                        # teardown did is told first.
-                        await self._record(
-                            desired, [*events, *events_for(desired, previous, previous, executed, None)]
-                        )
-                        events, executed = [], []
-                    await self._executor.execute(uid, paths, action)
-                    executed.append(action)
-                    finalized = finalized or isinstance(action, Finalize)
-            except TransientError as err:
-                error, outcome = str(err), Outcome.TRANSIENT_ERROR
-                break
-            except TerminalError as err:
-                error, outcome = str(err), Outcome.TERMINAL_ERROR
-                break
-            if not current.again:
-                break
-        assert current is not None
-        assert observed is not None
-        if desired is not None and not finalized:
-            if current.actions:
-                # The world changed since the last look; a plan without actions changed nothing.
-                observed = await self._observe(uid, spec, expect_process=previous.pid is not None)
-            status = compute_status(
-                desired, observed, current, previous, accel=accel, error=error, now=self._clock.now()
-            )
-            if status != previous:
-                await self._write_status(uid, status)
-            span.set_attribute("tofu_qemu.phase_after", status.phase.value)
-            self._follow_boot(uid, observed, status)
-            events += events_for(desired, previous, status, executed, error)
-        await self._record(desired, events)
-        span.set_attributes({"tofu_qemu.actions": planned, "tofu_qemu.intent": current.intent.value})
-        if memory.restarts > restarts_before and memory.last_exit is not None:
-            self._restarted(memory.last_exit.reason.value)
-        if outcome is Outcome.SUCCESS and current.again:
-            # MAX_ROUNDS ran out with steps left: continue soon rather than at the next resync.
-            return Result(Outcome.REQUEUE, timedelta(0))
-        if outcome is Outcome.SUCCESS and current.requeue_after is not None:
-            return Result(Outcome.REQUEUE, current.requeue_after)
-        return Result(outcome, error=error)
+        try:
+            for action in actions:
+                await self._executor.execute(uid, paths, action)
+                executed.append(action)
+        except TransientError as err:
+            return executed, Outcome.TRANSIENT_ERROR, str(err)
+        except TerminalError as err:
+            return executed, Outcome.TERMINAL_ERROR, str(err)
+        return executed, Outcome.SUCCESS, None
+
+    async def _publish(
+        self,
+        desired: Desired,
+        observed: Observed,
+        decided: Plan,
+        previous: QemuVMStatus,
+        executed: Sequence[Action],
+        error: str | None,
+        accel: Accel,
+    ) -> None:
+        """Compute status once, write it if it changed, and record the pass's events."""
+        status = compute_status(
+            desired, observed, decided, previous, accel=accel, error=error, now=self._clock.now()
+        )
+        if status != previous:
+            await self._write_status(desired.uid, status)
+        trace.get_current_span().set_attribute("tofu_qemu.phase_after", status.phase.value)
+        self._follow_boot(desired.uid, observed, status)
+        await self._record(desired, events_for(desired, previous, status, executed, error))
 
     def _follow_boot(self, uid: str, observed: Observed, status: QemuVMStatus) -> None:
         """End the boot span once the VM is Ready, or once its process is gone."""
@@ -258,19 +249,18 @@ class Reconciler:
             uid,
             self._layout.runtime(uid),
             spec=spec,
-            runtime=self._runtime,
+            hypervisor=self._hypervisor,
             allocations=self._allocations,
             images_dir=self._layout.images_dir,
-            clock=self._clock,
             images=self._images,
             expect_process=expect_process,
             disks_root=self._layout.disks_root,
         )
 
-    async def _record(self, desired: Desired | None, events: Sequence[VMEvent]) -> None:
-        """Record `events` of `desired` (an orphan has no name to file them under). A failed
-        write is logged and dropped: the log must never fail what it describes."""
-        if desired is None or not events:
+    async def _record(self, desired: Desired, events: Sequence[VMEvent]) -> None:
+        """Record `events` of `desired`. A failed write is logged and dropped: the log must
+        never fail what it describes."""
+        if not events:
             return
         try:
             await self._events.record(
@@ -298,8 +288,26 @@ class Reconciler:
             log.info("status_written", uid=uid, phase=status.phase.value, pid=status.pid)
 
 
-def _spawns(result: Plan) -> bool:
-    return any(isinstance(action, Spawn) for action in result.actions)
+def spawn_after_stored(decided: Plan, stored: Memory) -> Plan:
+    """A Spawn clears the exit record its plan's memory was folded from, so it runs only in a
+    pass whose memory is stored already: a controller killed right after it loses no exit.
+    Otherwise this pass stores the memory and the next one (at once) spawns. When the next
+    retry is due is not worth a pass: a lost one is harmless."""
+    if not any(isinstance(action, Spawn) for action in decided.actions):
+        return decided
+    if replace(decided.memory, next_retry_at=stored.next_retry_at) == stored:
+        return decided
+    return replace(decided, actions=(), again=True)
+
+
+def _result(decided: Plan, outcome: Outcome, error: str | None) -> Result:
+    if outcome is not Outcome.SUCCESS:
+        return Result(outcome, error=error)
+    if decided.again:
+        return Result(Outcome.REQUEUE, timedelta(0))
+    if decided.requeue_after is not None:
+        return Result(Outcome.REQUEUE, decided.requeue_after)
+    return Result(Outcome.SUCCESS)
 
 
 def _describe(span: Span, record: VMRecord | None, previous: QemuVMStatus) -> None:

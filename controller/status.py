@@ -56,6 +56,9 @@ def compute_status(
     now: datetime,
 ) -> QemuVMStatus:
     """The status to store after one reconcile of `desired`."""
+    if result.intent is Intent.ADOPTING:
+        # Only bookkeeping ran (attach, record an exit); the next reconcile decides, at once.
+        return previous
     process = observed.process
     running = process is not None and process.qmp is QmpState.RUNNING
     phase = _PHASES[result.intent]

@@ -63,13 +63,17 @@ class BootSpans:
         self._metrics = metrics
         self._open: dict[str, tuple[Span, float]] = {}
 
-    def started(self, uid: str, *, pid: int, argv_digest: str) -> None:
+    def started(
+        self, uid: str, *, pid: int, argv_digest: str, since: tuple[int, float] | None = None
+    ) -> None:
+        """`since`: when the spawn began (epoch ns, monotonic s), when it is told afterwards."""
         self.abandoned(uid, "spawned again")
         span = TRACER.start_span(
             BOOT_SPAN,
             attributes={"tofu_qemu.uid": uid, "process.pid": pid, "tofu_qemu.argv_digest": argv_digest},
+            start_time=since[0] if since else None,
         )
-        self._open[uid] = (span, time.monotonic())
+        self._open[uid] = (span, since[1] if since else time.monotonic())
 
     def event(self, uid: str, name: str) -> None:
         opened = self._open.get(uid)

@@ -9,48 +9,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from api.store.db import Database
+from api.store.records import DiskHeld as DiskHeld
+from api.store.records import DiskOwner as DiskOwner
+from api.store.records import DiskRow as DiskRow
+from api.store.records import PortRow as PortRow
+from api.store.records import PortTaken as PortTaken
 from api.types import Protocol, ReclaimPolicy
-
-
-class PortTaken(Exception):
-    """Another VM holds this host port. Pick another (or report it, if the spec asked for it)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PortRow:
-    uid: str
-    protocol: Protocol
-    guest_port: int
-    host_port: int
-
-
-@dataclass(frozen=True, slots=True)
-class DiskOwner:
-    """The VM a disk was made for, by name: it outlives the VM's uid when the disk is retained."""
-
-    project: str
-    vm_name: str
-
-
-@dataclass(frozen=True, slots=True)
-class DiskRow:
-    uid: str
-    name: str
-    path: str
-    reclaim_policy: ReclaimPolicy
-    # MiB as created or last grown; None for disks recorded before sizes were kept.
-    size_mib: int | None = None
-    # The base image file the disk overlays, if any.
-    base: str | None = None
-    owner: DiskOwner | None = None
-
-
-class DiskHeld(Exception):
-    """A retained disk of this name still belongs to a VM that is being deleted: wait for it."""
 
 
 def _disk_row(row: Sequence[Any]) -> DiskRow:

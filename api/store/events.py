@@ -15,12 +15,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
 
 import aiosqlite
 import structlog
@@ -28,6 +26,8 @@ from opentelemetry import trace
 
 from api.store.db import Database
 from api.store.errors import StorageFull
+from api.store.records import EventType as EventType
+from api.store.records import NewEvent as NewEvent
 from api.telemetry.tracing import span_context_of
 
 log = structlog.get_logger(__name__)
@@ -36,32 +36,7 @@ MESSAGE_MAX_BYTES = 1024
 TRUNCATED = " …(truncated)"
 LIST_LIMIT_MAX = 1000
 PRUNE_PERIOD_SECONDS = 300.0
-_REASON = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
 _COLUMNS = "id, uid, project, vm_name, time, type, reason, message, trace_id"
-
-
-class EventType(StrEnum):
-    NORMAL = "Normal"
-    WARNING = "Warning"
-
-
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event to record. Its time is the store clock's when `record` is called."""
-
-    uid: str  # "" for a project-level event (e.g. a force-unlock)
-    project: str
-    vm_name: str  # "" for a project-level event
-    reason: str  # CamelCase: Created, Started, ExitDetected, ...
-    message: str
-    type: EventType = EventType.NORMAL
-    # None: the current OpenTelemetry span's trace id, if there is a valid one.
-    trace_id: str | None = None
-
-    def __post_init__(self) -> None:
-        """:raise ValueError: a reason that is not CamelCase (a programming error)."""
-        if not _REASON.fullmatch(self.reason):
-            raise ValueError(f"event reason {self.reason!r} must be CamelCase, at most 64 characters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,9 @@ import aiosqlite
 
 from api.store.db import Database
 from api.store.events import EventLog, NewEvent
+from api.store.records import StatusConflict as StatusConflict
 from api.store.vms import VM_COLUMNS, VMRecord, decode_vm_row
 from api.store.watch import bury
-
-
-class StatusConflict(Exception):
-    """The object is gone (finalized) or was replaced; re-read and reconcile again."""
 
 
 @dataclass(slots=True)

@@ -15,82 +15,18 @@ import aiosqlite
 from api.publish import ExistingVM, SpecChanges, diff_specs
 from api.store.db import Database
 from api.store.errors import NotFound
-from api.store.events import EventType, NewEvent, insert_events, trace_id_of
+from api.store.events import insert_events, trace_id_of
+from api.store.records import ADDRESS_ANNOTATION as ADDRESS_ANNOTATION
+from api.store.records import EventType, NewEvent
+from api.store.records import VMRecord as VMRecord
+from api.store.records import render_status as render_status
 from api.tfstate import DeclaredVM
-from api.types import Condition, ConditionStatus, ObjectMeta, Phase, QemuVM, QemuVMStatus, RunOverride
+from api.types import RunOverride
 
-ADDRESS_ANNOTATION = "tofu-qemu.dev/terraform-address"
 VM_COLUMNS = (
     "uid, project, name, generation, spec, spec_error, labels, address, created_at,"
     " spec_changed_at, deleted_at, state_serial, status, resource_version, spec_trace, override"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class VMRecord:
-    """One row of the vms table, decoded."""
-
-    uid: str
-    project: str
-    name: str
-    generation: int
-    spec: dict[str, Any]
-    spec_error: str | None
-    labels: dict[str, str]
-    address: str
-    created_at: datetime
-    spec_changed_at: datetime
-    deleted_at: datetime | None
-    state_serial: int
-    status: dict[str, Any] | None
-    resource_version: int
-    # W3C traceparent of the write that set this generation (None: written untraced).
-    spec_trace: str | None = None
-    # Imperative stop/start/restart requests (api/types.py RunOverride), as stored.
-    override: dict[str, Any] | None = None
-
-    @property
-    def run_override(self) -> RunOverride | None:
-        return RunOverride.model_validate(self.override) if self.override else None
-
-    def to_object(self) -> QemuVM:
-        return QemuVM(
-            metadata=ObjectMeta(
-                project=self.project,
-                name=self.name,
-                uid=self.uid,
-                generation=self.generation,
-                creation_timestamp=self.created_at,
-                deletion_timestamp=self.deleted_at,
-                labels=self.labels,
-                annotations={ADDRESS_ANNOTATION: self.address},
-                state_serial=self.state_serial,
-                resource_version=str(self.resource_version),
-            ),
-            spec=self.spec,
-            status=render_status(self),
-        )
-
-
-def render_status(record: VMRecord) -> QemuVMStatus:
-    """The status to show: the controller's, with the Valid condition the store knows about.
-
-    Validity is decided when the state is written, before any controller has seen the VM, so
-    the store supplies that condition until the controller reports its own.
-    """
-    status = QemuVMStatus.model_validate(record.status) if record.status else QemuVMStatus()
-    status = status.model_copy(update={"override": record.run_override})
-    if any(condition.type == "Valid" for condition in status.conditions) and record.status:
-        return status
-    valid = Condition(
-        type="Valid",
-        status=ConditionStatus.FALSE if record.spec_error else ConditionStatus.TRUE,
-        reason="InvalidSpec" if record.spec_error else "SpecAccepted",
-        message=record.spec_error or "",
-        last_transition_time=record.spec_changed_at,
-    )
-    phase = Phase.INVALID if record.spec_error else status.phase
-    return status.model_copy(update={"conditions": (valid, *status.conditions), "phase": phase})
 
 
 async def apply_declared(

@@ -244,6 +244,11 @@ def clear_stale_files(runtime: RuntimePaths) -> None:
         (Path(runtime.directory) / _GUEST_SHUTDOWN_MARKER).unlink()
 
 
+def has_stale_files(runtime: RuntimePaths) -> bool:
+    """Whether a process left its pidfile, socket, launch or exit record behind."""
+    return any(Path(getattr(runtime, name)).exists() for name in _STALE_FILES)
+
+
 def mark_guest_shutdown(runtime: RuntimePaths) -> None:
     """Remember that QMP reported a guest-initiated shutdown, for the exit record."""
     with contextlib.suppress(FileNotFoundError):

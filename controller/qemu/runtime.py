@@ -1,4 +1,6 @@
-"""The live QEMU processes this controller watches: exit via pidfd, events and commands via QMP.
+"""The QEMU implementation of the Hypervisor Protocol (controller/hypervisor.py).
+
+The live QEMU processes this controller watches: exit via pidfd, events and commands via QMP.
 
 Every process of ours, spawned or adopted, gets one attachment: a pidfd reader that notices the
 exit within milliseconds (also for processes this controller is not the parent of), and one QMP
@@ -16,20 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import signal as signals
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import structlog
 
 from controller.clock import Clock
-from controller.model import QmpState
+from controller.hypervisor import AlreadyRunning, CommandRefused, CommandUnanswered, ProcessView, Spawned
+from controller.model import ProcessObservation, QmpState
 from controller.qemu import process
 from controller.qemu.argv import QMP_SOCKET_NAME, RuntimePaths
 from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
 from controller.qemu.priority import lower_priority
+from controller.resources.seed import write_seed
 from controller.telemetry import TRACER
 
 log = structlog.get_logger(__name__)
@@ -125,7 +131,7 @@ class Runtime:
         attachment = self._attached.get(uid)
         return attachment is not None and attachment.record.pid == pid
 
-    async def attach(
+    async def _watch(
         self,
         uid: str,
         paths: RuntimePaths,
@@ -172,9 +178,100 @@ class Runtime:
         attachment = self._attached.get(uid)
         return attachment is None or attachment.guest_booted
 
-    def monitor(self, uid: str) -> Monitor | None:
+    async def inspect(self, uid: str, paths: RuntimePaths, *, expect_process: bool) -> ProcessView:
+        # A process the runtime watches was proven ours when it was attached; the files on disk
+        # are read (and proven against /proc) only for one it does not watch yet.
+        watched = self.attached_record(uid)
+        record = watched if watched is not None else process.read_launch_record(paths)
+        found: ProcessObservation | None = None
+        if record is not None and _alive(record, paths, watched=watched is not None):
+            found = ProcessObservation(
+                pid=record.pid,
+                argv_digest=record.digest,
+                started_at=record.started_at,
+                qmp=await self.qmp_state(uid) if watched is not None else QmpState.UNREACHABLE,
+                runtime_intact=Path(paths.qmp_socket).exists(),
+                guest_booted=self.guest_booted(uid),
+                watched=watched is not None,
+            )
+        # QEMU's leader shows as a zombie for a few ms while its other threads exit; the pidfd
+        # fires only when all are gone and then records the exit. Until then it is "exiting".
+        exiting = found is None and record is not None and self.is_attached(uid, record.pid)
+        exit_record = process.read_exit_record(paths)
+        gone = found is None and not exiting
+        return ProcessView(
+            process=found,
+            exit=exit_record,
+            has_runtime_dir=Path(paths.directory).is_dir(),
+            has_stale_runtime=gone and process.has_stale_files(paths),
+            exiting=exiting,
+            unrecorded_exit_pid=record.pid if gone and record is not None and exit_record is None else None,
+            lost_pid=process.find_lost(paths) if expect_process and record is None else None,
+        )
+
+    async def spawn(
+        self, uid: str, paths: RuntimePaths, argv: tuple[str, ...], digest: str
+    ) -> Spawned | None:
+        now = self._clock.now()
+        try:
+            # fork+exec of QEMU takes milliseconds; other VMs' reconciles go on meanwhile.
+            child = await asyncio.to_thread(process.spawn, argv, digest, paths, now=now)
+        except process.DuplicateProcess as err:
+            raise AlreadyRunning(str(err)) from err
+        except process.SpawnFailed as err:
+            # A QEMU that cannot start leaves an exit record with its stderr; the next plan
+            # counts it as a failure and backs off, the same path as any crash.
+            Path(paths.stderr_log).write_text(str(err))
+            process.write_exit_record(paths, exit_code=127, signal=None, started_at=now, now=now)
+            return None
+        record = process.read_launch_record(paths)
+        assert record is not None, "spawn writes the launch record"
+        # QEMU's pid; `child` is its supervisor.
+        log.info("vm_spawned", uid=uid, pid=record.pid, argv_digest=digest)
+        await self._watch(uid, paths, record, child=child)
         attachment = self._attached.get(uid)
-        return attachment.monitor if attachment else None
+        return Spawned(record.pid, monitor_ready=attachment is not None and attachment.monitor is not None)
+
+    async def attach(self, uid: str, paths: RuntimePaths, pid: int) -> None:
+        record = self.attached_record(uid) or process.read_launch_record(paths)
+        if record is None or record.pid != pid:
+            return
+        if process.is_alive_and_ours(record):
+            await self._watch(uid, paths, record)
+        else:
+            await self.record_exit(uid, paths, pid)
+
+    async def record_exit(self, uid: str, paths: RuntimePaths, pid: int) -> None:
+        record = process.read_launch_record(paths)
+        if record is None or record.pid != pid or self.is_attached(uid, pid):
+            return
+        if process.read_exit_record(paths) is None and not process.is_alive_and_ours(record):
+            # With the wait status its supervisor recorded, if it had one.
+            process.record_exit(paths, record, now=self._clock.now())
+            log.info("vm_exit_recorded_late", uid=uid, pid=pid)
+
+    async def signal(self, uid: str, paths: RuntimePaths, pid: int, signal: int) -> None:
+        # The watched process's record also serves when its runtime dir is gone.
+        record = self.attached_record(uid) or process.read_launch_record(paths)
+        if record is not None and record.pid == pid:
+            process.send_signal(record, signal)
+            log.info("vm_killed", uid=uid, pid=pid, signal=signal)
+
+    async def kill_lost(self, uid: str, paths: RuntimePaths, pid: int) -> None:
+        if process.find_lost(paths) == pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signals.SIGKILL)
+            log.info("vm_killed", uid=uid, pid=pid, signal=signals.SIGKILL, lost=True)
+
+    async def clean(self, uid: str, paths: RuntimePaths) -> None:
+        process.clear_stale_files(paths)
+
+    async def remove(self, uid: str, paths: RuntimePaths) -> None:
+        await self.detach(uid)
+        await asyncio.to_thread(shutil.rmtree, paths.directory, True)
+
+    async def write_seed(self, path: PurePath, files: Mapping[str, bytes]) -> None:
+        await asyncio.to_thread(write_seed, Path(path), dict(files))
 
     async def qmp_state(self, uid: str) -> QmpState:
         """The guest's run state, or UNREACHABLE if QMP does not answer in time."""
@@ -205,7 +302,15 @@ class Runtime:
         self._learn(attachment, state)
         return state
 
-    async def execute(self, uid: str, command: str) -> None:
+    async def command(self, uid: str, command: str) -> None:
+        try:
+            await self._execute(uid, command)
+        except MonitorUnavailable as err:
+            raise CommandUnanswered(str(err)) from err
+        except MonitorCommandFailed as err:
+            raise CommandRefused(str(err)) from err
+
+    async def _execute(self, uid: str, command: str) -> None:
         """Run a QMP command on `uid`'s QEMU.
 
         :raise MonitorUnavailable: not connected, or no reply in time.
@@ -351,6 +456,14 @@ def _open_pidfd(record: process.LaunchRecord) -> tuple[int, int] | None:
         return os.pidfd_open(record.pid), record.pid
     except ProcessLookupError:
         return None
+
+
+def _alive(record: process.LaunchRecord, paths: RuntimePaths, *, watched: bool) -> bool:
+    """`record`'s process runs and is ours; one not watched yet must match the pidfile too."""
+    if watched:
+        return process.is_alive_and_ours(record, identity_proven=True)
+    pidfile_pid = process.read_pidfile(paths)
+    return (pidfile_pid is None or pidfile_pid == record.pid) and process.is_alive_and_ours(record)
 
 
 def _event_time(event: dict[str, object]) -> float | None:

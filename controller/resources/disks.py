@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from api.store.allocations import Allocations, DiskHeld, DiskOwner, DiskRow
+from api.store.contracts import AllocationLedger
+from api.store.records import DiskHeld, DiskOwner, DiskRow
 from api.types import DiskSpec, ReclaimPolicy
 from controller.model import Storage
 
@@ -51,7 +52,7 @@ def filesystem_space(path: Path, statvfs: Callable[[Path], os.statvfs_result] = 
 
 
 class DiskManager:
-    def __init__(self, allocations: Allocations, *, disks_dir: Path) -> None:
+    def __init__(self, allocations: AllocationLedger, *, disks_dir: Path) -> None:
         self._allocations = allocations
         self._disks_dir = disks_dir
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import socket
 
-from api.store.allocations import Allocations, PortTaken
+from api.store.contracts import AllocationLedger
+from api.store.records import PortTaken
 from api.types import Protocol
 from controller.model import PortKey
 
@@ -36,7 +37,9 @@ def is_bindable(protocol: Protocol, port: int, host: str = LOOPBACK) -> bool:
 
 
 class PortAllocator:
-    def __init__(self, allocations: Allocations, *, first: int, last: int, address: str = LOOPBACK) -> None:
+    def __init__(
+        self, allocations: AllocationLedger, *, first: int, last: int, address: str = LOOPBACK
+    ) -> None:
         """`address`: where QEMU's forwards will listen, so the probe binds the same address."""
         if not 1024 <= first <= last <= 65535:
             raise ValueError(f"port range {first}-{last} must lie within 1024-65535")

@@ -96,3 +96,12 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_seed(path: Path, files: dict[str, bytes]) -> None:
+    """Write this seed and remove older ones (their content is what the spec used to say)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_seed_iso(path, files)
+    for old in path.parent.glob("cidata-*.iso"):
+        if old != path:
+            old.unlink(missing_ok=True)

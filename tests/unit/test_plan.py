@@ -200,18 +200,24 @@ ROWS = {
         intent=Intent.DELETING,
         actions=[RequestPowerdown],
     ),
-    "deleting-stopped-vm-releases-everything-then-finalizes": Row(
+    "deleting-stopped-vm-releases-everything": Row(
         desired(deleting=True),
         observed(**ready(has_runtime_dir=True)),
         intent=Intent.DELETING,
-        actions=[ReleasePorts, DeleteDisk, RemoveRuntimeDir, Finalize],
+        actions=[ReleasePorts, DeleteDisk, RemoveRuntimeDir],
+    ),
+    "deleting-vm-holding-nothing-finalizes-alone": Row(
+        desired(deleting=True),
+        observed(),
+        intent=Intent.DELETING,
+        actions=[Finalize],
     ),
     "deletion-during-backoff-tears-down": Row(
         desired(deleting=True),
         observed(**ready(exit=exited(sig=9), has_runtime_dir=True, has_stale_runtime=True)),
         memory=Memory(failures=3, next_retry_at=NOW + timedelta(minutes=1)),
         intent=Intent.DELETING,
-        actions=[ReleasePorts, DeleteDisk, RemoveRuntimeDir, Finalize],
+        actions=[ReleasePorts, DeleteDisk, RemoveRuntimeDir],
     ),
     "retained-disk-survives-deletion": Row(
         desired(deleting=True),
