@@ -7,11 +7,15 @@
   Overlays are thin, so a disk's size is a claim, not a use; the check keeps a VM that fills its
   disks from filling the filesystem the store and the other VMs share. Disks that already
   exist are not counted again: they were checked when they were made.
+- A disk whose spec size is larger than its file is grown (with a restart); a smaller one is
+  refused (DiskShrinkRefused).
 """
 
 from __future__ import annotations
 
-from api.types import QemuVMSpec
+from pathlib import PurePath
+
+from api.types import DiskSpec, QemuVMSpec
 from controller.model import Observed, Storage
 
 
@@ -53,3 +57,30 @@ def larger_than_filesystem(spec: QemuVMSpec, storage: Storage | None) -> str:
         f"its disks add up to {total} MiB; the filesystem that holds disks is {storage.total_mib} MiB"
         " in all: this host can never hold them"
     )
+
+
+def shrinking_disks(spec: QemuVMSpec, observed: Observed) -> str:
+    """Why the spec's disk sizes cannot be applied (a disk smaller than its file), or ""."""
+    problems = []
+    for disk in spec.disks:
+        record = observed.disks.get(disk.name)
+        if record is None or not record.exists or record.size_mib is None or disk.size is None:
+            continue
+        if disk.size < record.size_mib:
+            problems.append(
+                f"disk {disk.name!r} is {record.size_mib} MiB; shrinking it to {disk.size} MiB is refused"
+                " (set the size back, or rename the disk to replace it)"
+            )
+    return "; ".join(problems)
+
+
+def growing_disks(spec: QemuVMSpec, observed: Observed) -> list[tuple[DiskSpec, PurePath]]:
+    """Disks whose spec size is larger than their file (or whose file size is not known)."""
+    growing = []
+    for disk in spec.disks:
+        record = observed.disks.get(disk.name)
+        if record is None or not record.exists or disk.size is None:
+            continue
+        if record.size_mib is None or disk.size > record.size_mib:
+            growing.append((disk, record.path))
+    return growing

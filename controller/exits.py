@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from api.types import ExitReason, LastExit, RunStrategy
-from controller.model import ExitObservation
+from controller.model import Desired, ExitObservation, Memory, Observed
 
 # A run that lasted this long before failing starts the failure count afresh.
 STABLE_RUN_SECONDS = 60.0
@@ -70,3 +70,47 @@ def crash_backoff(failures: int) -> timedelta:
     if failures <= 1:
         return timedelta(0)
     return timedelta(seconds=min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** min(failures - 2, 30)))
+
+
+def absorb_exit(memory: Memory, observed: Observed, desired: Desired | None) -> Memory:
+    """Fold a newly recorded exit into memory: last exit, failure count and next retry time.
+
+    Idempotent: an exit already folded in (same time) changes nothing.
+    """
+    exit_ = observed.exit
+    if exit_ is None:
+        # Also while the process is exiting: the stop request must survive until the exit is
+        # recorded, or a controller-requested stop would be counted as the guest's own poweroff.
+        return memory
+    if memory.last_exit is not None and memory.last_exit.at >= exit_.at:
+        return memory
+    last_exit = classify_exit(exit_, stop_requested=memory.stop_requested_at is not None)
+    failures = failures_after(memory.failures, last_exit, exit_.started_at)
+    retry_at = exit_.at + crash_backoff(failures) if is_failure(last_exit.reason) else None
+    return Memory(
+        restarts=memory.restarts + int(leads_to_restart(exit_, last_exit, desired)),
+        failures=failures,
+        last_exit=last_exit,
+        next_retry_at=retry_at,
+        stop_requested_at=None,
+    )
+
+
+def leads_to_restart(exit_: ExitObservation, last_exit: LastExit, desired: Desired | None) -> bool:
+    """Whether the VM is to start again after this exit. Counted in `restarts` as the exit is
+    folded in, so the count is stored with the exit, before the start that follows it."""
+    if desired is None or desired.deleting or desired.spec is None or desired.stopped_by_request:
+        return False
+    if ended_by_requested_restart(exit_, desired.restart_requested_at):
+        return True
+    return last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER and should_restart(
+        last_exit.reason, desired.spec.run_strategy
+    )
+
+
+def ended_by_requested_restart(exit_: ExitObservation, restart_at: datetime | None) -> bool:
+    """The process that just exited is the one a restart request was for: it started before the
+    request and ended after it. A restart the user asked for counts in `restarts`."""
+    if restart_at is None or exit_.started_at is None:
+        return False
+    return exit_.started_at < restart_at <= exit_.at

@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import PurePath
 
 from api.images import RemoteImage
-from api.types import Accel, DiskSpec, ExitReason, LastExit, QemuVMSpec, ReclaimPolicy, RunStrategy
+from api.types import Accel, QemuVMSpec, ReclaimPolicy, RunStrategy
 from controller.actions import (
     Action,
     AllocatePorts,
@@ -37,11 +37,10 @@ from controller.actions import (
     WriteSeed,
 )
 from controller.cloudinit import seed_digest, seed_files
-from controller.disk_space import larger_than_filesystem, storage_shortfall
-from controller.exits import classify_exit, crash_backoff, failures_after, is_failure, should_restart
+from controller.disk_space import growing_disks, larger_than_filesystem, shrinking_disks, storage_shortfall
+from controller.exits import absorb_exit, should_restart
 from controller.model import (
     Desired,
-    ExitObservation,
     ImageState,
     Memory,
     Observed,
@@ -176,7 +175,7 @@ def plan(
         refused = _not_admitted(desired, spec, observed, memory, context)
         if refused is not None:
             return refused
-    shrinking = _shrinking_disks(spec, observed)
+    shrinking = shrinking_disks(spec, observed)
     if shrinking:
         return Plan(Intent.REFUSED, memory, reason="DiskShrinkRefused", detail=shrinking)
     waiting = _wait_for_images(spec, observed, memory, context, now)
@@ -260,42 +259,6 @@ def _not_admitted(
     return None
 
 
-def absorb_exit(memory: Memory, observed: Observed, desired: Desired | None) -> Memory:
-    """Fold a newly recorded exit into memory: last exit, failure count and next retry time.
-
-    Idempotent: an exit already folded in (same time) changes nothing.
-    """
-    exit_ = observed.exit
-    if exit_ is None:
-        # Also while the process is exiting: the stop request must survive until the exit is
-        # recorded, or a controller-requested stop would be counted as the guest's own poweroff.
-        return memory
-    if memory.last_exit is not None and memory.last_exit.at >= exit_.at:
-        return memory
-    last_exit = classify_exit(exit_, stop_requested=memory.stop_requested_at is not None)
-    failures = failures_after(memory.failures, last_exit, exit_.started_at)
-    retry_at = exit_.at + crash_backoff(failures) if is_failure(last_exit.reason) else None
-    return Memory(
-        restarts=memory.restarts + int(_leads_to_restart(exit_, last_exit, desired)),
-        failures=failures,
-        last_exit=last_exit,
-        next_retry_at=retry_at,
-        stop_requested_at=None,
-    )
-
-
-def _leads_to_restart(exit_: ExitObservation, last_exit: LastExit, desired: Desired | None) -> bool:
-    """Whether the VM is to start again after this exit. Counted in `restarts` as the exit is
-    folded in, so the count is stored with the exit, before the start that follows it."""
-    if desired is None or desired.deleting or desired.spec is None or desired.stopped_by_request:
-        return False
-    if _ended_by_requested_restart(exit_, desired.restart_requested_at):
-        return True
-    return last_exit.reason is not ExitReason.STOPPED_BY_CONTROLLER and should_restart(
-        last_exit.reason, desired.spec.run_strategy
-    )
-
-
 def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now: datetime) -> Plan:
     """Deletion as a finalizer: stop, release ports, delete disks, remove the runtime dir, finalize."""
     if observed.process is not None:
@@ -317,33 +280,6 @@ def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now:
         # Finalize comes alone, in the next reconcile: what the teardown did is told first.
         return Plan(Intent.DELETING, memory, tuple(actions), again=True)
     return Plan(Intent.DELETING, memory, (Finalize(),))
-
-
-def _shrinking_disks(spec: QemuVMSpec, observed: Observed) -> str:
-    """Why the spec's disk sizes cannot be applied (a disk smaller than its file), or ""."""
-    problems = []
-    for disk in spec.disks:
-        record = observed.disks.get(disk.name)
-        if record is None or not record.exists or record.size_mib is None or disk.size is None:
-            continue
-        if disk.size < record.size_mib:
-            problems.append(
-                f"disk {disk.name!r} is {record.size_mib} MiB; shrinking it to {disk.size} MiB is refused"
-                " (set the size back, or rename the disk to replace it)"
-            )
-    return "; ".join(problems)
-
-
-def _growing_disks(spec: QemuVMSpec, observed: Observed) -> list[tuple[DiskSpec, PurePath]]:
-    """Disks whose spec size is larger than their file (or whose file size is not known)."""
-    growing = []
-    for disk in spec.disks:
-        record = observed.disks.get(disk.name)
-        if record is None or not record.exists or disk.size is None:
-            continue
-        if record.size_mib is None or disk.size > record.size_mib:
-            growing.append((disk, record.path))
-    return growing
 
 
 def _wait_for_images(
@@ -453,7 +389,7 @@ def _keep_running(
     if process.argv_digest != digest:
         return _stop(process, memory, spec, now, Intent.RESTARTING, "the spec changed and needs a restart")
     growing = [
-        disk for disk, _ in _growing_disks(spec, observed) if observed.disks[disk.name].size_mib is not None
+        disk for disk, _ in growing_disks(spec, observed) if observed.disks[disk.name].size_mib is not None
     ]
     if growing:
         short = storage_shortfall(spec, observed, context.storage_reserve_mib)
@@ -510,9 +446,7 @@ def _start(
             )
         return Plan(Intent.BACKING_OFF, memory, requeue_after=wait, detail=detail)
     memory = replace(memory, next_retry_at=None)
-    grow = [
-        GrowDisk(disk.name, path, disk.size) for disk, path in _growing_disks(spec, observed) if disk.size
-    ]
+    grow = [GrowDisk(disk.name, path, disk.size) for disk, path in growing_disks(spec, observed) if disk.size]
     actions = (
         *_release_unused(spec, observed),
         *grow,
@@ -520,14 +454,6 @@ def _start(
         Spawn(argv, argv_digest(argv)),
     )
     return Plan(Intent.STARTING, memory, actions, again=True)
-
-
-def _ended_by_requested_restart(exit_: ExitObservation, restart_at: datetime | None) -> bool:
-    """The process that just exited is the one a restart request was for: it started before the
-    request and ended after it. A restart the user asked for counts in `restarts`."""
-    if restart_at is None or exit_.started_at is None:
-        return False
-    return exit_.started_at < restart_at <= exit_.at
 
 
 def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
