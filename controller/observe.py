@@ -7,6 +7,7 @@ yet, an exit nobody recorded) is planned as an action (Attach, RecordExit) like 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -14,7 +15,7 @@ from api.images import CachedImage, LocalImage, RemoteImage
 from api.store.contracts import AllocationLedger
 from api.types import QemuVMSpec
 from controller import host_memory
-from controller.hypervisor import Hypervisor
+from controller.hypervisor import Hypervisor, ProcessView
 from controller.layout import image_problem
 from controller.model import DiskRecord, ImageLookup, ImageState, Observed
 from controller.qemu.argv import RuntimePaths
@@ -50,22 +51,35 @@ async def observe(
         for row in disk_rows
     }
     idle = view.process is None
-    return Observed(
-        process=view.process,
-        exit=view.exit,
-        has_runtime_dir=view.has_runtime_dir,
-        has_stale_runtime=view.has_stale_runtime,
-        exiting=view.exiting,
+    ledger = Observed(
+        process=None,
+        exit=None,
+        has_runtime_dir=False,
+        has_stale_runtime=False,
         ports={(row.protocol, row.guest_port): row.host_port for row in ports},
         disks=disks,
         missing_images=_missing_images(spec, images_dir) if idle else (),
         bases=_bases(spec, disks, images_dir, images),
         host_memory_available_mib=host_memory.available_mib() if idle else None,
-        lost_pid=view.lost_pid,
-        unrecorded_exit_pid=view.unrecorded_exit_pid,
         storage=filesystem_space(disks_root)
         if disks_root is not None and spec is not None and any(disk.size for disk in spec.disks)
         else None,
+    )
+    return with_process(ledger, view)
+
+
+def with_process(observed: Observed, view: ProcessView) -> Observed:
+    """`observed` with its process side looked at again (`view`); the ledger's side is kept.
+    What a reconcile sees after actions that touched only the process (spawn, `cont`, a signal)."""
+    return replace(
+        observed,
+        process=view.process,
+        exit=view.exit,
+        has_runtime_dir=view.has_runtime_dir,
+        has_stale_runtime=view.has_stale_runtime,
+        exiting=view.exiting,
+        lost_pid=view.lost_pid,
+        unrecorded_exit_pid=view.unrecorded_exit_pid,
     )
 
 

@@ -27,7 +27,16 @@ from api.store.contracts import AllocationLedger, EventSink, StatusStore
 from api.store.records import EventType, NewEvent, StatusConflict, VMRecord
 from api.telemetry.tracing import span_context_of
 from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
-from controller.actions import Action, Finalize, Spawn
+from controller.actions import (
+    Action,
+    AllocatePorts,
+    CreateDisk,
+    DeleteDisk,
+    Finalize,
+    GrowDisk,
+    ReleasePorts,
+    Spawn,
+)
 from controller.admission import Admission
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
@@ -36,12 +45,14 @@ from controller.executor import Executor
 from controller.hypervisor import Hypervisor
 from controller.layout import DataLayout
 from controller.model import Desired, Memory, Observed
-from controller.observe import ImageLookups, observe
+from controller.observe import ImageLookups, observe, with_process
 from controller.plan import LaunchContext, Plan, plan
 from controller.status import compute_status
 from controller.telemetry import BootSpans
 
 log = structlog.get_logger(__name__)
+# The actions that change what the resource ledger holds (the rest change only the process).
+_LEDGER_ACTIONS = (AllocatePorts, ReleasePorts, CreateDisk, GrowDisk, DeleteDisk)
 
 
 class AccelSource(Protocol):
@@ -184,7 +195,7 @@ class Reconciler:
         if desired is not None and not any(isinstance(action, Finalize) for action in executed):
             if decided.actions:
                 # The world changed since the look; status tells what is there now.
-                observed = await self._observe(uid, spec, expect_process=expect_process)
+                observed = await self._look_again(uid, spec, observed, decided.actions, expect_process)
             await self._publish(desired, observed, decided, previous, executed, error, accel)
         if decided.memory.restarts > memory.restarts and decided.memory.last_exit is not None:
             self._restarted(decided.memory.last_exit.reason.value)
@@ -243,6 +254,22 @@ class Reconciler:
             self._boots.ready(uid)
         elif observed.process is None and not observed.exiting:
             self._boots.abandoned(uid, status.phase.value)
+
+    async def _look_again(
+        self,
+        uid: str,
+        spec: QemuVMSpec | None,
+        observed: Observed,
+        actions: Sequence[Action],
+        expect_process: bool,
+    ) -> Observed:
+        """Observe after acting: the ledger is read again only when an action changed it."""
+        if any(isinstance(action, _LEDGER_ACTIONS) for action in actions):
+            return await self._observe(uid, spec, expect_process=expect_process)
+        paths = self._layout.runtime(uid)
+        return with_process(
+            observed, await self._hypervisor.inspect(uid, paths, expect_process=expect_process)
+        )
 
     async def _observe(self, uid: str, spec: QemuVMSpec | None, *, expect_process: bool) -> Observed:
         return await observe(

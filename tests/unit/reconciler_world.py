@@ -44,9 +44,7 @@ class StoreQuotas:
     store: MemoryStore
     quotas: Quotas = field(default_factory=Quotas)
 
-    async def admission(self, uid: str) -> Admission:
-        if self.quotas.is_unlimited:
-            return ADMITTED
+    async def admission(self, uid: str, generation: int) -> Admission:
         claims = []
         for each in await self.store.versions():
             record = await self.store.get(each)
