@@ -30,8 +30,11 @@ class FakeProcess:
     qmp: QmpState = QmpState.PAUSED
     alive: bool = True
     watched: bool = True
-    # Spawned by this hypervisor instance: its exit status is known (it is the parent).
-    child: bool = True
+    # Started under a supervisor, which records its wait status: its exit code or signal is
+    # known even when nobody watched it end (False: a QEMU from before supervisors).
+    supervised: bool = True
+    # How it ended (exit code, signal), once it has.
+    ended: tuple[int | None, int | None] | None = None
     hung: bool = False
     # The guest powers off when the power button is pressed.
     obeys_powerdown: bool = True
@@ -114,7 +117,8 @@ class FakeHypervisor:
     async def record_exit(self, uid: str, paths: RuntimePaths, pid: int) -> None:
         proc = self._ours(uid, pid)
         if proc is not None and not proc.alive and not proc.watched and uid not in self.exits:
-            self.exits[uid] = ExitObservation(self.clock.now(), None, None, False, proc.started_at)
+            code, signal = proc.ended or (None, None)
+            self.exits[uid] = ExitObservation(self.clock.now(), code, signal, False, proc.started_at)
 
     async def command(self, uid: str, command: str) -> None:
         proc = self.processes.get(uid)
@@ -172,23 +176,18 @@ class FakeHypervisor:
         once; one nobody watches leaves no record (the next look finds it dead)."""
         proc = self.processes[uid]
         proc.alive = False
+        proc.ended = (code, signal) if proc.supervised else None
         if not proc.watched:
             return
         proc.watched = False
-        self.exits[uid] = ExitObservation(
-            at=self.clock.now(),
-            exit_code=code if proc.child else None,
-            signal=signal if proc.child else None,
-            guest_shutdown=guest_shutdown,
-            started_at=proc.started_at,
-        )
+        code, signal = proc.ended or (None, None)
+        self.exits[uid] = ExitObservation(self.clock.now(), code, signal, guest_shutdown, proc.started_at)
         self.wake(uid)
 
     def restart_controller(self) -> None:
-        """A new controller: nothing is watched, and no process is its child."""
+        """A new controller: nothing is watched (the supervisors go on recording exits)."""
         for proc in self.processes.values():
             proc.watched = False
-            proc.child = False
 
     def remove_runtime_dir(self, uid: str) -> None:
         """Someone removed `uid`'s runtime dir (and so its launch record and QMP socket)."""

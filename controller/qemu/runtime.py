@@ -198,6 +198,10 @@ class Runtime:
         # fires only when all are gone and then records the exit. Until then it is "exiting".
         exiting = found is None and record is not None and self.is_attached(uid, record.pid)
         exit_record = process.read_exit_record(paths)
+        if found is None and record is not None and exit_record is None and process.supervisor_alive(record):
+            # Nobody watches it, but its supervisor is about to record its wait status: wait
+            # for that, or its exit would be recorded without one.
+            exiting = True
         gone = found is None and not exiting
         return ProcessView(
             process=found,

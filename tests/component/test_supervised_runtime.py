@@ -49,7 +49,7 @@ async def test_an_adopted_supervised_qemu_killed_is_recorded_with_its_signal(
     supervisor = process.spawn(SLEEPER, "d", paths, now=NOW)
     record = process.read_launch_record(paths)
     assert record is not None
-    await watcher.attach(UID, paths, record)  # as a restarted controller adopts it: no child
+    await watcher.attach(UID, paths, record.pid)  # as a restarted controller adopts it: no child
 
     os.kill(record.pid, signal.SIGKILL)
 
@@ -82,7 +82,7 @@ async def test_a_qemu_from_before_supervisors_is_watched_itself(
     Path(paths.record).write_text(record.encode().replace(', "supervisor": null', ""))
     decoded = process.read_launch_record(paths)
     assert decoded == record
-    await watcher.attach(UID, paths, record)
+    await watcher.attach(UID, paths, record.pid)
 
     old.kill()
 
@@ -97,7 +97,7 @@ async def test_a_killed_supervisor_hands_the_watch_to_qemu(
     supervisor = process.spawn(SLEEPER, "d", paths, now=NOW)
     record = process.read_launch_record(paths)
     assert record is not None
-    await watcher.attach(UID, paths, record, child=supervisor)
+    await watcher.attach(UID, paths, record.pid)  # the supervisor is the test's child here
 
     supervisor.kill()
     await asyncio.sleep(0.5)

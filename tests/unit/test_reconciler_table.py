@@ -168,7 +168,7 @@ async def test_a_second_process_holding_the_lock_is_a_transient_error(world: Wor
     uid = world.add("web", spec())
     # A QEMU of this VM that this controller cannot see (another controller's) holds the lock.
     world.hv.processes[uid] = FakeProcess(
-        999, ("qemu",), "other", world.clock.now(), watched=False, child=False, dir_removed=True
+        999, ("qemu",), "other", world.clock.now(), watched=False, dir_removed=True
     )
     result = await world.step(uid)
     assert result.outcome is Outcome.TRANSIENT_ERROR
@@ -214,8 +214,22 @@ async def test_an_exit_while_no_controller_watched_is_recorded_then_counted_once
         await world.settle(uid)
     status = world.status(uid)
     assert (status.restarts, status.phase) == (1, Phase.RUNNING)
-    assert status.last_exit is not None
-    assert status.last_exit.reason is ExitReason.VANISHED
+    last_exit = status.last_exit
+    assert last_exit is not None
+    assert (last_exit.reason, last_exit.signal) == (ExitReason.KILLED, 9), "its supervisor saw the kill"
+
+
+async def test_a_qemu_from_before_supervisors_that_died_unwatched_has_vanished(world: World) -> None:
+    uid = await running(world)
+    world.hv.processes[uid].supervised = False
+    world.hv.restart_controller()
+    world.hv.exit(uid, signal=signal.SIGKILL)
+    for _ in range(3):
+        await world.settle(uid)
+    last_exit = world.status(uid).last_exit
+    assert last_exit is not None
+    assert last_exit.reason is ExitReason.VANISHED
+    assert world.status(uid).restarts == 1
 
 
 async def test_a_runtime_dir_removed_under_a_running_vm_gets_it_replaced(world: World) -> None:
