@@ -19,7 +19,7 @@ from api.server.routes import document
 from api.server.streams import install_streams
 from api.settings import ServerSettings
 from api.store import Database
-from tests.builders import encode
+from api.testing.tfstate import encode
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
 
 Client = TestClient[Any, Any]

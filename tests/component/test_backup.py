@@ -26,9 +26,9 @@ from api.store.backup import (
     restore,
 )
 from api.store.db import DB_FILE_NAME
+from api.testing.tfstate import encode, vm_state
 from api.tfstate import extract_vms, parse_state
 from controller.cli import main
-from tests.builders import encode, vm_state
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 BACKUPS_DURING_WRITES = 5

@@ -24,11 +24,11 @@ from api.store import Database, StateStore, open_database
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
 from api.telemetry.metrics import Metrics
+from api.testing.tfstate import encode, vm_state
 from api.tfstate import extract_vms, parse_state
 from api.types import Phase, QemuVMStatus
 from controller.manager import Controller
 from controller.settings import ControllerSettings
-from tests.builders import encode, vm_state
 
 DEADLINE_SECONDS = 15.0
 T = TypeVar("T")

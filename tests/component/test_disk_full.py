@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from api.settings import ServerSettings
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH
 
 Client = TestClient[Any, Any]

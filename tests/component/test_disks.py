@@ -13,9 +13,9 @@ import pytest
 
 from api.store import Database, StateStore, VMStore
 from api.store.allocations import Allocations, DiskOwner
+from api.testing.tfstate import manifest, vm_state
 from api.types import DiskSpec
 from controller.resources.disks import DiskBusy, DiskError, DiskManager
-from tests.builders import manifest, vm_state
 from tests.component.test_store_states import write
 
 OWNER = DiskOwner("lab", "web")

@@ -7,11 +7,11 @@ import asyncio
 
 from api.store import Database, StateStore, VMStore
 from api.store.status_writer import VMStatusWriter
+from api.testing.tfstate import vm_state
 from controller.clock import LoopClock
 from controller.project_index import NO_PROJECT, ProjectIndex
 from controller.queue import WorkQueue
 from controller.sources import watch_store
-from tests.builders import vm_state
 from tests.component.test_controller_failures import wait_until
 from tests.component.test_store_states import write
 

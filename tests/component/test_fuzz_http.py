@@ -24,7 +24,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from api.server.routes import ROUTES
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH
 from tests.unit.test_fuzz_models import fuzz_settings, json_values, manifests, odd_state_bodies, states
 

@@ -19,7 +19,7 @@ from api.settings import ServerSettings
 from api.store import Database
 from api.store.db import DB_FILE_NAME
 from api.telemetry.metrics import Metrics
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
 
 Client = TestClient[Any, Any]

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH
 from tests.component.test_http_backend import LOCK, STATE, lock_body
 

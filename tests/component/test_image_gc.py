@@ -8,9 +8,9 @@ from datetime import timedelta
 from api.images import CachedImage, RemoteImage
 from api.store import Database, StateStore
 from api.store.allocations import Allocations, DiskOwner, DiskRow
+from api.testing.tfstate import vm_state
 from api.types import ReclaimPolicy
 from controller.image_gc import referenced_digests
-from tests.builders import vm_state
 from tests.component.test_store_states import write
 
 DIGESTS = {name: name[0] * 64 for name in ("alpha", "bravo", "charlie", "delta", "echo")}

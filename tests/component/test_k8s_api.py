@@ -17,7 +17,7 @@ from api.server.routes import ROUTES
 from api.settings import ServerSettings
 from api.store import Database
 from api.store.status_writer import VMStatusWriter
-from tests.builders import vm_state
+from api.testing.tfstate import vm_state
 from tests.component.conftest import AUTH, FakeClock
 from tests.component.k8s_support import (
     APIS,

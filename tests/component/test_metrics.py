@@ -20,7 +20,7 @@ from api.settings import ServerSettings
 from api.store import Database, open_database
 from api.store.status_writer import VMStatusWriter
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics, StoreMetrics
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
 
 Client = TestClient[Any, Any]

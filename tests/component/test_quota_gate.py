@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from api.store import Database, StateStore, VMStore, fleet
+from api.testing.tfstate import vm_state
 from controller.admission import INVALID_SPEC, Quota, Quotas
 from controller.clock import ManualClock
 from controller.quota_gate import FRESH_SECONDS, QuotaGate
-from tests.builders import vm_state
 from tests.component.conftest import FakeClock
 from tests.component.test_store_states import write
 

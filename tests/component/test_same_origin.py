@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from api.server.origin import cross_site_problem
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH
 
 Client = TestClient[Any, Any]

@@ -15,8 +15,8 @@ from api.store import StateStore, open_database
 from api.store.backup import back_up
 from api.store.db import DB_FILE_NAME
 from api.store.files import UnsafeDataDir
+from api.testing.tfstate import encode, vm_state
 from api.tfstate import extract_vms, parse_state
-from tests.builders import encode, vm_state
 
 STORE_FILES = (DB_FILE_NAME, f"{DB_FILE_NAME}-wal", f"{DB_FILE_NAME}-shm")
 

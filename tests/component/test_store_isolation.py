@@ -10,7 +10,7 @@ import pytest
 
 from api.store import Database, StateStore
 from api.store.db import DB_FILE_NAME
-from tests.builders import vm_state
+from api.testing.tfstate import vm_state
 from tests.component.test_store_states import write
 
 

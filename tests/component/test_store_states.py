@@ -19,8 +19,8 @@ from api.store import (
     StateStore,
     VMStore,
 )
+from api.testing.tfstate import encode, vm_state
 from api.tfstate import extract_vms, parse_state
-from tests.builders import encode, vm_state
 from tests.component.conftest import FakeClock
 
 

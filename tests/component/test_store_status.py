@@ -12,7 +12,7 @@ import pytest
 
 from api.store import Database, StateStore, VMStore
 from api.store.status_writer import StatusConflict, VMStatusWriter
-from tests.builders import manifest, vm_state
+from api.testing.tfstate import manifest, vm_state
 from tests.component.test_store_states import write
 
 

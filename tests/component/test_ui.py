@@ -26,7 +26,7 @@ from api.server.ui import UI_ROUTES
 from api.settings import ServerSettings
 from api.store.events import EventLog, EventType, NewEvent
 from api.store.status_writer import VMStatusWriter
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
 
 Client = TestClient[Any, Any]

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.e2e.harness import (
     PASSWORD,
     REPO_ROOT,

@@ -37,8 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+from api.testing.tfstate import encode, vm_state
 from controller.qemu.process import read_stat
-from tests.builders import encode, vm_state
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DB_FILE_NAME = "tofu-qemu.sqlite3"

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from api.testing.tfstate import encode, vm_state
 from controller.faults import CRASH_ENV, CrashPoint
-from tests.builders import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     ProcessIdentity,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from api.settings import ServerSettings
-from tests import builders
+from api.testing import tfstate as builders
 from tests.e2e.conftest import SpawnServer
 from tests.e2e.harness import ServerProcess
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import ProcessIdentity, is_running_current, live_qemu_pids
 

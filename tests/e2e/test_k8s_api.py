@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import HTTP_TIMEOUT, PASSWORD, USER, VmHost, basic_auth, is_running_current, wait_until
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests import builders
+from api.testing import tfstate as builders
 from tests.e2e.harness import HttpAnswer, ServerProcess
 
 pytestmark = pytest.mark.e2e

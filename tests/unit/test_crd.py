@@ -24,6 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from api import crd
+from api.testing.tfstate import manifest
 from api.types import (
     AllocatedPort,
     Condition,
@@ -36,7 +37,6 @@ from api.types import (
     QemuVMStatus,
     RunOverride,
 )
-from tests.builders import manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO_ROOT / "crds" / "qemuvm.yaml"

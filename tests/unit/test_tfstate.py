@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from api.testing.tfstate import encode, instance, manifest, resource, state
 from api.tfstate import Extraction, StateFormatError, extract_vms, parse_state
-from tests.builders import encode, instance, manifest, resource, state
 from tests.fixtures import generate
 
 
