@@ -56,10 +56,11 @@ _reexec_in_venv()
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from qemu.qmp import QMPClient, QMPError  # noqa: E402
-
+from api.testing.tfstate import encode, vm_state  # noqa: E402
+from controller.layout import DataLayout  # noqa: E402
 from controller.qemu.argv import RuntimePaths  # noqa: E402
-from tests.builders import encode, vm_state  # noqa: E402
+from controller.qemu.monitor import Monitor, MonitorUnavailable  # noqa: E402
+from controller.settings import ControllerSettings  # noqa: E402
 
 USER, PASSWORD = "bench", "bench"
 GUEST_READY_MARKER = b"TOFU-GUEST-READY"
@@ -71,7 +72,6 @@ HTTP_TIMEOUT_S = 30.0
 QMP_CONNECT_TIMEOUT_S = 10.0
 QMP_COMMAND_TIMEOUT_S = 5.0
 # The bare baseline retries a QMP connect this often (the socket appears ~25 ms after spawn).
-BARE_QMP_RETRY_S = 0.005
 KILL_WAIT_S = 10.0
 LOG_POLL_S = 0.01
 # Host ports for forwards the benchmark VMs never ask for; a range the other benchmarks avoid.
@@ -377,6 +377,13 @@ def basic_auth() -> str:
     return "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
+def server_layout(data_dir: Path) -> DataLayout:
+    """The layout of a server started here: its environment carries no TOFU_QEMU_* setting
+    (`Server.start`), so every path is the controller's default for `data_dir`."""
+    settings = ControllerSettings.model_construct(data_dir=data_dir)
+    return DataLayout(settings.data_dir, settings.resolved_images_dir)
+
+
 class Server:
     """`python -m controller.cli serve` on a free loopback port with its own data dir."""
 
@@ -396,15 +403,19 @@ class Server:
         return self._process.pid
 
     @property
+    def layout(self) -> DataLayout:
+        return server_layout(self.data_dir)
+
+    @property
     def run_root(self) -> Path:
-        return self.data_dir / "run"
+        return self.layout.run_root
 
     @property
     def images_dir(self) -> Path:
-        return self.data_dir / "images"
+        return self.layout.images_dir
 
     def runtime(self, uid: str) -> RuntimePaths:
-        return RuntimePaths(self.run_root / uid)
+        return self.layout.runtime(uid)
 
     def start(self) -> None:
         env = {key: value for key, value in os.environ.items() if not key.startswith("TOFU_QEMU_")}
@@ -552,7 +563,7 @@ class BareVM:
     paths: RuntimePaths
     process: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
-    client: QMPClient | None = None
+    client: Monitor | None = None
 
     @property
     def pid(self) -> int:
@@ -582,26 +593,21 @@ class BareVM:
         BARE_PROCESSES.append(self.process)
         self.pidfd = os.pidfd_open(self.process.pid)
         self.client = await self._connect()
-        async with asyncio.timeout(QMP_COMMAND_TIMEOUT_S):
-            await self.client.execute("cont")
+        await self.client.execute("cont", within=QMP_COMMAND_TIMEOUT_S)
 
-    async def _connect(self) -> QMPClient:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + QMP_CONNECT_TIMEOUT_S
-        while True:
-            client = QMPClient(self.paths.directory.name)
-            try:
-                async with asyncio.timeout(max(0.01, deadline - loop.time())):
-                    await client.connect(str(self.paths.qmp_socket))
-                return client
-            except (QMPError, OSError, TimeoutError) as err:
-                with contextlib.suppress(QMPError, OSError, EOFError):
-                    await client.disconnect()
-                if self.process is not None and self.process.poll() is not None:
-                    raise BenchError(f"bare QEMU exited {self.process.returncode}") from err
-                if loop.time() > deadline:
-                    raise BenchError(f"bare QEMU's QMP did not answer: {err}") from err
-            await asyncio.sleep(BARE_QMP_RETRY_S)
+    async def _connect(self) -> Monitor:
+        process = self.process
+        try:
+            return await Monitor.connect(
+                Path(self.paths.qmp_socket),
+                name=self.paths.directory.name,
+                within=QMP_CONNECT_TIMEOUT_S,
+                while_=lambda: process is not None and process.poll() is None,
+            )
+        except MonitorUnavailable as err:
+            if process is not None and process.poll() is not None:
+                raise BenchError(f"bare QEMU exited {process.returncode}") from err
+            raise BenchError(f"bare QEMU's QMP did not answer: {err}") from err
 
     async def wait_exit(self) -> float:
         """Wait until the process ends (pidfd readable); returns the epoch time it was seen."""
@@ -626,9 +632,7 @@ class BareVM:
     async def close(self) -> None:
         """Kill and reap; idempotent."""
         if self.client is not None:
-            with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self.client.disconnect()
+            await self.client.close()
             self.client = None
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -666,7 +670,7 @@ class Workspace:
 
     @property
     def images_dir(self) -> Path:
-        return self.data_dir / "images"
+        return server_layout(self.data_dir).images_dir
 
     def __enter__(self) -> Workspace:
         interrupt_on_signals()
