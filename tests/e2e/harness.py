@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from api.testing.tfstate import encode, vm_state
-from controller.qemu.process import read_stat
+from controller.qemu.process import read_cmdline, read_stat
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DB_FILE_NAME = "tofu-qemu.sqlite3"
@@ -557,16 +557,9 @@ def prepare_guest_images(images_dir: Path) -> None:
     run_setup_step("build-guest", "--images-dir", str(images_dir))
 
 
-# The controller's own /proc reader: tests judge liveness exactly as the controller does.
+# The controller's own /proc readers: tests judge liveness and identity exactly as the controller does.
 proc_stat = read_stat
-
-
-def proc_cmdline(pid: int) -> tuple[str, ...] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return tuple(part.decode(errors="surrogateescape") for part in raw.split(b"\0")[:-1])
+proc_cmdline = read_cmdline
 
 
 def is_running_process(pid: int) -> bool:
