@@ -377,9 +377,30 @@ def basic_auth() -> str:
     return "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
 
+def http_request(
+    method: str, url: str, body: bytes | None, *, authorization: str | None, timeout: float
+) -> tuple[int, bytes]:
+    """One request, past any proxy; any status is an answer (a JSON body when there is one).
+
+    :raise OSError: no answer (transport, timeout).
+    """
+    headers = {"Authorization": authorization} if authorization else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    # The caller's URL: its own loopback server, or the operator's --server.
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)  # noqa: S310
+    try:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.read()
+
+
 def server_layout(data_dir: Path) -> DataLayout:
     """The layout of a server started here: its environment carries no TOFU_QEMU_* setting
-    (`Server.start`), so every path is the controller's default for `data_dir`."""
+    (`Server.start`), so every path is the controller's default for `data_dir`. The run and disks
+    roots depend on `data_dir` alone, so they hold for any host's data dir."""
     settings = ControllerSettings.model_construct(data_dir=data_dir)
     return DataLayout(settings.data_dir, settings.resolved_images_dir)
 
@@ -469,17 +490,8 @@ class Server:
     def request(
         self, method: str, path: str, body: bytes | None = None, *, timeout: float = HTTP_TIMEOUT_S
     ) -> tuple[int, bytes]:
-        headers = {"Authorization": basic_auth()}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
         # Always http://127.0.0.1:PORT built above.
-        request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)  # noqa: S310
-        try:
-            with _NO_PROXY.open(request, timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as err:
-            with err:
-                return err.code, err.read()
+        return http_request(method, self.base_url + path, body, authorization=basic_auth(), timeout=timeout)
 
     def post_vms(self, project: str, vms: Mapping[str, Mapping[str, Any]]) -> None:
         """Publish a state declaring exactly `vms` (name -> spec) in `project`."""

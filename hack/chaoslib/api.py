@@ -5,14 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from chaoslib.basics import HTTP_TIMEOUT_S, ChaosError
+from _common import http_request
 
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from chaoslib.basics import HTTP_TIMEOUT_S, ChaosError
 
 
 class Api:
@@ -24,17 +22,10 @@ class Api:
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         """One request; any status is an answer. :raise OSError: no answer (transport, timeout)."""
-        headers = {"Authorization": self._authorization} if self._authorization else {}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
         # The URL is the operator's --server (or our own loopback server), never remote input.
-        request = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)  # noqa: S310
-        try:
-            with _NO_PROXY.open(request, timeout=HTTP_TIMEOUT_S) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as err:
-            with err:
-                return err.code, err.read()
+        return http_request(
+            method, self.base_url + path, body, authorization=self._authorization, timeout=HTTP_TIMEOUT_S
+        )
 
     def vms(self, project: str) -> list[dict[str, Any]]:
         """:raise OSError: no answer. :raise ChaosError: an error status."""
