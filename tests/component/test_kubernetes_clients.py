@@ -11,8 +11,8 @@ import pytest
 from api.server import kube as kube_server
 from api.store import Database
 from api.store.events import LIST_LIMIT_MAX, EventLog, NewEvent
+from api.testing.tfstate import vm_state
 from api.vm_columns import VM_TABLE_COLUMNS
-from tests.builders import vm_state
 from tests.component.conftest import AUTH, FakeClock
 from tests.component.k8s_support import APIS, Client, WatchReader, api, post_state, serve
 

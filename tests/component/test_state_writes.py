@@ -17,7 +17,7 @@ from api.server import backend
 from api.server.keys import STATES
 from api.settings import ServerSettings
 from api.state_reader import read_state
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH
 from tests.component.test_http_backend import md5_header
 

@@ -20,8 +20,8 @@ from api.store.events import EventLog
 from api.store.memory import MemoryStore
 from api.store.records import DiskHeld, DiskOwner, DiskRow, NewEvent, PortTaken, StatusConflict, VMRecord
 from api.store.status_writer import VMStatusWriter
+from api.testing.tfstate import vm_state
 from api.types import Protocol, ReclaimPolicy
-from tests.builders import vm_state
 from tests.component.conftest import FakeClock
 from tests.component.test_store_states import write
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import GUEST_BOOT_TIMEOUT, VmHost, is_running_current, wait_until
 

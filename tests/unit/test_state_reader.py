@@ -13,8 +13,8 @@ import pytest
 from api import json_body, state_reader, tfstate
 from api.json_body import PIECEWISE_DECODE_BYTES, StateFormatError, decode_json
 from api.state_reader import read_state
+from api.testing.tfstate import encode, instance, manifest, resource, state, vm_state
 from api.tfstate import Extraction, StateSummary, extract_vms, parse_state
-from tests.builders import encode, instance, manifest, resource, state, vm_state
 
 HEAD = b'{"version":4,"serial":1,"lineage":"x",'
 
