@@ -397,6 +397,20 @@ def http_request(
             return err.code, err.read()
 
 
+def project_vms(
+    request: Callable[[str, str], tuple[int, bytes]], project: str, error: type[Exception]
+) -> list[dict[str, Any]]:
+    """The project's VM objects through `request(method, path)`.
+
+    :raise OSError: no answer. :raise error: an error status.
+    """
+    status, answer = request("GET", f"/api/v1/projects/{project}/vms")
+    if status != 200:
+        raise error(f"GET the VMs of {project}: {status} {answer[:300]!r}")
+    items: list[dict[str, Any]] = json.loads(answer)["items"]
+    return items
+
+
 def server_layout(data_dir: Path) -> DataLayout:
     """The layout of a server started here: its environment carries no TOFU_QEMU_* setting
     (`Server.start`), so every path is the controller's default for `data_dir`. The run and disks
@@ -503,11 +517,7 @@ class Server:
             raise BenchError(f"POST /state/{project}: {status} {answer[:300]!r}")
 
     def vms(self, project: str) -> list[dict[str, Any]]:
-        status, answer = self.request("GET", f"/api/v1/projects/{project}/vms")
-        if status != 200:
-            raise BenchError(f"GET vms of {project}: {status} {answer[:300]!r}")
-        items: list[dict[str, Any]] = json.loads(answer)["items"]
-        return items
+        return project_vms(self.request, project, BenchError)
 
     def uids(self, project: str) -> dict[str, str]:
         """name -> uid of the project's VMs."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from _common import http_request
+from _common import http_request, project_vms
 
 from chaoslib.basics import HTTP_TIMEOUT_S, ChaosError
 
@@ -29,11 +28,7 @@ class Api:
 
     def vms(self, project: str) -> list[dict[str, Any]]:
         """:raise OSError: no answer. :raise ChaosError: an error status."""
-        status, body = self.request("GET", f"/api/v1/projects/{project}/vms")
-        if status != 200:
-            raise ChaosError(f"GET the VMs of {project}: {status} {body[:300]!r}")
-        items: list[dict[str, Any]] = json.loads(body)["items"]
-        return items
+        return project_vms(self.request, project, ChaosError)
 
     def state(self, project: str) -> bytes | None:
         """The project's current state, or None if it has none."""
