@@ -160,14 +160,21 @@ def canonical_json(value: object) -> str:
 
 def _manifest_candidates(document: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     candidates = []
-    for resource in document.get("resources") or []:
+    for resource in _list_at(document, "resources"):
         if not declares_vms(resource):
             continue
-        for instance in resource.get("instances") or []:
+        for instance in _list_at(resource, "instances"):
             candidate = manifest_candidate(resource, instance)
             if candidate is not None:
                 candidates.append(candidate)
     return candidates
+
+
+def _list_at(parent: dict[str, Any], key: str) -> list[Any]:
+    """`parent[key]` when it is a list; a state of another shape (`"instances": true`) holds no
+    manifests there, and must not fail the write that carries it."""
+    value = parent.get(key)
+    return value if isinstance(value, list) else []
 
 
 def declares_vms(resource: object) -> bool:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from api.state_reader import read_state
 from api.testing.tfstate import encode, instance, manifest, resource, state
 from api.tfstate import Extraction, StateFormatError, extract_vms, parse_state
 from tests.fixtures import generate
@@ -231,3 +232,23 @@ def test_huge_numbers_in_state_do_not_crash() -> None:
     (vm,) = extract_vms(parse_state(body.encode()).document).vms
     assert vm.error is not None
     assert "spec.memory: must be ≤" in vm.error
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"resources": [{"mode": "managed", "type": "terraform_data", "name": "a", "instances": True}]},
+        {"resources": [{"mode": "managed", "type": "terraform_data", "name": "a", "instances": "xy"}]},
+        {"resources": [{"mode": "managed", "type": "terraform_data", "name": "a", "instances": {"k": 1}}]},
+    ],
+)
+def test_resources_or_instances_of_another_shape_declare_nothing(odd: dict[str, Any]) -> None:
+    """A resource whose `instances` is not a list is stored, and declares no VM: it once failed
+    the write with a TypeError (found by test_fuzz_models), both through the strict parser and
+    through the incremental reader that serves real writes. (`resources` of another shape is a
+    400, see test_malformed_states_are_refused.)"""
+    body = json.dumps({"version": 4, "serial": 1, "lineage": "l", **odd}).encode()
+    assert extract_vms(parse_state(body).document) == Extraction(vms=(), problems=())
+    summary, extraction = read_state(body)
+    assert summary.serial == 1
+    assert extraction is None or extraction == Extraction(vms=(), problems=())
