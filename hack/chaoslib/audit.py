@@ -11,7 +11,7 @@ from typing import Any
 from _common import server_layout
 
 from api.store.db import DB_FILE_NAME
-from chaoslib.basics import HTTP_TIMEOUT_S
+from chaoslib.basics import HTTP_TIMEOUT_S, UNKNOWN_VM
 from chaoslib.processes import qemus_by_uid
 
 
@@ -52,7 +52,7 @@ class Audit:
 
     @property
     def duplicates(self) -> dict[str, list[int]]:
-        return {uid: pids for uid, pids in self.qemus.items() if len(pids) > 1 and uid != "?"}
+        return {uid: pids for uid, pids in self.qemus.items() if len(pids) > 1 and uid != UNKNOWN_VM}
 
     @property
     def leaks(self) -> int:

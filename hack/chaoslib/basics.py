@@ -14,6 +14,8 @@ from _common import (
 )
 
 FAULT_KINDS = ("kill", "stop", "rmdir", "rmsock")
+# The "VM" of a QEMU whose VM could not be told from its command line and runtime dir.
+UNKNOWN_VM = "?"
 POLL_S = 0.05
 PROC_SCAN_S = 0.25
 AUDIT_EVERY_S = 0.5

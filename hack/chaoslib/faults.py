@@ -27,6 +27,7 @@ from chaoslib.basics import (
     KILL_AFTER_FAULT_S,
     POLL_S,
     PROC_SCAN_S,
+    UNKNOWN_VM,
     ChaosError,
     epoch_now,
     note,
@@ -102,7 +103,7 @@ class Chaos:
         for uid, pids in (qemus if qemus is not None else qemus_by_uid(self.target.data_dir)).items():
             for pid in pids:
                 self.lifetimes.setdefault(uid, {}).setdefault(pid, Lifetime()).see(at)
-            if len(pids) > 1 and uid != "?" and (uid, *pids) not in self._noted:
+            if len(pids) > 1 and uid != UNKNOWN_VM and (uid, *pids) not in self._noted:
                 self._noted.add((uid, *pids))
                 note(f"duplicate QEMUs for VM {uid}: pids {pids}")
 

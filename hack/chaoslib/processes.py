@@ -21,7 +21,7 @@ from _common import (
     server_layout,
 )
 
-from chaoslib.basics import PROCESS_EXIT_TIMEOUT_S
+from chaoslib.basics import PROCESS_EXIT_TIMEOUT_S, UNKNOWN_VM
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.process import read_cmdline
 
@@ -41,11 +41,12 @@ def qemu_uid(pid: int, run_root: Path) -> str | None:
 
 
 def qemus_by_uid(data_dir: Path) -> dict[str, list[int]]:
-    """Live QEMUs (not zombies) whose command line names the data dir, by VM uid ("?": unknown)."""
+    """Live QEMUs (not zombies) whose command line names the data dir, by VM uid (UNKNOWN_VM when
+    it cannot be told)."""
     run_root = server_layout(data_dir).run_root
     found: dict[str, list[int]] = {}
     for pid in sorted(qemu_processes(data_dir)):
-        found.setdefault(qemu_uid(pid, run_root) or "?", []).append(pid)
+        found.setdefault(qemu_uid(pid, run_root) or UNKNOWN_VM, []).append(pid)
     return found
 
 
