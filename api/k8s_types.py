@@ -76,6 +76,9 @@ class Event(_Model):
     reason: str
     message: str
     trace_id: str | None = None
+    trace_url: str | None = Field(
+        default=None, description="The trace's page, from the server's trace_url_template; null when unset"
+    )
     uid: str = Field(description="The VM's uid; empty for a project-level event")
     project: str
     vm_name: str = Field(description="Empty for a project-level event")

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from api.tracelinks import check_trace_url_template
 from api.types import describe_validation_error
 
 ENV_PREFIX = "TOFU_QEMU_"
@@ -148,6 +149,19 @@ class ServerSettings(ProcessSettings):
         default=False,
         description="With tls_client_ca: a verified client certificate logs in as its subject CN",
     )
+
+    # tracelinks: every trace id in events, `describe` and the dashboard becomes a link
+    # (api/tracelinks.py, docs/observability.md "Trace links").
+    trace_url_template: str | None = Field(
+        default=None,
+        description="Link trace ids to this URL, e.g. http://jaeger:16686/trace/{trace_id} "
+        "(http(s), {trace_id} its only placeholder)",
+    )
+
+    @field_validator("trace_url_template")
+    @classmethod
+    def _valid_trace_url_template(cls, value: str | None) -> str | None:
+        return None if value is None else check_trace_url_template(value)
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -16,9 +16,10 @@ from aiohttp import web
 from api.k8s_types import Event, EventList
 from api.server import params
 from api.server.backend import project_of
-from api.server.keys import DATABASE
+from api.server.keys import DATABASE, SETTINGS
 from api.store import StorageFull
 from api.store.events import LIST_LIMIT_MAX, EventLog, EventRecord, EventType, NewEvent
+from api.tracelinks import trace_url
 
 log = structlog.get_logger(__name__)
 LIMIT_DEFAULT = 100
@@ -43,7 +44,7 @@ async def record_project_event(app: web.Application, project: str, reason: str, 
         log.warning("event_record_failed", project=project, reason=reason, error=str(err))
 
 
-def event_of(record: EventRecord) -> Event:
+def event_of(record: EventRecord, trace_url_template: str | None = None) -> Event:
     return Event(
         id=record.id,
         time=record.time,
@@ -51,6 +52,7 @@ def event_of(record: EventRecord) -> Event:
         reason=record.reason,
         message=record.message,
         trace_id=record.trace_id,
+        trace_url=trace_url(trace_url_template, record.trace_id),
         uid=record.uid,
         project=record.project,
         vm_name=record.vm_name,
@@ -73,5 +75,6 @@ async def _list(request: web.Request, *, vm_name: str | None) -> web.StreamRespo
     records = await event_log_of(request.app).list(
         project=project, vm_name=vm_name, after_id=after_id, limit=limit
     )
-    body = EventList(items=tuple(event_of(record) for record in records))
+    template = request.app[SETTINGS].trace_url_template
+    body = EventList(items=tuple(event_of(record, template) for record in records))
     return web.json_response(body.model_dump(mode="json", by_alias=True))

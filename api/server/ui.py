@@ -75,7 +75,8 @@ async def vm_detail(request: web.Request) -> web.StreamResponse:
     vm = (await request.app[VMS].get(project, name)).to_object()
     events = await event_log_of(request.app).list(project=project, vm_name=name, limit=EVENTS_SHOWN)
     console = await _console_tail(request, vm.metadata.uid)
-    return _page(ui_pages.vm_page(vm, events, console=console, now=request.app[DATABASE].clock()))
+    now, template = request.app[DATABASE].clock(), request.app[SETTINGS].trace_url_template
+    return _page(ui_pages.vm_page(vm, events, console=console, now=now, trace_template=template))
 
 
 async def _console_tail(request: web.Request, uid: str) -> str | None:
@@ -103,7 +104,8 @@ async def project_detail(request: web.Request) -> web.StreamResponse:
     # vm_name "": the project's own events (force-unlocks), not its VMs'.
     events = await event_log_of(request.app).list(project=project, vm_name="", limit=EVENTS_SHOWN)
     now = request.app[DATABASE].clock()
-    return _page(ui_pages.project_page(info, versions, vms, events, now=now))
+    template = request.app[SETTINGS].trace_url_template
+    return _page(ui_pages.project_page(info, versions, vms, events, now=now, trace_template=template))
 
 
 async def static_file(request: web.Request) -> web.StreamResponse:

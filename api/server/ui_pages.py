@@ -23,6 +23,7 @@ from urllib.parse import quote
 from api.humanize import human_duration
 from api.store.events import EventRecord
 from api.store.states import HeldLock, ProjectInfo, VersionInfo
+from api.tracelinks import trace_url
 from api.types import Condition, QemuVM
 
 STATIC = "/ui/static"
@@ -206,18 +207,35 @@ def condition_row(condition: Condition, *, now: datetime) -> str:
     )
 
 
-def event_row(event: EventRecord, *, now: datetime) -> str:
+def trace_cell(trace_id: str | None, template: str | None) -> str:
+    """A link to the trace when there is a template (eventRows in app.js builds the same),
+    else the id with a Copy button that app.js wires up."""
+    if not trace_id:
+        return NONE
+    url = trace_url(template, trace_id)
+    if url is not None:
+        return (
+            f'<a class="trace" href="{_e(url)}" rel="noopener noreferrer" target="_blank">'
+            f"<code>{_e(trace_id)}</code></a>"
+        )
+    button = f'<button type="button" class="copy" data-copy="{_e(trace_id)}">Copy</button>'
+    return f"<code>{_e(trace_id)}</code> {button}"
+
+
+def event_row(event: EventRecord, *, now: datetime, trace_template: str | None = None) -> str:
     return (
         f"<tr><td>{_time(event.time, now=now)}</td><td>{_e(event.type.value)}</td><td>{_e(event.reason)}</td>"
-        f"<td>{_e(event.message)}</td><td><code>{_e(event.trace_id or NONE)}</code></td></tr>"
+        f"<td>{_e(event.message)}</td><td>{trace_cell(event.trace_id, trace_template)}</td></tr>"
     )
 
 
-def _events_table(title: str, events: Sequence[EventRecord], *, now: datetime) -> str:
+def _events_table(
+    title: str, events: Sequence[EventRecord], *, now: datetime, trace_template: str | None
+) -> str:
     return _table(
         title,
         ("TIME", "TYPE", "REASON", "MESSAGE", "TRACE"),
-        (event_row(e, now=now) for e in events),
+        (event_row(e, now=now, trace_template=trace_template) for e in events),
         table_id="events",
         empty="No events recorded.",
     )
@@ -282,7 +300,14 @@ def console_text(raw: str) -> str:
     return _CONTROL_RE.sub("", _ANSI_RE.sub("", raw.replace("\r\n", "\n")))
 
 
-def vm_page(vm: QemuVM, events: Sequence[EventRecord], *, console: str | None, now: datetime) -> str:
+def vm_page(
+    vm: QemuVM,
+    events: Sequence[EventRecord],
+    *,
+    console: str | None,
+    now: datetime,
+    trace_template: str | None = None,
+) -> str:
     meta = vm.metadata
     console_shown = (
         console_text(console) if console is not None else "(no console output: the VM has not started)"
@@ -298,7 +323,7 @@ def vm_page(vm: QemuVM, events: Sequence[EventRecord], *, console: str | None, n
         (condition_row(c, now=now) for c in vm.status.conditions),
         table_id="conditions",
     )
-    events_table = _events_table("Events (oldest first)", events, now=now)
+    events_table = _events_table("Events (oldest first)", events, now=now, trace_template=trace_template)
     body = f"""<h1>VM <span class="name">{_e(meta.name)}</span> <small>in {_e(meta.project)}</small></h1>
 {_status_line()}{_noscript()}
 <section aria-labelledby="h-actions"><h2 id="h-actions">Actions</h2>
@@ -387,6 +412,7 @@ def project_page(
     events: Sequence[EventRecord],
     *,
     now: datetime,
+    trace_template: str | None = None,
 ) -> str:
     summary = _dl(
         [
@@ -422,7 +448,10 @@ def project_page(
         "VMs", (*VM_COLUMNS, "ACTIONS"), (vm_row(vm, now=now) for vm in vms), table_id="vms", empty="No VMs."
     )
     events_table = _events_table(
-        "Events of the project itself (force-unlocks), oldest first", events, now=now
+        "Events of the project itself (force-unlocks), oldest first",
+        events,
+        now=now,
+        trace_template=trace_template,
     )
     body = f"""<h1>Project <span class="name">{_e(project.name)}</span></h1>{_noscript()}
 <section aria-labelledby="h-lock"><h2 id="h-lock">Lock</h2>{_lock_section(project, now=now)}

@@ -42,8 +42,13 @@ def describe_vm(vm: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now:
 
 
 def events_table(events: Sequence[Mapping[str, Any]], now: datetime) -> str:
-    rows = [[age(e["time"], now), e["type"], e["reason"], e["message"]] for e in events]
-    return table(("AGE", "TYPE", "REASON", "MESSAGE"), rows)
+    rows = [[age(e["time"], now), e["type"], e["reason"], e["message"], _trace(e)] for e in events]
+    return table(("AGE", "TYPE", "REASON", "MESSAGE", "TRACE"), rows)
+
+
+def _trace(event: Mapping[str, Any]) -> str:
+    """The link the server made from its trace_url_template, else the bare trace id."""
+    return str(event.get("traceUrl") or event.get("traceId") or NONE)
 
 
 def _spec_lines(spec: Mapping[str, Any]) -> list[str]:

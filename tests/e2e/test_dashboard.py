@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Terraform applies two VMs on real QEMU, headless Chromium
 (Debian's, driven by Playwright) shows them Running, a click restarts one, and the page shows its
-RESTARTS count go up without a reload; the VM page shows its console and events, and the project
-page force-unlocks a lock after a confirm() naming its ID.
+RESTARTS count go up without a reload; the VM page shows its console and events, each event's
+trace id a link made from the server's trace_url_template, and the project page force-unlocks a
+lock after a confirm() naming its ID.
 
 Every wait is on the DOM or the API with a deadline, never a sleep. Screenshots are kept under
 $TOFU_QEMU_TEST_ARTIFACTS/dashboard, or .cache/test-artifacts/dashboard in the repository
@@ -63,6 +64,9 @@ LIST_URL = re.compile(r"/qemuvms(\?(?!.*watch=true).*)?$")
 EXPIRED = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410, "reason": "Expired",
            "message": "injected by the test"}  # fmt: skip
 LOCK_ID = "dashboard-lock-1"
+# Never opened: the test reads the link, it does not follow it.
+TRACE_URL_TEMPLATE = "http://127.0.0.1:16686/trace/{trace_id}"
+TRACE_LINK = re.compile(r"^http://127\.0\.0\.1:16686/trace/[0-9a-f]{32}$")
 
 
 def artifacts_dir() -> Path:
@@ -126,7 +130,7 @@ def test_dashboard_shows_vms_live_restarts_one_and_force_unlocks(
     """Both VMs show Running; a click on Restart makes RESTARTS go up in place, no reload; the
     watch survives a server restart; the VM page and a force-unlock work."""
     host = make_vm_host()
-    server = host.start("serve")
+    server = host.start("serve", extra_args=("--trace-url-template", TRACE_URL_TEMPLATE))
     fleet = Fleet(host, terraform_bin, project=PROJECT)
     fleet.init()
     fleet.apply({"a": GuestVM(memory=128), "b": GuestVM(memory=128)})
@@ -141,7 +145,7 @@ def test_dashboard_shows_vms_live_restarts_one_and_force_unlocks(
         shots = Screenshots(page)
         restart_from_the_list(page, fleet, shots)
         follow_across_a_server_restart(page, host, problems)
-        show_the_vm_page(page, shots)
+        show_the_vm_page(page, host.server("serve"), shots)
         force_unlock(page, server, shots)
         assert problems.errors == []
     finally:
@@ -206,8 +210,9 @@ def follow_across_a_server_restart(page: Page, host: VmHost, problems: PageProbl
     assert page.evaluate("window.notReloaded") is True, "the page was reloaded"
 
 
-def show_the_vm_page(page: Page, shots: Screenshots) -> None:
-    """The VM page shows status, conditions, the restart's events and the guest's console."""
+def show_the_vm_page(page: Page, server: ServerProcess, shots: Screenshots) -> None:
+    """The VM page shows status, conditions, the restart's events and the guest's console; the
+    restart's trace id links to the template's URL, the one the events API gives."""
     page.goto(f"/ui/projects/{PROJECT}/vms/a")
     expect(page.locator('[data-field="phase"]')).to_have_text("Running")
     expect(page.locator('[data-field="restarts"]')).to_have_text("1")
@@ -215,6 +220,23 @@ def show_the_vm_page(page: Page, shots: Screenshots) -> None:
     expect(page.locator("#events")).to_contain_text("RestartRequested")
     expect(page.locator("#console")).to_contain_text("TOFU-GUEST-READY name=a", timeout=VM_WAIT_MS)
     shots.take("vm-page")
+    show_a_trace_link(page, server, shots)
+
+
+def show_a_trace_link(page: Page, server: ServerProcess, shots: Screenshots) -> None:
+    events = server.get_json(f"{K8S_API}/projects/{PROJECT}/qemuvms/a/events")["items"]
+    restart = next(e for e in events if e["reason"] == "RestartRequested")
+    assert TRACE_LINK.match(restart["traceUrl"]), restart
+    assert restart["traceUrl"] == TRACE_URL_TEMPLATE.replace("{trace_id}", restart["traceId"])
+    row = page.locator("#events tbody tr", has_text="RestartRequested").first
+    link = row.locator("a.trace")
+    expect(link).to_have_attribute("href", restart["traceUrl"])
+    expect(link).to_have_text(restart["traceId"])
+    expect(link).to_have_attribute("rel", "noopener noreferrer")
+    expect(link).to_have_attribute("target", "_blank")
+    expect(page.locator("#events button.copy")).to_have_count(0)
+    link.hover()
+    shots.take("vm-page-trace-link")
 
 
 def force_unlock(page: Page, server: ServerProcess, shots: Screenshots) -> None:

@@ -113,12 +113,15 @@ EVENTS = [
         "type": "Normal",
         "reason": "Started",
         "message": "pid 4242 on tcg",
+        "traceId": "4bf92f3577b34da6a3ce929d0e0e4736",
     },
     {
         "time": stamp(timedelta(seconds=40)),
         "type": "Normal",
         "reason": "RestartRequested",
         "message": "restart requested by alice",
+        "traceId": "0af7651916cd43dd8448eb211c80319c",
+        "traceUrl": "http://jaeger:16686/trace/0af7651916cd43dd8448eb211c80319c",
     },
 ]
 

@@ -397,12 +397,45 @@
         row.append(td);
       }
       const trace = document.createElement("td");
-      const code = document.createElement("code");
-      code.textContent = e.traceId || NONE;
-      trace.append(code);
+      trace.append(...traceCell(e.traceId, e.traceUrl));
       row.append(trace);
       return row;
     });
+  }
+
+  // As trace_cell in ui_pages.py: the server built traceUrl from a validated id and template.
+  function traceCell(traceId, traceUrl) {
+    if (!traceId) return [NONE];
+    const code = document.createElement("code");
+    code.textContent = traceId;
+    if (traceUrl) {
+      const link = document.createElement("a");
+      link.className = "trace";
+      link.href = traceUrl;
+      link.rel = "noopener noreferrer";
+      link.target = "_blank";
+      link.append(code);
+      return [link];
+    }
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "copy";
+    copy.dataset.copy = traceId;
+    copy.textContent = "Copy";
+    return [code, " ", copy];
+  }
+
+  // The clipboard API exists only in secure contexts (https, localhost); elsewhere the id is
+  // selected so that Ctrl+C copies it.
+  async function copyText(button) {
+    try {
+      await navigator.clipboard.writeText(button.dataset.copy);
+      button.textContent = "Copied";
+    } catch (_err) {
+      const code = button.previousElementSibling;
+      if (code) window.getSelection().selectAllChildren(code);
+      button.textContent = "Selected";
+    }
   }
 
   function fillTable(id, rows, emptyText) {
@@ -574,6 +607,8 @@
   }
 
   document.addEventListener("click", (event) => {
+    const copy = event.target.closest("button[data-copy]");
+    if (copy) copyText(copy);
     const button = event.target.closest("button[data-action]");
     if (!button) return;
     if (button.dataset.action === "force-unlock") forceUnlock(button);
