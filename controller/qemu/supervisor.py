@@ -31,8 +31,12 @@ import sys
 import time
 
 FORWARDED_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
-# Python ignores these at start-up and exec keeps ignored signals ignored: QEMU gets the defaults.
-RESET_SIGNALS = (_signal.SIGPIPE, _signal.SIGXFSZ)
+# exec keeps ignored signals ignored and the signal mask as it is: Python ignores SIGPIPE and
+# SIGXFSZ, and whatever started the server may ignore more (nohup ignores SIGHUP). QEMU starts
+# with every disposition at its default and nothing blocked, however the server was started.
+RESET_SIGNALS = tuple(
+    number for number in _signal.valid_signals() if number not in (_signal.SIGKILL, _signal.SIGSTOP)
+)
 EXEC_FAILED = 127
 
 
@@ -74,7 +78,11 @@ def _exec_child(executable: str, argv: list[str], report_fd: int, errors: tuple[
     posix.close(errors_read)
     posix.close(report_fd)
     for number in RESET_SIGNALS:
-        _signal.signal(number, _signal.SIG_DFL)
+        try:  # noqa: SIM105 (contextlib would cost memory in every supervisor)
+            _signal.signal(number, _signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # signals the C library reserves for its threads cannot be set
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
     try:
         posix.execv(executable, argv)
     except OSError as err:

@@ -124,14 +124,22 @@ def test_a_sigterm_to_the_supervisor_goes_to_qemu_and_is_recorded(tmp_path: Path
     assert not process.is_alive_and_ours(record)
 
 
-def test_qemu_ignores_no_signal(tmp_path: Path) -> None:
-    """Python ignores SIGPIPE and SIGXFSZ; QEMU must not inherit that from its supervisor."""
+def test_qemu_ignores_and_blocks_no_signal(tmp_path: Path) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ, and a server started under nohup ignores SIGHUP (the
+    test ignores it and blocks SIGUSR1 here, as such a parent would): QEMU inherits none of it."""
     paths = RuntimePaths(tmp_path / "vm")
-    supervisor = process.spawn(("cat", "/proc/self/status"), "d", paths, now=NOW)  # into qemu.stderr
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        supervisor = process.spawn(("cat", "/proc/self/status"), "d", paths, now=NOW)  # into qemu.stderr
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     supervisor.wait(timeout=WAIT_SECONDS)
     assert _wait_status(paths, _launched(paths).pid).exit_code == 0
-    ignored = [line for line in Path(paths.stderr_log).read_text().splitlines() if line.startswith("SigIgn:")]
-    assert ignored == ["SigIgn:\t0000000000000000"]
+    status = Path(paths.stderr_log).read_text().splitlines()
+    assert [line for line in status if line.startswith("SigIgn:")] == ["SigIgn:\t0000000000000000"]
+    assert [line for line in status if line.startswith("SigBlk:")] == ["SigBlk:\t0000000000000000"]
 
 
 def test_a_status_of_another_pid_is_not_taken(tmp_path: Path) -> None:
