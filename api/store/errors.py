@@ -40,3 +40,8 @@ class LineageConflict(StoreError):
 
 class StorageFull(StoreError):
     """The disk is full. Retry once space is freed; nothing was changed."""
+
+
+class StoreUnavailable(StoreError):
+    """The database server cannot be reached (PostgreSQL down or unreachable). Retry later;
+    nothing was changed by the failed call, or (a lost COMMIT) it is as if retried once."""
