@@ -6,7 +6,7 @@ the new state, never a mix: SQLite (WAL, synchronous=FULL, BEGIN IMMEDIATE) by d
 PostgreSQL with `--database-url` (api/store/sql.py is the seam between the two).
 """
 
-from api.store.connect import check_database_url, open_store
+from api.store.connect import open_store
 from api.store.db import Database, open_database
 from api.store.errors import (
     LineageConflict,
@@ -34,7 +34,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "VMStore",
-    "check_database_url",
     "open_database",
     "open_store",
 ]

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from api.store.db import open_database
 from api.store.postgres import open_postgres
 from api.store.sql import Clock, Database, utc_now
-
-POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
-
-
-def check_database_url(url: str) -> str:
-    """`url` if it names a PostgreSQL database. :raise ValueError: saying what is accepted."""
-    if urlsplit(url).scheme not in POSTGRES_SCHEMES:
-        raise ValueError("--database-url must be a postgresql://... URL (without it, SQLite in the data dir)")
-    return url
+from api.store.urls import check_database_url
 
 
 async def open_store(data_dir: Path, *, database_url: str | None, clock: Clock = utc_now) -> Database:

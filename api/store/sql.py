@@ -32,12 +32,12 @@ from api.store.errors import StoreError
 
 Clock = Callable[[], datetime]
 # Errors a query may raise on either engine: what callers that log and carry on catch.
-DatabaseError: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+DatabaseError = (sqlite3.Error, psycopg.Error)
 # What a caller that logs a failed store call and carries on catches: either engine's errors and
 # the store's own (StorageFull, StoreUnavailable, ...).
-FAILURES: tuple[type[Exception], ...] = (*DatabaseError, StoreError)
+FAILURES = (sqlite3.Error, psycopg.Error, StoreError)
 # A UNIQUE or PRIMARY KEY constraint refused the write.
-IntegrityError: tuple[type[Exception], ...] = (sqlite3.IntegrityError, psycopg.IntegrityError)
+IntegrityError = (sqlite3.IntegrityError, psycopg.IntegrityError)
 
 
 def utc_now() -> datetime:
