@@ -1,8 +1,9 @@
 """The store on PostgreSQL (`--database-url postgresql://...`), through psycopg 3 and its pool.
 
 Invariants:
-- Write transactions are serialised by one transaction-scoped advisory lock, taken first: what
-  BEGIN IMMEDIATE gives on SQLite. Every read-then-write of the stores (a project's lock and
+- Write transactions are serialised by one transaction-scoped advisory lock, taken first (after
+  an in-process lock, so one connection per process waits for it): what BEGIN IMMEDIATE gives
+  on SQLite. Every read-then-write of the stores (a project's lock and
   current version in states.py, diff-then-apply of VM objects, a VM's override, port and disk
   rows in allocations.py, the resourceVersion counter that watch.py needs to commit in order)
   therefore runs alone, unchanged from SQLite. Finer locks (a row lock per project, the
@@ -115,6 +116,9 @@ class PostgresDatabase:
         self._others_commits = 0
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
+        # One writer per process at a time, as on SQLite: the others wait here, not on the
+        # advisory lock, where each would hold a pooled connection that reads need.
+        self._write_lock = asyncio.Lock()
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._subscribers.append(callback)
@@ -157,7 +161,7 @@ class PostgresDatabase:
         begin = "BEGIN; " + ("" if durable else "SET LOCAL synchronous_commit = off; ")
         begin += f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
         with _unavailable_on_connection_errors():
-            async with self._begun(begin) as connection:
+            async with self._write_lock, self._begun(begin) as connection:
                 try:
                     yield PostgresTransaction(connection)
                     notify = sql.SQL("NOTIFY {}, {}; COMMIT").format(
@@ -189,8 +193,9 @@ class PostgresDatabase:
                 return
 
     async def probe_writable(self) -> None:
+        begin = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
         with _unavailable_on_connection_errors():
-            async with self._begun(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})") as connection:
+            async with self._write_lock, self._begun(begin) as connection:
                 await connection.execute("ROLLBACK")
 
     async def truncate_wal(self) -> None:

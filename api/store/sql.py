@@ -84,7 +84,8 @@ class Database(Protocol):
         """Call `callback` after every committed write of this process."""
 
     async def data_version(self) -> int:
-        """A number that changes when *another* process commits (poll it to see their writes)."""
+        """A number that changes when another process commits (poll it to see their writes);
+        it may change for this process's own commits too."""
 
     async def read(self, query: str, params: Sequence[object] = ()) -> list[Row]:
         """Run one read-only statement to completion; it sees only committed data."""
