@@ -78,11 +78,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.error("storage_full", path=request.path)
         return status_response(507, str(err))
     except StoreUnavailable as err:
-        # Nothing was stored: the client may retry (Terraform's http backend retries 5xx).
+        # Rolled back (or, lost at COMMIT, whole): the client may retry, as Terraform's does on 5xx.
         log.error("store_unavailable", path=request.path, error=str(err))
         return status_response(
             503,
-            "the store's database cannot be reached; nothing was changed, retry later",
+            "the store's database cannot be reached; retry later (a write is stored whole or not at all)",
             headers={"Retry-After": str(STORE_UNAVAILABLE_RETRY_AFTER_SECONDS)},
         )
     except web.HTTPRequestEntityTooLarge as err:

@@ -43,5 +43,7 @@ class StorageFull(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The database server cannot be reached (PostgreSQL down or unreachable). Retry later;
-    nothing was changed by the failed call, or (a lost COMMIT) it is as if retried once."""
+    """The database server cannot be reached (PostgreSQL down or unreachable). Retry later.
+
+    The transaction was rolled back, unless the connection was lost during its COMMIT: then it
+    is stored completely or not at all, and a retry is safe (a state write is idempotent)."""
