@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import EXIT_USAGE, _build_parser, main
+from controller.cli import EXIT_USAGE, build_parser, main
 
 URL = "postgresql://tofu@127.0.0.1:1/tofu"
 
@@ -39,7 +39,7 @@ def test_the_environment_variable_selects_postgres_for_backup_too(
 
 @pytest.mark.parametrize("command", ["serve", "api", "controller"])
 def test_server_commands_take_database_url(command: str) -> None:
-    args = _build_parser().parse_args([command, "--database-url", URL])
+    args = build_parser().parse_args([command, "--database-url", URL])
     assert args.database_url == URL
 
 

@@ -310,14 +310,14 @@ async def test_delete_respects_the_lock(states: StateStore) -> None:
     await states.delete("lab", lock_id="a")
 
 
-async def test_store_survives_reopen(tmp_path: Any, clock: FakeClock) -> None:
+async def test_store_survives_reopen(tmp_path: Any, clock: FakeClock, database_url: str | None) -> None:
     """Migrations are idempotent and data persists across reopen."""
-    from api.store import open_database
+    from api.store import open_store
 
-    first = await open_database(tmp_path / "d", clock=clock)
+    first = await open_store(tmp_path / "d", database_url=database_url, clock=clock)
     await write(StateStore(first), vm_state(7, {}))
     await first.close()
-    second = await open_database(tmp_path / "d", clock=clock)
+    second = await open_store(tmp_path / "d", database_url=database_url, clock=clock)
     stored = await StateStore(second).read("lab")
     await second.close()
     assert stored is not None
