@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from api.store.db import Database
-from api.store.sql import Dialect
+from api.store.sql import JSON_STRINGS, Dialect
 from api.types import Phase
 
 # VMs by project, phase and liveness, with the sums of their valid specs' memory and cpus. The
@@ -113,8 +113,8 @@ async def live_spec_keys(db: Database) -> list[LiveSpecKey]:
 async def specs_of(db: Database, uids: Collection[str]) -> dict[str, tuple[int, str]]:
     """The generation and spec of each of `uids` that names a VM with a valid spec, in one read."""
     rows = await db.read(
-        "SELECT uid, generation, spec FROM vms WHERE spec_error IS NULL"
-        " AND uid IN (SELECT value FROM json_each(?))",
+        "SELECT uid, generation, spec FROM vms WHERE spec_error IS NULL"  # noqa: S608
+        f" AND uid IN ({JSON_STRINGS[db.dialect]})",
         (json.dumps(list(uids)),),
     )
     return {str(uid): (int(generation), str(spec)) for uid, generation, spec in rows}
@@ -130,7 +130,7 @@ async def live_specs(db: Database) -> list[LiveSpec]:
 async def projects_of(db: Database, uids: Collection[str]) -> dict[str, str]:
     """The project of each of `uids` that names a VM (gone ones are left out), in one read."""
     rows = await db.read(
-        "SELECT uid, project FROM vms WHERE uid IN (SELECT value FROM json_each(?))",
+        f"SELECT uid, project FROM vms WHERE uid IN ({JSON_STRINGS[db.dialect]})",  # noqa: S608
         (json.dumps(list(uids)),),
     )
     return {str(uid): str(project) for uid, project in rows}

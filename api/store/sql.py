@@ -113,6 +113,14 @@ class Database(Protocol):
     async def close(self) -> None: ...
 
 
+# A subquery giving the strings of a JSON array passed as one `?` parameter: a list of any length
+# in one statement, with no placeholders to count.
+JSON_STRINGS = {
+    Dialect.SQLITE: "SELECT value FROM json_each(?)",
+    Dialect.POSTGRESQL: "SELECT json_array_elements_text(CAST(? AS json))",
+}
+
+
 @functools.lru_cache(maxsize=1024)
 def to_format_placeholders(query: str) -> str:
     """`query` with each `?` outside string literals and quoted names as `%s`, and each `%` as `%%`
