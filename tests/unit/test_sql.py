@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from api.server.errors import STORE_UNAVAILABLE_RETRY_AFTER_SECONDS
+from api.store import postgres
 from api.store.schema import MIGRATIONS, postgresql_script
 from api.store.sql import to_format_placeholders
 
@@ -39,3 +41,12 @@ def test_every_migration_has_a_postgresql_form() -> None:
         assert "PRAGMA" not in upper, number
         assert "INSERT OR" not in upper, number
         assert "AUTOINCREMENT" not in upper, number
+
+
+def test_the_documented_postgresql_numbers() -> None:
+    """docs/postgres.md states these; change them together."""
+    assert (postgres.POOL_MIN_SIZE, postgres.POOL_MAX_SIZE) == (2, 10)
+    assert postgres.CONNECT_TIMEOUT_SECONDS == 5.0
+    assert postgres.LISTEN_BACKOFF_SECONDS == (0.2, 5.0)
+    assert postgres.CHANGES_CHANNEL == "tofu_qemu_changes"
+    assert STORE_UNAVAILABLE_RETRY_AFTER_SECONDS == 5
