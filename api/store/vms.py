@@ -40,11 +40,11 @@ async def apply_declared(
 
     `trace`: the traceparent of the request that wrote these specs, kept with each generation.
     """
-    rows = await conn.fetchall(
+    live = await conn.fetchall(
         "SELECT uid, name, spec_hash, address FROM vms WHERE project = ? AND deleted_at IS NULL",
         (project,),
     )
-    existing = tuple(ExistingVM(*row) for row in rows)
+    existing = tuple(ExistingVM(*row) for row in live)
     changes = diff_specs(declared, existing)
     before = await _generations_specs_labels(conn, project) if changes.changed else {}
     # Reserved in one statement; each kind of change is one executemany, not one statement
