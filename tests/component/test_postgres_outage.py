@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from api.settings import ServerSettings
 from api.store import StoreUnavailable
 from api.store.postgres import CONNECT_TIMEOUT_SECONDS, open_postgres
-from tests.builders import encode, vm_state
+from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH
 from tests.postgres import PostgresCluster
 
