@@ -23,6 +23,7 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from api.store.urls import check_database_url
 from api.tracelinks import check_trace_url_template
 from api.types import describe_validation_error
 
@@ -56,6 +57,17 @@ class ProcessSettings(BaseModel):
     # retention; whichever runs prunes it.
     events_per_vm: int = Field(default=200, ge=1, description="Events kept per VM (the newest)")
     events_max_age_hours: float = Field(default=168.0, gt=0, description="Events older than this are removed")
+    # PostgreSQL store (docs/postgres.md): every table on a PostgreSQL server instead of SQLite in
+    # the data dir. Runtime dirs, disks and images stay in the data dir.
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql://... URL of the store (default: SQLite in the data dir)",
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_database_url(value)
 
     @property
     def events_max_age(self) -> timedelta:

@@ -34,7 +34,7 @@ from api.server.connections import CONNECTION_GUARD, GuardedSite, raise_open_fil
 from api.server.ops import create_ops_app
 from api.server.spans import instrument_http_server
 from api.settings import ServerSettings, SettingsError, SettingsT, load_settings, split_listen
-from api.store import open_database
+from api.store import StoreUnavailable, open_store
 from api.store.backup import Refused, back_up, hold_data_dir, restore
 from api.store.db import DB_FILE_NAME, utc_now
 from api.store.files import PRIVATE_DIR_MODE, PRIVATE_UMASK, UnsafeDataDir, secure_data_dir
@@ -146,6 +146,9 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         print(f"tofu-qemu: {failed}", file=sys.stderr)
         return EXIT_FAILURE
+    except StoreUnavailable as err:
+        print(f"tofu-qemu: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         shutdown_tracing(tracer_provider)
     return 0
@@ -224,7 +227,7 @@ async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup |
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    database = await open_database(settings.data_dir)
+    database = await open_store(settings.data_dir, database_url=settings.database_url)
     metrics = Metrics()
     controller = (
         Controller(settings, database, metrics=metrics) if isinstance(settings, ControllerSettings) else None
@@ -330,6 +333,12 @@ def _add_store_file_flags(parser: argparse.ArgumentParser, *, force_help: str) -
         help=f"{data_dir.description} (env TOFU_QEMU_DATA_DIR; default {data_dir.default!s})",
     )
     parser.add_argument("--force", action="store_true", help=force_help)
+    parser.add_argument(
+        "--database-url",
+        dest="database_url",
+        default=None,
+        help="refused: a PostgreSQL store is backed up with pg_dump (env TOFU_QEMU_DATABASE_URL)",
+    )
 
 
 def _store_file_settings(args: argparse.Namespace) -> ServeSettings:
@@ -342,6 +351,7 @@ def _store_file_settings(args: argparse.Namespace) -> ServeSettings:
 
 def _backup(args: argparse.Namespace) -> int:
     settings = _store_file_settings(args)
+    _refuse_postgres(settings, "backup")
     try:
         result = back_up(settings.data_dir, args.file, force=args.force)
     except (OSError, sqlite3.Error) as err:
@@ -353,6 +363,7 @@ def _backup(args: argparse.Namespace) -> int:
 
 def _restore(args: argparse.Namespace) -> int:
     settings = _store_file_settings(args)
+    _refuse_postgres(settings, "restore")
     _check_data_dir(settings.data_dir)
     try:
         restored = restore(args.file, settings.data_dir, force=args.force, now=utc_now())
@@ -362,6 +373,16 @@ def _restore(args: argparse.Namespace) -> int:
     print(json.dumps(restored.summary()))
     _warn_about_orphans(settings, restored.backup.contents.vm_uids, previous=restored.previous)
     return 0
+
+
+def _refuse_postgres(settings: ServeSettings, command: str) -> None:
+    """:raise Refused: the store is on PostgreSQL, whose own tools do this job better."""
+    if settings.database_url is not None:
+        tool = "pg_dump --format=custom" if command == "backup" else "pg_restore --clean --if-exists"
+        raise Refused(
+            f"`tofu-qemu {command}` copies the SQLite store; this store is on PostgreSQL "
+            f"(--database-url): use {tool} against that database instead (docs/postgres.md)"
+        )
 
 
 def _warn_about_orphans(settings: ServeSettings, uids: frozenset[str], *, previous: Path | None) -> None:

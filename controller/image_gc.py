@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from datetime import timedelta
 from pathlib import PurePath
 from typing import Protocol
@@ -23,6 +22,7 @@ from api.images import CACHE_DIR_NAME, CachedImage, RemoteImage
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.fleet import live_specs
+from api.store.sql import FAILURES
 from api.types import QemuVMSpec
 
 log = structlog.get_logger(__name__)
@@ -71,7 +71,7 @@ async def collect_images_forever(
         try:
             referenced = await referenced_digests(db, allocations, images)
             removed = await images.collect_garbage(referenced, grace=grace)
-        except (sqlite3.Error, OSError) as err:
+        except (*FAILURES, OSError) as err:
             # The next period tries again; nothing is removed on a failed look.
             log.warning("image_gc_failed", error=str(err))
             continue

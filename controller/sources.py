@@ -1,7 +1,8 @@
 """Event sources. Each turns something that happened into `queue.add(uid)`, nothing more.
 
-- store changes: in-process notification after every commit, plus `PRAGMA data_version`
-  polling for writes by another process (`tofu-qemu api` + `tofu-qemu controller`);
+- store changes: in-process notification after every commit, plus `data_version` polling
+  (SQLite's PRAGMA, PostgreSQL's LISTEN/NOTIFY count) for writes by another process
+  (`tofu-qemu api` + `tofu-qemu controller`);
 - process exits and QMP events: the runtime calls `queue.add` itself (controller/qemu/runtime.py);
 - a periodic full resync, which also finds orphans (runtime dirs or ledger rows with no object).
 
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Awaitable, Callable
 
 import structlog
 
-from api.store import Database, StoreError
+from api.store import Database
 from api.store.allocations import Allocations
+from api.store.sql import FAILURES
 from api.store.status_writer import VMStatusWriter
 from controller.layout import DataLayout
 from controller.project_index import ProjectIndex
@@ -30,8 +31,9 @@ log = structlog.get_logger(__name__)
 STORE_POLL_SECONDS = 1.0
 SOURCE_RETRY_FIRST_SECONDS = 1.0
 SOURCE_RETRY_CAP_SECONDS = 30.0
-# What a source may meet and live through: OSError (EMFILE, ENOSPC, EIO), SQLite's errors.
-TRANSIENT_ERRORS = (OSError, sqlite3.Error, StoreError)
+# What a source may meet and live through: OSError (EMFILE, ENOSPC, EIO), either database's
+# errors and the store's own (StoreUnavailable while PostgreSQL is away).
+TRANSIENT_ERRORS = (OSError, *FAILURES)
 # The least time a resync is given to finish, and the readiness check's least tolerance.
 RESYNC_WAIT_FLOOR_SECONDS = 30.0
 
@@ -88,7 +90,7 @@ async def watch_store(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STORE_POLL_SECONDS):
                 await changed.wait()
-        # Notified: this process committed, so look at once. Timed out: ask SQLite whether
+        # Notified: this process committed, so look at once. Timed out: ask the store whether
         # another process (split mode) committed before reading every version.
         if changed.is_set():
             changed.clear()

@@ -1,4 +1,4 @@
-"""Fixtures for every kind of test."""
+"""Fixtures for every kind of test, and the session's private PostgreSQL cluster."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
+from tests.postgres import PostgresCluster
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +18,14 @@ def _keep_umask() -> Iterator[None]:
     os.umask(previous)
     yield
     os.umask(previous)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One cluster per test session, started on first use and removed at the end."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 
@@ -24,9 +23,10 @@ from api.server.routes import ROUTES
 from api.server.spans import span_name_middleware
 from api.server.streams import install_streams
 from api.settings import ServerSettings, parse_allowed_hosts
-from api.store import Database, StateStore, StorageFull, VMStore, open_database
+from api.store import Database, StateStore, StorageFull, StoreUnavailable, VMStore, open_store
 from api.store.db import Clock, utc_now
 from api.store.events import EventLog
+from api.store.sql import FAILURES
 from api.telemetry.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -84,7 +84,11 @@ def create_app(
 
     async def store_context(app: web.Application) -> AsyncIterator[None]:
         owned = database is None
-        store = await open_database(settings.data_dir, clock=clock) if database is None else database
+        store = (
+            await open_store(settings.data_dir, database_url=settings.database_url, clock=clock)
+            if database is None
+            else database
+        )
         app[DATABASE] = store
         app[STATES] = StateStore(
             store, history_limit=settings.history_limit, strict_lineage=settings.strict_lineage
@@ -113,7 +117,7 @@ async def _event_pruner(app: web.Application) -> AsyncIterator[None]:
         await task
     except asyncio.CancelledError:
         pass
-    except (ValueError, sqlite3.Error) as err:
+    except (ValueError, *FAILURES) as err:
         # A store its owner closed first (the caller's, in `serve` and tests): nothing to prune.
         log.info("events_prune_stopped", error=str(err))
 
@@ -136,6 +140,9 @@ async def _publish_stale_locks_forever(app: web.Application) -> None:
             published = await app[STATES].publish_stale_locks(timedelta(seconds=max_age))
         except StorageFull:
             log.warning("stale_lock_publish_failed", reason="storage_full")
+            continue
+        except StoreUnavailable:
+            log.warning("stale_lock_publish_failed", reason="store_unavailable")
             continue
         for project in published:
             log.warning("stale_lock_published", project=project, lock_age_limit_seconds=max_age)

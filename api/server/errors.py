@@ -23,9 +23,11 @@ from api.store import (
     NotFound,
     StateLocked,
     StorageFull,
+    StoreUnavailable,
 )
 
 log = structlog.get_logger(__name__)
+STORE_UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -75,6 +77,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except StorageFull as err:
         log.error("storage_full", path=request.path)
         return status_response(507, str(err))
+    except StoreUnavailable as err:
+        # Rolled back (or, lost at COMMIT, whole): the client may retry, as Terraform's does on 5xx.
+        log.error("store_unavailable", path=request.path, error=str(err))
+        return status_response(
+            503,
+            "the store's database cannot be reached; retry later (a write is stored whole or not at all)",
+            headers={"Retry-After": str(STORE_UNAVAILABLE_RETRY_AFTER_SECONDS)},
+        )
     except web.HTTPRequestEntityTooLarge as err:
         limit = request.app[SETTINGS].max_body_bytes
         return status_response(413, f"request body is larger than the limit of {limit} bytes ({err.text})")

@@ -7,7 +7,6 @@ last id seen), `limit` bounds the answer (the newest `limit` after `afterId`).
 
 from __future__ import annotations
 
-import sqlite3
 import weakref
 
 import structlog
@@ -17,8 +16,8 @@ from api.k8s_types import Event, EventList
 from api.server import params
 from api.server.backend import project_of
 from api.server.keys import DATABASE, SETTINGS
-from api.store import StorageFull
 from api.store.events import LIST_LIMIT_MAX, EventLog, EventRecord, EventType, NewEvent
+from api.store.sql import FAILURES
 from api.tracelinks import trace_url
 
 log = structlog.get_logger(__name__)
@@ -40,7 +39,7 @@ async def record_project_event(app: web.Application, project: str, reason: str, 
     logged, never raised, so the client does not retry what succeeded."""
     try:
         await event_log_of(app).record(NewEvent("", project, "", reason, message))
-    except (StorageFull, sqlite3.Error) as err:
+    except FAILURES as err:
         log.warning("event_record_failed", project=project, reason=reason, error=str(err))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
@@ -18,7 +17,8 @@ from aiohttp import web
 
 from api.server.errors import status_response
 from api.server.keys import DATABASE, METRICS
-from api.store import Database, StoreError
+from api.store import Database
+from api.store.sql import FAILURES
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +86,7 @@ class WritableProbe:
     async def _probe(self) -> str | None:
         try:
             await self._db.probe_writable()
-        except (sqlite3.Error, StoreError, ValueError) as err:
+        except (*FAILURES, ValueError) as err:
             # ValueError: aiosqlite's answer once the connection is closed.
             return f"not writable: {err}"
         return None

@@ -9,7 +9,6 @@ are mapped here.
 from __future__ import annotations
 
 import functools
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +32,8 @@ from api.server.watch import (
     expired_status,
     serve_watch,
 )
-from api.store import StorageFull
 from api.store.events import NewEvent
+from api.store.sql import FAILURES
 from api.store.vms import RunAction, VMRecord
 from api.store.watch import WatchStore
 
@@ -176,7 +175,7 @@ async def _act(request: web.Request, action: RunAction) -> web.StreamResponse:
     event = NewEvent(record.uid, project, name, _ACTION_REASONS[action], f"{action} requested by {principal}")
     try:
         await event_log_of(request.app).record(event)
-    except (StorageFull, sqlite3.Error) as err:
+    except FAILURES as err:
         # The request is recorded and will be obeyed; a lost event must not make the client retry.
         log.warning("event_record_failed", project=project, vm=name, reason=event.reason, error=str(err))
     log.info("vm_action_requested", project=project, vm=name, action=str(action), by=principal)

@@ -9,13 +9,13 @@ controller's own metrics are wanted.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.server.keys import METRICS
+from api.store.sql import FAILURES
 from api.telemetry.metrics import StoreMetrics
 
 log = structlog.get_logger(__name__)
@@ -36,6 +36,6 @@ async def _refresh(store: StoreMetrics) -> None:
     try:
         async with asyncio.timeout(STORE_REFRESH_TIMEOUT_SECONDS):
             await store.refresh()
-    except (TimeoutError, sqlite3.Error, ValueError) as err:
+    except (TimeoutError, *FAILURES, ValueError) as err:
         store.refresh_errors_total.inc()
         log.warning("store_metrics_refresh_failed", error=f"{type(err).__name__}: {err}")

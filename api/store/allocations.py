@@ -7,7 +7,6 @@ finds everything it might hold listed here.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,10 +16,11 @@ from api.store.records import DiskOwner as DiskOwner
 from api.store.records import DiskRow as DiskRow
 from api.store.records import PortRow as PortRow
 from api.store.records import PortTaken as PortTaken
+from api.store.sql import IntegrityError, Row
 from api.types import Protocol, ReclaimPolicy
 
 
-def _disk_row(row: Sequence[Any]) -> DiskRow:
+def _disk_row(row: Row | Sequence[Any]) -> DiskRow:
     """A row of the columns uid, name, path, reclaim_policy, size_mib, base, project, vm_name."""
     uid, name, path, policy, size_mib, base, project, vm_name = row
     owner = DiskOwner(str(project), str(vm_name)) if project is not None and vm_name is not None else None
@@ -41,16 +41,17 @@ class Allocations:
 
     async def held_by(self, uid: str) -> tuple[list[PortRow], list[DiskRow]]:
         """The ports and disks `uid` holds, in one read (every observe asks)."""
+        # Each column holds one type in both kinds of row (PostgreSQL's UNION requires it).
         rows = await self._db.read(
-            "SELECT 'port', uid, protocol, guest_port, host_port, NULL, NULL, NULL, NULL"
+            "SELECT 'port', uid, protocol, NULL, NULL, NULL, NULL, NULL, NULL, guest_port, host_port"
             " FROM port_allocations WHERE uid = ?"
-            " UNION ALL SELECT 'disk', uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
-            " FROM disks WHERE uid = ?"
-            " ORDER BY 1, 3, 4",
+            " UNION ALL SELECT 'disk', uid, name, path, reclaim_policy, size_mib, base, project, vm_name,"
+            " NULL, NULL FROM disks WHERE uid = ?"
+            " ORDER BY 1, 3, 10, 4",
             (uid, uid),
         )
-        ports = [PortRow(uid, Protocol(r[2]), r[3], r[4]) for r in rows if r[0] == "port"]
-        disks = [_disk_row(r[1:]) for r in rows if r[0] == "disk"]
+        ports = [PortRow(uid, Protocol(r[2]), r[9], r[10]) for r in rows if r[0] == "port"]
+        disks = [_disk_row(r[1:9]) for r in rows if r[0] == "disk"]
         return ports, disks
 
     async def ports(self) -> list[PortRow]:
@@ -75,13 +76,12 @@ class Allocations:
                     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (uid, protocol, guest_port) DO NOTHING",
                     (uid, protocol.value, guest_port, host_port, self._db.clock().isoformat()),
                 )
-                async with conn.execute(
+                row = await conn.fetchone(
                     "SELECT host_port FROM port_allocations"
                     " WHERE uid = ? AND protocol = ? AND guest_port = ?",
                     (uid, protocol.value, guest_port),
-                ) as cursor:
-                    row = await cursor.fetchone()
-        except sqlite3.IntegrityError as err:
+                )
+        except IntegrityError as err:
             raise PortTaken(f"host port {protocol.value}/{host_port} is held by another VM") from err
         assert row is not None
         return int(row[0])
@@ -143,14 +143,13 @@ class Allocations:
         :raise DiskHeld: the disk still belongs to a VM that is being deleted.
         """
         async with self._db.write() as conn:
-            async with conn.execute(
+            found = await conn.fetchone(
                 "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name,"
                 " uid IN (SELECT uid FROM vms) FROM disks"
                 " WHERE project = ? AND vm_name = ? AND name = ? AND uid != ?"
                 " AND reclaim_policy = 'Retain' ORDER BY created_at LIMIT 1",
                 (owner.project, owner.vm_name, name, uid),
-            ) as cursor:
-                found = await cursor.fetchone()
+            )
             if found is None:
                 return None
             row = _disk_row(tuple(found)[:-1])

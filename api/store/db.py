@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import aiosqlite
@@ -22,24 +22,48 @@ import structlog
 from api.store.errors import StorageFull
 from api.store.files import make_store_files_private, secure_data_dir
 from api.store.schema import MIGRATIONS
+from api.store.sql import Clock, Database, Dialect, Row, Transaction, utc_now
+
+__all__ = ["Clock", "Database", "SQLiteDatabase", "Transaction", "open_database", "utc_now"]
 
 log = structlog.get_logger(__name__)
 DB_FILE_NAME = "tofu-qemu.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 # FULL: an acknowledged state write survives power loss, not only a process kill.
 DURABLE_SYNCHRONOUS = "FULL"
-Clock = Callable[[], datetime]
 
 
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+class SQLiteTransaction:
+    """api/store/sql.py's Transaction on the writer connection."""
+
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._connection = connection
+
+    async def execute(self, query: str, params: Sequence[object] = ()) -> int:
+        async with self._connection.execute(query, params) as cursor:
+            return cursor.rowcount
+
+    async def executemany(self, query: str, rows: Sequence[Sequence[object]]) -> None:
+        await self._connection.executemany(query, rows)
+
+    async def fetchall(self, query: str, params: Sequence[object] = ()) -> list[Row]:
+        return list(await self._connection.execute_fetchall(query, params))
+
+    async def fetchone(self, query: str, params: Sequence[object] = ()) -> Row | None:
+        async with self._connection.execute(query, params) as cursor:
+            row: Row | None = await cursor.fetchone()
+            return row
 
 
-class Database:
+class SQLiteDatabase:
     """A migrated connection plus the write lock and the clock every store uses."""
+
+    dialect = Dialect.SQLITE
 
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, *, clock: Clock) -> None:
         self._writer = writer
+        self._writer.row_factory = sqlite3.Row
+        self._transaction = SQLiteTransaction(writer)
         self.reader = reader
         self.clock = clock
         self._write_lock = asyncio.Lock()
@@ -52,7 +76,7 @@ class Database:
         """
         self._subscribers.append(callback)
 
-    async def read(self, query: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+    async def read(self, query: str, params: Sequence[object] = ()) -> list[Row]:
         """Run a read-only query to completion in one step on the reader connection.
 
         One aiosqlite job per query: a cursor kept open across an await would hold a read
@@ -66,8 +90,12 @@ class Database:
         rows = await self.read("PRAGMA data_version")
         return int(rows[0][0]) if rows else 0
 
+    async def database_now(self) -> datetime:
+        """One machine holds the file, so the store clock is the database's."""
+        return self.clock()
+
     @contextlib.asynccontextmanager
-    async def write(self, *, durable: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+    async def write(self, *, durable: bool = True) -> AsyncIterator[Transaction]:
         """Run the block in one IMMEDIATE transaction; commit on success, roll back otherwise.
 
         `durable=False` skips the fsync at commit (synchronous=NORMAL for this transaction):
@@ -81,7 +109,7 @@ class Database:
                 if not durable:
                     await self._writer.execute("PRAGMA synchronous = NORMAL")
                 await self._writer.execute("BEGIN IMMEDIATE")
-                yield self._writer
+                yield self._transaction
                 await self._writer.commit()
             except BaseException as err:
                 # Also on cancellation: a cancelled await does not stop aiosqlite's thread, so a
@@ -126,7 +154,7 @@ class Database:
         await self._writer.close()
 
 
-async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
+async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> SQLiteDatabase:
     """Open (creating if needed) the store in `data_dir` and bring its schema up to date.
 
     The data dir and the store files are made private first (api/store/files.py).
@@ -156,7 +184,7 @@ async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> Database:
         await reader.close()
         await writer.close()
         raise
-    return Database(writer, reader, clock=clock)
+    return SQLiteDatabase(writer, reader, clock=clock)
 
 
 def _prepare_private_store(data_dir: Path, path: Path) -> None:

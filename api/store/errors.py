@@ -40,3 +40,10 @@ class LineageConflict(StoreError):
 
 class StorageFull(StoreError):
     """The disk is full. Retry once space is freed; nothing was changed."""
+
+
+class StoreUnavailable(StoreError):
+    """The database server cannot be reached (PostgreSQL down or unreachable). Retry later.
+
+    The transaction was rolled back, unless the connection was lost during its COMMIT: then it
+    is stored completely or not at all, and a retry is safe (a state write is idempotent)."""

@@ -15,19 +15,18 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import aiosqlite
 import structlog
 from opentelemetry import trace
 
-from api.store.db import Database
-from api.store.errors import StorageFull
+from api.store.db import Database, Transaction
 from api.store.records import EventType as EventType
 from api.store.records import NewEvent as NewEvent
+from api.store.sql import FAILURES
+from api.store.sql import Row as ResultRow
 from api.telemetry.tracing import span_context_of
 
 log = structlog.get_logger(__name__)
@@ -77,7 +76,7 @@ class EventLog:
         self._pending: list[_Pending] = []
         self._flush_lock = asyncio.Lock()
 
-    async def record(self, *events: NewEvent, conn: aiosqlite.Connection | None = None) -> None:
+    async def record(self, *events: NewEvent, conn: Transaction | None = None) -> None:
         """Store `events`, in order, with the current time and (unless given) trace id.
 
         With `conn`, inside the caller's write transaction: they commit or roll back with the
@@ -86,7 +85,7 @@ class EventLog:
         at once cost a few transactions, not one each.
 
         :raise StorageFull: the data dir is full (nothing recorded).
-        :raise sqlite3.Error: the store could not be written (busy past its timeout, ...).
+        :raise StoreUnavailable, sql.DatabaseError: the store could not be written (busy, ...).
         """
         if not events:
             return
@@ -159,22 +158,21 @@ class EventLog:
         from the oldest (ids grow with time, one host's clock), and the count cut looks only at
         the (project, vm_name) index.
 
-        :raise StorageFull, sqlite3.Error: as for `record`.
+        :raise StorageFull, StoreUnavailable, sql.DatabaseError: as for `record`.
         """
         cutoff = (self._db.clock() - self.max_age).isoformat()
         async with self._db.write(durable=False) as conn:
             deleted = await _prune_old(conn, cutoff)
-            over = await conn.execute_fetchall(
+            over = await conn.fetchall(
                 "SELECT project, vm_name FROM events GROUP BY project, vm_name HAVING COUNT(*) > ?",
                 (self.per_vm_limit,),
             )
             for project, vm_name in over:
-                cursor = await conn.execute(
+                deleted += await conn.execute(
                     "DELETE FROM events WHERE project = ? AND vm_name = ? AND id <= (SELECT id FROM"
                     " events WHERE project = ? AND vm_name = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                     (project, vm_name, project, vm_name, self.per_vm_limit),
                 )
-                deleted += cursor.rowcount
         return deleted
 
     async def prune_forever(self, *, period: float = PRUNE_PERIOD_SECONDS) -> None:
@@ -183,7 +181,7 @@ class EventLog:
         while True:
             try:
                 deleted = await self.prune()
-            except (sqlite3.Error, StorageFull) as err:
+            except FAILURES as err:
                 log.warning("events_prune_failed", error=str(err))
             else:
                 if deleted:
@@ -191,7 +189,7 @@ class EventLog:
             await asyncio.sleep(period)
 
 
-async def insert_events(conn: aiosqlite.Connection, events: Sequence[NewEvent], *, now: datetime) -> None:
+async def insert_events(conn: Transaction, events: Sequence[NewEvent], *, now: datetime) -> None:
     """Write `events` inside the caller's transaction: they commit or roll back with it."""
     time = now.isoformat()
     await _insert(conn, [_row(event, time) for event in events])
@@ -231,7 +229,7 @@ def _row(event: NewEvent, time: str) -> Row:
     )
 
 
-async def _insert(conn: aiosqlite.Connection, rows: list[Row]) -> None:
+async def _insert(conn: Transaction, rows: list[Row]) -> None:
     await conn.executemany(
         "INSERT INTO events (uid, project, vm_name, time, type, reason, message, trace_id)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -239,19 +237,15 @@ async def _insert(conn: aiosqlite.Connection, rows: list[Row]) -> None:
     )
 
 
-async def _prune_old(conn: aiosqlite.Connection, cutoff: str) -> int:
+async def _prune_old(conn: Transaction, cutoff: str) -> int:
     """Delete the events older than `cutoff` (ISO time), by id below the oldest young one."""
-    rows = list(
-        await conn.execute_fetchall("SELECT id FROM events WHERE time >= ? ORDER BY id LIMIT 1", (cutoff,))
-    )
-    if rows:
-        cursor = await conn.execute("DELETE FROM events WHERE id < ?", (rows[0][0],))
-    else:
-        cursor = await conn.execute("DELETE FROM events")
-    return cursor.rowcount
+    row = await conn.fetchone("SELECT id FROM events WHERE time >= ? ORDER BY id LIMIT 1", (cutoff,))
+    if row is not None:
+        return await conn.execute("DELETE FROM events WHERE id < ?", (row[0],))
+    return await conn.execute("DELETE FROM events")
 
 
-def _decode(row: sqlite3.Row) -> EventRecord:
+def _decode(row: ResultRow) -> EventRecord:
     return EventRecord(
         id=row[0],
         uid=row[1],

@@ -7,7 +7,37 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from api.store.db import Database
+from api.store.sql import JSON_STRINGS, Dialect
 from api.types import Phase
+
+# VMs by project, phase and liveness, with the sums of their valid specs' memory and cpus. The
+# JSON functions differ by engine; the numbers they give are the same.
+_VM_GROUPS = {
+    Dialect.SQLITE: (
+        "SELECT project,"
+        " COALESCE(json_extract(status, '$.phase'),"
+        "          CASE WHEN spec_error IS NULL THEN ? ELSE ? END) AS phase,"
+        " deleted_at IS NULL AS is_live,"
+        " COUNT(*),"
+        " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.memory') = 'integer'"
+        "       THEN json_extract(spec, '$.memory') END),"
+        " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.cpus') = 'integer'"
+        "       THEN json_extract(spec, '$.cpus') END)"
+        " FROM vms GROUP BY project, phase, is_live"
+    ),
+    Dialect.POSTGRESQL: (
+        "SELECT project,"
+        " COALESCE(status::jsonb ->> 'phase',"
+        "          CASE WHEN spec_error IS NULL THEN ? ELSE ? END) AS phase,"
+        " deleted_at IS NULL AS is_live,"
+        " COUNT(*),"
+        " COALESCE(SUM(CASE WHEN spec_error IS NULL AND (spec::jsonb ->> 'memory') ~ '^-?[0-9]{1,18}$'"
+        "       THEN (spec::jsonb ->> 'memory')::bigint END), 0),"
+        " COALESCE(SUM(CASE WHEN spec_error IS NULL AND (spec::jsonb ->> 'cpus') ~ '^-?[0-9]{1,18}$'"
+        "       THEN (spec::jsonb ->> 'cpus')::bigint END), 0)"
+        " FROM vms GROUP BY 1, 2, 3"
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,23 +60,12 @@ class FleetSnapshot:
 
 
 async def fleet_snapshot(db: Database) -> FleetSnapshot:
-    """Three reads. :raise sqlite3.Error: a query failed. :raise ValueError: the database is closed."""
+    """Three reads. :raise DatabaseError, StoreUnavailable: a query failed.
+    :raise ValueError: the database is closed."""
     # The phase the API shows (vms.render_status): the controller's, else Invalid or Pending.
     # Sums read only valid specs, which are stored normalised (memory in MiB, cpus), and guard
     # the type anyway.
-    rows = await db.read(
-        "SELECT project,"
-        " COALESCE(json_extract(status, '$.phase'),"
-        "          CASE WHEN spec_error IS NULL THEN ? ELSE ? END) AS phase,"
-        " deleted_at IS NULL AS is_live,"
-        " COUNT(*),"
-        " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.memory') = 'integer'"
-        "       THEN json_extract(spec, '$.memory') END),"
-        " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.cpus') = 'integer'"
-        "       THEN json_extract(spec, '$.cpus') END)"
-        " FROM vms GROUP BY project, phase, is_live",
-        (Phase.PENDING.value, Phase.INVALID.value),
-    )
+    rows = await db.read(_VM_GROUPS[db.dialect], (Phase.PENDING.value, Phase.INVALID.value))
     ports = await db.read("SELECT COUNT(*) FROM port_allocations")
     sizes = await db.read(
         "SELECT p.name, v.size FROM projects p JOIN state_versions v ON v.id = p.current_version"
@@ -70,7 +89,7 @@ class LiveSpec:
 
 async def specs_version(db: Database) -> tuple[int, int, int]:
     """Changes whenever a VM is created, changes spec, starts deleting or is removed."""
-    rows = await db.read("SELECT COUNT(*), TOTAL(generation), COUNT(deleted_at) FROM vms")
+    rows = await db.read("SELECT COUNT(*), COALESCE(SUM(generation), 0), COUNT(deleted_at) FROM vms")
     return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
 
 
@@ -94,8 +113,8 @@ async def live_spec_keys(db: Database) -> list[LiveSpecKey]:
 async def specs_of(db: Database, uids: Collection[str]) -> dict[str, tuple[int, str]]:
     """The generation and spec of each of `uids` that names a VM with a valid spec, in one read."""
     rows = await db.read(
-        "SELECT uid, generation, spec FROM vms WHERE spec_error IS NULL"
-        " AND uid IN (SELECT value FROM json_each(?))",
+        "SELECT uid, generation, spec FROM vms WHERE spec_error IS NULL"  # noqa: S608
+        f" AND uid IN ({JSON_STRINGS[db.dialect]})",
         (json.dumps(list(uids)),),
     )
     return {str(uid): (int(generation), str(spec)) for uid, generation, spec in rows}
@@ -111,7 +130,7 @@ async def live_specs(db: Database) -> list[LiveSpec]:
 async def projects_of(db: Database, uids: Collection[str]) -> dict[str, str]:
     """The project of each of `uids` that names a VM (gone ones are left out), in one read."""
     rows = await db.read(
-        "SELECT uid, project FROM vms WHERE uid IN (SELECT value FROM json_each(?))",
+        f"SELECT uid, project FROM vms WHERE uid IN ({JSON_STRINGS[db.dialect]})",  # noqa: S608
         (json.dumps(list(uids)),),
     )
     return {str(uid): str(project) for uid, project in rows}

@@ -28,11 +28,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiosqlite
-
 from api.publish import SpecChanges
 from api.store import vms
-from api.store.db import Database
+from api.store.db import Database, Transaction
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
 from api.telemetry.tracing import current_traceparent
 from api.tfstate import (
@@ -258,10 +256,10 @@ class StateStore:
             if self._strict_lineage:
                 await _check_lineage(conn, row["current_version"], summary)
             who, operation = _who_and_operation(holder_info)
-            cursor = await conn.execute(
+            inserted = await conn.fetchone(
                 "INSERT INTO state_versions (project, serial, lineage, md5, size, created_at, lock_id,"
                 " lock_who, lock_operation, encryption_version, body, extraction)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (
                     project,
                     summary.serial,
@@ -281,8 +279,8 @@ class StateStore:
                     else None,
                 ),
             )
-            version = cursor.lastrowid
-            assert version is not None
+            assert inserted is not None
+            version = int(inserted[0])
             await conn.execute("UPDATE projects SET current_version = ? WHERE name = ?", (version, project))
             published = None
             if holder_id is None:
@@ -333,10 +331,7 @@ class StateStore:
                 raise NotFound(f"project {project!r} does not exist")
             # The current version is always the newest: keep it and the `keep` before it.
             removed = await _drop_old_versions(conn, project, keep=keep + 1)
-            async with conn.execute(
-                "SELECT COUNT(*) FROM state_versions WHERE project = ?", (project,)
-            ) as cursor:
-                row = await cursor.fetchone()
+            row = await conn.fetchone("SELECT COUNT(*) FROM state_versions WHERE project = ?", (project,))
         if removed:
             await self._db.truncate_wal()
         return PurgeOutcome(removed=removed, kept=int(row[0]) if row else 0)
@@ -390,13 +385,13 @@ class StateStore:
         now = self._db.clock()
         cutoff = (now - max_age).isoformat()
         async with self._db.write() as conn:
-            async with conn.execute(
+            rows = await conn.fetchall(
                 "SELECT name, current_version FROM projects WHERE lock_id IS NOT NULL AND locked_at < ?"
                 " AND current_version IS NOT NULL"
-                " AND current_version IS NOT published_version",
+                " AND current_version IS DISTINCT FROM published_version",
                 (cutoff,),
-            ) as cursor:
-                stale = [(str(name), int(version)) for name, version in await cursor.fetchall()]
+            )
+            stale = [(str(name), int(version)) for name, version in rows]
             for project, version in stale:
                 await _publish(conn, project, version, now)
         return [project for project, _ in stale]
@@ -444,7 +439,7 @@ class StateStore:
         query = (
             "SELECT p.name, p.lock_info, p.locked_at, p.specs_note, p.spec_problems,"
             " cur.serial AS serial, cur.lineage AS lineage, pub.serial AS published_serial,"
-            " p.current_version IS NOT p.published_version AS pending,"
+            " p.current_version IS DISTINCT FROM p.published_version AS pending,"
             " (SELECT COUNT(*) FROM vms WHERE vms.project = p.name AND deleted_at IS NULL) AS vm_count,"
             " (SELECT COUNT(*) FROM state_versions v WHERE v.project = p.name) AS version_count"
             " FROM projects p"
@@ -478,46 +473,37 @@ class StateStore:
         )
 
 
-async def _drop_old_versions(conn: aiosqlite.Connection, project: str, *, keep: int) -> int:
+async def _drop_old_versions(conn: Transaction, project: str, *, keep: int) -> int:
     """Delete all but the `keep` newest versions, the current and the published; return how many."""
-    cursor = await conn.execute(
-        "DELETE FROM state_versions WHERE project = ?1 AND id NOT IN ("
-        "  SELECT id FROM state_versions WHERE project = ?1 ORDER BY id DESC LIMIT ?2)"
+    deleted = await conn.execute(
+        "DELETE FROM state_versions WHERE project = ? AND id NOT IN ("
+        "  SELECT id FROM state_versions WHERE project = ? ORDER BY id DESC LIMIT ?)"
         " AND id NOT IN (SELECT current_version FROM projects"
-        "                WHERE name = ?1 AND current_version IS NOT NULL)"
+        "                WHERE name = ? AND current_version IS NOT NULL)"
         " AND id NOT IN (SELECT published_version FROM projects"
-        "                WHERE name = ?1 AND published_version IS NOT NULL)",
-        (project, keep),
+        "                WHERE name = ? AND published_version IS NOT NULL)",
+        (project, project, keep, project, project),
     )
-    return max(cursor.rowcount, 0)
+    return max(deleted, 0)
 
 
-async def _project_row(conn: aiosqlite.Connection, project: str, *, create: bool, now: datetime) -> Any:
+async def _project_row(conn: Transaction, project: str, *, create: bool, now: datetime) -> Any:
     if create:
         await conn.execute(
             "INSERT INTO projects (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
             (project, now.isoformat()),
         )
-    async with conn.execute(
+    row = await conn.fetchone(
         "SELECT lock_id, lock_info, current_version, published_version FROM projects WHERE name = ?",
         (project,),
-    ) as cursor:
-        rows = await _fetch_dicts(cursor)
-    return rows[0] if rows else None
+    )
+    return dict(row) if row is not None else None
 
 
-async def _fetch_dicts(cursor: aiosqlite.Cursor) -> list[dict[str, Any]]:
-    columns = [column[0] for column in cursor.description]
-    return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
-
-
-async def _check_lineage(conn: aiosqlite.Connection, current_version: int | None, new: StateSummary) -> None:
+async def _check_lineage(conn: Transaction, current_version: int | None, new: StateSummary) -> None:
     if current_version is None:
         return
-    async with conn.execute(
-        "SELECT serial, lineage FROM state_versions WHERE id = ?", (current_version,)
-    ) as cursor:
-        row = await cursor.fetchone()
+    row = await conn.fetchone("SELECT serial, lineage FROM state_versions WHERE id = ?", (current_version,))
     if row is None:
         return
     serial, lineage = row
@@ -534,7 +520,7 @@ async def _check_lineage(conn: aiosqlite.Connection, current_version: int | None
 
 
 async def _publish(
-    conn: aiosqlite.Connection,
+    conn: Transaction,
     project: str,
     version: int,
     now: datetime,
@@ -545,10 +531,9 @@ async def _publish(
 
     `extraction` is the version's, when the caller has it in memory; otherwise it is read back.
     """
-    async with conn.execute(
+    row = await conn.fetchone(
         "SELECT serial, encryption_version, extraction FROM state_versions WHERE id = ?", (version,)
-    ) as cursor:
-        row = await cursor.fetchone()
+    )
     assert row is not None, "a published version is never removed by retention"
     serial, encryption_version, encoded = row
     await conn.execute("UPDATE projects SET published_version = ? WHERE name = ?", (version, project))

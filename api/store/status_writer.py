@@ -16,9 +16,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
-
-from api.store.db import Database
+from api.store.db import Database, Transaction
 from api.store.events import EventLog, NewEvent
 from api.store.records import StatusConflict as StatusConflict
 from api.store.vms import VM_COLUMNS, VMRecord, decode_vm_row
@@ -114,13 +112,13 @@ class VMStatusWriter:
         """
         self.written_versions.pop(uid, None)
         async with self._db.write() as conn:
-            rows = await conn.execute_fetchall(
+            row = await conn.fetchone(
                 f"SELECT {VM_COLUMNS} FROM vms WHERE uid = ? AND deleted_at IS NOT NULL",  # noqa: S608
                 (uid,),
             )
-            if not rows:
+            if row is None:
                 return
-            record = decode_vm_row(next(iter(rows)))
+            record = decode_vm_row(row)
             await bury(conn, record, now=self._db.clock())
             await conn.execute("DELETE FROM vms WHERE uid = ?", (uid,))
             await self._events.record(
@@ -135,22 +133,21 @@ class VMStatusWriter:
             )
 
 
-async def _current_statuses(conn: aiosqlite.Connection, uids: list[str]) -> dict[str, str | None]:
+async def _current_statuses(conn: Transaction, uids: list[str]) -> dict[str, str | None]:
     marks = ",".join("?" * len(uids))
-    rows = await conn.execute_fetchall(f"SELECT uid, status FROM vms WHERE uid IN ({marks})", uids)  # noqa: S608
+    rows = await conn.fetchall(f"SELECT uid, status FROM vms WHERE uid IN ({marks})", uids)  # noqa: S608
     return {row[0]: row[1] for row in rows}
 
 
-async def _store(conn: aiosqlite.Connection, statuses: dict[str, str]) -> dict[str, int]:
+async def _store(conn: Transaction, statuses: dict[str, str]) -> dict[str, int]:
     """Write `statuses` with consecutive new resourceVersions; returns uid -> version."""
     if not statuses:
         return {}
-    rows = list(
-        await conn.execute_fetchall(
-            "UPDATE resource_versions SET value = value + ? WHERE id = 1 RETURNING value", (len(statuses),)
-        )
+    row = await conn.fetchone(
+        "UPDATE resource_versions SET value = value + ? WHERE id = 1 RETURNING value", (len(statuses),)
     )
-    first = int(rows[0][0]) - len(statuses) + 1
+    assert row is not None
+    first = int(row[0]) - len(statuses) + 1
     versions = {uid: first + offset for offset, uid in enumerate(statuses)}
     await conn.executemany(
         "UPDATE vms SET status = ?, resource_version = ? WHERE uid = ?",

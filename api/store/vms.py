@@ -10,10 +10,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import aiosqlite
-
 from api.publish import ExistingVM, SpecChanges, diff_specs
-from api.store.db import Database
+from api.store.db import Database, Transaction
 from api.store.errors import NotFound
 from api.store.events import insert_events, trace_id_of
 from api.store.records import ADDRESS_ANNOTATION as ADDRESS_ANNOTATION
@@ -30,7 +28,7 @@ VM_COLUMNS = (
 
 
 async def apply_declared(
-    conn: aiosqlite.Connection,
+    conn: Transaction,
     *,
     project: str,
     declared: tuple[DeclaredVM, ...],
@@ -42,11 +40,11 @@ async def apply_declared(
 
     `trace`: the traceparent of the request that wrote these specs, kept with each generation.
     """
-    async with conn.execute(
+    live = await conn.fetchall(
         "SELECT uid, name, spec_hash, address FROM vms WHERE project = ? AND deleted_at IS NULL",
         (project,),
-    ) as cursor:
-        existing = tuple(ExistingVM(*row) for row in await cursor.fetchall())
+    )
+    existing = tuple(ExistingVM(*row) for row in live)
     changes = diff_specs(declared, existing)
     before = await _generations_specs_labels(conn, project) if changes.changed else {}
     # Reserved in one statement; each kind of change is one executemany, not one statement
@@ -178,29 +176,27 @@ class _SpecEvents:
 
 
 async def _generations_specs_labels(
-    conn: aiosqlite.Connection, project: str
+    conn: Transaction, project: str
 ) -> dict[str, tuple[int, dict[str, Any], dict[str, str]]]:
     """What each live object holds before a change, for its SpecChanged event: one query."""
-    async with conn.execute(
+    rows = await conn.fetchall(
         "SELECT uid, generation, spec, labels FROM vms WHERE project = ? AND deleted_at IS NULL",
         (project,),
-    ) as cursor:
-        rows = await cursor.fetchall()
+    )
     return {str(row[0]): (int(row[1]), json.loads(row[2]), json.loads(row[3])) for row in rows}
 
 
-async def _next_resource_version(conn: aiosqlite.Connection) -> int:
+async def _next_resource_version(conn: Transaction) -> int:
     return (await _next_resource_versions(conn, 1))[0]
 
 
-async def _next_resource_versions(conn: aiosqlite.Connection, count: int) -> range:
+async def _next_resource_versions(conn: Transaction, count: int) -> range:
     """`count` new resource versions, in order, reserved in one statement."""
     if count == 0:
         return range(0)
-    async with conn.execute(
+    row = await conn.fetchone(
         "UPDATE resource_versions SET value = value + ? WHERE id = 1 RETURNING value", (count,)
-    ) as cursor:
-        row = await cursor.fetchone()
+    )
     assert row is not None
     return range(int(row[0]) - count + 1, int(row[0]) + 1)
 
@@ -240,11 +236,10 @@ class VMStore:
         :raise NotFound: no live VM of that name (a VM being deleted takes no requests).
         """
         async with self._db.write() as conn:
-            async with conn.execute(
+            row = await conn.fetchone(
                 "SELECT uid, override FROM vms WHERE project = ? AND name = ? AND deleted_at IS NULL",
                 (project, name),
-            ) as cursor:
-                row = await cursor.fetchone()
+            )
             if row is None:
                 raise NotFound(f"project {project!r} has no live VM named {name!r}")
             uid = str(row[0])

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import aiosqlite
-
-from api.store.db import Database
+from api.store.db import Database, Transaction
 from api.store.errors import StoreError
 from api.store.vms import VM_COLUMNS, VMRecord, decode_vm_row
 
@@ -72,7 +70,7 @@ class WatchStore:
     async def snapshot(self, *, project: str | None = None) -> Snapshot:
         """Every object (live or being deleted), with the counter, read in one statement and so
         from one snapshot: the list's resourceVersion covers exactly the objects in it."""
-        join = "v.project = ?" if project is not None else "1"
+        join = "v.project = ?" if project is not None else "TRUE"
         rows = await self._db.read(
             f"SELECT r.value, {_LIVE_COLUMNS} FROM resource_versions r"  # noqa: S608
             f" LEFT JOIN vms v ON {join} WHERE r.id = 1"
@@ -125,16 +123,13 @@ class WatchStore:
         return int(rows[0][0]) if rows else 0
 
 
-async def bury(conn: aiosqlite.Connection, record: VMRecord, *, now: datetime) -> int:
+async def bury(conn: Transaction, record: VMRecord, *, now: datetime) -> int:
     """Inside the caller's transaction (the finalize that deletes `record`'s row): take the next
     resourceVersion, keep the object as served with it as a tombstone, prune old tombstones.
 
     Returns the tombstone's resourceVersion.
     """
-    async with conn.execute(
-        "UPDATE resource_versions SET value = value + 1 WHERE id = 1 RETURNING value"
-    ) as cursor:
-        row = await cursor.fetchone()
+    row = await conn.fetchone("UPDATE resource_versions SET value = value + 1 WHERE id = 1 RETURNING value")
     assert row is not None
     version = int(row[0])
     rendered = record.to_object()
@@ -142,8 +137,10 @@ async def bury(conn: aiosqlite.Connection, record: VMRecord, *, now: datetime) -
         update={"metadata": rendered.metadata.model_copy(update={"resource_version": str(version)})}
     )
     await conn.execute(
-        "INSERT OR REPLACE INTO vm_tombstones (uid, project, name, resource_version, object, deleted_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO vm_tombstones (uid, project, name, resource_version, object, deleted_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO UPDATE SET project = excluded.project,"
+        " name = excluded.name, resource_version = excluded.resource_version,"
+        " object = excluded.object, deleted_at = excluded.deleted_at",
         (
             record.uid,
             record.project,
@@ -157,15 +154,14 @@ async def bury(conn: aiosqlite.Connection, record: VMRecord, *, now: datetime) -
     return version
 
 
-async def _prune(conn: aiosqlite.Connection, *, now: datetime) -> None:
+async def _prune(conn: Transaction, *, now: datetime) -> None:
     """Drop tombstones older than the retention or beyond the newest TOMBSTONES_MAX, and move
     the horizon marker up to the newest version dropped."""
     cutoff = (now - TOMBSTONE_RETENTION).isoformat()
-    doomed = "uid != ?1 AND (deleted_at < ?2 OR resource_version <= COALESCE((SELECT resource_version FROM vm_tombstones WHERE uid != ?1 ORDER BY resource_version DESC LIMIT 1 OFFSET ?3), -1))"  # noqa: E501
-    params = (HORIZON_UID, cutoff, TOMBSTONES_MAX)
+    doomed = "uid != ? AND (deleted_at < ? OR resource_version <= COALESCE((SELECT resource_version FROM vm_tombstones WHERE uid != ? ORDER BY resource_version DESC LIMIT 1 OFFSET ?), -1))"  # noqa: E501
+    params = (HORIZON_UID, cutoff, HORIZON_UID, TOMBSTONES_MAX)
     query = f"SELECT MAX(resource_version) FROM vm_tombstones WHERE {doomed}"  # noqa: S608
-    async with conn.execute(query, params) as cursor:
-        row = await cursor.fetchone()
+    row = await conn.fetchone(query, params)
     newest_pruned = row[0] if row else None
     if newest_pruned is None:
         return
@@ -174,6 +170,7 @@ async def _prune(conn: aiosqlite.Connection, *, now: datetime) -> None:
         "INSERT INTO vm_tombstones (uid, project, name, resource_version, object, deleted_at)"
         " VALUES (?, '', '', ?, '{}', ?)"
         " ON CONFLICT (uid) DO UPDATE SET deleted_at = excluded.deleted_at,"
-        " resource_version = MAX(resource_version, excluded.resource_version)",
+        " resource_version = CASE WHEN excluded.resource_version > vm_tombstones.resource_version"
+        " THEN excluded.resource_version ELSE vm_tombstones.resource_version END",
         (HORIZON_UID, int(newest_pruned), now.isoformat()),
     )

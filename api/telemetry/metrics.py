@@ -249,7 +249,7 @@ class StoreMetrics:
     async def refresh(self) -> None:
         """Read the store and replace every gauge. Nothing changes when a query fails.
 
-        :raise sqlite3.Error: a query failed. :raise ValueError: the database is closed.
+        :raise sql.DatabaseError, StoreUnavailable: a query failed. :raise ValueError: the database is closed.
         """
         snapshot = await fleet_snapshot(self.db)
         # No await from here on: a concurrent scrape never sees half-replaced gauges.

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -33,8 +32,8 @@ import structlog
 from aiohttp.abc import AbstractResolver
 
 from api.images import CACHE_DIR_NAME, CachedImage, RemoteImage, digest_problem, parse_sidecar
-from api.store.errors import StoreError
 from api.store.image_sources import ImageSources
+from api.store.sql import FAILURES
 from controller.clock import Clock
 from controller.images.download import Downloader, Http, Job, Progress, read_sidecar
 from controller.images.egress import EgressPolicy
@@ -318,7 +317,7 @@ class ImageCache:
     async def _sources_remember(self, url: str, digest: str) -> None:
         try:
             await self._sources.remember(url, digest)
-        except (StoreError, sqlite3.Error) as err:
+        except FAILURES as err:
             # Known in memory for this run; after a restart the sidecar is read again.
             log.warning("image_source_not_stored", url=url, digest=digest, error=str(err))
 
@@ -442,7 +441,7 @@ class ImageCache:
             return
         try:
             await self._sources.forget_digests(sorted(stale))
-        except (StoreError, sqlite3.Error) as err:
+        except FAILURES as err:
             log.warning("image_sources_not_forgotten", error=str(err))
             return
         self._remembered = {url: d for url, d in self._remembered.items() if d not in stale}

@@ -718,8 +718,11 @@ class Workspace:
         else:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def start_server(self, name: str = "server", *, extra_args: Sequence[str] = ()) -> Server:
-        server = Server(self.data_dir, self.root / f"{name}.log", extra_args=extra_args)
+    def start_server(
+        self, name: str = "server", *, extra_args: Sequence[str] = (), data_dir: Path | None = None
+    ) -> Server:
+        """A server on the workspace's data dir, or on `data_dir` (a second server beside it)."""
+        server = Server(data_dir or self.data_dir, self.root / f"{name}.log", extra_args=extra_args)
         self._servers.append(server)
         server.start()
         return server

@@ -1,13 +1,15 @@
-"""Component fixtures: a real SQLite store in tmp_path and the real app over HTTP."""
+"""Component fixtures: a real store (SQLite in tmp_path, and PostgreSQL) and the real app over HTTP."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -15,7 +17,10 @@ from aiohttp.test_utils import TestClient
 from api.credentials import load_credentials
 from api.server import create_app
 from api.settings import ServerSettings
-from api.store import Database, StateStore, VMStore, open_database
+from api.store import Database, StateStore, VMStore, open_store
+from api.store.db import DB_FILE_NAME
+from api.store.postgres import WRITE_LOCK_KEY
+from tests.postgres import PostgresCluster
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret").decode()}
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -39,11 +44,47 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """Every test that uses the store runs on both engines: None (SQLite in the data dir), or a
+    fresh database of the session's PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return None
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database()
+
+
 @pytest.fixture
-async def db(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Database]:
-    database = await open_database(tmp_path / "data", clock=clock)
+async def db(tmp_path: Path, clock: FakeClock, database_url: str | None) -> AsyncIterator[Database]:
+    database = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
     yield database
     await database.close()
+
+
+@pytest.fixture
+def hold_write_lock(tmp_path: Path, database_url: str | None) -> Iterator[Callable[[], Callable[[], None]]]:
+    """Take the store's write lock from another connection, as another process would (SQLite's
+    BEGIN IMMEDIATE, PostgreSQL's write advisory lock); call the result to let go of it."""
+    opened: list[Callable[[], None]] = []
+
+    def hold() -> Callable[[], None]:
+        if database_url is None:
+            other = sqlite3.connect(tmp_path / "data" / DB_FILE_NAME, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            opened.append(other.close)
+            return other.rollback
+        connection = psycopg.connect(database_url, autocommit=True)
+        connection.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+        opened.append(connection.close)
+
+        def release() -> None:
+            connection.execute("ROLLBACK")
+
+        return release
+
+    yield hold
+    for close in opened:
+        close()
 
 
 @pytest.fixture

@@ -35,6 +35,13 @@ BACKUPS_DURING_WRITES = 5
 
 
 @pytest.fixture
+def database_url() -> None:
+    """Backup and restore copy the SQLite file. On PostgreSQL they refuse and point to pg_dump
+    (tests/component/test_postgres_store.py)."""
+    return
+
+
+@pytest.fixture
 def data_dir(db: Database, tmp_path: Path) -> Path:
     """The data dir of the `db` fixture's open store."""
     return tmp_path / "data"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -17,7 +15,6 @@ from api.server.health import READINESS_CHECKS, ReadinessCheck
 from api.server.ops import create_ops_app
 from api.settings import ServerSettings
 from api.store import Database
-from api.store.db import DB_FILE_NAME
 from api.telemetry.metrics import Metrics
 from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
@@ -37,14 +34,9 @@ def serve(aiohttp_client: ClientFactory, db: Database, clock: FakeClock, setting
 
 
 @pytest.fixture
-def blocked_writes(tmp_path: Path, db: Database) -> Iterator[Callable[[], None]]:
+def blocked_writes(db: Database, hold_write_lock: Callable[[], Callable[[], None]]) -> Callable[[], None]:
     """Another connection holding the store's write lock; call the result to release it."""
-    other = sqlite3.connect(tmp_path / "data" / DB_FILE_NAME, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        yield other.rollback
-    finally:
-        other.close()
+    return hold_write_lock()
 
 
 async def passing() -> str | None:

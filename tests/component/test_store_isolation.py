@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from api.store import Database, StateStore
-from api.store.db import DB_FILE_NAME
 from api.testing.tfstate import vm_state
 from tests.component.test_store_states import write
 
@@ -87,11 +85,11 @@ async def test_held_by_lists_only_that_vms_ports_and_disks(db: Database) -> None
 
 
 async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_the_store_writable(
-    db: Database, tmp_path: Path
+    db: Database, hold_write_lock: Callable[[], Callable[[], None]]
 ) -> None:
-    """aiosqlite finishes a cancelled BEGIN on its thread later; the store must still end it."""
-    other = sqlite3.connect(tmp_path / "data" / DB_FILE_NAME, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock
+    """aiosqlite finishes a cancelled BEGIN on its thread later; the store must still end it.
+    (On PostgreSQL the cancelled wait for the advisory lock must not leave it held.)"""
+    release = hold_write_lock()  # another process holds the store's write lock
 
     async def write_something() -> None:
         async with db.write() as conn:
@@ -101,8 +99,7 @@ async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_the_store_wri
     await asyncio.sleep(0.1)
     waiting.cancel()
     await asyncio.sleep(0.1)
-    other.rollback()  # the lock frees: the cancelled BEGIN now succeeds on aiosqlite's thread
-    other.close()
+    release()  # the lock frees: the cancelled BEGIN now succeeds on aiosqlite's thread
     with pytest.raises(asyncio.CancelledError):
         await waiting
 

@@ -7,10 +7,10 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 
-import aiosqlite
 import pytest
 
 from api.store import Database, StateStore, VMStore
+from api.store.sql import Dialect, Transaction
 from api.store.status_writer import StatusConflict, VMStatusWriter
 from api.testing.tfstate import manifest, vm_state
 from tests.component.test_store_states import write
@@ -122,17 +122,21 @@ async def test_status_commits_skip_the_fsync_but_state_writes_keep_it(
 ) -> None:
     """Status is recomputed from what runs; Terraform's state must survive power loss."""
     [uid] = await declare(states, vms, 1)
-    seen: list[int] = []
+    seen: list[object] = []
     real_write = db.write
+    setting, expected = {
+        Dialect.SQLITE: ("PRAGMA synchronous", [1, 2]),  # NORMAL for the status batch, FULL for the state
+        Dialect.POSTGRESQL: ("SHOW synchronous_commit", ["off", "on"]),
+    }[db.dialect]
 
     @contextlib.asynccontextmanager
-    async def spying_write(**options: bool) -> AsyncIterator[aiosqlite.Connection]:
+    async def spying_write(**options: bool) -> AsyncIterator[Transaction]:
         async with real_write(**options) as conn:
-            seen.extend(row[0] for row in await conn.execute_fetchall("PRAGMA synchronous"))
+            seen.extend(row[0] for row in await conn.fetchall(setting))
             yield conn
 
     db.write = spying_write  # type: ignore[method-assign]
     await VMStatusWriter(db).write_status(uid, {"phase": "Running"})
     await write(states, vm_state(2, {"vm-0": manifest("vm-0")}))
 
-    assert seen == [1, 2]  # NORMAL for the status batch, FULL for the state write
+    assert seen == expected

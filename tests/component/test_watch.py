@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from api.server import create_app
 from api.server.streams import install_streams
 from api.settings import ServerSettings
-from api.store import Database, StateStore, open_database
+from api.store import Database, StateStore, open_store
 from api.store import watch as watch_store
 from api.store.status_writer import VMStatusWriter
 from api.testing.tfstate import vm_state
@@ -218,13 +218,13 @@ async def test_a_watch_ends_after_timeout_seconds(api: Client) -> None:
 
 
 async def test_writes_from_another_process_wake_the_watch(
-    api: Client, tmp_path: Path, clock: FakeClock
+    api: Client, tmp_path: Path, clock: FakeClock, database_url: str | None
 ) -> None:
     """A commit by another connection (as `tofu-qemu controller` makes) is seen through
-    data_version polling: no in-process notification is needed."""
+    data_version polling (SQLite) or LISTEN/NOTIFY (PostgreSQL): no in-process notification."""
     reader = await open_watch(api)
     assert (await reader.next())["type"] == "BOOKMARK"
-    other = await open_database(tmp_path / "data", clock=clock)
+    other = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
     try:
         await write(StateStore(other), vm_state(1, {"a": {}}), project="lab")
         assert summary(await reader.next_change(within=5)) == ("ADDED", "a")

@@ -22,6 +22,7 @@ def test_defaults() -> None:
     assert settings.history_limit == 100
     assert settings.max_body_bytes == 64 * 1024 * 1024
     assert settings.lock_publish_after == 900
+    assert settings.database_url is None  # SQLite in the data dir
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -162,3 +163,19 @@ def test_client_certificates_are_not_logins_by_default() -> None:
     assert load_settings(ServerSettings, flags={}, env={}).tls_client_cert_users is False
     enabled = load_settings(ServerSettings, flags={}, env={"TOFU_QEMU_TLS_CLIENT_CERT_USERS": "true"})
     assert enabled.tls_client_cert_users is True
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://tofu@db.internal/tofu", "postgres:///tofu?host=/run/postgresql"]
+)
+def test_database_url_accepts_postgresql(url: str) -> None:
+    settings = load_settings(ServerSettings, flags={}, env={"TOFU_QEMU_DATABASE_URL": url})
+    assert settings.database_url == url
+
+
+@pytest.mark.parametrize("url", ["sqlite:///tmp/x.db", "mysql://u:secret@h/db", "db.internal:5432"])
+def test_database_url_refuses_other_engines_without_echoing_the_url(url: str) -> None:
+    """The URL may carry a password: the error names what is accepted, not what was given."""
+    with pytest.raises(SettingsError, match="postgresql://") as refused:
+        load_settings(ServerSettings, flags={"database_url": url}, env={})
+    assert "secret" not in str(refused.value)
