@@ -521,6 +521,10 @@ def _stop_process(
     if elapsed < window:
         return Plan(intent, memory, requeue_after=window - elapsed, detail=why)
     if elapsed < window + QUIT_GRACE:
+        if process.qmp is QmpState.SHUTDOWN:
+            # It announced its shutdown (the power button worked, or the quit of an earlier
+            # pass is under way): it is on its way out and gets the grace, not another quit.
+            return Plan(intent, memory, requeue_after=window + QUIT_GRACE - elapsed, detail=why)
         return Plan(intent, memory, (Quit(),), requeue_after=window + QUIT_GRACE - elapsed, detail=why)
     return _kill(process, memory, intent, why)
 

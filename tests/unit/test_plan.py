@@ -458,6 +458,14 @@ STOP_ROWS = {
     "not booted: waiting within the probe": ((QmpState.RUNNING, False, 300, 1), ([], 1)),
     "not booted: quit after the probe": ((QmpState.RUNNING, False, 300, 2), ([Quit], 5)),
     "not booted: SIGKILL after the quit grace": ((QmpState.RUNNING, False, 300, 7), ([Kill], 1)),
+    "quit under way (QEMU announced its shutdown): no second quit": (
+        (QmpState.SHUTDOWN, False, 300, 3),
+        ([], 4),
+    ),
+    "announced its shutdown but still there after the grace: SIGKILL": (
+        (QmpState.SHUTDOWN, False, 300, 7),
+        ([Kill], 1),
+    ),
     "not booted, stopTimeout below the probe": ((QmpState.RUNNING, False, 1, None), ([RequestPowerdown], 1)),
     "booted during the probe: full stopTimeout": ((QmpState.RUNNING, True, 300, 3), ([], 297)),
     "paused: quit at once": ((QmpState.PAUSED, True, 300, None), ([Quit], 5)),
