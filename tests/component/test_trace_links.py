@@ -63,8 +63,13 @@ async def get(client: Client, path: str) -> Any:
     return await response.json() if response.content_type == "application/json" else await response.text()
 
 
+# The events this file records itself. The state POST records Created too, with a trace id when
+# an earlier test of the session left a recording tracer provider installed.
+OURS = ("Started", "Odd", "ForceUnlocked")
+
+
 def trace_fields(body: Any) -> dict[str, tuple[str | None, str | None]]:
-    return {e["reason"]: (e["traceId"], e["traceUrl"]) for e in body["items"] if e["traceId"]}
+    return {e["reason"]: (e["traceId"], e["traceUrl"]) for e in body["items"] if e["reason"] in OURS}
 
 
 async def test_the_events_api_carries_the_link_for_valid_ids_only(
@@ -89,9 +94,9 @@ async def test_dashboard_pages_link_the_trace_in_a_new_tab(
 ) -> None:
     text = await get(await lab(make_client, tmp_path, TEMPLATE), path)
     links = [a for a in Elements(text).found["a"] if a.get("class") == "trace"]
-    assert links == [{"class": "trace", "href": LINK, "rel": "noopener noreferrer", "target": "_blank"}], (
-        links
-    )
+    ours = [a for a in links if TRACE_ID in (a.get("href") or "")]
+    assert ours == [{"class": "trace", "href": LINK, "rel": "noopener noreferrer", "target": "_blank"}], links
+    assert all((a["rel"], a["target"]) == ("noopener noreferrer", "_blank") for a in links), links
     assert LINK.replace("&", "&amp;") in text
     assert NOT_A_TRACE_ID not in text
     # Only the id that is no trace id stays unlinked, with its Copy button.
@@ -106,5 +111,7 @@ async def test_without_a_template_the_page_offers_a_copy_button(
     elements = Elements(text)
     assert not [a for a in elements.found["a"] if a.get("class") == "trace"]
     copies = [b["data-copy"] for b in elements.found["button"] if b.get("class") == "copy"]
-    assert copies == [TRACE_ID, NOT_A_TRACE_ID], copies
+    assert [copy for copy in copies if copy in (TRACE_ID, NOT_A_TRACE_ID)] == [TRACE_ID, NOT_A_TRACE_ID], (
+        copies
+    )
     assert NOT_A_TRACE_ID not in text
