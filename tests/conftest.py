@@ -29,3 +29,14 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.remove()
+
+
+@pytest.fixture
+def own_postgres_cluster() -> Iterator[PostgresCluster]:
+    """A cluster of the test's own, for tests that stop or restart it: the session's must stay up."""
+    own = PostgresCluster()
+    own.start()
+    try:
+        yield own
+    finally:
+        own.remove()

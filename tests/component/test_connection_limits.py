@@ -25,6 +25,7 @@ from api.server.connections import (
 )
 from api.settings import ServerSettings
 from tests.component.test_controller_failures import wait_until
+from tests.sockets import closed_within
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 SHORT = 0.5
@@ -85,7 +86,7 @@ async def test_a_half_sent_header_is_closed_after_the_header_timeout(
     port, _app = listener
     reader, _writer = await _open(port, HALF_A_REQUEST)
     started = time.monotonic()
-    assert await _closed_within(reader, SHORT + 2.0)
+    assert await closed_within(reader, SHORT + 2.0)
     assert time.monotonic() - started >= SHORT - 0.1
 
 
@@ -96,7 +97,7 @@ async def test_an_idle_keepalive_connection_is_closed_after_the_keepalive_timeou
     reader, writer = await _open(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert (await reader.readline()).startswith(b"HTTP/1.1 200")
     started = time.monotonic()
-    assert await _closed_within(reader, SHORT + 2.0)
+    assert await closed_within(reader, SHORT + 2.0)
     assert time.monotonic() - started >= SHORT - 0.1
     writer.close()
 
@@ -126,7 +127,7 @@ async def test_at_the_cap_the_oldest_idle_connection_makes_room_for_a_probe(
     status, _body, _headers = await _answer(reader)
     assert status == 200
     oldest_reader, _ = half_sent[0]
-    assert await _closed_within(oldest_reader, 0.5)
+    assert await closed_within(oldest_reader, 0.5)
     assert guard.open_count <= 4
 
 
@@ -164,15 +165,3 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any], di
             headers[name.strip().lower()] = value.strip()
         body: dict[str, Any] = json.loads(await reader.readexactly(int(headers.get("content-length", "0"))))
     return status, body, headers
-
-
-async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
-    try:
-        async with asyncio.timeout(seconds):
-            while await reader.read(65536):
-                pass
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-    return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,6 @@ Client = TestClient[Any, Any]
 RECOVERY_SECONDS = 60.0
 
 
-@pytest.fixture
-def cluster() -> Iterator[PostgresCluster]:
-    """A cluster of this test's own: stopping it must not disturb the session's."""
-    own = PostgresCluster()
-    own.start()
-    try:
-        yield own
-    finally:
-        own.remove()
-
-
 async def until_served(request: Callable[[], Awaitable[int]]) -> float:
     """Seconds until `request` answers 200 (0.8 s here); every answer before that must be a 503."""
     started = time.monotonic()
@@ -48,16 +37,18 @@ async def until_served(request: Callable[[], Awaitable[int]]) -> float:
 
 
 async def test_an_outage_is_503_and_the_server_recovers_without_a_restart(
-    cluster: PostgresCluster,
+    own_postgres_cluster: PostgresCluster,
     tmp_path: Path,
     make_client: Callable[[ServerSettings], Awaitable[Client]],
 ) -> None:
-    settings = ServerSettings(data_dir=tmp_path / "server", database_url=cluster.create_database())
+    settings = ServerSettings(
+        data_dir=tmp_path / "server", database_url=own_postgres_cluster.create_database()
+    )
     client = await make_client(settings)
     first = encode(vm_state(1, {"web": {"memory": "64Mi"}}))
     assert (await client.post("/state/lab", data=first, headers=AUTH)).status == 200
 
-    cluster.stop()
+    own_postgres_cluster.stop()
     second = encode(vm_state(2, {"web": {"memory": "64Mi"}, "db": {}}))
     attempts = {
         "write": client.post("/state/lab", data=second, headers=AUTH),
@@ -72,7 +63,7 @@ async def test_an_outage_is_503_and_the_server_recovers_without_a_restart(
         assert "database cannot be reached" in body["message"], what
         assert response.headers["Retry-After"] == "5"
 
-    cluster.start()
+    own_postgres_cluster.start()
     await until_served(lambda: _status(client.get("/state/lab", headers=AUTH)))
     response = await client.get("/state/lab", headers=AUTH)
     assert await response.read() == first, "the state written before the outage is intact"
@@ -83,11 +74,11 @@ async def test_an_outage_is_503_and_the_server_recovers_without_a_restart(
 
 
 async def test_a_server_that_cannot_be_reached_at_start_is_store_unavailable(
-    cluster: PostgresCluster,
+    own_postgres_cluster: PostgresCluster,
 ) -> None:
     """Refused within the connect timeout, with a message that says what is wrong."""
-    url = cluster.create_database()
-    cluster.stop()
+    url = own_postgres_cluster.create_database()
+    own_postgres_cluster.stop()
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="PostgreSQL server cannot be reached"):
         await open_postgres(url)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.e2e.harness import ServerProcess
+from tests.sockets import closed_within
 
 SERVER_OPEN_FILES = 1024
 FLOOD_CONNECTIONS = 1100
@@ -100,7 +101,7 @@ async def _flood(port: int, pid: int) -> FloodFigures:
         await _probe(port, figures)
         figures.server_fds.append(len(os.listdir(f"/proc/{pid}/fd")))
     closed = await asyncio.gather(
-        *(_closed_within(reader, HEADER_TIMEOUT_SECONDS + 2.0) for reader, _writer in connections)
+        *(closed_within(reader, HEADER_TIMEOUT_SECONDS + 2.0) for reader, _writer in connections)
     )
     figures.seconds_until_all_closed = time.monotonic() - flooded_at
     figures.still_open = closed.count(False)
@@ -131,19 +132,6 @@ async def _probe(port: int, figures: FloodFigures) -> None:
         status = 0
     figures.probe_seconds.append(time.monotonic() - started)
     figures.probe_statuses.append(status)
-
-
-async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
-    """Whether the server closes this connection within `seconds` (whatever it sent first)."""
-    try:
-        async with asyncio.timeout(seconds):
-            while await reader.read(65536):
-                pass
-    except TimeoutError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _summary(figures: FloodFigures) -> str:

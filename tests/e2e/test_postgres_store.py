@@ -3,8 +3,6 @@ with every table in a private PostgreSQL cluster, which is restarted under the r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 
@@ -25,26 +23,15 @@ pytestmark = pytest.mark.e2e
 PROJECT = "postgres"
 
 
-@pytest.fixture
-def cluster() -> Iterator[PostgresCluster]:
-    """A cluster of this test's own, since the test restarts it."""
-    own = PostgresCluster()
-    own.start()
-    try:
-        yield own
-    finally:
-        own.remove()
-
-
 def rows(url: str, query: str) -> list[tuple[object, ...]]:
     with psycopg.connect(url) as connection:
         return list(connection.execute(query))
 
 
 def test_apply_restart_postgres_apply_destroy(
-    cluster: PostgresCluster, make_vm_host: MakeVmHost, terraform_bin: str
+    own_postgres_cluster: PostgresCluster, make_vm_host: MakeVmHost, terraform_bin: str
 ) -> None:
-    url = cluster.create_database()
+    url = own_postgres_cluster.create_database()
     host = make_vm_host()
     host.start("serve", extra_args=["--database-url", url])
     fleet = Fleet(host, terraform_bin, project=PROJECT)
@@ -61,8 +48,8 @@ def test_apply_restart_postgres_apply_destroy(
     assert not host.db_path.exists()
 
     qemu = ProcessIdentity.of(vm["status"]["pid"])
-    cluster.stop()
-    cluster.start()
+    own_postgres_cluster.stop()
+    own_postgres_cluster.start()
     # The VM kept running through the restart, and the next apply (a label change) works.
     fleet.apply({"alpha": GuestVM(memory=128, labels={"after": "restart"})})
     relabelled = fleet.wait_vm(
