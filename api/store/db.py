@@ -20,7 +20,7 @@ import aiosqlite
 import structlog
 
 from api.store.errors import StorageFull
-from api.store.files import make_store_files_private, secure_data_dir
+from api.store.files import keep_open_store_files_private, make_store_files_private, secure_data_dir
 from api.store.schema import MIGRATIONS
 from api.store.sql import Clock, Database, Dialect, Row, Transaction, utc_now
 
@@ -171,7 +171,7 @@ async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> SQLiteData
         await writer.execute("PRAGMA secure_delete = ON")
         await _migrate(writer)
         # SQLite has created -wal and -shm by now, with the main file's mode; this checks it.
-        await asyncio.to_thread(make_store_files_private, path)
+        await asyncio.to_thread(keep_open_store_files_private, path)
         reader = await aiosqlite.connect(path, isolation_level=None)
     except BaseException:
         await writer.close()

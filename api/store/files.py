@@ -83,7 +83,10 @@ def create_private_file(path: Path) -> None:
 
 
 def make_store_files_private(database: Path) -> None:
-    """Make the store file and whichever of its -wal, -shm and -journal exist mode 0600."""
+    """Make the store file and whichever of its -wal, -shm and -journal exist mode 0600.
+
+    Only before SQLite opens the store in this process: see keep_open_store_files_private.
+    """
     create_private_file(database)
     for suffix in STORE_SIDECARS:
         try:
@@ -97,6 +100,23 @@ def make_store_files_private(database: Path) -> None:
             _make_private(fd)
         finally:
             os.close(fd)
+
+
+def keep_open_store_files_private(database: Path) -> None:
+    """Make the open store's files 0600 by their names, never opening them.
+
+    SQLite holds POSIX locks on the store and its -shm while it is open, and those locks belong
+    to the process: closing any descriptor of one of these files, even one opened just to fchmod
+    it, drops them all. Another process would then take itself for the store's only user, reset
+    the -shm under the server's mapping and kill it with SIGBUS (tests/component/test_store_locks.py).
+    """
+    for path in (database, *(database.with_name(database.name + suffix) for suffix in STORE_SIDECARS)):
+        try:
+            status = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(status.st_mode) and stat.S_IMODE(status.st_mode) != PRIVATE_FILE_MODE:
+            os.chmod(path, PRIVATE_FILE_MODE)
 
 
 def _make_private(fd: int) -> None:
