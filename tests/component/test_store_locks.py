@@ -54,23 +54,28 @@ async def test_another_process_reading_the_open_store_does_not_break_the_server(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    assert server.stdin is not None
-    assert server.stdout is not None
-    assert await asyncio.wait_for(server.stdout.readline(), 30) == b"open\n"
-
-    # Like the `tofu-qemu` CLI or an operator's sqlite3: read-write, so closing it as the last
-    # user would checkpoint the WAL and delete it, with the -shm, from under the server.
-    other = sqlite3.connect(data_dir / DB_FILE_NAME)
     try:
-        # It reads the server's schema, still only in the WAL, through the server's -shm.
-        assert other.execute("SELECT count(*) FROM projects").fetchone() == (0,)
-    finally:
-        other.close()
-    assert (data_dir / f"{DB_FILE_NAME}-wal").exists(), "the WAL was deleted from under the server"
+        assert server.stdin is not None
+        assert server.stdout is not None
+        assert await asyncio.wait_for(server.stdout.readline(), 30) == b"open\n"
 
-    server.stdin.write(b"go\n")
-    output, errors = await asyncio.wait_for(server.communicate(), 30)
-    assert (server.returncode, output) == (0, b"wrote\n"), errors.decode()
+        # Like the `tofu-qemu` CLI or an operator's sqlite3: read-write, so closing it as the last
+        # user would checkpoint the WAL and delete it, with the -shm, from under the server.
+        other = sqlite3.connect(data_dir / DB_FILE_NAME)
+        try:
+            # It reads the server's schema, still only in the WAL, through the server's -shm.
+            assert other.execute("SELECT count(*) FROM projects").fetchone() == (0,)
+        finally:
+            other.close()
+        assert (data_dir / f"{DB_FILE_NAME}-wal").exists(), "the WAL was deleted from under the server"
+
+        server.stdin.write(b"go\n")
+        output, errors = await asyncio.wait_for(server.communicate(), 30)
+        assert (server.returncode, output) == (0, b"wrote\n"), errors.decode()
+    finally:
+        if server.returncode is None:  # a failed assertion: the child must not outlive the test
+            server.kill()
+            await server.wait()
     # What the server wrote after the other process left is in the store, not in a deleted WAL.
     after = sqlite3.connect(data_dir / DB_FILE_NAME)
     try:
