@@ -203,7 +203,7 @@ def _http_setup(settings: ServerSettings) -> _HttpSetup:
     credentials = load_credentials(
         users=settings.users, tokens=settings.tokens, users_file=settings.users_file
     )
-    if not credentials.enabled:
+    if not credentials.enabled and not settings.tls_client_cert_users:
         if not settings.is_loopback and not settings.insecure_no_auth:
             raise SettingsError(
                 f"refusing to serve {settings.listen} without authentication: set TOFU_QEMU_USERS, "
@@ -290,6 +290,8 @@ async def _serve_http(
 
 
 def _ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    if settings.tls_client_cert_users and settings.tls_client_ca is None:
+        raise SettingsError("tls_client_cert_users needs --tls-client-ca: it says which certificates log in")
     if settings.tls_cert is None and settings.tls_key is None:
         if settings.tls_client_ca is not None:
             raise SettingsError("--tls-client-ca needs --tls-cert and --tls-key")

@@ -40,7 +40,7 @@ from aiohttp import web
 from api.credentials import Credentials, VerifiedCache
 from api.server.client_cert import client_certificate_user
 from api.server.errors import Handler, status_response
-from api.server.keys import PUBLIC_PATHS
+from api.server.keys import PUBLIC_PATHS, SETTINGS
 from api.server.throttle import FailureThrottle, Limit
 from api.telemetry.metrics import Metrics
 
@@ -246,7 +246,7 @@ async def close_authenticator(app: web.Application) -> None:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     authenticator = request.app[AUTHENTICATOR]
-    if request.path in request.app[PUBLIC_PATHS] or not authenticator.credentials.enabled:
+    if request.path in request.app[PUBLIC_PATHS] or not _logins_required(request, authenticator):
         return await handler(request)
     # Without an Authorization header, a verified client certificate may log in (opt-in).
     certified = None if request.headers.get("Authorization") else client_certificate_user(request)
@@ -255,6 +255,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return outcome
     request[PRINCIPAL] = outcome
     return await handler(request)
+
+
+def _logins_required(request: web.Request, authenticator: Authenticator) -> bool:
+    """Users or tokens are configured, or client certificates are logins: with any of them, every
+    request but the public ones must log in. Certificates alone are not "auth off"."""
+    settings = request.app.get(SETTINGS)
+    return authenticator.credentials.enabled or (settings is not None and settings.tls_client_cert_users)
 
 
 def _who(request: web.Request, presented: Presented | None) -> dict[str, str]:

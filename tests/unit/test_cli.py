@@ -44,6 +44,16 @@ def test_tls_needs_both_files(
     assert "TLS needs both" in capsys.readouterr().err
 
 
+def test_client_certificate_logins_need_a_client_ca(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without a CA nothing says which certificates log in: refused, not served with auth off."""
+    monkeypatch.setenv("TOFU_QEMU_TLS_CLIENT_CERT_USERS", "true")
+    code = main(["serve", "--listen", "0.0.0.0:0", "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert "tls_client_cert_users needs --tls-client-ca" in capsys.readouterr().err
+
+
 def test_invalid_setting_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """A bad flag value names the setting."""
     assert main(["serve", "--history-limit", "zero", "--data-dir", str(tmp_path)]) == 2
