@@ -37,7 +37,9 @@ def test_every_thread_and_the_autogroup_get_the_nice_value(child: subprocess.Pop
 
     tids = [int(tid) for tid in os.listdir(f"/proc/{child.pid}/task")]
     assert len(tids) >= 2
-    assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in tids} == {10}
+    # Only ever raised: a test run under `nice -n 15` leaves its children at 15.
+    expected = max(10, os.getpriority(os.PRIO_PROCESS, 0))
+    assert {os.getpriority(os.PRIO_PROCESS, tid) for tid in tids} == {expected}
     autogroup = Path(f"/proc/{child.pid}/autogroup")
     if autogroup.exists():  # kernels built without CONFIG_SCHED_AUTOGROUP have no such file
         assert autogroup.read_text().split()[-1] == "10"
