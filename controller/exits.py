@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 
 from api.types import ExitReason, LastExit, RunStrategy
@@ -11,18 +12,26 @@ from controller.model import Desired, ExitObservation, Memory, Observed
 STABLE_RUN_SECONDS = 60.0
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_CAP_SECONDS = 300.0
+# QEMU catches SIGTERM, SIGINT and SIGHUP, says so on stderr and exits 0 as if powered off:
+# "qemu-system-x86_64: terminating on signal 15 from pid 4242 (pkill)".
+_TERMINATED_BY_SIGNAL = re.compile(r"terminating on signal (\d+)")
 
 
 def classify_exit(observed: ExitObservation, *, stop_requested: bool) -> LastExit:
     """Name why the process ended, most specific first.
 
     A stop the controller asked for is never a failure; a guest that powered itself off is a
-    clean exit (QMP told us, or QEMU exited 0 on its own); a signal is a kill; anything else
-    is a crash. An exit seen only through /proc (an adopted process) with no code is "vanished".
+    clean exit (QMP told us, or QEMU exited 0 on its own); a signal is a kill, also one QEMU
+    caught and exited 0 for; anything else is a crash. An exit seen only through /proc (an
+    adopted process) with no code is "vanished".
     """
     message = observed.stderr_tail
+    caught = _caught_signal(observed)
+    signal = observed.signal if caught is None else caught
     if stop_requested:
         reason = ExitReason.STOPPED_BY_CONTROLLER
+    elif caught is not None:
+        reason = ExitReason.KILLED
     elif observed.guest_shutdown or observed.exit_code == 0:
         reason = ExitReason.GUEST_POWEROFF
     elif observed.signal is not None:
@@ -31,9 +40,16 @@ def classify_exit(observed: ExitObservation, *, stop_requested: bool) -> LastExi
         reason = ExitReason.CRASHED
     else:
         reason = ExitReason.VANISHED
-    return LastExit(
-        reason=reason, exit_code=observed.exit_code, signal=observed.signal, at=observed.at, message=message
-    )
+    code = observed.exit_code
+    return LastExit(reason=reason, exit_code=code, signal=signal, at=observed.at, message=message)
+
+
+def _caught_signal(observed: ExitObservation) -> int | None:
+    """The signal QEMU reported it terminated on, when it exited 0 for it and not for the guest."""
+    if observed.exit_code != 0 or observed.guest_shutdown:
+        return None
+    found = _TERMINATED_BY_SIGNAL.findall(observed.stderr_tail)
+    return int(found[-1]) if found else None
 
 
 def is_failure(reason: ExitReason) -> bool:
