@@ -82,3 +82,20 @@ def test_a_vms_life_is_told_in_its_events(make_vm_host: MakeVmHost) -> None:
     declare(server, 3, {})
     found = wait_for_events(host, "web", "Deleting", "Deleted")
     assert all(trace_id is not None and len(trace_id) == 32 for *_, trace_id in found), found
+
+
+def test_a_sigterm_qemu_catches_is_a_kill_and_restarts_the_vm(make_vm_host: MakeVmHost) -> None:
+    """QEMU exits 0 on SIGTERM; under RerunOnFailure that is still a failure, not a poweroff."""
+    host = make_vm_host()
+    server = host.start("serve")
+    declare(server, 1, {"web": {**SPEC, "runStrategy": "RerunOnFailure"}})
+    vm = host.wait_vm(PROJECT, "web", is_running_current, what="Running")
+
+    os.kill(vm["status"]["pid"], signal.SIGTERM)
+    found = wait_for_events(host, "web", "Started", "ExitDetected", "Restarted", "Started")
+    exit_event = next(event for event in found if event[1] == "ExitDetected")
+    assert exit_event[:2] == ("Warning", "ExitDetected")
+    assert exit_event[2].startswith("killed-by-signal (exit code 0, SIGTERM): "), exit_event
+    assert "terminating on signal 15" in exit_event[2]
+    again = host.wait_vm(PROJECT, "web", is_running_current, what="Running again")
+    assert again["status"]["lastExit"]["signal"] == signal.SIGTERM
