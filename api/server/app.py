@@ -144,5 +144,8 @@ async def _publish_stale_locks_forever(app: web.Application) -> None:
         except StoreUnavailable:
             log.warning("stale_lock_publish_failed", reason="store_unavailable")
             continue
+        except (*FAILURES, OSError) as err:  # a busy or broken store: the next scan tries again
+            log.warning("stale_lock_publish_failed", reason="store_error", error=str(err))
+            continue
         for project in published:
             log.warning("stale_lock_published", project=project, lock_age_limit_seconds=max_age)

@@ -23,13 +23,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 
+import structlog
 from aiohttp import web
 
 from api.server.keys import DATABASE, SETTINGS
 from api.settings import ServerSettings
 from api.store import Database
+from api.store.sql import FAILURES
 
 POLL_SECONDS = 1.0
+
+log = structlog.get_logger(__name__)
 _HUBS: weakref.WeakKeyDictionary[web.Application, StreamHub] = weakref.WeakKeyDictionary()
 
 
@@ -124,14 +128,26 @@ class StreamHub:
 
     async def _poll_data_version(self) -> None:
         """Wake the streams when another process commits. SQLite reads never wait on writers in
-        WAL mode, and the connection has a busy timeout, so these queries cannot hang."""
-        last = await self._db.data_version()
+        WAL mode, and the connection has a busy timeout, so these queries cannot hang. A failed
+        look (the store briefly unreachable) is logged and retried: a poller that died would
+        leave every open watch deaf to the other process's commits until the streams closed."""
+        last: int | None = None
+        failing = False
         while True:
+            try:
+                current = await self._db.data_version()
+            except (*FAILURES, OSError) as err:
+                if not failing:
+                    log.warning("stream_poll_failed", error=str(err) or type(err).__name__)
+                failing = True
+            else:
+                if failing:
+                    log.info("stream_poll_recovered")
+                    self._notify()  # a commit may have gone by unseen meanwhile
+                elif last is not None and current != last:
+                    self._notify()
+                last, failing = current, False
             await asyncio.sleep(POLL_SECONDS)
-            current = await self._db.data_version()
-            if current != last:
-                last = current
-                self._notify()
 
 
 def hub_of(app: web.Application) -> StreamHub:
