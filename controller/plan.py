@@ -55,6 +55,10 @@ QUIT_GRACE = timedelta(seconds=5)
 # A guest that has not booted (see ProcessObservation.guest_booted) ignores the power button; it
 # gets this long to answer it anyway (the tiny guest powers off within 0.2 s), then `quit`.
 BOOT_PROBE = timedelta(seconds=2)
+# A guest up this long is taken as booted even if no network card ever came up (no virtio-net
+# driver, or one that stays promiscuous): cutting its ACPI shutdown to the probe could lose its
+# writes, and one still booting after this long gets the full stopTimeout like any other.
+BOOT_ASSUMED_AFTER = timedelta(seconds=120)
 # QMP may not listen yet just after spawn (the pidfile comes first): wait before calling it hung.
 QMP_STARTUP_GRACE = timedelta(seconds=10)
 IMAGE_RECHECK = timedelta(seconds=30)
@@ -509,7 +513,7 @@ def _stop_process(
         if requested is not None and now - requested < QUIT_GRACE:
             return Plan(intent, memory, requeue_after=QUIT_GRACE - (now - requested), detail=why)
         return _kill(process, memory, intent, why)
-    window, no_answer = _answer_window(process, timeout)
+    window, no_answer = _answer_window(process, timeout, now)
     if no_answer:
         why = f"{why}; {no_answer}"
     if requested is None:
@@ -529,7 +533,7 @@ def _stop_process(
     return _kill(process, memory, intent, why)
 
 
-def _answer_window(process: ProcessObservation, timeout: timedelta) -> tuple[timedelta, str]:
+def _answer_window(process: ProcessObservation, timeout: timedelta, now: datetime) -> tuple[timedelta, str]:
     """How long the guest gets to power off after the power button, and why it is short.
 
     A paused guest runs no code, so it cannot answer: `quit` at once. A guest that has not
@@ -537,7 +541,8 @@ def _answer_window(process: ProcessObservation, timeout: timedelta) -> tuple[tim
     """
     if process.qmp is QmpState.PAUSED:
         return timedelta(0), "the guest is paused and cannot answer the power button: quit"
-    if not process.guest_booted and timeout > BOOT_PROBE:
+    booting = not process.guest_booted and now - process.started_at < BOOT_ASSUMED_AFTER
+    if booting and timeout > BOOT_PROBE:
         probe = BOOT_PROBE.total_seconds()
         return (
             BOOT_PROBE,

@@ -479,17 +479,28 @@ def test_stop_ladder_by_what_the_guest_can_answer(
 ) -> None:
     qmp, booted, stop_timeout, elapsed = situation
     vm = desired(runStrategy="Halted", stopTimeout=stop_timeout)
-    seen = observed(**ready(process=replace(process(RUNNING.argv_digest, qmp=qmp), guest_booted=booted)))
+    young = process(RUNNING.argv_digest, qmp=qmp, age=30)  # within BOOT_ASSUMED_AFTER
+    seen = observed(**ready(process=replace(young, guest_booted=booted)))
     memory = Memory() if elapsed is None else Memory(stop_requested_at=NOW - timedelta(seconds=elapsed))
     result = plan(vm, seen, memory, CONTEXT, now=NOW)
     assert (kinds(result), result.requeue_after) == (expected[0], timedelta(seconds=expected[1]))
     assert result.memory.stop_requested_at == (NOW if elapsed is None else memory.stop_requested_at)
 
 
+def test_a_guest_up_for_long_without_a_network_card_gets_the_full_stop_timeout() -> None:
+    """No NIC came up (no virtio-net driver), but it has run past BOOT_ASSUMED_AFTER: it is taken
+    as booted, so its ACPI shutdown is not cut short to the probe."""
+    vm = desired(runStrategy="Halted", stopTimeout=300)
+    for age, window in ((119, 2), (120, 300)):
+        quiet = replace(process(RUNNING.argv_digest, age=age), guest_booted=False)
+        result = plan(vm, observed(**ready(process=quiet)), Memory(), CONTEXT, now=NOW)
+        assert (kinds(result), result.requeue_after) == ([RequestPowerdown], timedelta(seconds=window)), age
+
+
 def test_a_stop_that_skips_the_wait_says_why() -> None:
     """The condition message (and so the Stopping event) names the rule that shortened the stop."""
     vm = desired(runStrategy="Halted", stopTimeout=300)
-    booting = replace(RUNNING, guest_booted=False)
+    booting = replace(process(RUNNING.argv_digest, age=30), guest_booted=False)
     probing = plan(vm, observed(**ready(process=booting)), Memory(), CONTEXT, now=NOW)
     assert probing.detail == (
         "runStrategy is Halted; the guest has not booted (no network card up): "
