@@ -31,6 +31,7 @@ from api.k8s_types import (
     WatchEvent,
 )
 from api.types import API_VERSION, QemuVM
+from api.usage import UsageReport
 
 OPENAPI_VERSION = "3.1.0"
 APIS = "/apis/tofu-qemu.dev/v1alpha1"
@@ -46,6 +47,7 @@ COMPONENT_MODELS: tuple[type[BaseModel], ...] = (
     PurgeStatesRequest,
     PurgeStatesResult,
     Status,
+    UsageReport,
 )
 WATCH_CONTENT_TYPE = "application/json;stream=watch"
 Document = dict[str, Any]
@@ -351,6 +353,17 @@ PROJECT_EVENTS = Op(
     query=_EVENTS_QUERY,
 )
 LOCKS = Op("Held state locks of every project", model="LockList")
+_TIME = {"type": "string", "format": "date-time", "maxLength": 40}
+USAGE = Op(
+    "What the project's VMs used (docs/usage.md): totals per VM and project, and hourly points",
+    model="UsageReport",
+    errors=(400,),
+    query=(
+        _query("from", _TIME, "RFC 3339; the hours that end after it (default: a day before to)"),
+        _query("to", _TIME, "RFC 3339; the hours that start before it (default: now); <= 400 days on"),
+        _query("points", BOOLEAN, "Include the hourly points (default true); false: totals only"),
+    ),
+)
 FORCE_UNLOCK = Op(
     "Release the project's state lock, as terraform force-unlock does",
     model="Lock",

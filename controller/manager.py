@@ -25,6 +25,7 @@ from api.store.allocations import Allocations
 from api.store.events import EventLog
 from api.store.image_sources import ImageSources
 from api.store.status_writer import VMStatusWriter
+from api.store.usage import UsageStore
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
@@ -50,6 +51,7 @@ from controller.sources import (
     watch_store,
 )
 from controller.telemetry import RECONCILE_SPAN, TRACER, BootSpans, QueueMetrics
+from controller.usage_sampler import UsageMetrics, UsageSampler
 
 log = structlog.get_logger(__name__)
 # A safety net above the per-call deadlines: no reconcile may hold its key longer.
@@ -87,6 +89,7 @@ class Controller:
         self._allocations = Allocations(db)
         self.events = EventLog(db, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
         self._projects = ProjectIndex(db)
+        self._usage_metrics = UsageMetrics(self._metrics.registry)
         self.queue: WorkQueue[str] = WorkQueue(
             clock=self._clock,
             backoff=Backoff(base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds),
@@ -179,6 +182,7 @@ class Controller:
                     lambda: collect_images_forever(self._db, self._allocations, images, grace=grace),
                 ),
                 self._start_source(tasks, "events-prune", self.events.prune_forever),
+                self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -197,6 +201,19 @@ class Controller:
                 source.cancel()
             await images.close()
             await runtime.close()
+
+    def _usage_sampler(self, runtime: Runtime) -> UsageSampler:
+        def running() -> dict[str, int]:
+            records = {uid: runtime.attached_record(uid) for uid in runtime.attached_uids()}
+            return {uid: record.pid for uid, record in records.items() if record is not None}
+
+        return UsageSampler(
+            UsageStore(self._db),
+            running,
+            self._usage_metrics,
+            period=self._settings.usage_sample_seconds,
+            retention=timedelta(days=self._settings.usage_retention_days),
+        )
 
     def _start_source(
         self, tasks: asyncio.TaskGroup, name: str, source: Callable[[], Awaitable[None]]

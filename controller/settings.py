@@ -182,6 +182,17 @@ class ControllerSettings(ProcessSettings):
             max_concurrent=self.image_max_concurrent_downloads,
         )
 
+    # Usage metering: how often running VMs are sampled, how long the hourly sums are kept.
+    usage_sample_seconds: float = Field(
+        default=15.0,
+        ge=1,
+        le=3600,
+        description="How often each running VM's CPU, memory and disk use is sampled (seconds)",
+    )
+    usage_retention_days: int = Field(
+        default=400, ge=1, le=3650, description="How long the hourly usage of VMs is kept (days)"
+    )
+
 
 def split_port_range(text: str) -> tuple[int, int]:
     """Parse "FIRST-LAST". :raise ValueError: malformed or outside 1024-65535."""

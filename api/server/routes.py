@@ -17,7 +17,7 @@ from aiohttp import web
 
 from api import openapi
 from api.openapi import Op
-from api.server import backend, console, events, health, history, k8s, kube, locks, metrics, resources
+from api.server import backend, console, events, health, history, k8s, kube, locks, metrics, resources, usage
 from api.server.auth import METRICS_PATH
 from api.server.errors import Handler
 from api.server.ui import UI_ROUTES
@@ -100,6 +100,7 @@ READ_API_TABLE = (
         resources.list_disks,
         openapi.read("Disk files of a project's VMs"),
     ),
+    _get(f"{API}/projects/{{project}}/usage", usage.project_usage, openapi.USAGE),
 )
 _ACTIONS = (
     ("restart", k8s.restart, "restart the running QEMU gracefully (counted in status.restarts), or start a "

@@ -138,6 +138,33 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_by_uid ON events(uid, id);
     CREATE INDEX events_by_vm ON events(project, vm_name, id);
     """,
+    """
+    -- Usage metering (docs/usage.md): what each VM used, per UTC hour, kept after the VM is gone
+    -- until usage_retention_days. `hour` is the hour's start as ISO 8601 text; the sums only grow.
+    CREATE TABLE vm_usage (
+        uid                TEXT NOT NULL,
+        hour               TEXT NOT NULL,
+        project            TEXT NOT NULL,
+        vm_name            TEXT NOT NULL,
+        cpu_seconds        DOUBLE PRECISION NOT NULL,
+        memory_mib_seconds DOUBLE PRECISION NOT NULL,
+        uptime_seconds     DOUBLE PRECISION NOT NULL,
+        disk_bytes         INTEGER NOT NULL,    -- allocated, at the hour's last sample
+        PRIMARY KEY (uid, hour)
+    );
+    CREATE INDEX vm_usage_by_project ON vm_usage(project, hour);
+    CREATE INDEX vm_usage_by_hour ON vm_usage(hour);
+    -- The last sample counted per VM, written with the sums it completed: a restarted
+    -- controller resumes its deltas from here, so nothing is counted twice or lost.
+    CREATE TABLE vm_usage_cursors (
+        uid         TEXT PRIMARY KEY,
+        pid         INTEGER NOT NULL,
+        start_ticks INTEGER NOT NULL,
+        cpu_ticks   INTEGER NOT NULL,
+        rss_bytes   INTEGER NOT NULL,
+        sampled_at  DOUBLE PRECISION NOT NULL   -- epoch seconds
+    );
+    """,
 )
 
 

@@ -1,5 +1,5 @@
 """The client subcommands of `tofu-qemu`: get, describe, logs, restart, stop, start, states,
-locks, force-unlock. Each talks to a server over HTTP (controller/client/connection.py) and
+locks, force-unlock, usage. Each talks to a server over HTTP (controller/client/connection.py) and
 prints what kubectl would: tables by default, `-o json|yaml|wide|name`.
 
 Exit status: 0 done, 1 the server refused or could not be reached (the message says which),
@@ -28,6 +28,7 @@ from controller.client.connection import (
     connect,
 )
 from controller.client.describe import describe_vm
+from controller.client.usage import add_usage_command
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
 VM_RESOURCES = ("vm", "vms", "qemuvm", "qemuvms", "qvm")
@@ -88,6 +89,7 @@ def add_client_commands(commands: Any) -> None:
     unlock.add_argument("project")
     unlock.add_argument("--id", help="only if the lock has this ID (as `terraform force-unlock ID` checks)")
     unlock.set_defaults(client=_force_unlock)
+    add_usage_command(commands, _client_parser, _print_document)
 
 
 def run_client(
