@@ -1,0 +1,206 @@
+"""The usage store and the sampler against a real store (SQLite and PostgreSQL) and real processes
+from /proc: sums that only grow, cursors committed with them, exact counting across a process
+restart and a controller restart, retention, and the metrics' series."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from api.store import Database, StateStore, VMStore, open_store
+from api.store.usage import ROWS_MAX, TooManyRows, UsageStore
+from api.testing.tfstate import vm_state
+from api.usage import Cursor, HourUsage, Usage
+from controller.usage_sampler import TICKS_PER_SECOND, UsageMetrics, UsageSampler, read_process
+from tests.component.conftest import FakeClock
+from tests.component.test_store_states import write
+
+HOUR = datetime(2026, 12, 3, 13, tzinfo=UTC)
+# A busy loop that stops counting CPU when it gets SIGUSR1 (it sleeps from then on).
+SPINNER = (
+    "import signal, time\n"
+    "busy = [True]\n"
+    "signal.signal(signal.SIGUSR1, lambda *_: busy.__setitem__(0, False))\n"
+    "while busy[0]: pass\n"
+    "while True: time.sleep(60)\n"
+)
+
+
+def row(uid: str, hour: datetime, cpu: float, *, name: str = "web", disk: int = 4096) -> HourUsage:
+    return HourUsage(uid, "lab", name, hour, Usage(cpu, cpu * 100, 60), disk)
+
+
+async def test_record_adds_to_the_hour_and_keeps_the_latest_disk_bytes(db: Database) -> None:
+    usage = UsageStore(db)
+    await usage.record([row("u1", HOUR, 1.5, disk=100)], {})
+    await usage.record([row("u1", HOUR, 2.0, disk=300), row("u1", HOUR + timedelta(hours=1), 4.0)], {})
+    first, second = await usage.hours("lab", HOUR, HOUR + timedelta(hours=2))
+    assert (first.usage, first.disk_bytes) == (Usage(3.5, 350, 120), 300)
+    assert (second.hour, second.usage.cpu_seconds) == (HOUR + timedelta(hours=1), 4.0)
+
+
+async def test_cursors_are_set_replaced_and_forgotten_with_the_sums(db: Database) -> None:
+    usage = UsageStore(db)
+    await usage.record([], {"u1": Cursor(10, 1000, 50, 4096, 1.5e9), "u2": Cursor(11, 1001, 0, 0, 1.5e9)})
+    await usage.record([row("u1", HOUR, 1)], {"u1": Cursor(10, 1000, 150, 8192, 1.5e9 + 15)}, forget=["u2"])
+    assert await usage.cursors() == {"u1": Cursor(10, 1000, 150, 8192, 1.5e9 + 15)}
+
+
+async def test_the_range_takes_the_hours_it_overlaps_in_any_offset(db: Database) -> None:
+    """An hour is in the range when it ends after `from` and starts before `to`; times with an
+    offset compare as the same instants in UTC."""
+    usage = UsageStore(db)
+    await usage.record([row("u1", HOUR + timedelta(hours=n), n) for n in range(4)], {})
+    east = timezone(timedelta(hours=2))
+    start = (HOUR + timedelta(hours=1, minutes=30)).astimezone(east)
+    hours = await usage.hours("lab", start, (HOUR + timedelta(hours=2, minutes=1)).astimezone(east))
+    assert [r.usage.cpu_seconds for r in hours] == [1, 2]
+    assert await usage.hours("other", HOUR, HOUR + timedelta(hours=4)) == []
+
+
+async def test_a_range_past_the_row_bound_is_refused(db: Database) -> None:
+    usage = UsageStore(db)
+    await usage.record([row(f"u{n}", HOUR, 1) for n in range(ROWS_MAX + 1)], {})
+    with pytest.raises(TooManyRows, match=str(ROWS_MAX)):
+        await usage.hours("lab", HOUR, HOUR + timedelta(hours=1))
+    assert len(await usage.hours("lab", HOUR - timedelta(hours=1), HOUR)) == 0
+
+
+async def test_prune_removes_only_hours_before_the_cutoff(db: Database) -> None:
+    usage = UsageStore(db)
+    await usage.record([row("u1", HOUR - timedelta(days=401), 1), row("u1", HOUR, 2)], {})
+    assert await usage.prune(HOUR - timedelta(days=400)) == 1
+    assert [
+        r.usage.cpu_seconds
+        for r in await usage.hours("lab", HOUR - timedelta(days=400), HOUR + timedelta(hours=1))
+    ] == [2]
+
+
+async def test_identities_name_the_vm_and_its_disks(db: Database, vms: VMStore, states: StateStore) -> None:
+    await write(states, vm_state(1, {"web": {}}))
+    (record,) = await vms.list_records(project="lab")
+    identities = await UsageStore(db).identities([record.uid, "unknown"])
+    assert {uid: (i.project, i.name, i.disk_paths) for uid, i in identities.items()} == {
+        record.uid: ("lab", "web", ())
+    }
+
+
+@pytest.fixture
+def spinner() -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen([sys.executable, "-c", SPINNER])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def cpu_of(pid: int) -> float:
+    sample = read_process(pid, booted_at=0, at=0)
+    assert sample is not None
+    return sample.cpu_ticks / TICKS_PER_SECOND
+
+
+async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_restart(
+    tmp_path: Path, clock: FakeClock, database_url: str | None, states: StateStore, vms: VMStore
+) -> None:
+    """Two processes in turn for one VM, and a sampler replaced by a new one on a reopened store
+    between samples: the stored CPU equals what the kernel charged each process, to the tick."""
+    await write(states, vm_state(1, {"web": {}}))
+    (record,) = await vms.list_records(project="lab")
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(b"x" * 65536)
+    running: dict[str, int] = {}
+    registry = CollectorRegistry()
+    metrics = UsageMetrics(registry)
+    charged = 0.0
+    for _ in range(2):  # a "QEMU restart": a second process for the same VM
+        process = await asyncio.create_subprocess_exec(sys.executable, "-c", SPINNER)
+        try:
+            running[record.uid] = process.pid
+            for _ in range(2):  # a "controller restart" between two samples of this process
+                db = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
+                sampler = UsageSampler(
+                    UsageStore(db), lambda: running, metrics, period=1, retention=timedelta(days=400)
+                )
+                await _add_disk(db, record.uid, disk)
+                await asyncio.sleep(0.3)
+                await sampler.sample_once()
+                await db.close()
+            process.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(0.2)
+            charged += cpu_of(process.pid)
+            db = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
+            await UsageSampler(
+                UsageStore(db), lambda: running, metrics, period=1, retention=timedelta(days=1)
+            ).sample_once()
+            await db.close()
+        finally:
+            process.kill()
+            await process.wait()
+    db = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
+    now = datetime.now(UTC)
+    hours = await UsageStore(db).hours("lab", now - timedelta(hours=2), now + timedelta(hours=1))
+    await db.close()
+    assert charged > 0.2  # the spinners did burn CPU
+    assert sum(h.usage.cpu_seconds for h in hours) == pytest.approx(charged, abs=0.011)
+    assert hours[-1].disk_bytes >= 65536
+    labels = {"project": "lab", "vm": "web", "uid": record.uid}
+    assert registry.get_sample_value("tofu_qemu_vm_disk_bytes", labels) == hours[-1].disk_bytes
+
+
+async def _add_disk(db: Database, uid: str, path: Path) -> None:
+    async with db.write() as conn:
+        await conn.execute(
+            "INSERT INTO disks (uid, name, path, reclaim_policy, created_at)"
+            " VALUES (?, 'root', ?, 'Delete', ?) ON CONFLICT (uid, name) DO NOTHING",
+            (uid, str(path), HOUR.isoformat()),
+        )
+
+
+async def test_metrics_series_go_when_the_vm_stops_running(
+    db: Database, states: StateStore, vms: VMStore, spinner: subprocess.Popen[bytes]
+) -> None:
+    await write(states, vm_state(1, {"web": {}}))
+    (record,) = await vms.list_records(project="lab")
+    running = {record.uid: spinner.pid}
+    registry = CollectorRegistry()
+    sampler = UsageSampler(
+        UsageStore(db), lambda: running, UsageMetrics(registry), period=1, retention=timedelta(days=1)
+    )
+    await asyncio.sleep(0.3)
+    await sampler.sample_once()
+    labels = {"project": "lab", "vm": "web", "uid": record.uid}
+    assert (registry.get_sample_value("tofu_qemu_vm_cpu_seconds_total", labels) or 0) > 0
+    assert (registry.get_sample_value("tofu_qemu_vm_uptime_seconds_total", labels) or 0) > 0
+    assert (registry.get_sample_value("tofu_qemu_vm_memory_mib_seconds_total", labels) or 0) > 0
+    running.clear()
+    await sampler.sample_once()
+    assert registry.get_sample_value("tofu_qemu_vm_cpu_seconds_total", labels) is None
+    assert registry.get_sample_value("tofu_qemu_vm_disk_bytes", labels) is None
+    # Its process lives on, unwatched: the cursor stays, so a later watch resumes from it.
+    assert record.uid in await UsageStore(db).cursors()
+    spinner.kill()
+    spinner.wait()
+    await sampler.sample_once()
+    assert await UsageStore(db).cursors() == {}
+
+
+async def test_a_vm_without_an_object_is_not_sampled(db: Database, spinner: subprocess.Popen[bytes]) -> None:
+    sampler = UsageSampler(
+        UsageStore(db),
+        lambda: {"gone": spinner.pid},
+        UsageMetrics(CollectorRegistry()),
+        period=1,
+        retention=timedelta(days=1),
+    )
+    await sampler.sample_once()
+    assert await UsageStore(db).cursors() == {}
+    assert os.path.exists(f"/proc/{spinner.pid}")
