@@ -168,4 +168,4 @@ def test_usage_settings_defaults() -> None:
     assert settings.usage_retention_days == 400
     for bad in ({"usage_sample_seconds": 0.5}, {"usage_retention_days": 0}):
         with pytest.raises(ValueError, match="greater than or equal"):
-            ControllerSettings(**bad)  # type: ignore[arg-type]
+            ControllerSettings(**bad)
