@@ -130,7 +130,7 @@ async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_rest
                 sampler = UsageSampler(
                     UsageStore(db), lambda: running, metrics, period=1, retention=timedelta(days=400)
                 )
-                await _add_disk(db, record.uid, disk)
+                await add_disk(db, record.uid, disk)
                 await asyncio.sleep(0.3)
                 await sampler.sample_once()
                 await db.close()
@@ -156,7 +156,7 @@ async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_rest
     assert registry.get_sample_value("tofu_qemu_vm_disk_bytes", labels) == hours[-1].disk_bytes
 
 
-async def _add_disk(db: Database, uid: str, path: Path) -> None:
+async def add_disk(db: Database, uid: str, path: Path) -> None:
     async with db.write() as conn:
         await conn.execute(
             "INSERT INTO disks (uid, name, path, reclaim_policy, created_at)"
