@@ -175,7 +175,8 @@ class UsageSampler:
             ]
             cursors[uid] = sample.cursor()
             added[(identity.project, identity.name, uid)] = (interval.usage, disk_bytes)
-        await self._store.record(hours, cursors, look.gone)
+        if hours or cursors or look.gone:  # an idle host writes nothing
+            await self._store.record(hours, cursors, look.gone)
         for uid in look.gone:
             self._cursors.pop(uid, None)
         self._cursors.update(cursors)

@@ -193,7 +193,11 @@ async def test_metrics_series_go_when_the_vm_stops_running(
     assert await UsageStore(db).cursors() == {}
 
 
-async def test_a_vm_without_an_object_is_not_sampled(db: Database, spinner: subprocess.Popen[bytes]) -> None:
+async def test_a_vm_without_an_object_is_not_sampled_and_nothing_is_written(
+    db: Database, spinner: subprocess.Popen[bytes]
+) -> None:
+    commits: list[None] = []
+    db.subscribe(lambda: commits.append(None))
     sampler = UsageSampler(
         UsageStore(db),
         lambda: {"gone": spinner.pid},
@@ -204,3 +208,4 @@ async def test_a_vm_without_an_object_is_not_sampled(db: Database, spinner: subp
     await sampler.sample_once()
     assert await UsageStore(db).cursors() == {}
     assert os.path.exists(f"/proc/{spinner.pid}")
+    assert commits == []
