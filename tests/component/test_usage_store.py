@@ -5,6 +5,7 @@ restart and a controller restart, retention, and the metrics' series."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,8 +21,15 @@ from api.store import Database, StateStore, VMStore, open_store
 from api.store.usage import ROWS_MAX, TooManyRows, UsageStore
 from api.testing.tfstate import vm_state
 from api.usage import Cursor, HourUsage, Usage
-from controller.usage_sampler import TICKS_PER_SECOND, UsageMetrics, UsageSampler, read_process
+from controller.usage_sampler import (
+    PRUNE_PERIOD_SECONDS,
+    TICKS_PER_SECOND,
+    UsageMetrics,
+    UsageSampler,
+    read_process,
+)
 from tests.component.conftest import FakeClock
+from tests.component.test_controller_failures import wait_until_async
 from tests.component.test_store_states import write
 
 HOUR = datetime(2026, 12, 3, 13, tzinfo=UTC)
@@ -209,3 +217,33 @@ async def test_a_vm_without_an_object_is_not_sampled_and_nothing_is_written(
     assert await UsageStore(db).cursors() == {}
     assert os.path.exists(f"/proc/{spinner.pid}")
     assert commits == []
+
+
+async def test_the_sampler_prunes_past_retention_at_start_and_then_hourly(db: Database) -> None:
+    """The sampler is the table's one owner of retention: at its start, then every hour."""
+    usage = UsageStore(db)
+    now = [HOUR.timestamp()]
+    sampler = UsageSampler(
+        usage, dict, UsageMetrics(CollectorRegistry()), period=0.01, retention=timedelta(days=400),
+        wall=lambda: now[0],
+    )  # fmt: skip
+    old = HOUR - timedelta(days=401)
+    await usage.record([row("u1", old, 1), row("u1", HOUR, 2)], {})
+    task = asyncio.create_task(sampler.run())
+    try:
+        await wait_until_async(
+            lambda: usage.hours("lab", old, HOUR + timedelta(hours=1)), lambda rows: len(rows) == 1
+        )
+        await usage.record([row("u1", old, 1)], {})
+        now[0] += PRUNE_PERIOD_SECONDS - 1
+        await asyncio.sleep(0.2)
+        assert len(await usage.hours("lab", old, HOUR + timedelta(hours=1))) == 2
+        now[0] += 1
+        await wait_until_async(
+            lambda: usage.hours("lab", old, HOUR + timedelta(hours=1)), lambda rows: len(rows) == 1
+        )
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert PRUNE_PERIOD_SECONDS == 3600
