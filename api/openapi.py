@@ -361,6 +361,7 @@ USAGE = Op(
     query=(
         _query("from", _TIME, "RFC 3339; the hours that end after it (default: a day before to)"),
         _query("to", _TIME, "RFC 3339; the hours that start before it (default: now); <= 400 days on"),
+        _query("vm", {"type": "string", "maxLength": 63}, "Only the VMs of this name (each uid it had)"),
         _query("points", BOOLEAN, "Include the hourly points (default true); false: totals only"),
     ),
 )

@@ -1,5 +1,5 @@
-"""GET /api/v1/projects/{project}/usage?from=&to=&points=: what the project's VMs used, per VM
-and in total, with the hourly points a chart draws (docs/usage.md).
+"""GET /api/v1/projects/{project}/usage?from=&to=&vm=&points=: what the project's VMs used, per
+VM and in total, with the hourly points a chart draws (docs/usage.md).
 
 The range is bounded (RANGE_MAX_DAYS) and so is the answer (ROWS_MAX hourly rows); a longer
 one is a 400 that says to narrow it or to ask for totals only (`points=false` still reads the
@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from api.names import dns_label_problem
 from api.server import params
 from api.server.backend import project_of
 from api.server.errors import BadRequest
@@ -51,8 +52,12 @@ async def project_usage(request: web.Request) -> web.StreamResponse:
     if end - start > timedelta(days=RANGE_MAX_DAYS):
         raise BadRequest(f"the range may span at most {RANGE_MAX_DAYS} days")
     points = params.flag(request, "points") if "points" in request.query else True
+    vm_name = request.query.get("vm") or None
+    problem = dns_label_problem(vm_name) if vm_name is not None else None
+    if problem:
+        raise BadRequest(f"vm: {problem}")
     try:
-        hours = await UsageStore(request.app[DATABASE]).hours(project, start, end)
+        hours = await UsageStore(request.app[DATABASE]).hours(project, start, end, vm_name=vm_name)
     except TooManyRows as err:
         raise BadRequest(f"{err}: narrow the range") from None
     report = build_report(project, start, end, hours, points=points)

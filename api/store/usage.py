@@ -98,18 +98,27 @@ class UsageStore:
                     (json.dumps(gone),),
                 )
 
-    async def hours(self, project: str, start: datetime, end: datetime) -> list[HourUsage]:
-        """The project's hourly rows overlapping [start, end), per VM oldest first.
+    async def hours(
+        self, project: str, start: datetime, end: datetime, *, vm_name: str | None = None
+    ) -> list[HourUsage]:
+        """The project's hourly rows overlapping [start, end), per VM oldest first; with
+        `vm_name`, only those of the VMs of that name (every uid that had it).
 
         :raise TooManyRows: more than ROWS_MAX of them.
         """
         # Hours are stored as UTC text: compare with UTC text of the same shape.
         first = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         end = end.astimezone(UTC)
+        where, params = (
+            "project = ? AND hour >= ? AND hour < ?",
+            [project, first.isoformat(), end.isoformat()],
+        )
+        if vm_name is not None:
+            where, params = f"{where} AND vm_name = ?", [*params, vm_name]
         rows = await self._db.read(
-            "SELECT uid, hour, project, vm_name, cpu_seconds, memory_mib_seconds, uptime_seconds, disk_bytes"
-            " FROM vm_usage WHERE project = ? AND hour >= ? AND hour < ? ORDER BY uid, hour LIMIT ?",
-            (project, first.isoformat(), end.isoformat(), ROWS_MAX + 1),
+            "SELECT uid, hour, project, vm_name, cpu_seconds, memory_mib_seconds, uptime_seconds, disk_bytes"  # noqa: S608
+            f" FROM vm_usage WHERE {where} ORDER BY uid, hour LIMIT ?",
+            (*params, ROWS_MAX + 1),
         )
         if len(rows) > ROWS_MAX:
             raise TooManyRows(f"the range holds more than {ROWS_MAX} hourly rows")

@@ -167,3 +167,18 @@ def test_since_parses_days_hours_and_minutes() -> None:
     for bad in ("0d", "", "7x", "-1d"):
         with pytest.raises(ValueError, match="duration"):
             parse_since(bad)
+
+
+async def test_vm_narrows_the_report_to_the_vms_of_a_name(client: TestClient[Any, Any]) -> None:
+    """A VM page's chart asks for one name: every uid that had it, and nothing else."""
+    await seed(client)
+    await UsageStore(client.app[DATABASE]).record(
+        [HourUsage("u4", "lab", "web", HOUR + timedelta(hours=1), Usage(1, 1, 1), 1)], {}
+    )
+    params = {"from": "2026-12-03T13:00:00Z", "to": "2026-12-03T15:00:00Z", "vm": "web"}
+    body = await (await client.get(URL, params=params, headers=AUTH)).json()
+    assert [(vm["uid"], vm["name"]) for vm in body["vms"]] == [("u1", "web"), ("u4", "web")]
+    assert body["total"]["cpuSeconds"] == 31.0
+    response = await client.get(URL, params={"vm": "Not_A_Name"}, headers=AUTH)
+    assert response.status == 400
+    assert "vm: " in (await response.json())["message"]
