@@ -13,11 +13,12 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from api.store import Database, StateStore, VMStore, open_store
+from api.store import Database, StateStore, StoreUnavailable, VMStore, open_store
 from api.store.usage import ROWS_MAX, TooManyRows, UsageStore
 from api.testing.tfstate import vm_state
 from api.usage import Cursor, HourUsage, Usage
@@ -247,3 +248,47 @@ async def test_the_sampler_prunes_past_retention_at_start_and_then_hourly(db: Da
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert PRUNE_PERIOD_SECONDS == 3600
+
+
+class FailingOnce(UsageStore):
+    """A usage store whose next `record` fails as an unreachable database would."""
+
+    fail = False
+
+    async def record(self, *args: Any, **kwargs: Any) -> None:
+        if self.fail:
+            self.fail = False
+            raise StoreUnavailable("the database did not answer")
+        await super().record(*args, **kwargs)
+
+
+async def test_a_failed_round_loses_nothing(
+    db: Database, states: StateStore, vms: VMStore, spinner: subprocess.Popen[bytes]
+) -> None:
+    """The round whose write failed counts nothing (store and metrics); the next counts its
+    interval from the same cursor, so the total still equals the kernel's."""
+    await write(states, vm_state(1, {"web": {}}))
+    (record,) = await vms.list_records(project="lab")
+    store, registry = FailingOnce(db), CollectorRegistry()
+    sampler = UsageSampler(
+        store,
+        lambda: {record.uid: spinner.pid},
+        UsageMetrics(registry),
+        period=1,
+        retention=timedelta(days=1),
+    )
+    await sampler.sample_once()
+    await asyncio.sleep(0.3)
+    store.fail = True
+    with pytest.raises(StoreUnavailable):
+        await sampler.sample_once()
+    labels = {"project": "lab", "vm": "web", "uid": record.uid}
+    spinner.send_signal(signal.SIGUSR1)
+    await asyncio.sleep(0.2)
+    await sampler.sample_once()
+    now = datetime.now(UTC)
+    hours = await store.hours("lab", now - timedelta(hours=2), now + timedelta(hours=1))
+    assert sum(h.usage.cpu_seconds for h in hours) == pytest.approx(cpu_of(spinner.pid), abs=0.011)
+    assert registry.get_sample_value("tofu_qemu_vm_cpu_seconds_total", labels) == pytest.approx(
+        cpu_of(spinner.pid), abs=0.011
+    )
