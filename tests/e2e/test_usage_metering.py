@@ -204,6 +204,16 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def spin_for(pid: int, cpu_seconds: float) -> None:
+    """Wait until QEMU has burned `cpu_seconds` more (on a loaded host that takes longer)."""
+    start = cpu_ticks(pid)
+    wait_until(
+        lambda: cpu_ticks(pid) - start >= cpu_seconds * TICKS_PER_SECOND,
+        timeout=BUSY_DEADLINE_SECONDS,
+        what=f"QEMU to burn {cpu_seconds} s of CPU",
+    )
+
+
 def usage_of(host: VmHost) -> dict[str, Any]:
     answer = host.request("GET", "/api/v1/projects/lab/usage")
     assert answer.status == 200, answer.body
@@ -238,12 +248,12 @@ def test_the_server_meters_exactly_across_a_controller_restart_and_keeps_it_afte
     vm = host.wait_vm("lab", "spin", is_running_current, what="Running")
     pid, uid = vm["status"]["pid"], vm["metadata"]["uid"]
     wait_until(lambda: metric(host, uid), timeout=30, what="the VM's CPU series")
-    time.sleep(3)
+    spin_for(pid, 1.0)
     host.stop("serve")
-    time.sleep(3)  # QEMU spins on, unwatched: the next controller counts it from the stored cursor
+    spin_for(pid, 0.5)  # unwatched: the next controller counts this from the stored cursor
     host.start("serve")
     host.wait_vm("lab", "spin", lambda found: found["status"].get("pid") == pid, what="adopted")
-    time.sleep(3)
+    spin_for(pid, 0.5)
     os.kill(pid, signal.SIGSTOP)
     try:
         charged = cpu_ticks(pid) / TICKS_PER_SECOND
@@ -265,7 +275,6 @@ def test_the_server_meters_exactly_across_a_controller_restart_and_keeps_it_afte
         print(f"charged {charged:.2f} s, stored {stored['cpuSeconds']:.2f} s")
         assert spin["name"] == "spin"
         assert spin["total"]["diskBytes"] > 0
-        assert charged > 1.0, "the guest did spin"
         lived = (datetime.now(UTC) - started).total_seconds()
         assert stored["uptimeSeconds"] == pytest.approx(lived, abs=3.0)
         assert 0 < (metric(host, uid) or 0) <= charged  # counted since this controller started
