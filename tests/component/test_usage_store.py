@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from api.store import Database, StateStore, StoreUnavailable, VMStore, open_store
-from api.store.usage import ROWS_MAX, TooManyRows, UsageStore
+from api.store.usage import TooManyRows, UsageStore
 from api.testing.tfstate import vm_state
 from api.usage import Cursor, HourUsage, Usage
 from controller.usage_sampler import (
@@ -77,9 +77,12 @@ async def test_the_range_takes_the_hours_it_overlaps_in_any_offset(db: Database)
 
 
 async def test_a_range_past_the_row_bound_is_refused(db: Database) -> None:
+    """docs/usage.md: at most 10 000 hourly rows per answer."""
     usage = UsageStore(db)
-    await usage.record([row(f"u{n}", HOUR, 1) for n in range(ROWS_MAX + 1)], {})
-    with pytest.raises(TooManyRows, match=str(ROWS_MAX)):
+    await usage.record([row(f"u{n}", HOUR, 1) for n in range(10_000)], {})
+    assert len(await usage.hours("lab", HOUR, HOUR + timedelta(hours=1))) == 10_000
+    await usage.record([row("one-more", HOUR, 1)], {})
+    with pytest.raises(TooManyRows, match="more than 10000 hourly rows"):
         await usage.hours("lab", HOUR, HOUR + timedelta(hours=1))
     assert len(await usage.hours("lab", HOUR - timedelta(hours=1), HOUR)) == 0
 
