@@ -182,3 +182,12 @@ async def test_vm_narrows_the_report_to_the_vms_of_a_name(client: TestClient[Any
     response = await client.get(URL, params={"vm": "Not_A_Name"}, headers=AUTH)
     assert response.status == 400
     assert "vm: " in (await response.json())["message"]
+
+
+async def test_too_many_rows_is_a_400_that_says_to_narrow_the_range(client: TestClient[Any, Any]) -> None:
+    rows = [HourUsage(f"u{n}", "lab", f"vm-{n}", HOUR, Usage(1, 1, 1), 1) for n in range(10_001)]
+    await UsageStore(client.app[DATABASE]).record(rows, {})
+    params = {"from": "2026-12-03T13:00:00Z", "to": "2026-12-03T14:00:00Z"}
+    response = await client.get(URL, params=params, headers=AUTH)
+    assert response.status == 400
+    assert "more than 10000 hourly rows: narrow the range" in (await response.json())["message"]
