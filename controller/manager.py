@@ -32,6 +32,7 @@ from controller.executor import Executor
 from controller.image_gc import collect_images_forever
 from controller.images.cache import ImageCache
 from controller.layout import DataLayout
+from controller.liveness_watch import watch_liveness
 from controller.project_index import ProjectIndex
 from controller.qemu import process
 from controller.qemu.accel import AccelResolver
@@ -42,6 +43,7 @@ from controller.quota_gate import QuotaGate
 from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
 from controller.resources.ports import PortAllocator
+from controller.resync_inputs import IncrementalResync
 from controller.settings import ControllerSettings
 from controller.sources import (
     RESYNC_WAIT_FLOOR_SECONDS,
@@ -148,7 +150,8 @@ class Controller:
                 ),
                 memory_reserve_mib=self._settings.memory_reserve_mib,
                 storage_reserve_mib=self._settings.storage_reserve_mib,
-                liveness_period=timedelta(seconds=self._settings.liveness_seconds),
+                # No timed look at running VMs: the liveness pass wakes the few that must be asked.
+                liveness_period=None,
                 forward_address=self._settings.forward_address,
                 images=images,
                 shutting_down=lambda: self._shutting_down,
@@ -173,6 +176,17 @@ class Controller:
                         self._projects,
                         interval=self._settings.resync_seconds,
                         finished=self._resync_finished,
+                        choose=self._incremental_resync(runtime),
+                    ),
+                ),
+                self._start_source(
+                    tasks,
+                    "liveness",
+                    lambda: watch_liveness(
+                        runtime,
+                        period=self._settings.liveness_seconds,
+                        wake=self.queue.add,
+                        asked=self._metrics.liveness_asks_total.inc,
                     ),
                 ),
                 tasks.create_task(self._beat(), name="heartbeat"),
@@ -213,6 +227,15 @@ class Controller:
             self._usage_metrics,
             period=self._settings.usage_sample_seconds,
             retention=timedelta(days=self._settings.usage_retention_days),
+        )
+
+    def _incremental_resync(self, runtime: Runtime) -> IncrementalResync:
+        return IncrementalResync(
+            layout=self._layout,
+            watched=runtime.attached_record,
+            full_every=self._settings.full_resync_seconds,
+            clock=self._clock,
+            metrics=self._metrics,
         )
 
     def _start_source(

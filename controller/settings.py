@@ -28,7 +28,7 @@ class ControllerSettings(ProcessSettings):
     # Reconciles mostly wait on QEMU (spawn, QMP round trips that slow down while guests boot),
     # so workers are cheap and many keep a large apply from queueing behind a few slow starts.
     workers: int = Field(default=64, ge=1, le=1024, description="VMs reconciled at once")
-    resync_seconds: float = Field(default=30.0, gt=0, description="Full resync period")
+    resync_seconds: float = Field(default=30.0, gt=0, description="Resync period (see full_resync_seconds)")
     backoff_base_seconds: float = Field(default=0.5, gt=0, description="First retry delay after an error")
     backoff_cap_seconds: float = Field(default=300.0, gt=0, description="Longest retry delay after errors")
     guest_nice: int = Field(
@@ -47,7 +47,10 @@ class ControllerSettings(ProcessSettings):
         default=None, description="Per-project limits: PROJECT:max_vms=N,max_memory_mib=N;PROJECT:..."
     )
     liveness_seconds: float = Field(
-        default=10.0, gt=0, description="How often a running VM's QMP is asked, to find hung QEMUs"
+        default=10.0,
+        gt=0,
+        description="How often every running QEMU is looked at in /proc, to find hung ones (QMP is asked "
+        "only when the look is odd)",
     )
     memory_reserve_mib: int = Field(
         default=256, ge=0, description="Memory (MiB) a VM start must leave available on the host"
@@ -160,6 +163,14 @@ class ControllerSettings(ProcessSettings):
     )
     image_max_concurrent_downloads: int = Field(
         default=4, ge=1, le=64, description="Image downloads running at once; the others wait"
+    )
+
+    # Incremental resync (controller/resync.py, docs/controller.md "Liveness and resync"): a
+    # resync queues only the VMs whose inputs changed; every VM is queued once per this period.
+    full_resync_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How often a resync queues every VM, not only those whose inputs changed",
     )
 
     @field_validator("image_fetch_allow_networks")

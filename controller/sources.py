@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import structlog
 
 from api.store import Database
 from api.store.allocations import Allocations
+from api.store.records import DiskRow, PortRow
 from api.store.sql import FAILURES
 from api.store.status_writer import VMStatusWriter
 from controller.layout import DataLayout
@@ -67,13 +69,35 @@ async def keep_running(
         delay = min(delay * 2, cap)
 
 
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """What one resync read: every object's resourceVersion, runtime dir and ledger row."""
+
+    versions: Mapping[str, int]
+    runtime_uids: frozenset[str]
+    ports: Sequence[PortRow]
+    disks: Sequence[DiskRow]
+
+    def uids(self) -> set[str]:
+        """Every uid that may need work: objects, runtime dirs, and ledger rows."""
+        keys = set(self.versions) | self.runtime_uids
+        keys |= {row.uid for row in self.ports}
+        keys |= {row.uid for row in self.disks}
+        return keys
+
+
+async def take_inventory(objects: VMStatusWriter, allocations: Allocations, layout: DataLayout) -> Inventory:
+    return Inventory(
+        versions=await objects.versions(),
+        runtime_uids=frozenset(layout.runtime_uids()),
+        ports=await allocations.ports(),
+        disks=await allocations.disks(),
+    )
+
+
 async def all_keys(objects: VMStatusWriter, allocations: Allocations, layout: DataLayout) -> set[str]:
     """Every uid that may need work: objects, runtime dirs, and ledger rows."""
-    keys = set(await objects.versions())
-    keys |= layout.runtime_uids()
-    keys |= {row.uid for row in await allocations.ports()}
-    keys |= {row.uid for row in await allocations.disks()}
-    return keys
+    return (await take_inventory(objects, allocations, layout)).uids()
 
 
 async def watch_store(
@@ -120,17 +144,22 @@ async def resync_forever(
     *,
     interval: float,
     finished: Callable[[float], None] = lambda _seconds: None,
+    choose: Callable[[Inventory], Collection[str]] | None = None,
 ) -> None:
     """Queue every key now and every `interval` seconds: drift is corrected even without events.
 
-    `finished(seconds)` is called when every key of a resync has been reconciled once: readiness
-    ("the last resync finished recently") and the resync duration metric come from it.
+    `choose(inventory)`: the keys of this pass to queue (controller/resync.py queues only those
+    whose inputs changed, and every key on a longer period); None queues every key.
+    `finished(seconds)` is called when every queued key of a resync has been reconciled once:
+    readiness ("the last resync finished recently") and the resync duration metric come from it.
     """
     loop = asyncio.get_running_loop()
     while True:
         started = loop.time()
-        keys = sorted(await all_keys(objects, allocations, layout))
-        projects.keep_only(keys)
+        inventory = await take_inventory(objects, allocations, layout)
+        every = sorted(inventory.uids())
+        projects.keep_only(every)
+        keys = every if choose is None else sorted(choose(inventory))
         await projects.learn(keys)
         for uid in keys:
             queue.add(uid)

@@ -129,6 +129,20 @@ class Metrics:
             buckets=RECONCILE_BUCKETS,
             registry=registry,
         )
+        # liveness: the QEMUs the /proc look could not vouch for and asked over QMP
+        # (controller/liveness_watch.py), and the keys each resync queued or skipped as
+        # unchanged (controller/resync.py).
+        self.liveness_asks_total = Counter(
+            "tofu_qemu_liveness_asks",
+            "Watched QEMUs the liveness pass asked over QMP because /proc did not show them idle",
+            registry=registry,
+        )
+        self.resync_keys_total = Counter(
+            "tofu_qemu_resync_keys",
+            "Keys a resync pass looked at, by outcome: queued (changed, or a full pass) or skipped",
+            ("outcome",),
+            registry=registry,
+        )
         # ours, backend side
         self.state_writes_total = Counter(
             "tofu_qemu_state_writes",

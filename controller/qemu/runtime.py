@@ -30,6 +30,7 @@ import structlog
 
 from controller.clock import Clock
 from controller.hypervisor import AlreadyRunning, CommandRefused, CommandUnanswered, ProcessView, Spawned
+from controller.liveness import Target
 from controller.model import ProcessObservation, QmpState
 from controller.qemu import process
 from controller.qemu.argv import QMP_SOCKET_NAME, RuntimePaths
@@ -116,6 +117,24 @@ class Runtime:
     def attached_uids(self) -> list[str]:
         """The VMs whose process is watched (alive, as far as its pidfd knows)."""
         return list(self._attached)
+
+    def liveness_targets(self) -> list[Target]:
+        """Every watched QEMU, for the liveness pass (controller/liveness_watch.py)."""
+        return [
+            Target(
+                uid,
+                attachment.record.pid,
+                attachment.monitor is not None and attachment.monitor.is_connected,
+                str(attachment.paths.qmp_socket),
+            )
+            for uid, attachment in self._attached.items()
+        ]
+
+    def distrust(self, uid: str) -> None:
+        """Forget `uid`'s known run-state: its next look asks QMP (and finds a hung QEMU)."""
+        attachment = self._attached.get(uid)
+        if attachment is not None:
+            attachment.known_state = None
 
     async def wait_none_attached(self) -> None:
         """Return once no process is watched (every exit seen, or every VM let go)."""
