@@ -44,9 +44,8 @@ QMP_CONNECT_SECONDS = 10.0
 # A QEMU that has run for a while (adopted, or reconnecting) listens already: a slow greeting
 # means it hangs, and the liveness check should find that in seconds, not in two full waits.
 QMP_RECONNECT_SECONDS = 2.0
-# A run state learnt from a reply or an event is trusted this long before QMP is asked again.
-# Asking is what detects a hung QEMU, so this bounds how stale the answer may be, and a full
-# resync (30 s) always finds the trust expired.
+# A run state learnt from a reply or an event is trusted this long before QMP is asked again
+# (by a reconcile; the liveness pass makes it forget sooner a QEMU that looks hung in /proc).
 STATE_TRUST_SECONDS = 5.0
 _QMP_STATES = {state.value: state for state in QmpState}
 # What these events and commands say about the run state, without asking query-status.

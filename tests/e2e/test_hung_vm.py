@@ -1,4 +1,5 @@
-"""A hung QEMU (SIGSTOP: alive, but its QMP never answers) is found by the liveness look and replaced."""
+"""A hung QEMU (SIGSTOP: alive, but its QMP never answers) is found by the liveness pass's look at
+/proc, asked over QMP, and replaced."""
 
 from __future__ import annotations
 
@@ -41,4 +42,5 @@ def test_a_stopped_qemu_is_killed_and_restarted(make_vm_host: MakeVmHost) -> Non
     assert after["status"]["restarts"] == before["status"]["restarts"] + 1
     assert live_qemu_pids(host.data_dir) == {after["status"]["pid"]}
     log = server.log_text()
+    assert '"liveness_ask"' in log
     assert '"vm_killed"' in log
