@@ -422,7 +422,11 @@ def server_layout(data_dir: Path) -> DataLayout:
 class Server:
     """`python -m controller.cli serve` on a free loopback port with its own data dir."""
 
-    def __init__(self, data_dir: Path, log_path: Path, *, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, data_dir: Path, log_path: Path, *, extra_args: Sequence[str] = (), tree: Path = REPO_ROOT
+    ) -> None:
+        # `tree`: the source tree whose code runs (another checkout, to compare two versions).
+        self.tree = tree
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = free_port()
@@ -460,7 +464,7 @@ class Server:
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 argv,
-                cwd=REPO_ROOT,
+                cwd=self.tree,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -719,10 +723,17 @@ class Workspace:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def start_server(
-        self, name: str = "server", *, extra_args: Sequence[str] = (), data_dir: Path | None = None
+        self,
+        name: str = "server",
+        *,
+        extra_args: Sequence[str] = (),
+        data_dir: Path | None = None,
+        tree: Path = REPO_ROOT,
     ) -> Server:
-        """A server on the workspace's data dir, or on `data_dir` (a second server beside it)."""
-        server = Server(data_dir or self.data_dir, self.root / f"{name}.log", extra_args=extra_args)
+        """A server on the workspace's data dir, or on `data_dir` (a second server beside it),
+        running the code of `tree` (`python -m` imports from its working directory first)."""
+        log_path = self.root / f"{name}.log"
+        server = Server(data_dir or self.data_dir, log_path, extra_args=extra_args, tree=tree)
         self._servers.append(server)
         server.start()
         return server
