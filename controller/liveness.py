@@ -7,11 +7,14 @@ a QEMU that hangs: stopped (SIGSTOP), or alive with a main loop that no longer s
 QEMU serves QMP commands from its main loop, which waits in poll() whenever it has nothing to
 do. So the main thread's kernel wait channel (/proc/PID/wchan, one small read, no round trip to
 QEMU) tells a healthy idle QEMU (sleeping in poll) from one that is stopped (`do_signal_stop`),
-blocked elsewhere (a futex, uninterruptible I/O) or spinning (running, no wait channel). A busy
-main loop is seen outside poll now and then, so an odd look is repeated a few times, ms apart;
-only a QEMU that still looks odd, or whose QMP connection or socket is gone, is asked: its
-known run-state is forgotten and its VM woken, the reconcile asks `query-status`, and one that
-does not answer within the QMP timeout is killed and restarted as before (controller/plan.py).
+blocked elsewhere (a futex, uninterruptible I/O) or running. A busy main loop, or one waiting
+for a CPU on a loaded host, is seen running often, so an odd look is followed by closer ones:
+the main thread's voluntary context switches (/proc/PID/status) are read, and looked at again a
+few times 100 ms apart. One back in poll is healthy, and so is one running that went to sleep
+meanwhile (the count moved): busy, not spinning. One stopped or blocked stays odd.
+Only a QEMU that stays odd, or whose QMP connection or socket is gone, is asked: its known
+run-state is forgotten and its VM woken, the reconcile asks `query-status`, and one that does
+not answer within the QMP timeout is killed and restarted as before (controller/plan.py).
 
 A kernel that hides wait channels makes every look odd: each period then asks every QEMU, as
 the controller did before this look existed. Pure: the reads are in liveness_watch.py.
@@ -33,10 +36,13 @@ POLL_WAITS = (
     "ep_poll",
     "do_epoll_wait",
 )
+# The wait channel of a thread that is running or waiting for a CPU.
+RUNNING = "0"
 # An odd look is repeated this many times, RELOOK_SECONDS apart, before the QEMU is asked: a
-# healthy main loop that was busy at the first look is back in poll within microseconds.
+# healthy main loop that was busy, or waiting for a CPU, at the first look sleeps in poll again
+# within milliseconds once it runs, even on a saturated host with QEMU at a low priority.
 RELOOKS = 3
-RELOOK_SECONDS = 0.05
+RELOOK_SECONDS = 0.1
 # Each pass starts up to this share of the period early, so passes do not fall into step with
 # the resync; never late, which would stretch the detection bound.
 JITTER = 0.2
@@ -59,6 +65,8 @@ class Sample:
 
     wchan: str | None
     socket_present: bool = True
+    # The main thread's voluntary context switches (read only in the closer looks).
+    voluntary_switches: int | None = None
 
 
 class Look(StrEnum):
@@ -82,14 +90,28 @@ def sleeping_in_poll(wchan: str) -> bool:
     return wchan.split(".", 1)[0] in POLL_WAITS
 
 
-def judge(target: Target, sample: Sample) -> Look:
+def judge(target: Target, sample: Sample, since: Sample | None = None) -> Look:
+    """What one look says; `since`: the first closer look, whose switch count this one's is
+    compared with (a main loop that slept since then is not hung)."""
     if sample.wchan is None:
         return Look.GONE
     if not sample.socket_present:
         return Look.NO_SOCKET
     if not target.monitor_connected:
         return Look.NO_MONITOR
-    return Look.HEALTHY if sleeping_in_poll(sample.wchan) else Look.ODD
+    if sleeping_in_poll(sample.wchan) or _busy(sample, since):
+        return Look.HEALTHY
+    return Look.ODD
+
+
+def _busy(sample: Sample, since: Sample | None) -> bool:
+    """Running now, and asleep at least once since `since`: a busy main loop, not a spinning
+    one. One asleep elsewhere now (stopped, blocked) may have just hung: it stays odd."""
+    if sample.wchan != RUNNING or since is None:
+        return False
+    if since.voluntary_switches is None or sample.voluntary_switches is None:
+        return False
+    return sample.voluntary_switches > since.voluntary_switches
 
 
 def relook(looks: Mapping[str, Look]) -> list[str]:

@@ -103,7 +103,7 @@ def report(
     resync_period: float,
 ) -> dict[str, Any]:
     """Print the per-100-VM figures of this tree's server, beside the baseline's if measured."""
-    columns = [("this tree", new)] + ([(f"baseline ({tree})", base)] if base is not None else [])
+    columns = [("this tree", new)] + ([("baseline", base)] if base is not None else [])
     rows: dict[str, list[float]] = {}
     full_pass_cpu = resync_of(base.window).cpu_s if base is not None else None
     for _, measured in columns:
@@ -129,13 +129,17 @@ def report(
         )
     print()
     print(f"Per 100 VMs ({vms} measured, resync every {resync_period:g} s), side by side in one run:")
-    print(f"{'':46}" + "".join(f"{name:>24}" for name, _ in columns))
+    print(f"{'':46}" + "".join(f"{name:>14}" for name in ("this tree", "baseline")[: len(columns)]))
     for label, values in rows.items():
         if label == "resync keys queued / skipped":
             cells = [f"{values[i]:.0f}/{values[i + 1]:.0f}" for i in range(0, len(values), 2)]
+        elif label.startswith(("reconciles", "QEMUs")):
+            cells = [f"{value:.0f}" for value in values]
         else:
-            cells = [f"{value:.3f}" if value < 100 else f"{value:.0f}" for value in values]
-        print(f"{label:46}" + "".join(f"{cell:>24}" for cell in cells))
+            cells = [f"{value:.3f}" for value in values]
+        print(f"{label:46}" + "".join(f"{cell:>14}" for cell in cells))
+    if base is not None:
+        print(f"baseline: the code of {tree}")
     figures: dict[str, Any] = {label: values for label, values in rows.items()}
     new_resync = resync_of(new.window)
     if full_pass_cpu is not None:
@@ -146,8 +150,8 @@ def report(
         )
         figures["projected_default_pct_per_100"] = per_100(projected, vms)
         print(
-            f"{'projected at the defaults, % per 100 VMs':46}{per_100(projected, vms):>24.3f}"
-            f"{per_100(resync_of(base.window).projected_default_pct, vms) if base else 0.0:>24.3f}"
+            f"{'projected at the defaults, % per 100 VMs':46}{per_100(projected, vms):>14.3f}"
+            f"{per_100(resync_of(base.window).projected_default_pct, vms) if base else 0.0:>14.3f}"
         )
         print(
             "  (this tree: background + its pass / 30 s + a full pass, costed as the baseline's pass, "

@@ -4,6 +4,7 @@ scripted /proc looks: which QEMUs are asked over QMP, and which cost nothing."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,7 +21,7 @@ from controller.liveness import (
     next_delay,
     sleeping_in_poll,
 )
-from controller.liveness_watch import liveness_pass, read_wchan, watch_liveness
+from controller.liveness_watch import liveness_pass, read_voluntary_switches, read_wchan, watch_liveness
 
 POLL = "poll_schedule_timeout.constprop.0"
 UP = Target("vm", 4242, monitor_connected=True, qmp_socket="/run/vm/qmp.sock")
@@ -28,8 +29,8 @@ DOWN = Target("vm", 4242, monitor_connected=False, qmp_socket="/run/vm/qmp.sock"
 
 
 def test_the_documented_numbers() -> None:
-    """docs/controller.md, "Liveness and resync": 3 re-looks 50 ms apart, passes up to 20 % early."""
-    assert (RELOOKS, RELOOK_SECONDS, JITTER) == (3, 0.05, 0.2)
+    """docs/controller.md, "Liveness and resync": 3 re-looks 100 ms apart, passes up to 20 % early."""
+    assert (RELOOKS, RELOOK_SECONDS, JITTER) == (3, 0.1, 0.2)
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,29 @@ def test_the_documented_numbers() -> None:
 )
 def test_judge(target: Target, sample: Sample, look: Look) -> None:
     assert judge(target, sample) is look
+
+
+def switches(count: int | None, wchan: str = "0") -> Sample:
+    return Sample(wchan, voluntary_switches=count)
+
+
+@pytest.mark.parametrize(
+    ("since", "now", "look"),
+    [
+        (switches(5), switches(6), Look.HEALTHY),  # it slept in between: not hung
+        (switches(5), switches(5), Look.ODD),  # spinning or waiting for a CPU all along
+        (switches(5, "futex_do_wait"), switches(5, "futex_do_wait"), Look.ODD),  # blocked all along
+        (switches(5, "do_signal_stop"), switches(5, "do_signal_stop"), Look.ODD),  # stopped
+        (switches(5), switches(6, "do_signal_stop"), Look.ODD),  # stopping is a switch, not health
+        (switches(5), switches(6, "futex_do_wait"), Look.ODD),  # just blocked: maybe for good
+        (switches(5), switches(5, POLL), Look.HEALTHY),
+        (switches(None), switches(6), Look.ODD),  # unreadable counts prove nothing
+        (switches(5), switches(None), Look.ODD),
+        (None, switches(6), Look.ODD),  # the first closer look has nothing to compare with
+    ],
+)
+def test_judge_a_closer_look(since: Sample | None, now: Sample, look: Look) -> None:
+    assert judge(UP, now, since) is look
 
 
 @pytest.mark.parametrize("wchan", [*POLL_WAITS, POLL, "do_select.isra.0"])
@@ -99,11 +123,17 @@ class World:
         self.sleeps.append(seconds)
 
     async def run_pass(self) -> list[str]:
-        return await liveness_pass(self, wake=self.woken.append, look=self.look, sleep=self.sleep)
+        return await liveness_pass(
+            self, wake=self.woken.append, look=self.look, look_closer=self.look, sleep=self.sleep
+        )
 
 
 def odd(times: int) -> list[Sample]:
     return [Sample("futex_do_wait")] * times
+
+
+# Every look of an odd QEMU: the first, the first closer one, then up to RELOOKS after a sleep.
+ALL_LOOKS = RELOOKS + 2
 
 
 @pytest.mark.parametrize(
@@ -111,10 +141,13 @@ def odd(times: int) -> list[Sample]:
     [
         ([Sample(POLL)], False, 1),  # healthy: one read, nothing asked
         ([Sample("0"), Sample(POLL)], False, 2),  # busy at the first look only
-        ([*odd(RELOOKS), Sample(POLL)], False, RELOOKS + 1),  # back in poll at the last re-look
-        (odd(RELOOKS + 1), True, RELOOKS + 1),  # still odd: asked
-        ([Sample("do_signal_stop")] * 9, True, RELOOKS + 1),  # SIGSTOPped
+        ([*odd(ALL_LOOKS - 1), Sample(POLL)], False, ALL_LOOKS),  # back in poll at the last re-look
+        (odd(ALL_LOOKS), True, ALL_LOOKS),  # still odd: asked
+        ([Sample("do_signal_stop")] * 9, True, ALL_LOOKS),  # SIGSTOPped
+        ([Sample("0"), switches(5), switches(5), switches(6)], False, 4),  # slept between re-looks
+        ([Sample("0"), *[switches(5)] * 9], True, ALL_LOOKS),  # spinning: no voluntary switch
         ([Sample(None)], False, 1),  # gone: the pidfd tells
+        ([Sample("0"), Sample(None)], False, 2),  # gone while looked at
         ([Sample(POLL, socket_present=False)], True, 1),  # socket removed: no re-look needed
     ],
 )
@@ -123,7 +156,7 @@ async def test_one_vm_per_look(samples: list[Sample], asked: bool, looks: int) -
     assert await world.run_pass() == (["vm"] if asked else [])
     assert world.woken == world.distrusted == (["vm"] if asked else [])
     assert len(world.looks) == looks
-    assert world.sleeps == [RELOOK_SECONDS] * (looks - 1)
+    assert world.sleeps == [RELOOK_SECONDS] * max(0, looks - 2)
 
 
 async def test_a_vm_without_a_qmp_connection_is_asked_every_pass() -> None:
@@ -138,8 +171,8 @@ async def test_a_fleet_is_looked_at_in_one_pass_and_only_the_hung_one_is_asked()
     script["vm-8"] = [Sample("0"), Sample(POLL)]
     world = World(script)
     assert await world.run_pass() == ["vm-7"]
-    # 100 first looks, then the two odd ones again, then the stopped one until the re-looks end.
-    assert len(world.looks) == 100 + 2 + (RELOOKS - 1)
+    # 100 first looks, a closer one at the two odd ones, then re-looks at the stopped one.
+    assert len(world.looks) == 100 + 2 + RELOOKS
     assert world.sleeps == [RELOOK_SECONDS] * RELOOKS
 
 
@@ -167,6 +200,7 @@ async def test_the_watch_sleeps_a_jittered_period_then_passes() -> None:
             wake=world.woken.append,
             asked=counts.append,
             look=world.look,
+            look_closer=world.look,
             sleep=sleep,
             draw=lambda: next(draws),
         )
@@ -175,7 +209,15 @@ async def test_the_watch_sleeps_a_jittered_period_then_passes() -> None:
     assert world.woken == world.distrusted == ["hung"]
 
 
-def test_reading_a_wait_channel() -> None:
-    """A live process's wait channel is a string; a pid that does not exist reads as gone."""
+def test_reading_a_wait_channel_and_the_switch_count() -> None:
+    """A live process's wait channel is a string and its sleeps are counted; a pid that does not
+    exist reads as gone."""
     assert isinstance(read_wchan(os.getpid()), str)
     assert read_wchan(2**22 + 1) is None  # above pid_max's largest value
+    before = read_voluntary_switches(os.getpid())
+    time.sleep(0.01)  # a sleep is a voluntary switch
+    after = read_voluntary_switches(os.getpid())
+    assert before is not None
+    assert after is not None
+    assert after > before
+    assert read_voluntary_switches(2**22 + 1) is None
