@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable
+from pathlib import PurePath
 
 import structlog
 
@@ -22,14 +23,14 @@ from controller.sources import Inventory
 log = structlog.get_logger(__name__)
 
 
-def _stat(path: object) -> os.stat_result | None:
+def _stat(path: str) -> os.stat_result | None:
     try:
-        return os.stat(str(path))
+        return os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
-def _mtime(path: object) -> int | None:
+def _mtime(path: str) -> int | None:
     found = _stat(path)
     return found.st_mtime_ns if found is not None else None
 
@@ -53,11 +54,19 @@ def fingerprints(
         ledger.setdefault(port.uid, []).append(port)
     for disk in inventory.disks:
         ledger.setdefault(disk.uid, []).append((disk, os.path.exists(disk.path)))
+    # Plain strings: building each VM's RuntimePaths would cost more than its stats.
+    run_root = str(layout.run_root)
+    template = layout.runtime("_")
+    record_name, exit_name = PurePath(template.record).name, PurePath(template.exit_record).name
     found: dict[str, Fingerprint] = {}
     for uid in inventory.uids():
-        paths = layout.runtime(uid)
-        directory = _stat(paths.directory)
-        records = (_mtime(paths.record), _mtime(paths.exit_record)) if directory is not None else (None, None)
+        path = f"{run_root}/{uid}"
+        directory = _stat(path)
+        records = (
+            (_mtime(f"{path}/{record_name}"), _mtime(f"{path}/{exit_name}"))
+            if directory is not None
+            else (None, None)
+        )
         found[uid] = Fingerprint(
             version=inventory.versions.get(uid),
             ledger=tuple(ledger.get(uid, ())),

@@ -39,6 +39,8 @@ _STALE_FILES = ("pidfile", "qmp_socket", "record", "exit_record", "wait_status")
 SUPERVISOR_REPORT_SECONDS = 10.0
 SUPERVISOR_SCRIPT = Path(supervisor.__file__)
 _GUEST_SHUTDOWN_MARKER = "guest-shutdown"
+# /proc/PID/stat is one line of 52 fields; comm holds at most 64 bytes.
+_STAT_BYTES = 4096
 
 
 class SpawnFailed(Exception):
@@ -103,9 +105,16 @@ class ProcStat:
 def read_stat(pid: int) -> ProcStat | None:
     """State and start time of `pid` from /proc, or None if there is no such process."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        # os-level: a third of Path.read_text's cost, for reads made per VM per resync.
+        descriptor = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
+    try:
+        text = os.read(descriptor, _STAT_BYTES).decode(errors="surrogateescape")
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(descriptor)
     # comm (field 2) is in parentheses and may hold spaces or ')': split after the last ')'.
     fields = text.rpartition(")")[2].split()
     return ProcStat(state=fields[0], parent_pid=int(fields[1]), start_ticks=int(fields[19]))
