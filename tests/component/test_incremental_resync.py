@@ -1,6 +1,7 @@
 """Incremental resync on real files and real processes (controller/resync_inputs.py): an unchanged
 VM is skipped; one whose runtime dir was removed, whose process was killed while nobody watched,
-or whose exit was recorded is found by the next pass; every VM by the full pass."""
+or whose exit was recorded is found by the next pass; every VM by the full pass. And the same
+through a running controller."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import pytest
 
 from api.store.records import DiskRow, PortRow
 from api.telemetry.metrics import Metrics
-from api.types import Protocol, ReclaimPolicy
+from api.types import Phase, Protocol, ReclaimPolicy
 from controller.clock import ManualClock
 from controller.layout import DataLayout
 from controller.qemu import process
 from controller.resync_inputs import IncrementalResync
 from controller.sources import Inventory
+from tests.component.test_controller_failures import controller_on, fake_qemu, wait_until
+
+__all__ = ["fake_qemu"]  # a fixture used by this module's tests
 
 FULL_EVERY = 300.0
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
@@ -126,3 +130,25 @@ def test_the_full_pass_queues_every_vm(host: Host) -> None:
     host.choose()
     assert host.choose(after=FULL_EVERY - 1) == ()
     assert host.choose(after=1.0) == ("a", "b")
+
+
+def skipped_keys(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value("tofu_qemu_resync_keys_total", {"outcome": "skipped"})
+    return value or 0.0
+
+
+async def test_the_controller_skips_a_settled_vm_and_still_finds_a_new_orphan(
+    tmp_path: Path, fake_qemu: Path
+) -> None:
+    """Through Controller.run (a resync every 0.5 s): a VM with nothing to do (an invalid spec)
+    is skipped pass after pass, and a runtime dir that appears with no object is queued by the
+    next pass and torn down."""
+    metrics = Metrics()
+    async with controller_on(tmp_path, metrics=metrics) as harness:
+        await harness.declare({"bad": {"memory": -1}})
+        await harness.wait_for("bad", lambda status: status.phase is Phase.INVALID)
+        settled = skipped_keys(metrics)
+        await wait_until(lambda: skipped_keys(metrics) >= settled + 2)
+        orphan = harness.settings.data_dir / "run" / "0b9c1f7e-0000-4000-8000-000000000001"
+        orphan.mkdir()
+        await wait_until(lambda: not orphan.exists())
