@@ -125,7 +125,7 @@ class Metrics:
         )
         self.resync_duration_seconds = Histogram(
             "tofu_qemu_resync_duration_seconds",
-            "Length of one full resync (listing every key and queueing it)",
+            "Length of one resync pass, until every key it queued was reconciled once",
             buckets=RECONCILE_BUCKETS,
             registry=registry,
         )
