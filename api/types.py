@@ -407,6 +407,8 @@ class Phase(StrEnum):
     RUNNING = "Running"
     STOPPING = "Stopping"
     STOPPED = "Stopped"
+    # QEMU runs, its vCPUs stopped (QMP `stop`: `tofu-qemu pause`, or from outside).
+    PAUSED = "Paused"
     CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
     FAILED = "Failed"
     INVALID = "Invalid"
@@ -451,12 +453,17 @@ class AllocatedPort(_Model):
 
 
 class RunOverride(_Model):
-    """Imperative requests (`tofu-qemu stop|start|restart`, the dashboard). They override the
-    spec's runStrategy without touching the Terraform-owned spec; `start` clears a stop."""
+    """Imperative requests (`tofu-qemu stop|start|restart|pause|unpause`, the dashboard). They
+    override the spec's runStrategy without touching the Terraform-owned spec; `start` clears a
+    stop."""
 
     stopped: bool = False
     # A restart is wanted of any QEMU started before this time.
     restart_requested_at: datetime | None = None
+    # A pause is wanted of the QEMU started before this time (a new QEMU runs: controller/pausing.py).
+    pause_requested_at: datetime | None = None
+    # An unpause: `cont` of a QEMU paused before this time, whoever paused it.
+    unpause_requested_at: datetime | None = None
     requested_by: str = ""
     updated_at: datetime
 
@@ -480,6 +487,9 @@ class QemuVMStatus(_Model):
     last_exit: LastExit | None = None
     next_retry_at: datetime | None = None
     stop_requested_at: datetime | None = None
+    paused_since: datetime | None = Field(
+        default=None, description="When the controller first saw this QEMU paused (None: not paused)"
+    )
     # Shown by the API from the store's override column; the controller never writes it.
     override: RunOverride | None = None
 

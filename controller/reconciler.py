@@ -115,6 +115,7 @@ def memory_from(status: QemuVMStatus) -> Memory:
         last_exit=status.last_exit,
         next_retry_at=status.next_retry_at,
         stop_requested_at=status.stop_requested_at,
+        paused_since=status.paused_since,
     )
 
 

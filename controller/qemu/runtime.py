@@ -159,7 +159,7 @@ class Runtime:
         lower_priority(record.pid, self._guest_nice)
         if child is not None and attachment.monitor is not None:
             # We started it with -S: it is paused until we `cont`, no need to ask.
-            self._learn(attachment, QmpState.PAUSED)
+            self._learn(attachment, QmpState.PRELAUNCH)
         if child is None:
             attachment.guest_booted = await _nic_configured(attachment.monitor)
 
@@ -298,11 +298,7 @@ class Runtime:
                 status = await attachment.monitor.query_status()
         except (MonitorUnavailable, MonitorCommandFailed):
             return QmpState.UNREACHABLE
-        state = (
-            QmpState.PAUSED
-            if status in ("prelaunch", "inmigrate")
-            else _QMP_STATES.get(status, QmpState.OTHER)
-        )
+        state = QmpState.PRELAUNCH if status == "inmigrate" else _QMP_STATES.get(status, QmpState.OTHER)
         self._learn(attachment, state)
         return state
 
