@@ -22,7 +22,10 @@ async def declare(api: Client) -> None:
 
 
 async def act(api: Client, action: str) -> dict[str, Any]:
-    return await checked_json(await api.post(f"{WEB}/{action}", headers=AUTH), f"{VM}/{action}")
+    body: dict[str, Any] = await checked_json(
+        await api.post(f"{WEB}/{action}", headers=AUTH), f"{VM}/{action}"
+    )
+    return body
 
 
 async def reasons(api: Client) -> list[tuple[str, str]]:
