@@ -253,6 +253,14 @@ class RunStrategy(StrEnum):
     HALTED = "Halted"
 
 
+class StartStrategy(StrEnum):
+    """How each QEMU of the VM starts (KubeVirt's startStrategy)."""
+
+    RUNNING = "Running"
+    # Started with -S and never continued until `tofu-qemu unpause`: no guest code runs.
+    PAUSED = "Paused"
+
+
 class ReclaimPolicy(StrEnum):
     DELETE = "Delete"
     RETAIN = "Retain"
@@ -361,6 +369,11 @@ class QemuVMSpec(_Model):
     network: NetworkSpec = NetworkSpec()
     cloud_init: CloudInitSpec | None = None
     stop_timeout: Seconds = Field(default=30, description='seconds, or a duration like "2m"')
+    # Pause (docs/controller.md): not part of argv, so changing it restarts nothing.
+    start_strategy: StartStrategy = Field(
+        default=StartStrategy.RUNNING,
+        description="Paused: every QEMU of the VM starts paused, until `tofu-qemu unpause`",
+    )
 
     @model_validator(mode="after")
     def _bootable_and_unique_disks(self) -> QemuVMSpec:

@@ -5,7 +5,8 @@ as in KubeVirt, where it belongs to the VMI: a QEMU started after it (a crash re
 restart, a spec change) runs. A controller restart keeps it, since the QEMU is the same.
 
 Three paused states are told apart:
-- PRELAUNCH: the controller started QEMU with -S; it `cont`s it, unless a pause applies.
+- PRELAUNCH: the controller started QEMU with -S; it `cont`s it, unless a pause applies or the
+  spec's startStrategy is Paused (then every QEMU of the VM waits for an unpause, as KubeVirt's).
 - PAUSED with a pause asked for: held, and `Paused` by request.
 - PAUSED without one: paused from outside (someone's QMP `stop`, or QEMU itself on an I/O error
   or a watchdog). The controller does not fight it: it shows it and leaves it, until an unpause
@@ -18,11 +19,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
+from api.types import QemuVMSpec, StartStrategy
 from controller.actions import Action, Continue, Pause, Unpause
 from controller.model import Desired, Memory, ProcessObservation, QmpState
 
 PAUSED_BY_REQUEST = "PausedByRequest"
 PAUSED_OUTSIDE = "PausedOutside"
+STARTED_PAUSED = "StartedPaused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +50,15 @@ def pause_wanted(desired: Desired, process: ProcessObservation) -> bool:
     return asked is not None and process.started_at < asked
 
 
+def held_at_start(desired: Desired, spec: QemuVMSpec, process: ProcessObservation) -> bool:
+    """startStrategy Paused, and no unpause asked since this QEMU started."""
+    unpause = desired.unpause_requested_at
+    unpaused = unpause is not None and unpause > process.started_at
+    return spec.start_strategy is StartStrategy.PAUSED and not unpaused
+
+
 def run_state_step(
-    desired: Desired, process: ProcessObservation, memory: Memory, *, now: datetime
+    desired: Desired, spec: QemuVMSpec, process: ProcessObservation, memory: Memory, *, now: datetime
 ) -> RunStateStep | None:
     """The step for a live QEMU's run state, or None when it runs as it should (the caller
     then keeps it running, with `paused_since` cleared)."""
@@ -61,6 +71,9 @@ def run_state_step(
         memory = replace(memory, paused_since=now)
         return RunStateStep("Paused", memory, (Pause(),), detail=f"pausing at the request of {by}")
     if process.qmp is QmpState.PRELAUNCH and not wanted:
+        if held_at_start(desired, spec, process):
+            detail = "started paused (startStrategy Paused); `tofu-qemu unpause` continues it"
+            return RunStateStep("Paused", memory, detail=detail, reason=STARTED_PAUSED)
         return RunStateStep("Starting", replace(memory, paused_since=None), (Continue(),))
     if process.qmp not in (QmpState.PAUSED, QmpState.PRELAUNCH):
         return None

@@ -414,7 +414,7 @@ def _keep_running(
     if not process.runtime_intact and now - process.started_at >= QMP_STARTUP_GRACE:
         # QEMU creates its socket at start; one removed later cannot come back.
         return _kill(process, memory, Intent.RESTARTING, "its runtime dir or QMP socket was removed")
-    step = run_state_step(desired, process, memory, now=now)
+    step = run_state_step(desired, spec, process, memory, now=now)
     if step is not None:
         requeue = None if step.again else context.liveness_period
         return Plan(

@@ -17,7 +17,7 @@ from api.store.vms import RunAction, next_override
 from api.types import ConditionStatus, Phase, QemuVMStatus
 from controller.plan import QMP_STARTUP_GRACE
 from controller.reconciler import Outcome
-from tests.unit.reconciler_world import LIVENESS, World
+from tests.unit.reconciler_world import LIVENESS, World, spec
 
 
 @pytest.fixture
@@ -195,3 +195,28 @@ async def test_stop_of_a_paused_vm_quits_at_once_and_start_runs_it(world: World)
     ask(world, uid, RunAction.START)
     await world.settle(uid)
     assert world.status(uid).phase is Phase.RUNNING
+
+
+async def test_start_strategy_paused_never_continues_until_unpause_and_each_new_qemu_waits_again(
+    world: World,
+) -> None:
+    uid = world.add("web", spec(startStrategy="Paused"))
+    result = await world.settle(uid)
+    status = world.status(uid)
+    assert (status.phase, status.pid) == (Phase.PAUSED, world.hv.pid_of(uid))
+    assert ready(status)[:2] == (ConditionStatus.FALSE, "StartedPaused")
+    assert commands(world, uid) == [], "no cont: the guest never ran"
+    assert result.requeue_after == LIVENESS
+    world.hv.restart_controller()
+    await world.settle(uid)
+    assert (world.status(uid).phase, commands(world, uid)) == (Phase.PAUSED, [])
+    world.clock.advance(1)
+    ask(world, uid, RunAction.UNPAUSE)
+    await world.settle(uid)
+    assert (world.status(uid).phase, commands(world, uid)) == (Phase.RUNNING, ["cont"])
+    world.clock.advance(1)
+    world.hv.exit(uid, signal=signal.SIGKILL)
+    await world.settle(uid)
+    await world.settle(uid)
+    assert world.status(uid).phase is Phase.PAUSED, "the strategy holds every start, as KubeVirt's"
+    assert commands(world, uid) == ["cont"]
