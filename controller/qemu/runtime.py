@@ -47,7 +47,13 @@ QMP_RECONNECT_SECONDS = 2.0
 # Asking is what detects a hung QEMU, so this bounds how stale the answer may be, and a full
 # resync (30 s) always finds the trust expired.
 STATE_TRUST_SECONDS = 5.0
-_QMP_STATES = {state.value: state for state in QmpState}
+_QMP_STATES = {state.value: state for state in QmpState} | {
+    # QEMU paused the guest itself (werror=stop, a watchdog's pause action): a pause from
+    # outside the controller's requests, which `cont` ends (controller/pausing.py).
+    "io-error": QmpState.PAUSED,
+    "watchdog": QmpState.PAUSED,
+    "internal-error": QmpState.PAUSED,
+}
 # What these events and commands say about the run state, without asking query-status.
 _EVENT_STATES = {
     "RESUME": QmpState.RUNNING,
