@@ -87,7 +87,7 @@ def test_pause_holds_the_guest_across_a_controller_restart_and_unpause_resumes_i
     cli = Cli(server)
     cli.run("unpause", "vm", "web")
     host.wait_vm(PROJECT, "web", is_running_current, what="Running again")
-    assert get_guest_page(port, "/", timeout=30)[0] == 200
+    assert get_guest_page(port, "/", timeout=90)[0] == 200
     events = server.get_json(f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/web/events")
     reasons = [event["reason"] for event in events["items"]]
     assert reasons[-4:] == ["PauseRequested", "Paused", "UnpauseRequested", "Unpaused"], reasons
