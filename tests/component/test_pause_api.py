@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from api.store import Database
+from api.store.status_writer import VMStatusWriter
 from api.testing.tfstate import vm_state
 from tests.component.conftest import AUTH
 from tests.component.k8s_support import APIS, Client, api, checked_json, post_state, serve, validate
@@ -80,3 +82,19 @@ async def test_pause_needs_authentication(api: Client, action: str) -> None:
     response = await api.post(f"{WEB}/{action}")
     assert response.status == 401
     assert (await (await api.get(WEB, headers=AUTH)).json())["status"].get("override") is None
+
+
+async def test_kubectl_tables_show_a_paused_vm_as_paused_and_not_ready(api: Client, db: Database) -> None:
+    """The phase column of `kubectl get qemuvms` (the same columns as `tofu-qemu get vms`)."""
+    await declare(api)
+    uid = (await act(api, "pause"))["metadata"]["uid"]
+    ready = {"type": "Ready", "status": "False", "reason": "PausedByRequest", "message": "paused",
+             "lastTransitionTime": "2026-11-21T12:05:00Z"}  # fmt: skip
+    await VMStatusWriter(db).write_status(uid, {"phase": "Paused", "pid": 4242, "conditions": [ready]})
+    table_accept = {**AUTH, "Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}
+    response = await api.get(f"{APIS}/namespaces/lab/qemuvms", headers=table_accept)
+    table = await response.json()
+    headers = [column["name"].upper() for column in table["columnDefinitions"]]
+    [row] = table["rows"]
+    cells = dict(zip(headers, row["cells"], strict=True))
+    assert (cells["NAME"], cells["PHASE"], cells["READY"]) == ("web", "Paused", "False")
