@@ -91,3 +91,18 @@ def test_pause_holds_the_guest_across_a_controller_restart_and_unpause_resumes_i
     events = server.get_json(f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/web/events")
     reasons = [event["reason"] for event in events["items"]]
     assert reasons[-4:] == ["PauseRequested", "Paused", "UnpauseRequested", "Unpaused"], reasons
+
+
+def test_start_strategy_paused_runs_no_guest_code_until_unpause(make_vm_host: MakeVmHost) -> None:
+    """QEMU's own `prelaunch` (never continued) is held, not taken for the controller's -S."""
+    host: VmHost = make_vm_host()
+    server = host.start("serve")
+    server.declare_vms(PROJECT, 1, {"web": {**SPEC, "startStrategy": "Paused"}})
+    vm = host.wait_vm(PROJECT, "web", is_paused, what="Paused at start")
+    assert condition(vm, "Ready")["reason"] == "StartedPaused"
+    port, pid = host_port(vm), vm["status"]["pid"]
+    assert_silent(port)
+    assert sum(ticks_over(pid, CPU_WINDOW_SECONDS).values()) <= 1, "no guest runs: QEMU is idle"
+    Cli(server).run("unpause", "vm", "web")
+    host.wait_vm(PROJECT, "web", is_running_current, what="Running after unpause")
+    assert get_guest_page(port, "/", timeout=90)[0] == 200
