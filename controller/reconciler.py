@@ -250,9 +250,11 @@ class Reconciler:
         await self._record(desired, events_for(desired, previous, status, executed, error))
 
     def _follow_boot(self, uid: str, observed: Observed, status: QemuVMStatus) -> None:
-        """End the boot span once the VM is Ready, or once its process is gone."""
+        """End the boot span once the VM is Ready or Paused, or once its process is gone."""
         if status.phase is Phase.RUNNING:
             self._boots.ready(uid)
+        elif status.phase is Phase.PAUSED:
+            self._boots.paused(uid)
         elif observed.process is None and not observed.exiting:
             self._boots.abandoned(uid, status.phase.value)
 
