@@ -309,7 +309,7 @@ QEMUVM_GET = Op("One QemuVM (a live one, else the newest being deleted)", model=
 
 def action(verb: str, effect: str) -> Op:
     return Op(
-        f"Request a {verb}: {effect}",
+        f"Request {'an' if verb[0] in 'aeiou' else 'a'} {verb}: {effect}",
         model="QemuVM",
         ok="The object, with status.override updated",
         errors=(400, 404, 507),

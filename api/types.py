@@ -253,6 +253,14 @@ class RunStrategy(StrEnum):
     HALTED = "Halted"
 
 
+class StartStrategy(StrEnum):
+    """How each QEMU of the VM starts (KubeVirt's startStrategy)."""
+
+    RUNNING = "Running"
+    # Started with -S and never continued until `tofu-qemu unpause`: no guest code runs.
+    PAUSED = "Paused"
+
+
 class ReclaimPolicy(StrEnum):
     DELETE = "Delete"
     RETAIN = "Retain"
@@ -361,6 +369,11 @@ class QemuVMSpec(_Model):
     network: NetworkSpec = NetworkSpec()
     cloud_init: CloudInitSpec | None = None
     stop_timeout: Seconds = Field(default=30, description='seconds, or a duration like "2m"')
+    # Pause (docs/controller.md): not part of argv, so changing it restarts nothing.
+    start_strategy: StartStrategy = Field(
+        default=StartStrategy.RUNNING,
+        description="Paused: every QEMU of the VM starts paused, until `tofu-qemu unpause`",
+    )
 
     @model_validator(mode="after")
     def _bootable_and_unique_disks(self) -> QemuVMSpec:
@@ -407,6 +420,8 @@ class Phase(StrEnum):
     RUNNING = "Running"
     STOPPING = "Stopping"
     STOPPED = "Stopped"
+    # QEMU runs, its vCPUs stopped (QMP `stop`: `tofu-qemu pause`, or from outside).
+    PAUSED = "Paused"
     CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
     FAILED = "Failed"
     INVALID = "Invalid"
@@ -451,12 +466,17 @@ class AllocatedPort(_Model):
 
 
 class RunOverride(_Model):
-    """Imperative requests (`tofu-qemu stop|start|restart`, the dashboard). They override the
-    spec's runStrategy without touching the Terraform-owned spec; `start` clears a stop."""
+    """Imperative requests (`tofu-qemu stop|start|restart|pause|unpause`, the dashboard). They
+    override the spec's runStrategy without touching the Terraform-owned spec; `start` clears a
+    stop."""
 
     stopped: bool = False
     # A restart is wanted of any QEMU started before this time.
     restart_requested_at: datetime | None = None
+    # A pause is wanted of the QEMU started before this time (a new QEMU runs: controller/pausing.py).
+    pause_requested_at: datetime | None = None
+    # An unpause: `cont` of a QEMU paused before this time, whoever paused it.
+    unpause_requested_at: datetime | None = None
     requested_by: str = ""
     updated_at: datetime
 
@@ -480,6 +500,9 @@ class QemuVMStatus(_Model):
     last_exit: LastExit | None = None
     next_retry_at: datetime | None = None
     stop_requested_at: datetime | None = None
+    paused_since: datetime | None = Field(
+        default=None, description="When the controller first saw this QEMU paused (None: not paused)"
+    )
     # Shown by the API from the store's override column; the controller never writes it.
     override: RunOverride | None = None
 

@@ -91,6 +91,18 @@ class Continue:
 
 
 @dataclass(frozen=True, slots=True)
+class Pause:
+    """QMP `stop`: pause a running guest (its vCPUs stop; QEMU lives on). Legal when our
+    process runs and a pause was asked for it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unpause:
+    """QMP `cont` of a guest paused after it ran. Legal when our process is paused and an
+    unpause was asked after it was seen paused."""
+
+
+@dataclass(frozen=True, slots=True)
 class RequestPowerdown:
     """QMP `system_powerdown`: ask the guest to shut down (the ACPI button)."""
 
@@ -160,6 +172,8 @@ Action = (
     | WriteSeed
     | Spawn
     | Continue
+    | Pause
+    | Unpause
     | RequestPowerdown
     | Quit
     | Kill

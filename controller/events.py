@@ -33,6 +33,7 @@ from controller.actions import (
     Quit,
     RequestPowerdown,
     Spawn,
+    Unpause,
 )
 from controller.model import Desired
 
@@ -71,7 +72,7 @@ def events_for(
     events += _exit(before.last_exit, after.last_exit)
     if after.restarts > before.restarts:
         events.append(VMEvent("Restarted", _restart_message(after)))
-    events += _phase(before, after)
+    events += _phase(before, after, _unpaused_message(desired, executed))
     events += _waits(before, after, executed)
     if error is not None and not _same_error(before, error):
         events.append(VMEvent(_ERROR_REASON, error, warning=True))
@@ -146,7 +147,13 @@ def _restart_message(after: QemuVMStatus) -> str:
     return f"restart {after.restarts}{cause}"
 
 
-def _phase(before: QemuVMStatus, after: QemuVMStatus) -> list[VMEvent]:
+def _unpaused_message(desired: Desired, executed: Sequence[Action]) -> str:
+    if any(isinstance(action, Unpause) for action in executed) and desired.override is not None:
+        return f"unpaused at the request of {desired.override.requested_by or 'an API client'}"
+    return "running again (continued from outside tofu-qemu)"
+
+
+def _phase(before: QemuVMStatus, after: QemuVMStatus, unpaused: str) -> list[VMEvent]:
     if after.phase is before.phase:
         return []
     if after.phase is Phase.CRASH_LOOP_BACK_OFF:
@@ -155,6 +162,10 @@ def _phase(before: QemuVMStatus, after: QemuVMStatus) -> list[VMEvent]:
     if after.phase is Phase.STOPPED:
         why = _ready_message(after)
         return [VMEvent("Stopped", f"stopped: {why}" if why else "stopped")]
+    if after.phase is Phase.PAUSED:
+        return [VMEvent("Paused", _ready_message(after) or "paused")]
+    if before.phase is Phase.PAUSED and after.phase is Phase.RUNNING:
+        return [VMEvent("Unpaused", unpaused)]
     return []
 
 

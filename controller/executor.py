@@ -29,12 +29,14 @@ from controller.actions import (
     GrowDisk,
     Kill,
     KillLost,
+    Pause,
     Quit,
     RecordExit,
     ReleasePorts,
     RemoveRuntimeDir,
     RequestPowerdown,
     Spawn,
+    Unpause,
     WriteSeed,
 )
 from controller.clock import Clock
@@ -122,8 +124,10 @@ class Executor:
                 await self._hypervisor.write_seed(path, dict(files))
             case Spawn(argv=argv, digest=digest):
                 await self._spawn(uid, paths, argv, digest)
-            case Continue():
+            case Continue() | Unpause():
                 await self._qmp(uid, "cont")
+            case Pause():
+                await self._qmp(uid, "stop")
             case RequestPowerdown():
                 await self._qmp(uid, "system_powerdown")
             case Quit():

@@ -27,7 +27,7 @@ class FakeProcess:
     argv: tuple[str, ...]
     digest: str
     started_at: datetime
-    qmp: QmpState = QmpState.PAUSED
+    qmp: QmpState = QmpState.PRELAUNCH
     alive: bool = True
     watched: bool = True
     # Started under a supervisor, which records its wait status: its exit code or signal is
@@ -127,6 +127,8 @@ class FakeHypervisor:
         self.commands.append((uid, command))
         if command == "cont":
             proc.qmp = QmpState.RUNNING
+        elif command == "stop":
+            proc.qmp = QmpState.PAUSED
         elif command == "system_powerdown":
             if proc.obeys_powerdown:
                 self.exit(uid, code=0, guest_shutdown=True)
@@ -182,6 +184,11 @@ class FakeHypervisor:
         proc.watched = False
         code, signal = proc.ended or (None, None)
         self.exits[uid] = ExitObservation(self.clock.now(), code, signal, guest_shutdown, proc.started_at)
+        self.wake(uid)
+
+    def pause_from_outside(self, uid: str) -> None:
+        """Someone else's QMP `stop` (or QEMU's own pause) on the running process of `uid`."""
+        self.processes[uid].qmp = QmpState.PAUSED
         self.wake(uid)
 
     def restart_controller(self) -> None:

@@ -41,11 +41,22 @@ class Desired:
     def restart_requested_at(self) -> datetime | None:
         return self.override.restart_requested_at if self.override is not None else None
 
+    @property
+    def pause_requested_at(self) -> datetime | None:
+        return self.override.pause_requested_at if self.override is not None else None
+
+    @property
+    def unpause_requested_at(self) -> datetime | None:
+        return self.override.unpause_requested_at if self.override is not None else None
+
 
 class QmpState(StrEnum):
     """The guest's run state as QMP `query-status` reports it, or why it could not."""
 
     RUNNING = "running"
+    # Started with -S and never continued (or an incoming migration): the controller's own pause.
+    PRELAUNCH = "prelaunch"
+    # Paused after it ran: QMP `stop` (ours on request, or from outside), or QEMU itself.
     PAUSED = "paused"
     SHUTDOWN = "shutdown"
     PANICKED = "guest-panicked"
@@ -162,3 +173,5 @@ class Memory:
     last_exit: LastExit | None = None
     next_retry_at: datetime | None = None
     stop_requested_at: datetime | None = None
+    # When this QEMU was first seen paused (controller/pausing.py); None while it runs.
+    paused_since: datetime | None = None

@@ -20,7 +20,6 @@ from controller.actions import (
     AllocatePorts,
     Attach,
     CleanRuntime,
-    Continue,
     CreateDisk,
     DeleteDisk,
     FetchImage,
@@ -48,6 +47,7 @@ from controller.model import (
     ProcessObservation,
     QmpState,
 )
+from controller.pausing import run_state_step
 from controller.qemu.argv import LaunchInputs, RuntimePaths, argv_digest, build_argv
 
 # After `system_powerdown` and stopTimeout, `quit` gets this long before SIGKILL.
@@ -93,6 +93,8 @@ class Intent(StrEnum):
     BACKING_OFF = "BackingOff"
     STARTING = "Starting"
     RUNNING = "Running"
+    # QEMU lives with its guest paused (controller/pausing.py).
+    PAUSED = "Paused"
     # Bookkeeping before any decision: attach a process nobody watches, record an exit nobody
     # recorded. Status stays as it was; the next reconcile (at once) decides.
     ADOPTING = "Adopting"
@@ -206,7 +208,7 @@ def plan(
         if restart_at is not None and process.started_at < restart_at:
             why = f"restart requested by {desired.override.requested_by if desired.override else '?'}"
             return _stop(process, memory, spec, now, Intent.RESTARTING, why)
-        return _keep_running(process, digest, memory, spec, observed, now, context)
+        return _keep_running(desired, process, digest, memory, spec, observed, now, context)
     return _start(desired, spec, observed, memory, now, argv, seed)
 
 
@@ -382,6 +384,7 @@ def _argv(
 
 
 def _keep_running(
+    desired: Desired,
     process: ProcessObservation,
     digest: str,
     memory: Memory,
@@ -411,11 +414,21 @@ def _keep_running(
     if not process.runtime_intact and now - process.started_at >= QMP_STARTUP_GRACE:
         # QEMU creates its socket at start; one removed later cannot come back.
         return _kill(process, memory, Intent.RESTARTING, "its runtime dir or QMP socket was removed")
-    if process.qmp is QmpState.PAUSED:
-        return Plan(Intent.STARTING, memory, (Continue(),), again=True)
-    if memory.stop_requested_at is not None:
+    step = run_state_step(desired, spec, process, memory, now=now)
+    if step is not None:
+        requeue = None if step.again else context.liveness_period
+        return Plan(
+            Intent(step.intent),
+            step.memory,
+            step.actions,
+            requeue_after=requeue,
+            again=step.again,
+            detail=step.detail,
+            reason=step.reason,
+        )
+    if memory.stop_requested_at is not None or memory.paused_since is not None:
         # A stop that is no longer wanted (e.g. Halted was reverted): let the guest run on.
-        memory = replace(memory, stop_requested_at=None)
+        memory = replace(memory, stop_requested_at=None, paused_since=None)
     # A timed look: asking QMP is what finds a hung QEMU (SIGSTOP, a wedged main loop).
     return Plan(Intent.RUNNING, memory, requeue_after=context.liveness_period)
 
@@ -539,7 +552,7 @@ def _answer_window(process: ProcessObservation, timeout: timedelta, now: datetim
     A paused guest runs no code, so it cannot answer: `quit` at once. A guest that has not
     booted yet ignores the button: it gets BOOT_PROBE to answer anyway, then `quit`.
     """
-    if process.qmp is QmpState.PAUSED:
+    if process.qmp in (QmpState.PAUSED, QmpState.PRELAUNCH):
         return timedelta(0), "the guest is paused and cannot answer the power button: quit"
     booting = not process.guest_booted and now - process.started_at < BOOT_ASSUMED_AFTER
     if booting and timeout > BOOT_PROBE:

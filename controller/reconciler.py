@@ -115,6 +115,7 @@ def memory_from(status: QemuVMStatus) -> Memory:
         last_exit=status.last_exit,
         next_retry_at=status.next_retry_at,
         stop_requested_at=status.stop_requested_at,
+        paused_since=status.paused_since,
     )
 
 
@@ -249,9 +250,11 @@ class Reconciler:
         await self._record(desired, events_for(desired, previous, status, executed, error))
 
     def _follow_boot(self, uid: str, observed: Observed, status: QemuVMStatus) -> None:
-        """End the boot span once the VM is Ready, or once its process is gone."""
+        """End the boot span once the VM is Ready or Paused, or once its process is gone."""
         if status.phase is Phase.RUNNING:
             self._boots.ready(uid)
+        elif status.phase is Phase.PAUSED:
+            self._boots.paused(uid)
         elif observed.process is None and not observed.exiting:
             self._boots.abandoned(uid, status.phase.value)
 

@@ -22,7 +22,7 @@ from api.types import (
 from controller.model import Desired, Observed, QmpState
 from controller.plan import Intent, Plan
 
-STEADY_INTENTS = frozenset({Intent.RUNNING, Intent.HALTED, Intent.FINISHED, Intent.INVALID})
+STEADY_INTENTS = frozenset({Intent.RUNNING, Intent.PAUSED, Intent.HALTED, Intent.FINISHED, Intent.INVALID})
 # Intents that leave a running guest running: it stays Running and Ready while they wait.
 _KEEPS_RUNNING = frozenset({Intent.REFUSED, Intent.WAITING_FOR_IMAGES, Intent.INSUFFICIENT_STORAGE})
 _PHASES = {
@@ -42,6 +42,7 @@ _PHASES = {
     Intent.BACKING_OFF: Phase.CRASH_LOOP_BACK_OFF,
     Intent.STARTING: Phase.STARTING,
     Intent.RUNNING: Phase.RUNNING,
+    Intent.PAUSED: Phase.PAUSED,
 }
 
 
@@ -96,6 +97,7 @@ def compute_status(
         last_exit=memory.last_exit,
         next_retry_at=memory.next_retry_at if result.intent is Intent.BACKING_OFF else None,
         stop_requested_at=memory.stop_requested_at,
+        paused_since=memory.paused_since if process else None,
     )
 
 

@@ -53,7 +53,7 @@ class QueueMetrics:
 
 
 class BootSpans:
-    """One open span per VM from its spawn until it is Ready or its process is gone.
+    """One open span per VM from its spawn until it is Ready, Paused or its process is gone.
 
     A boot outlives the reconcile that spawned it when QEMU is slow to answer QMP, so the span
     is kept here rather than in a `with` block. It also yields `tofu_qemu_vm_start_seconds`.
@@ -89,6 +89,14 @@ class BootSpans:
         span.end()
         if self._metrics is not None:
             self._metrics.vm_start_seconds.observe(time.monotonic() - started)
+
+    def paused(self, uid: str) -> None:
+        """The boot stops at a pause (startStrategy Paused, or a pause asked while booting): the
+        span ends there, unfinished but not failed, and no start time is counted."""
+        opened = self._open.pop(uid, None)
+        if opened is not None:
+            opened[0].add_event("paused")
+            opened[0].end()
 
     def abandoned(self, uid: str, reason: str) -> None:
         opened = self._open.pop(uid, None)

@@ -45,6 +45,8 @@ _ACTION_REASONS = {
     RunAction.RESTART: "RestartRequested",
     RunAction.STOP: "StopRequested",
     RunAction.START: "StartRequested",
+    RunAction.PAUSE: "PauseRequested",
+    RunAction.UNPAUSE: "UnpauseRequested",
 }
 
 
@@ -163,6 +165,14 @@ async def stop(request: web.Request) -> web.StreamResponse:
 
 async def start(request: web.Request) -> web.StreamResponse:
     return await _act(request, RunAction.START)
+
+
+async def pause(request: web.Request) -> web.StreamResponse:
+    return await _act(request, RunAction.PAUSE)
+
+
+async def unpause(request: web.Request) -> web.StreamResponse:
+    return await _act(request, RunAction.UNPAUSE)
 
 
 async def _act(request: web.Request, action: RunAction) -> web.StreamResponse:

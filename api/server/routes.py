@@ -107,6 +107,8 @@ _ACTIONS = (
      "crash-looping VM at once; lifts a stop"),
     ("stop", k8s.stop, "hold the VM stopped, whatever its runStrategy, until start"),
     ("start", k8s.start, "lift a stop: the spec's runStrategy applies again"),
+    ("pause", k8s.pause, "pause the QEMU running now (QMP stop); a QEMU started later runs"),
+    ("unpause", k8s.unpause, "continue a paused QEMU (QMP cont), whoever paused it"),
 )  # fmt: skip
 K8S_TABLE = (
     # Kubernetes-style API; `?watch=true` on the lists streams watch events.

@@ -255,8 +255,10 @@ def _vm_summary(vm: QemuVM, *, now: datetime) -> str:
     if override is not None:
         wanted = "held stopped" if override.stopped else "running"
         restart = f", restart requested {_time(override.restart_requested_at, now=now)}"
+        pause = f", pause requested {_time(override.pause_requested_at, now=now)}"
         override_text = (
             f"{_e(wanted)}{restart if override.restart_requested_at else ''}"
+            f"{pause if override.pause_requested_at else ''}"
             f" by {_e(override.requested_by or NONE)}"
         )
     fields = [
@@ -315,7 +317,7 @@ def vm_page(
     actions = "".join(
         f'<button type="button" data-action="{a}" data-project="{_e(meta.project)}"'
         f' data-name="{_e(meta.name)}">{a.capitalize()}</button>'
-        for a in ("restart", "stop", "start")
+        for a in ("restart", "stop", "start", "pause", "unpause")
     )
     conditions = _table(
         "Conditions",

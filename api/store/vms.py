@@ -227,11 +227,12 @@ class VMStore:
     async def request(
         self, project: str, name: str, action: RunAction, *, by: str, now: datetime
     ) -> VMRecord:
-        """Record an imperative stop, start or restart of the live VM `name`; the controller
-        obeys it at its next reconcile. The spec is untouched: Terraform still owns it.
+        """Record an imperative stop, start, restart, pause or unpause of the live VM `name`;
+        the controller obeys it at its next reconcile. The spec is untouched: Terraform owns it.
 
         `stop` holds the VM stopped (whatever its runStrategy) until `start`; `restart` asks for
-        a graceful restart of the QEMU running now (and, like start, lifts a stop).
+        a graceful restart of the QEMU running now (and, like start, lifts a stop); `pause`
+        holds the QEMU running now paused until `unpause` (docs/controller.md, Pause).
 
         :raise NotFound: no live VM of that name (a VM being deleted takes no requests).
         """
@@ -261,19 +262,32 @@ class RunAction(StrEnum):
     STOP = "stop"
     START = "start"
     RESTART = "restart"
+    PAUSE = "pause"
+    UNPAUSE = "unpause"
 
 
 def next_override(current: RunOverride | None, action: RunAction, *, by: str, now: datetime) -> RunOverride:
     """The override after `action`: stop sets stopped; start clears it; restart clears it and
-    asks for a restart of any QEMU started before `now`."""
-    restart_at = current.restart_requested_at if current else None
-    if action is RunAction.RESTART:
-        restart_at = now
-    return RunOverride(
-        stopped=action is RunAction.STOP,
-        restart_requested_at=restart_at,
-        requested_by=by,
-        updated_at=now,
+    asks for a restart of any QEMU started before `now`. Pause asks for a pause of the QEMU
+    running now and unpause lifts it; both leave a stop as it was, and the others leave them."""
+    kept = current or RunOverride(updated_at=now)
+    if action in (RunAction.PAUSE, RunAction.UNPAUSE):
+        pausing = action is RunAction.PAUSE
+        return kept.model_copy(
+            update={
+                "pause_requested_at": now if pausing else None,
+                "unpause_requested_at": kept.unpause_requested_at if pausing else now,
+                "requested_by": by,
+                "updated_at": now,
+            }
+        )
+    return kept.model_copy(
+        update={
+            "stopped": action is RunAction.STOP,
+            "restart_requested_at": now if action is RunAction.RESTART else kept.restart_requested_at,
+            "requested_by": by,
+            "updated_at": now,
+        }
     )
 
 

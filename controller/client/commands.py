@@ -64,6 +64,8 @@ def add_client_commands(commands: Any) -> None:
         ("restart", "restart a VM gracefully (the spec is unchanged)"),
         ("stop", "stop a VM and keep it stopped until `start` (the spec is unchanged)"),
         ("start", "start a VM that `stop` stopped"),
+        ("pause", "pause a VM's guest (QMP stop; QEMU keeps its memory) until `unpause`"),
+        ("unpause", "continue a paused VM's guest (QMP cont)"),
     ):
         parser = _client_parser(commands, action, help_text)
         parser.add_argument("resource", choices=VM_RESOURCES, metavar="vm")
@@ -199,8 +201,8 @@ def _logs(connection: Connection, args: argparse.Namespace, out: TextIO, now: Cl
 def _act(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:
     vm = _find_vm(connection, args.name, args.project)
     connection.post_json(_vm_path(vm, args.action))
-    past = {"restart": "restart requested", "stop": "stop requested", "start": "start requested"}
-    out.write(f"qemuvm/{vm['metadata']['name']} {past[args.action]} (project {vm['metadata']['project']})\n")
+    meta = vm["metadata"]
+    out.write(f"qemuvm/{meta['name']} {args.action} requested (project {meta['project']})\n")
 
 
 def _states(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:

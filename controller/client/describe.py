@@ -107,6 +107,8 @@ def _status_lines(status: Mapping[str, Any], now: datetime) -> list[str]:
         what = "stopped" if override.get("stopped") else "running"
         if override.get("restartRequestedAt"):
             what += f", restart requested {_when(override['restartRequestedAt'], now)}"
+        if override.get("pauseRequestedAt"):
+            what += f", pause requested {_when(override['pauseRequestedAt'], now)}"
         lines.append(_field("Override", f"{what} (by {override.get('requestedBy') or 'unknown'})"))
     return lines
 

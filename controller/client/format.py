@@ -20,6 +20,7 @@ _PHASE_COLOURS = {
     "Starting": "33",
     "Pending": "33",
     "Stopping": "33",
+    "Paused": "33",
     "Stopped": "90",
     "CrashLoopBackOff": "31",
     "Failed": "31",

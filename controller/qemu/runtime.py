@@ -47,7 +47,13 @@ QMP_RECONNECT_SECONDS = 2.0
 # A run state learnt from a reply or an event is trusted this long before QMP is asked again
 # (by a reconcile; the liveness pass makes it forget sooner a QEMU that looks hung in /proc).
 STATE_TRUST_SECONDS = 5.0
-_QMP_STATES = {state.value: state for state in QmpState}
+_QMP_STATES = {state.value: state for state in QmpState} | {
+    # QEMU paused the guest itself (werror=stop, a watchdog's pause action): a pause from
+    # outside the controller's requests, which `cont` ends (controller/pausing.py).
+    "io-error": QmpState.PAUSED,
+    "watchdog": QmpState.PAUSED,
+    "internal-error": QmpState.PAUSED,
+}
 # What these events and commands say about the run state, without asking query-status.
 _EVENT_STATES = {
     "RESUME": QmpState.RUNNING,
@@ -177,7 +183,7 @@ class Runtime:
         lower_priority(record.pid, self._guest_nice)
         if child is not None and attachment.monitor is not None:
             # We started it with -S: it is paused until we `cont`, no need to ask.
-            self._learn(attachment, QmpState.PAUSED)
+            self._learn(attachment, QmpState.PRELAUNCH)
         if child is None:
             attachment.guest_booted = await _nic_configured(attachment.monitor)
 
@@ -316,11 +322,7 @@ class Runtime:
                 status = await attachment.monitor.query_status()
         except (MonitorUnavailable, MonitorCommandFailed):
             return QmpState.UNREACHABLE
-        state = (
-            QmpState.PAUSED
-            if status in ("prelaunch", "inmigrate")
-            else _QMP_STATES.get(status, QmpState.OTHER)
-        )
+        state = QmpState.PRELAUNCH if status == "inmigrate" else _QMP_STATES.get(status, QmpState.OTHER)
         self._learn(attachment, state)
         return state
 

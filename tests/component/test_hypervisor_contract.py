@@ -119,12 +119,30 @@ async def test_a_spawned_process_is_watched_paused_and_answers_commands(subject:
     assert view.process is not None
     assert (view.process.pid, view.process.argv_digest, view.process.watched) == (pid, "d1", True)
     assert (view.process.qmp, view.exit, view.has_runtime_dir, view.has_stale_runtime) == (
-        QmpState.PAUSED, None, True, False,
+        QmpState.PRELAUNCH, None, True, False,
     )  # fmt: skip
     await subject.hv.command(UID, "cont")
     view = await subject.hv.inspect(UID, subject.paths, expect_process=False)
     assert view.process is not None
     assert view.process.qmp is QmpState.RUNNING
+
+
+async def test_a_stopped_guest_is_paused_not_prelaunch_also_after_a_controller_restart(
+    subject: Subject,
+) -> None:
+    """`tofu-qemu pause` (QMP stop) is told apart from the -S of a spawn: only the latter is
+    the controller's own to `cont` (controller/pausing.py)."""
+    pid = await subject.spawn()
+    await subject.hv.command(UID, "cont")
+    await subject.hv.command(UID, "stop")
+    view = await subject.hv.inspect(UID, subject.paths, expect_process=False)
+    assert view.process is not None
+    assert view.process.qmp is QmpState.PAUSED
+    await subject.restart_controller()
+    await subject.hv.attach(UID, subject.paths, pid)
+    view = await subject.hv.inspect(UID, subject.paths, expect_process=True)
+    assert view.process is not None
+    assert view.process.qmp is QmpState.PAUSED
 
 
 async def test_a_second_spawn_is_refused(subject: Subject) -> None:
@@ -174,7 +192,7 @@ async def test_after_a_controller_restart_a_live_process_is_found_unwatched_then
     view = await subject.hv.inspect(UID, subject.paths, expect_process=True)
     assert view.process is not None
     assert view.process.watched
-    assert view.process.qmp is QmpState.PAUSED
+    assert view.process.qmp is QmpState.PRELAUNCH
 
 
 async def test_an_exit_nobody_watched_is_found_and_recorded_once(subject: Subject) -> None:

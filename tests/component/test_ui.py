@@ -169,7 +169,7 @@ async def test_vm_page_shows_status_conditions_events_console_and_spec(ui: Clien
     assert '<span data-field="ports">20001→80/tcp</span>' in text
     assert "boot ok\n&lt;script&gt;alert(4)&lt;/script&gt; &amp; done\n</pre>" in text, "ANSI and BEL removed"
     assert "&quot;guestPort&quot;: 80" in text
-    for action in ("restart", "stop", "start"):
+    for action in ("restart", "stop", "start", "pause", "unpause"):
         assert f'data-action="{action}" data-project="lab" data-name="web"' in text
     assert_no_raw_markup(text)
 

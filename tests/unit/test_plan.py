@@ -138,9 +138,14 @@ ROWS = {
     "prepared-vm-spawns": Row(VM, observed(**ready()), intent=Intent.STARTING, actions=[Spawn]),
     "spawned-paused-vm-continues": Row(
         VM,
-        observed(**ready(process=process(RUNNING.argv_digest, qmp=QmpState.PAUSED, age=0.1))),
+        observed(**ready(process=process(RUNNING.argv_digest, qmp=QmpState.PRELAUNCH, age=0.1))),
         intent=Intent.STARTING,
         actions=[Continue],
+    ),
+    "vm-paused-from-outside-is-left-paused": Row(
+        VM,
+        observed(**ready(process=process(RUNNING.argv_digest, qmp=QmpState.PAUSED))),
+        intent=Intent.PAUSED,
     ),
     "running-vm-with-matching-digest-is-left-alone": Row(VM, observed(**ready(process=RUNNING))),
     "argv-digest-mismatch-restarts-gracefully": Row(

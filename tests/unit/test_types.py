@@ -32,6 +32,7 @@ def test_defaults_are_part_of_the_canonical_form() -> None:
         "network": {"forwards": []},
         "cloudInit": None,
         "stopTimeout": 30,
+        "startStrategy": "Running",
     }
 
 

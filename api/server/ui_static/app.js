@@ -366,6 +366,7 @@
     const span = document.createElement("span");
     span.append(override.stopped ? "held stopped" : "running");
     if (override.restartRequestedAt) span.append(", restart requested ", timeElement(override.restartRequestedAt));
+    if (override.pauseRequestedAt) span.append(", pause requested ", timeElement(override.pauseRequestedAt));
     span.append(` by ${override.requestedBy || NONE}`);
     return span;
   }
