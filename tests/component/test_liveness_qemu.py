@@ -74,7 +74,7 @@ async def test_a_healthy_idle_qemu_costs_no_qmp_round_trip(qemu: Subject, qmp_co
     assert qmp_commands == []
     # The count is real: a forgotten state is asked for, once.
     runtime.distrust(UID)
-    assert await runtime.qmp_state(UID) is QmpState.PAUSED
+    assert await runtime.qmp_state(UID) is QmpState.PRELAUNCH  # spawned with -S, never continued
     assert qmp_commands == ["query-status"]
 
 
@@ -84,7 +84,7 @@ async def test_a_sigstopped_qemu_is_asked_and_found_unreachable_within_the_qmp_t
 ) -> None:
     pid = await qemu.spawn()
     runtime = runtime_of(qemu)
-    assert await runtime.qmp_state(UID) is QmpState.PAUSED  # known: no ask without the pass
+    assert await runtime.qmp_state(UID) is QmpState.PRELAUNCH  # known: no ask without the pass
     os.kill(pid, signal.SIGSTOP)
     stopped = time.monotonic()
     # The stop lands asynchronously; a real pass comes seconds later.
