@@ -23,13 +23,13 @@ from typing import Any
 import msgspec
 from pydantic import ValidationError
 
-from api import names
+from api import instancetypes, names
 from api.json_body import StateFormatError as StateFormatError
 from api.json_body import decode_json
 from api.json_body import holds_lone_surrogate as holds_lone_surrogate
 from api.json_body import load_json as load_json
 from api.json_body import nesting_exceeds as nesting_exceeds
-from api.types import API_GROUP, KIND, QemuVMManifest, describe_validation_error
+from api.types import API_GROUP, KIND, QemuVMManifest, canonical_spec, describe_validation_error
 
 SUPPORTED_STATE_VERSION = 4
 TERRAFORM_DATA = "terraform_data"
@@ -89,6 +89,8 @@ class ExtractionProblem:
 class Extraction:
     vms: tuple[DeclaredVM, ...]
     problems: tuple[ExtractionProblem, ...]
+    # QemuInstanceType and QemuPreference manifests (api/instancetypes.py).
+    types: tuple[instancetypes.DeclaredType, ...] = ()
 
 
 def parse_state(body: bytes) -> StateSummary:
@@ -145,13 +147,25 @@ def extract_vms(document: dict[str, Any], *, cache: bool = True) -> Extraction:
     """
     found: list[DeclaredVM] = []
     problems: list[ExtractionProblem] = []
+    types: list[instancetypes.DeclaredType] = []
     for address, raw in _manifest_candidates(document):
+        if instancetypes.declared_kind(raw):
+            declared = instancetypes.declare_type(address, raw)
+            if isinstance(declared, str):
+                problems.append(ExtractionProblem(address, declared))
+            else:
+                types.append(declared)
+            continue
         vm_or_problem = declare_bounded(address, raw, cache=cache)
         if isinstance(vm_or_problem, ExtractionProblem):
             problems.append(vm_or_problem)
         else:
             found.append(vm_or_problem)
-    return Extraction(vms=mark_duplicate_names(found), problems=tuple(problems))
+    return Extraction(
+        vms=mark_duplicate_names(found),
+        problems=tuple(problems),
+        types=instancetypes.mark_duplicates(types),
+    )
 
 
 def canonical_json(value: object) -> str:
@@ -312,7 +326,7 @@ def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProble
             error=describe_validation_error(err),
             spec_hash=_digest({"invalid": cleaned}),
         )
-    spec = manifest.spec.model_dump(mode="json", by_alias=True)
+    spec = canonical_spec(manifest.spec)
     labels = dict(manifest.metadata.labels)
     return DeclaredVM(
         name=name,

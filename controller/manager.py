@@ -24,6 +24,7 @@ from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
 from api.store.image_sources import ImageSources
+from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics
@@ -157,6 +158,7 @@ class Controller:
                 shutting_down=lambda: self._shutting_down,
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
                 events=self.events,
+                instance_types=InstanceTypeCatalog.of(self._db, self._settings),
             )
             grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
             sources = [

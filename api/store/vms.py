@@ -49,7 +49,7 @@ async def apply_declared(
     before = await _generations_specs_labels(conn, project) if changes.changed else {}
     # Reserved in one statement; each kind of change is one executemany, not one statement
     # per VM: a 10,000-VM state is published in a few round trips to the database thread.
-    versions = await _next_resource_versions(conn, _row_writes(changes))
+    versions = await next_resource_versions(conn, _row_writes(changes))
     note = _SpecEvents(project=project, serial=serial, trace_id=trace_id_of(trace))
     writes = _Writes.of(changes, before, note, stamp=now.isoformat(), trace=trace, versions=iter(versions))
     statements = (
@@ -187,10 +187,10 @@ async def _generations_specs_labels(
 
 
 async def _next_resource_version(conn: Transaction) -> int:
-    return (await _next_resource_versions(conn, 1))[0]
+    return (await next_resource_versions(conn, 1))[0]
 
 
-async def _next_resource_versions(conn: Transaction, count: int) -> range:
+async def next_resource_versions(conn: Transaction, count: int) -> range:
     """`count` new resource versions, in order, reserved in one statement."""
     if count == 0:
         return range(0)
