@@ -45,6 +45,7 @@ _ACTION_REASONS = {
     RunAction.RESTART: "RestartRequested",
     RunAction.STOP: "StopRequested",
     RunAction.START: "StartRequested",
+    RunAction.ROLLOUT: "RolloutRequested",
 }
 
 
@@ -163,6 +164,10 @@ async def stop(request: web.Request) -> web.StreamResponse:
 
 async def start(request: web.Request) -> web.StreamResponse:
     return await _act(request, RunAction.START)
+
+
+async def rollout(request: web.Request) -> web.StreamResponse:
+    return await _act(request, RunAction.ROLLOUT)
 
 
 async def _act(request: web.Request, action: RunAction) -> web.StreamResponse:

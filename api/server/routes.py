@@ -18,6 +18,7 @@ from aiohttp import web
 from api import openapi
 from api.openapi import Op
 from api.server import backend, console, events, health, history, k8s, kube, locks, metrics, resources, usage
+from api.server import instancetypes as instancetype_routes
 from api.server.auth import METRICS_PATH
 from api.server.errors import Handler
 from api.server.ui import UI_ROUTES
@@ -107,6 +108,8 @@ _ACTIONS = (
      "crash-looping VM at once; lifts a stop"),
     ("stop", k8s.stop, "hold the VM stopped, whatever its runStrategy, until start"),
     ("start", k8s.start, "lift a stop: the spec's runStrategy applies again"),
+    ("rollout", k8s.rollout, "move the VM to its instance type's and preference's current revisions "
+     "(a restart only if its effective spec changes)"),
 )  # fmt: skip
 K8S_TABLE = (
     # Kubernetes-style API; `?watch=true` on the lists streams watch events.
@@ -164,6 +167,8 @@ KUBERNETES_TABLE = (
         _K("OpenAPI v3 of tofu-qemu.dev/v1alpha1 (kubectl explain): the CRD's schema"),
     ),
     _get("/openapi/v2", kube.openapi_v2, openapi.OPENAPI_V2),
+    # instancetypes: instance types and preferences beside qemuvms (docs/instancetypes.md#the-api).
+    *(Route(*spec) for spec in instancetype_routes.route_specs()),
 )
 API_TABLE: tuple[Route, ...] = (*OPS_TABLE, *BACKEND_TABLE, *READ_API_TABLE, *K8S_TABLE, *KUBERNETES_TABLE)
 

@@ -15,13 +15,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from api.instancetypes import CLUSTER_KIND_OF, DeclaredType, Found, Ref, refs_of, revision_of
-from api.settings import ProcessSettings
 from api.store.db import Database, Transaction
 from api.store.vms import ADDRESS_ANNOTATION, next_resource_versions
 from api.types import API_VERSION, CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND
+
+if TYPE_CHECKING:  # api.settings imports the store
+    from api.settings import ProcessSettings
 
 _COLUMNS = (
     "project, kind, name, address, labels, spec, spec_error, revision, generation, created_at,"

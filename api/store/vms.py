@@ -261,6 +261,8 @@ class RunAction(StrEnum):
     STOP = "stop"
     START = "start"
     RESTART = "restart"
+    # instancetypes: take the instance type's and preference's current revisions.
+    ROLLOUT = "rollout"
 
 
 def next_override(current: RunOverride | None, action: RunAction, *, by: str, now: datetime) -> RunOverride:
@@ -269,11 +271,15 @@ def next_override(current: RunOverride | None, action: RunAction, *, by: str, no
     restart_at = current.restart_requested_at if current else None
     if action is RunAction.RESTART:
         restart_at = now
+    rollout_at = now if action is RunAction.ROLLOUT else (current.rollout_requested_at if current else None)
     return RunOverride(
-        stopped=action is RunAction.STOP,
+        # A rollout leaves a stop as it is; every other request but stop lifts it.
+        stopped=action is RunAction.STOP
+        or (action is RunAction.ROLLOUT and current is not None and current.stopped),
         restart_requested_at=restart_at,
         requested_by=by,
         updated_at=now,
+        rollout_requested_at=rollout_at,
     )
 
 
