@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -314,7 +315,7 @@ class Wanted:
     rollout_requested_at: datetime | None
 
 
-def resolve(wanted: Wanted, current: dict[Ref, Found | None], now: datetime) -> Resolution:
+def resolve(wanted: Wanted, current: Mapping[Ref, Found | None], now: datetime) -> Resolution:
     """The effective spec of a VM: preference < the VM's own fields < instance type.
 
     A kept revision stays while the VM's generation is the one it was taken for and no rollout

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,26 +146,28 @@ def extract_vms(document: dict[str, Any], *, cache: bool = True) -> Extraction:
     `cache=False` for a document the strict parser did not read (StateSummary.strict): NaN
     and null encode alike there.
     """
-    found: list[DeclaredVM] = []
-    problems: list[ExtractionProblem] = []
+    return extraction_of(
+        declare_bounded(address, raw, cache=cache) for address, raw in _manifest_candidates(document)
+    )
+
+
+Declared = DeclaredVM | instancetypes.DeclaredType | ExtractionProblem
+
+
+def extraction_of(declared: Iterable[Declared]) -> Extraction:
+    """What a state declares, sorted by kind, with duplicate names marked."""
+    vms: list[DeclaredVM] = []
     types: list[instancetypes.DeclaredType] = []
-    for address, raw in _manifest_candidates(document):
-        if instancetypes.declared_kind(raw):
-            declared = instancetypes.declare_type(address, raw)
-            if isinstance(declared, str):
-                problems.append(ExtractionProblem(address, declared))
-            else:
-                types.append(declared)
-            continue
-        vm_or_problem = declare_bounded(address, raw, cache=cache)
-        if isinstance(vm_or_problem, ExtractionProblem):
-            problems.append(vm_or_problem)
+    problems: list[ExtractionProblem] = []
+    for item in declared:
+        if isinstance(item, DeclaredVM):
+            vms.append(item)
+        elif isinstance(item, ExtractionProblem):
+            problems.append(item)
         else:
-            found.append(vm_or_problem)
+            types.append(item)
     return Extraction(
-        vms=mark_duplicate_names(found),
-        problems=tuple(problems),
-        types=instancetypes.mark_duplicates(types),
+        vms=mark_duplicate_names(vms), problems=tuple(problems), types=instancetypes.mark_duplicates(types)
     )
 
 
@@ -249,9 +252,13 @@ def _drop_nulls(value: object) -> object:
     return value
 
 
-def declare_bounded(address: str, raw: dict[str, Any], *, cache: bool) -> DeclaredVM | ExtractionProblem:
+def declare_bounded(address: str, raw: dict[str, Any], *, cache: bool) -> Declared:
     """`_declare`, with the manifest's depth and size checked before anything recurses into it
-    or keeps it, and small manifests served from the cache."""
+    or keeps it, and small manifests served from the cache. Instance types and preferences go
+    to api/instancetypes.py."""
+    if instancetypes.declared_kind(raw):
+        declared = instancetypes.declare_type(address, raw)
+        return ExtractionProblem(address, declared) if isinstance(declared, str) else declared
     try:
         # msgspec's encoder, a tenth of json.dumps' time: this runs for every VM of every write.
         encoded = msgspec.json.encode(raw)

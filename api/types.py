@@ -430,9 +430,14 @@ def canonical_spec(spec: QemuVMSpec) -> dict[str, Any]:
     field the VM set is then told apart from a default (docs/instancetypes.md).
     """
     exclude = {name for name in ("instance_type", "preference") if getattr(spec, name) is None}
-    if spec.instance_type is not None or spec.preference is not None:
+    typed = spec.instance_type is not None or spec.preference is not None
+    if typed:
         exclude |= set(TYPE_FIELDS + PREFERENCE_FIELDS) - spec.model_fields_set
-    return spec.model_dump(mode="json", by_alias=True, exclude=exclude)
+    dumped = spec.model_dump(mode="json", by_alias=True, exclude=exclude)
+    if typed and spec.cloud_init is not None and "cloudInit" in dumped:
+        # Merged key by key with a preference's: only the keys the VM wrote.
+        dumped["cloudInit"] = spec.cloud_init.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return dumped
 
 
 def _check_labels(labels: dict[str, str]) -> dict[str, str]:
