@@ -31,7 +31,7 @@ def _answer(request: web.Request, kind: str, records: list[TypeRecord]) -> web.S
         return web.json_response(
             kube.table(columns, objects, include=include_object(request), resource_version="")
         )
-    return web.json_response(kube.list_of(f"{kind}List", objects, resource_version=""))
+    return web.json_response(kube.list_of(kind, objects, resource_version=""))
 
 
 def lister(kind: str, *, namespaced: bool) -> Handler:
