@@ -103,12 +103,13 @@ SPEC_MODELS: dict[str, type[QemuInstanceTypeSpec] | type[QemuPreferenceSpec]] = 
     CLUSTER_PREFERENCE_KIND: QemuPreferenceSpec,
 }
 
-# KubeVirt's common-instancetypes "u1" series is 1, 2 and 4 vCPUs with 2, 4 and 8 GiB. Scaled
-# to a quarter of the memory: a TCG guest gains nothing from more, and three of each fit a laptop.
+# KubeVirt's common-instancetypes "u1" sizes (small 1 vCPU 2 GiB, medium 1 vCPU 4 GiB, large
+# 2 vCPUs 8 GiB) with a quarter of the memory: a TCG guest gains nothing from more, and three of
+# each fit a laptop.
 COMMON_INSTANCE_TYPES: dict[str, dict[str, Any]] = {
     "u1.small": {"cpus": 1, "memory": 512},
-    "u1.medium": {"cpus": 2, "memory": 1024},
-    "u1.large": {"cpus": 4, "memory": 2048},
+    "u1.medium": {"cpus": 1, "memory": 1024},
+    "u1.large": {"cpus": 2, "memory": 2048},
 }
 
 

@@ -16,6 +16,7 @@ from api.server.keys import DATABASE, SETTINGS
 from api.server.kube import include_object, wants_table
 from api.store.errors import NotFound
 from api.store.instancetypes import InstanceTypeCatalog, TypeRecord
+from api.types import API_VERSION
 
 GROUP_VERSION = "/apis/tofu-qemu.dev/v1alpha1"
 
@@ -31,7 +32,8 @@ def _answer(request: web.Request, kind: str, records: list[TypeRecord]) -> web.S
         return web.json_response(
             kube.table(columns, objects, include=include_object(request), resource_version="")
         )
-    return web.json_response(kube.list_of(kind, objects, resource_version=""))
+    listing = {"apiVersion": API_VERSION, "kind": f"{kind}List", "metadata": {}, "items": objects}
+    return web.json_response(listing)
 
 
 def lister(kind: str, *, namespaced: bool) -> Handler:

@@ -123,7 +123,7 @@ async def test_the_api_lists_types_beside_qemuvms(api: Client) -> None:
     every = await (await api.get(f"{APIS}/qemupreferences", headers=AUTH)).json()
     assert [item["metadata"]["name"] for item in every["items"]] == ["linux"]
     cluster = await (await api.get(f"{APIS}/qemuclusterinstancetypes/u1.medium", headers=AUTH)).json()
-    assert cluster["spec"] == {"cpus": 2, "memory": 1024}
+    assert cluster["spec"] == {"cpus": 1, "memory": 1024}
     assert "namespace" not in cluster["metadata"]
     missing = await api.get(f"{APIS}/namespaces/lab/qemuinstancetypes/huge", headers=AUTH)
     assert missing.status == 404
@@ -146,8 +146,8 @@ async def test_kubectl_gets_a_table_and_finds_the_kinds_by_discovery(api: Client
     names = [column["name"] for column in table["columnDefinitions"]]
     assert names[:4] == ["Name", "CPUs", "Memory", "Revision"]
     assert [row["cells"][:3] for row in table["rows"]] == [
-        ["u1.large", 4, "2048Mi"],
-        ["u1.medium", 2, "1024Mi"],
+        ["u1.large", 2, "2048Mi"],
+        ["u1.medium", 1, "1024Mi"],
         ["u1.small", 1, "512Mi"],
     ]
 

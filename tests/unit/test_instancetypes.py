@@ -266,8 +266,8 @@ def test_the_common_set_is_shipped_and_a_config_table_adds_or_replaces() -> None
     assert ProcessSettings().instance_types == COMMON_INSTANCE_TYPES
     assert COMMON_INSTANCE_TYPES == {
         "u1.small": {"cpus": 1, "memory": 512},
-        "u1.medium": {"cpus": 2, "memory": 1024},
-        "u1.large": {"cpus": 4, "memory": 2048},
+        "u1.medium": {"cpus": 1, "memory": 1024},
+        "u1.large": {"cpus": 2, "memory": 2048},
     }
     settings = ProcessSettings.model_validate(
         {"instance_types": {"u1.small": {"cpus": 1, "memory": "256Mi"}, "big": {"cpus": 8, "memory": "8Gi"}}}
