@@ -135,6 +135,7 @@ class Controller:
                 boots=boots,
                 images=images,
             )
+            instance_types = InstanceTypeCatalog.of(self._db, self._settings)
             reconciler = Reconciler(
                 objects=self._objects,
                 allocations=self._allocations,
@@ -147,7 +148,11 @@ class Controller:
                 clock=self._clock,
                 boots=boots,
                 quotas=QuotaGate(
-                    self._db, self._settings.quotas, port_range=self._settings.ports, clock=self._clock
+                    self._db,
+                    self._settings.quotas,
+                    port_range=self._settings.ports,
+                    clock=self._clock,
+                    sizes=instance_types,
                 ),
                 memory_reserve_mib=self._settings.memory_reserve_mib,
                 storage_reserve_mib=self._settings.storage_reserve_mib,
@@ -158,7 +163,7 @@ class Controller:
                 shutting_down=lambda: self._shutting_down,
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
                 events=self.events,
-                instance_types=InstanceTypeCatalog.of(self._db, self._settings),
+                instance_types=instance_types,
             )
             grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
             sources = [

@@ -15,12 +15,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from api.instancetypes import CLUSTER_KIND_OF, DeclaredType, Found, Ref, refs_of, revision_of
 from api.store.db import Database, Transaction
 from api.store.vms import ADDRESS_ANNOTATION, next_resource_versions
-from api.types import API_VERSION, CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND
+from api.types import API_VERSION, CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND, INSTANCE_TYPE_KIND
 
 if TYPE_CHECKING:  # api.settings imports the store
     from api.settings import ProcessSettings
@@ -145,6 +145,21 @@ async def _wake_referencing_vms(conn: Transaction, project: str, touched: set[tu
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Size:
+    cpus: int
+    memory_mib: int
+
+
+class InstanceTypeSizes(Protocol):
+    """What the quota gate needs: every valid instance type's size, and a value that changes
+    whenever one does."""
+
+    async def sizes_version(self) -> tuple[int, int]: ...
+
+    async def instance_type_sizes(self) -> dict[tuple[str | None, Ref], Size]: ...
+
+
 class InstanceTypeCatalog:
     """Every instance type and preference: the store's namespaced ones and the settings' cluster
     ones (`cluster`: by cluster kind, the normalised specs by name)."""
@@ -172,6 +187,26 @@ class InstanceTypeCatalog:
             (project, ref.kind, ref.name),
         )
         return Found(json.loads(rows[0][0]), rows[0][1]) if rows else None
+
+    async def sizes_version(self) -> tuple[int, int]:
+        """Moves with every change of a namespaced type: a new one or a change takes the next
+        resourceVersion, a removal lowers the count (cluster-wide ones change only at restart)."""
+        rows = await self._db.read("SELECT COUNT(*), COALESCE(MAX(resource_version), 0) FROM instance_types")
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def instance_type_sizes(self) -> dict[tuple[str | None, Ref], Size]:
+        """Every valid instance type's size, by (project, or None for cluster-wide; reference)."""
+        cluster = CLUSTER_INSTANCE_TYPE_KIND
+        sizes: dict[tuple[str | None, Ref], Size] = {
+            (None, Ref(cluster, name)): Size(spec["cpus"], spec["memory"])
+            for name, spec in self._cluster.get(cluster, {}).items()
+        }
+        for record in await self.list(INSTANCE_TYPE_KIND):
+            if record.error is None and record.project is not None:
+                sizes[(record.project, Ref(record.kind, record.name))] = Size(
+                    record.spec["cpus"], record.spec["memory"]
+                )
+        return sizes
 
     async def list(self, kind: str, *, project: str | None = None) -> list[TypeRecord]:
         """The namespaced `kind` of one project or all; a cluster kind from the settings."""

@@ -13,6 +13,9 @@ from api.store import Database, StateStore, VMStore
 from api.store.instancetypes import InstanceTypeCatalog
 from api.testing.tfstate import encode, instance, manifest, resource, state
 from api.tfstate import extract_vms, parse_state
+from controller.admission import Quota, Quotas
+from controller.clock import ManualClock
+from controller.quota_gate import FRESH_SECONDS, QuotaGate
 from tests.component.conftest import AUTH
 from tests.component.k8s_support import APIS, Client, api, post_state, serve
 from tests.component.test_store_states import lock_info
@@ -164,3 +167,39 @@ async def test_rollout_is_recorded_and_leaves_a_stop_in_place(api: Client) -> No
     assert override["stopped"] is True
     events = await (await api.get(f"{base}/events", headers=AUTH)).json()
     assert "RolloutRequested" in json.dumps(events)
+
+
+def sized_state(serial: int, memory: int) -> dict[str, Any]:
+    """Two VMs sized by one type, and one by a cluster-wide type."""
+    big = type_manifest("QemuInstanceType", "big", {"cpus": 2, "memory": memory})
+    vms = {name: manifest(name, instanceType={"name": "big"}) for name in ("a", "b")}
+    vms["c"] = manifest("c", instanceType={"name": "u1.small", "kind": "QemuClusterInstanceType"})
+    for vm in vms.values():
+        vm["spec"].pop("memory")
+    return state(
+        serial,
+        [resource("t", [instance(big)]), resource("vm", [instance(m, index_key=n) for n, m in vms.items()])],
+    )
+
+
+async def test_quotas_count_the_type_size_and_follow_its_changes(
+    states: StateStore, vms: VMStore, db: Database
+) -> None:
+    """A VM sized by a type claims the type's cpus and memory, not the spec defaults (1 CPU,
+    512 MiB): instance types are no way around max_memory_mib."""
+    await write(states, sized_state(1, 1024))
+    clock = ManualClock()
+    quotas = Quotas(server=Quota(max_memory_mib=2048 + 511))
+    gate = QuotaGate(
+        db, quotas, port_range=(20000, 20099), clock=clock, sizes=InstanceTypeCatalog(db, CLUSTER)
+    )
+    found = [(r.uid, r.generation) for r in await vms.list_records(project="lab")]
+    verdicts = [await gate.admission(*vm) for vm in found]
+    refused = [verdict.message for verdict in verdicts if not verdict.admitted]
+    # 2 x 1024 + 512 = 2560 MiB: one is refused (the spec defaults would claim 3 x 512).
+    assert len(refused) == 1, verdicts
+    assert refused[0].startswith("server max_memory_mib:")
+
+    await write(states, sized_state(2, 512))
+    clock.advance(FRESH_SECONDS)
+    assert all([(await gate.admission(*vm)).admitted for vm in found]), "the shrunk type counts at once"
