@@ -14,7 +14,8 @@ from typing import Protocol
 
 from api.instancetypes import OUTDATED_CONDITION, Found, Ref, Resolution, Wanted, refs_of, resolve
 from api.store.records import VMRecord
-from api.types import Condition, ConditionStatus, QemuVMStatus
+from api.types import Condition, ConditionStatus, FrozenRevision, QemuVMStatus
+from controller.events import VMEvent
 
 
 class InstanceTypeSource(Protocol):
@@ -91,4 +92,33 @@ def stamp(
             "preference": resolution.preference,
             "conditions": (*others, condition),
         }
+    )
+
+
+def revision_events(before: QemuVMStatus, after: QemuVMStatus) -> list[VMEvent]:
+    """RevisionTaken when the VM moves to another revision of a type or preference, and
+    InstanceTypeOutdated when a newer one starts waiting (docs/instancetypes.md#revisions)."""
+    events = [
+        VMEvent("RevisionTaken", _taken_message(new))
+        for old, new in ((before.instance_type, after.instance_type), (before.preference, after.preference))
+        if new is not None
+        and (old is None or (old.kind, old.name, old.revision) != (new.kind, new.name, new.revision))
+    ]
+    old = next((c for c in before.conditions if c.type == OUTDATED_CONDITION), None)
+    new = next((c for c in after.conditions if c.type == OUTDATED_CONDITION), None)
+    if (
+        new is not None
+        and new.status is ConditionStatus.TRUE
+        and (old is None or old.status is not ConditionStatus.TRUE)
+    ):
+        events.append(VMEvent(OUTDATED_CONDITION, new.message))
+    return events
+
+
+def _taken_message(revision: FrozenRevision) -> str:
+    content = ", ".join(
+        f"{key} {value}" for key, value in sorted(revision.spec.items()) if key != "cloudInit"
+    )
+    return f"{revision.kind} {revision.name!r} revision {revision.revision}" + (
+        f" ({content})" if content else ""
     )

@@ -49,6 +49,7 @@ from controller.instancetypes import (
     NoInstanceTypes,
     references_types,
     resolve_record,
+    revision_events,
     stamp,
 )
 from controller.layout import DataLayout
@@ -266,7 +267,8 @@ class Reconciler:
             await self._write_status(desired.uid, status)
         trace.get_current_span().set_attribute("tofu_qemu.phase_after", status.phase.value)
         self._follow_boot(desired.uid, observed, status)
-        await self._record(desired, events_for(desired, previous, status, executed, error))
+        events = [*events_for(desired, previous, status, executed, error), *revision_events(previous, status)]
+        await self._record(desired, events)
 
     def _follow_boot(self, uid: str, observed: Observed, status: QemuVMStatus) -> None:
         """End the boot span once the VM is Ready, or once its process is gone."""

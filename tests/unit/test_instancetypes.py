@@ -3,6 +3,7 @@ when a VM keeps or takes a revision (api/instancetypes.py, controller/instancety
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,9 +19,10 @@ from api.instancetypes import (
     revision_of,
 )
 from api.settings import ProcessSettings
+from api.state_reader import read_state
 from api.tfstate import extract_vms
 from api.types import FrozenRevision, QemuVMStatus
-from controller.instancetypes import stamp
+from controller.instancetypes import revision_events, stamp
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 BOOT = {"kernel": "tiny-guest/vmlinuz"}
@@ -282,3 +284,37 @@ def test_a_bad_cluster_type_is_a_settings_error_naming_it() -> None:
         cluster_types("QemuClusterInstanceType", {"big": {"cpus": 8}})
     with pytest.raises(ValueError, match="at most 256"):
         cluster_types("QemuClusterPreference", {f"p{i}": {} for i in range(257)})
+
+
+def test_events_say_when_a_revision_is_taken_and_when_a_newer_one_waits() -> None:
+    spec = vm_spec(TYPED)
+    first = stamp(
+        QemuVMStatus(),
+        QemuVMStatus(),
+        resolve(wanted(spec), {SMALL: Found(OLD)}, T0),
+        references=True,
+        now=T0,
+    )
+    assert [(e.reason, e.message) for e in revision_events(QemuVMStatus(), first)] == [
+        ("RevisionTaken", f"QemuInstanceType 'small' revision {revision_of(OLD)} (cpus 1, memory 128)")
+    ]
+    kept = resolve(wanted(spec, frozen_type=first.instance_type), {SMALL: Found(NEW)}, T0)
+    outdated = stamp(QemuVMStatus(), first, kept, references=True, now=T0)
+    [event] = revision_events(first, outdated)
+    assert event.reason == "InstanceTypeOutdated"
+    assert f"runs {revision_of(OLD)}, current is {revision_of(NEW)}" in event.message
+    assert revision_events(outdated, outdated) == [], "nothing new, no event"
+
+
+def test_the_incremental_state_reader_finds_types_as_extract_vms_does() -> None:
+    """Both readers of a state write (api/state_reader.py and api/tfstate.py) sort what they
+    find the same way: a type is never taken for a VM."""
+    document = state(
+        manifest("QemuInstanceType", "small", {"cpus": 1, "memory": 64}),
+        manifest("QemuVM", "vm", {"boot": BOOT, "instanceType": {"name": "small"}}),
+    )
+    body = json.dumps(document).encode()
+    _, incremental = read_state(body)
+    assert incremental is not None
+    assert incremental.types == extract_vms(document, cache=False).types
+    assert [vm.name for vm in incremental.vms] == ["vm"]
