@@ -139,3 +139,8 @@ def test_a_type_sizes_the_vm_a_change_waits_for_a_rollout(
     )
     assert memory_argument(rolled["status"]["pid"]) == "256M"
     assert rolled["status"]["instanceType"]["spec"] == {"cpus": 1, "memory": 256}
+    events = server.get_json(f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/typed/events")["items"]
+    reasons = [event["reason"] for event in events]
+    assert reasons.count("RevisionTaken") == 3, reasons  # the type and the preference, then the new type
+    last_start = len(reasons) - 1 - reasons[::-1].index("Started")
+    assert reasons.index("InstanceTypeOutdated") < reasons.index("RolloutRequested") < last_start, reasons
