@@ -4,6 +4,7 @@ when a VM keeps or takes a revision (api/instancetypes.py, controller/instancety
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +23,8 @@ from api.settings import ProcessSettings
 from api.state_reader import read_state
 from api.tfstate import extract_vms
 from api.types import FrozenRevision, QemuVMStatus
+from api.vm_columns import VM_TABLE_COLUMNS
+from controller.client.describe import describe_vm
 from controller.instancetypes import revision_events, stamp
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
@@ -318,3 +321,30 @@ def test_the_incremental_state_reader_finds_types_as_extract_vms_does() -> None:
     assert incremental is not None
     assert incremental.types == extract_vms(document, cache=False).types
     assert [vm.name for vm in incremental.vms] == ["vm"]
+
+
+def test_tables_and_describe_show_the_size_a_vm_takes_from_its_type() -> None:
+    spec = vm_spec({**TYPED, "preference": {"name": "linux"}})
+    status = stamp(
+        QemuVMStatus(),
+        QemuVMStatus(),
+        resolve(wanted(spec), {SMALL: Found(NEW), LINUX: Found({"machine": "microvm"})}, T0),
+        references=True,
+        now=T0,
+    )
+    metadata = {
+        "name": "vm",
+        "project": "lab",
+        "uid": "u",
+        "generation": 1,
+        "creationTimestamp": T0.isoformat(),
+    }
+    vm = {"metadata": metadata, "spec": spec, "status": status.model_dump(mode="json", by_alias=True)}
+    columns = {column.header: column.cell(vm, T0) for column in VM_TABLE_COLUMNS}
+    assert (columns["CPUS"], columns["MEMORY"]) == ("1", "256Mi")
+    described = describe_vm(vm, [], T0)
+    assert re.search(r"InstanceType:\s+small \(QemuInstanceType\)", described)
+    assert re.search(r"Preference:\s+linux \(QemuPreference\)", described)
+    assert re.search(r"Memory:\s+256 MiB", described)
+    assert re.search(r"Machine:\s+microvm", described)
+    assert re.search(r"Run Strategy:\s+Always", described), "the spec's defaults where nothing sets them"
