@@ -7,10 +7,11 @@ not exist are Valid=False, and the state is accepted all the same."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import MakeVmHost
+from tests.e2e.conftest import MakeTerraform, MakeVmHost
 from tests.e2e.harness import condition, is_running_current, memory_argument, terraform_for, write_config
 from tests.e2e.test_cli import Cli
 
@@ -144,3 +145,32 @@ def test_a_type_sizes_the_vm_a_change_waits_for_a_rollout(
     assert reasons.count("RevisionTaken") == 3, reasons  # the type and the preference, then the new type
     last_start = len(reasons) - 1 - reasons[::-1].index("Started")
     assert reasons.index("InstanceTypeOutdated") < reasons.index("RolloutRequested") < last_start, reasons
+
+
+MODULE_MISTAKES = """
+module "sized" {
+  source        = "../tofu/modules/qemu-vm"
+  name          = "sized"
+  kernel        = "tiny-guest/vmlinuz"
+  cpus          = 2
+  instance_type = { name = "small" }
+}
+
+module "half" {
+  source = "../tofu/modules/qemu-instancetype"
+  name   = "half"
+  spec   = { cpus = 1 }
+}
+"""
+
+
+def test_the_modules_refuse_at_plan_what_the_server_would_mark_invalid(
+    make_terraform: MakeTerraform, tmp_path: Path
+) -> None:
+    terraform = make_terraform(write_config(tmp_path / "config", MODULE_MISTAKES))
+    terraform.run("init")
+    plan = terraform.run("plan", check=False)
+    assert plan.returncode != 0
+    output = " ".join((plan.stdout + plan.stderr).split())
+    assert "A VM with an instance_type may not set cpus or memory" in output
+    assert "A QemuInstanceType sets both cpus and memory" in output
