@@ -10,7 +10,9 @@ from typing import Any
 
 from api.instancetypes import Found, Ref, revision_of
 from api.store import Database, StateStore, VMStore
+from api.store.fleet import fleet_snapshot
 from api.store.instancetypes import InstanceTypeCatalog
+from api.store.status_writer import VMStatusWriter
 from api.testing.tfstate import encode, instance, manifest, resource, state
 from api.tfstate import extract_vms, parse_state
 from controller.admission import Quota, Quotas
@@ -203,3 +205,24 @@ async def test_quotas_count_the_type_size_and_follow_its_changes(
     await write(states, sized_state(2, 512))
     clock.advance(FRESH_SECONDS)
     assert all([(await gate.admission(*vm)).admitted for vm in found]), "the shrunk type counts at once"
+
+
+async def test_fleet_sums_count_the_size_a_vm_took_from_its_type(
+    states: StateStore, vms: VMStore, db: Database
+) -> None:
+    """tofu_qemu_memory_requested_bytes and the cpus beside it: a typed VM counts the size in
+    its status once the controller has taken a revision (its spec has none)."""
+    await write(states, typed_state(1, 256))
+    typed = next(r for r in await vms.list_records(project="lab") if r.name == "typed")
+    taken = {"kind": "QemuInstanceType", "name": "small", "revision": "r", "generation": 1}
+    status = {
+        "phase": "Running",
+        "instanceType": {**taken, "spec": {"cpus": 3, "memory": 300}, "takenAt": "x"},
+    }
+    await VMStatusWriter(db).write_status(typed.uid, status)
+    [group] = [g for g in (await fleet_snapshot(db)).vm_groups if g.project == "lab" and g.phase == "Running"]
+    assert (group.count, group.memory_mib, group.cpus) == (1, 300, 3)
+    [pending] = [
+        g for g in (await fleet_snapshot(db)).vm_groups if g.project == "lab" and g.phase == "Pending"
+    ]
+    assert (pending.memory_mib, pending.cpus) == (256, 1), "the plain VM's spec, as before"
