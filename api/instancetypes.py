@@ -21,7 +21,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
-from api.json_body import nesting_exceeds
+from api.json_body import drop_nulls, nesting_exceeds
 from api.types import (
     CLUSTER_INSTANCE_TYPE_KIND,
     CLUSTER_PREFERENCE_KIND,
@@ -207,21 +207,13 @@ def declare_type(address: str, raw: dict[str, Any]) -> DeclaredType | str:
     if size > TYPE_MANIFEST_MAX_BYTES or nesting_exceeds(raw, TYPE_MANIFEST_DEPTH_MAX):
         reason = f"manifest: larger than {TYPE_MANIFEST_MAX_BYTES} bytes or nested too deep"
         return DeclaredType(kind, name, address, {}, {}, reason)
-    cleaned = _drop_nulls(raw)
+    cleaned = drop_nulls(raw)
     try:
         manifest = _MANIFESTS[kind].model_validate(cleaned)
     except ValidationError as err:
         return DeclaredType(kind, name, address, {}, {}, describe_validation_error(err))
     spec = manifest.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     return DeclaredType(kind, name, address, dict(manifest.metadata.labels), spec, None)
-
-
-def _drop_nulls(value: object) -> object:
-    if isinstance(value, dict):
-        return {key: _drop_nulls(item) for key, item in value.items() if item is not None}
-    if isinstance(value, list):
-        return [_drop_nulls(item) for item in value]
-    return value
 
 
 def mark_duplicates(found: list[DeclaredType]) -> tuple[DeclaredType, ...]:

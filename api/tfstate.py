@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from api import instancetypes, names
 from api.json_body import StateFormatError as StateFormatError
-from api.json_body import decode_json
+from api.json_body import decode_json, drop_nulls
 from api.json_body import holds_lone_surrogate as holds_lone_surrogate
 from api.json_body import load_json as load_json
 from api.json_body import nesting_exceeds as nesting_exceeds
@@ -40,7 +40,7 @@ DECLARE_CACHE_SIZE = 16384
 # SQLite's INTEGER. Terraform's serial is a uint64 that grows by one per write.
 SERIAL_MAX = 2**63 - 1
 # A valid manifest nests 5 containers deep (spec.network.forwards[0] holds hostPort); deeper
-# ones are refused before anything recurses into them (_drop_nulls, pydantic).
+# ones are refused before anything recurses into them (drop_nulls, pydantic).
 MANIFEST_DEPTH_MAX = 16
 # A valid manifest with every list full and every string at its limit is under 40 KiB.
 MANIFEST_MAX_BYTES = 64 * 1024
@@ -243,15 +243,6 @@ def _unwrap_dynamic(value: object) -> object:
     return value
 
 
-def _drop_nulls(value: object) -> object:
-    """HCL optional attributes arrive as null; null means "use the default" in a manifest."""
-    if isinstance(value, dict):
-        return {key: _drop_nulls(item) for key, item in value.items() if item is not None}
-    if isinstance(value, list):
-        return [_drop_nulls(item) for item in value]
-    return value
-
-
 def declare_bounded(address: str, raw: dict[str, Any], *, cache: bool) -> Declared:
     """`_declare`, with the manifest's depth and size checked before anything recurses into it
     or keeps it, and small manifests served from the cache. Instance types and preferences go
@@ -312,7 +303,7 @@ def _refused(address: str, raw: dict[str, Any], reason: str) -> DeclaredVM | Ext
 def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProblem:
     if nesting_exceeds(raw, MANIFEST_DEPTH_MAX):
         return _refused(address, raw, f"nested more than {MANIFEST_DEPTH_MAX} levels deep")
-    cleaned = _drop_nulls(raw)
+    cleaned = drop_nulls(raw)
     assert isinstance(cleaned, dict)
     name = _usable_name(address, cleaned)
     if isinstance(name, ExtractionProblem):

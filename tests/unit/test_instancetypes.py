@@ -348,3 +348,21 @@ def test_tables_and_describe_show_the_size_a_vm_takes_from_its_type() -> None:
     assert re.search(r"Memory:\s+256 MiB", described)
     assert re.search(r"Machine:\s+microvm", described)
     assert re.search(r"Run Strategy:\s+Always", described), "the spec's defaults where nothing sets them"
+
+
+def test_the_documented_limits_of_a_type_manifest() -> None:
+    """256 KiB as JSON, 16 levels deep, names of at most 63 characters, 16-digit revisions."""
+    big = manifest("QemuPreference", "big", {"cloudInit": {"userData": "x" * (256 * 1024)}})
+    [refused] = extract_vms(state(big)).types
+    assert refused.error == "manifest: larger than 262144 bytes or nested too deep"
+    deep: dict[str, Any] = {}
+    for _ in range(16):
+        deep = {"a": deep}
+    [nested] = extract_vms(state(manifest("QemuPreference", "deep", {"cloudInit": {"metaData": deep}}))).types
+    assert nested.error == "manifest: larger than 262144 bytes or nested too deep"
+    assert extract_vms(state(manifest("QemuInstanceType", "a" * 63, {"cpus": 1, "memory": 64}))).types
+    [too_long] = extract_vms(
+        state(manifest("QemuInstanceType", "a" * 64, {"cpus": 1, "memory": 64}))
+    ).problems
+    assert "at most 63" in too_long.message
+    assert len(revision_of({"cpus": 1, "memory": 64})) == 16
