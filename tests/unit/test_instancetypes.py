@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,13 +20,14 @@ from api.instancetypes import (
     resolve,
     revision_of,
 )
-from api.settings import ProcessSettings
+from api.settings import ProcessSettings, SettingsError, load_settings
 from api.state_reader import read_state
 from api.tfstate import extract_vms
 from api.types import FrozenRevision, QemuVMStatus
 from api.vm_columns import VM_TABLE_COLUMNS
 from controller.client.describe import describe_vm
 from controller.instancetypes import revision_events, stamp
+from controller.settings import ServeSettings
 
 T0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 BOOT = {"kernel": "tiny-guest/vmlinuz"}
@@ -366,3 +368,25 @@ def test_the_documented_limits_of_a_type_manifest() -> None:
     ).problems
     assert "at most 63" in too_long.message
     assert len(revision_of({"cpus": 1, "memory": 64})) == 16
+
+
+def test_cluster_types_from_the_config_file_and_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "tofu-qemu.toml"
+    config.write_text(
+        '[instance_types."u1.small"]\ncpus = 1\nmemory = "256Mi"\n\n'
+        '[preferences.linux]\nstopTimeout = "1m"\n',
+        encoding="utf-8",
+    )
+    settings = load_settings(ServeSettings, flags={}, env={}, config_file=config)
+    assert settings.instance_types["u1.small"] == {"cpus": 1, "memory": 256}
+    assert settings.instance_types["u1.large"] == {"cpus": 2, "memory": 2048}, (
+        "the rest of the shipped set stays"
+    )
+    assert settings.preferences == {"linux": {"stopTimeout": 60}}
+    env = {"TOFU_QEMU_INSTANCE_TYPES": '{"big": {"cpus": 8, "memory": "8Gi"}}'}
+    assert load_settings(ServeSettings, flags={}, env=env).instance_types["big"] == {
+        "cpus": 8,
+        "memory": 8192,
+    }
+    with pytest.raises(SettingsError, match="must be a JSON object"):
+        load_settings(ServeSettings, flags={}, env={"TOFU_QEMU_PREFERENCES": "linux"})
