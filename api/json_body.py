@@ -151,3 +151,12 @@ def nesting_exceeds(value: object, limit: int) -> bool:
             return True
         pending.extend((child, depth + 1) for child in children)
     return False
+
+
+def drop_nulls(value: object) -> object:
+    """HCL optional attributes arrive as null; null means "use the default" in a manifest."""
+    if isinstance(value, dict):
+        return {key: drop_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [drop_nulls(item) for item in value]
+    return value

@@ -14,7 +14,15 @@ from datetime import datetime
 from typing import Any
 
 from api import crd
-from api.types import API_GROUP, API_VERSION, KIND
+from api.types import (
+    API_GROUP,
+    API_VERSION,
+    CLUSTER_INSTANCE_TYPE_KIND,
+    CLUSTER_PREFERENCE_KIND,
+    INSTANCE_TYPE_KIND,
+    KIND,
+    PREFERENCE_KIND,
+)
 from api.vm_columns import Column, age
 
 Json = dict[str, Any]
@@ -76,8 +84,48 @@ def qemuvm_resources() -> Json:
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": API_VERSION,
-        "resources": [resource],
+        "resources": [resource, *TYPE_RESOURCES],
     }
+
+
+# instancetypes: the kinds beside qemuvms (docs/instancetypes.md#the-api), read-only.
+TYPE_RESOURCES: tuple[Json, ...] = tuple(
+    {"name": plural, "singularName": plural.removesuffix("s"), "namespaced": namespaced, "kind": kind,
+     "verbs": ["get", "list"], "shortNames": [short], "categories": []}
+    for plural, short, namespaced, kind in (
+        ("qemuinstancetypes", "qit", True, INSTANCE_TYPE_KIND),
+        ("qemupreferences", "qpref", True, PREFERENCE_KIND),
+        ("qemuclusterinstancetypes", "qcit", False, CLUSTER_INSTANCE_TYPE_KIND),
+        ("qemuclusterpreferences", "qcpref", False, CLUSTER_PREFERENCE_KIND),
+    )
+)  # fmt: skip
+
+
+def type_table_columns(kind: str) -> list[TableColumn]:
+    """`kubectl get qemuinstancetypes` and the others: name, what it sets, its revision."""
+    spec: Callable[[Mapping[str, Any]], Mapping[str, Any]] = lambda obj: obj.get("spec", {})  # noqa: E731
+    columns = [
+        TableColumn("Name", "string", "The type's name", lambda obj: obj["metadata"]["name"], format="name")
+    ]
+    if kind in (INSTANCE_TYPE_KIND, CLUSTER_INSTANCE_TYPE_KIND):
+        columns += [
+            TableColumn("CPUs", "integer", "spec.cpus", lambda obj: spec(obj).get("cpus", "<none>")),
+            TableColumn(
+                "Memory", "string", "spec.memory (MiB)", lambda obj: f"{spec(obj).get('memory', 0)}Mi"
+            ),
+        ]
+    else:
+        columns.append(
+            TableColumn(
+                "Sets", "string", "The defaults it gives", lambda obj: ",".join(sorted(spec(obj))) or "<none>"
+            )
+        )
+    columns.append(
+        TableColumn("Revision", "string", "status.revision", lambda obj: obj["status"]["revision"])
+    )
+    valid = lambda obj: obj["status"]["conditions"][0]["message"] or "<none>"  # noqa: E731
+    columns.append(TableColumn("Error", "string", "Why it is invalid", valid, priority=1))
+    return columns
 
 
 def core_resources() -> Json:

@@ -23,9 +23,10 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from api.instancetypes import COMMON_INSTANCE_TYPES, cluster_types, cluster_types_from_text
 from api.store.urls import check_database_url
 from api.tracelinks import check_trace_url_template
-from api.types import describe_validation_error
+from api.types import CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND, describe_validation_error
 
 ENV_PREFIX = "TOFU_QEMU_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
@@ -63,6 +64,32 @@ class ProcessSettings(BaseModel):
         default=None,
         description="postgresql://... URL of the store (default: SQLite in the data dir)",
     )
+
+    # instancetypes: cluster-wide instance types and preferences, `[instance_types.NAME]` and
+    # `[preferences.NAME]` tables of the config file (docs/instancetypes.md). The shipped
+    # u1.small, u1.medium and u1.large are always there unless a table of the same name replaces one.
+    instance_types: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Cluster-wide instance types (QemuClusterInstanceType), by name"
+    )
+    preferences: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Cluster-wide preferences (QemuClusterPreference), by name"
+    )
+
+    @field_validator("instance_types", "preferences", mode="before")
+    @classmethod
+    def _types_from_json(cls, value: Any) -> Any:
+        # The environment gives a string: TOFU_QEMU_INSTANCE_TYPES='{"big": {"cpus": 8, ...}}'.
+        return cluster_types_from_text(value) if isinstance(value, str) else value
+
+    @field_validator("instance_types")
+    @classmethod
+    def _valid_instance_types(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return cluster_types(CLUSTER_INSTANCE_TYPE_KIND, {**COMMON_INSTANCE_TYPES, **value})
+
+    @field_validator("preferences")
+    @classmethod
+    def _valid_preferences(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return cluster_types(CLUSTER_PREFERENCE_KIND, value)
 
     @field_validator("database_url")
     @classmethod

@@ -23,17 +23,16 @@ from typing import Any
 
 import msgspec
 
+from api import tfstate
 from api.json_body import StateFormatError
 from api.tfstate import (
-    DeclaredVM,
     Extraction,
-    ExtractionProblem,
     StateSummary,
     declare_bounded,
     declares_vms,
     extract_vms,
+    extraction_of,
     manifest_candidate,
-    mark_duplicate_names,
     parse_state,
     summarize,
 )
@@ -45,7 +44,7 @@ INSTANCE_CACHE_BYTES = 64 * 1024 * 1024
 # A larger slice is decoded every time (its manifest alone is refused past 64 KiB).
 CACHED_INSTANCE_MAX_BYTES = 256 * 1024
 
-Declared = DeclaredVM | ExtractionProblem | None
+Declared = tfstate.Declared | None
 _ANY = msgspec.json.Decoder()
 
 
@@ -154,15 +153,12 @@ def _read_incrementally(body: bytes) -> tuple[StateSummary, Extraction]:
     del head["resources"]
     # Checked as if resources were an empty list: a list is all parse_state asks of them.
     summary = summarize({**head, "resources": []}, strict=True)
-    found: list[DeclaredVM] = []
-    problems: list[ExtractionProblem] = []
-    for resource in state.resources:
-        for declared in _resource_declares(resource):
-            if isinstance(declared, ExtractionProblem):
-                problems.append(declared)
-            elif declared is not None:
-                found.append(declared)
-    extraction = Extraction(vms=mark_duplicate_names(found), problems=tuple(problems))
+    extraction = extraction_of(
+        declared
+        for resource in state.resources
+        for declared in _resource_declares(resource)
+        if declared is not None
+    )
     return dataclasses.replace(summary, document=head), extraction
 
 

@@ -17,19 +17,20 @@ import functools
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from pydantic import ValidationError
 
-from api import names
+from api import instancetypes, names
 from api.json_body import StateFormatError as StateFormatError
-from api.json_body import decode_json
+from api.json_body import decode_json, drop_nulls
 from api.json_body import holds_lone_surrogate as holds_lone_surrogate
 from api.json_body import load_json as load_json
 from api.json_body import nesting_exceeds as nesting_exceeds
-from api.types import API_GROUP, KIND, QemuVMManifest, describe_validation_error
+from api.types import API_GROUP, KIND, QemuVMManifest, canonical_spec, describe_validation_error
 
 SUPPORTED_STATE_VERSION = 4
 TERRAFORM_DATA = "terraform_data"
@@ -39,7 +40,7 @@ DECLARE_CACHE_SIZE = 16384
 # SQLite's INTEGER. Terraform's serial is a uint64 that grows by one per write.
 SERIAL_MAX = 2**63 - 1
 # A valid manifest nests 5 containers deep (spec.network.forwards[0] holds hostPort); deeper
-# ones are refused before anything recurses into them (_drop_nulls, pydantic).
+# ones are refused before anything recurses into them (drop_nulls, pydantic).
 MANIFEST_DEPTH_MAX = 16
 # A valid manifest with every list full and every string at its limit is under 40 KiB.
 MANIFEST_MAX_BYTES = 64 * 1024
@@ -89,6 +90,8 @@ class ExtractionProblem:
 class Extraction:
     vms: tuple[DeclaredVM, ...]
     problems: tuple[ExtractionProblem, ...]
+    # QemuInstanceType and QemuPreference manifests (api/instancetypes.py).
+    types: tuple[instancetypes.DeclaredType, ...] = ()
 
 
 def parse_state(body: bytes) -> StateSummary:
@@ -143,15 +146,29 @@ def extract_vms(document: dict[str, Any], *, cache: bool = True) -> Extraction:
     `cache=False` for a document the strict parser did not read (StateSummary.strict): NaN
     and null encode alike there.
     """
-    found: list[DeclaredVM] = []
+    return extraction_of(
+        declare_bounded(address, raw, cache=cache) for address, raw in _manifest_candidates(document)
+    )
+
+
+Declared = DeclaredVM | instancetypes.DeclaredType | ExtractionProblem
+
+
+def extraction_of(declared: Iterable[Declared]) -> Extraction:
+    """What a state declares, sorted by kind, with duplicate names marked."""
+    vms: list[DeclaredVM] = []
+    types: list[instancetypes.DeclaredType] = []
     problems: list[ExtractionProblem] = []
-    for address, raw in _manifest_candidates(document):
-        vm_or_problem = declare_bounded(address, raw, cache=cache)
-        if isinstance(vm_or_problem, ExtractionProblem):
-            problems.append(vm_or_problem)
+    for item in declared:
+        if isinstance(item, DeclaredVM):
+            vms.append(item)
+        elif isinstance(item, ExtractionProblem):
+            problems.append(item)
         else:
-            found.append(vm_or_problem)
-    return Extraction(vms=mark_duplicate_names(found), problems=tuple(problems))
+            types.append(item)
+    return Extraction(
+        vms=mark_duplicate_names(vms), problems=tuple(problems), types=instancetypes.mark_duplicates(types)
+    )
 
 
 def canonical_json(value: object) -> str:
@@ -226,18 +243,13 @@ def _unwrap_dynamic(value: object) -> object:
     return value
 
 
-def _drop_nulls(value: object) -> object:
-    """HCL optional attributes arrive as null; null means "use the default" in a manifest."""
-    if isinstance(value, dict):
-        return {key: _drop_nulls(item) for key, item in value.items() if item is not None}
-    if isinstance(value, list):
-        return [_drop_nulls(item) for item in value]
-    return value
-
-
-def declare_bounded(address: str, raw: dict[str, Any], *, cache: bool) -> DeclaredVM | ExtractionProblem:
+def declare_bounded(address: str, raw: dict[str, Any], *, cache: bool) -> Declared:
     """`_declare`, with the manifest's depth and size checked before anything recurses into it
-    or keeps it, and small manifests served from the cache."""
+    or keeps it, and small manifests served from the cache. Instance types and preferences go
+    to api/instancetypes.py."""
+    if instancetypes.declared_kind(raw):
+        declared = instancetypes.declare_type(address, raw)
+        return ExtractionProblem(address, declared) if isinstance(declared, str) else declared
     try:
         # msgspec's encoder, a tenth of json.dumps' time: this runs for every VM of every write.
         encoded = msgspec.json.encode(raw)
@@ -291,7 +303,7 @@ def _refused(address: str, raw: dict[str, Any], reason: str) -> DeclaredVM | Ext
 def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProblem:
     if nesting_exceeds(raw, MANIFEST_DEPTH_MAX):
         return _refused(address, raw, f"nested more than {MANIFEST_DEPTH_MAX} levels deep")
-    cleaned = _drop_nulls(raw)
+    cleaned = drop_nulls(raw)
     assert isinstance(cleaned, dict)
     name = _usable_name(address, cleaned)
     if isinstance(name, ExtractionProblem):
@@ -312,7 +324,7 @@ def _declare(address: str, raw: dict[str, Any]) -> DeclaredVM | ExtractionProble
             error=describe_validation_error(err),
             spec_hash=_digest({"invalid": cleaned}),
         )
-    spec = manifest.spec.model_dump(mode="json", by_alias=True)
+    spec = canonical_spec(manifest.spec)
     labels = dict(manifest.metadata.labels)
     return DeclaredVM(
         name=name,

@@ -354,8 +354,46 @@ class CloudInitSpec(_Model):
     )
 
 
+# instancetypes: references to instance types and preferences (api/instancetypes.py,
+# docs/instancetypes.md). Their names may hold dots ("u1.small"), as KubeVirt's do.
+INSTANCE_TYPE_KIND = "QemuInstanceType"
+CLUSTER_INSTANCE_TYPE_KIND = "QemuClusterInstanceType"
+PREFERENCE_KIND = "QemuPreference"
+CLUSTER_PREFERENCE_KIND = "QemuClusterPreference"
+TYPE_NAME_MAX = 63
+TYPE_NAME_PATTERN = "[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?"
+_TYPE_NAME_RE = re.compile(TYPE_NAME_PATTERN)
+
+
+@_publishes(maxLength=TYPE_NAME_MAX, pattern=_anchored(TYPE_NAME_PATTERN))
+def check_type_name(value: str) -> str:
+    if not _TYPE_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value[: names.QUOTED_MAX]!r} must be at most {TYPE_NAME_MAX} lowercase letters, digits, "
+            "'-' and '.', starting and ending with a letter or digit"
+        )
+    return value
+
+
+TypeName = Annotated[str, AfterValidator(check_type_name)]
+
+
+class InstanceTypeRef(_Model):
+    """`spec.instanceType`: a QemuInstanceType of the VM's project, or a cluster-wide one."""
+
+    name: TypeName
+    kind: Literal["QemuInstanceType", "QemuClusterInstanceType"] = "QemuInstanceType"
+
+
+class PreferenceRef(_Model):
+    """`spec.preference`: a QemuPreference of the VM's project, or a cluster-wide one."""
+
+    name: TypeName
+    kind: Literal["QemuPreference", "QemuClusterPreference"] = "QemuPreference"
+
+
 class QemuVMSpec(_Model):
-    """The desired state of one VM. Defaults are part of the canonical form."""
+    """The desired state of one VM. Defaults are part of the canonical form (canonical_spec)."""
 
     cpus: CpuCount = 1
     memory: MemoryMiB = Field(default=512, description='MiB, or a quantity like "2Gi"')
@@ -374,6 +412,12 @@ class QemuVMSpec(_Model):
         default=StartStrategy.RUNNING,
         description="Paused: every QEMU of the VM starts paused, until `tofu-qemu unpause`",
     )
+    instance_type: InstanceTypeRef | None = Field(
+        default=None, description="Takes cpus and memory from this type; the VM may not set them"
+    )
+    preference: PreferenceRef | None = Field(
+        default=None, description="Defaults for machine, accel, runStrategy, stopTimeout and cloudInit"
+    )
 
     @model_validator(mode="after")
     def _bootable_and_unique_disks(self) -> QemuVMSpec:
@@ -384,6 +428,29 @@ class QemuVMSpec(_Model):
         if duplicates:
             raise ValueError(f"disk names must be unique: {', '.join(duplicates)} repeated")
         return self
+
+
+# The fields an instance type or a preference may provide (api/instancetypes.py).
+TYPE_FIELDS = ("cpus", "memory")
+PREFERENCE_FIELDS = ("machine", "accel", "run_strategy", "stop_timeout", "cloud_init")
+
+
+def canonical_spec(spec: QemuVMSpec) -> dict[str, Any]:
+    """The spec as stored: every default written out, so `generation` follows meaning.
+
+    A VM that references an instance type or a preference keeps only the fields it set among
+    those they provide: the controller fills the rest from the type's frozen revision, and a
+    field the VM set is then told apart from a default (docs/instancetypes.md).
+    """
+    exclude = {name for name in ("instance_type", "preference") if getattr(spec, name) is None}
+    typed = spec.instance_type is not None or spec.preference is not None
+    if typed:
+        exclude |= set(TYPE_FIELDS + PREFERENCE_FIELDS) - spec.model_fields_set
+    dumped = spec.model_dump(mode="json", by_alias=True, exclude=exclude)
+    if typed and spec.cloud_init is not None and "cloudInit" in dumped:
+        # Merged key by key with a preference's: only the keys the VM wrote.
+        dumped["cloudInit"] = spec.cloud_init.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return dumped
 
 
 def _check_labels(labels: dict[str, str]) -> dict[str, str]:
@@ -479,6 +546,20 @@ class RunOverride(_Model):
     unpause_requested_at: datetime | None = None
     requested_by: str = ""
     updated_at: datetime
+    # instancetypes: `tofu-qemu rollout` moves the VM to its types' current revisions.
+    rollout_requested_at: datetime | None = None
+
+
+class FrozenRevision(_Model):
+    """An instance type's or a preference's content as the VM took it (KubeVirt keeps it in a
+    ControllerRevision): later changes to the type reach the VM only by a rollout or a spec change."""
+
+    kind: str
+    name: str
+    revision: str = Field(description="A digest of `spec`: equal revisions mean equal content")
+    spec: dict[str, Any]
+    generation: int = Field(description="The VM generation this revision was taken for")
+    taken_at: datetime
 
 
 class QemuVMStatus(_Model):
@@ -505,6 +586,9 @@ class QemuVMStatus(_Model):
     )
     # Shown by the API from the store's override column; the controller never writes it.
     override: RunOverride | None = None
+    # instancetypes: the revisions the VM runs (docs/instancetypes.md#revisions).
+    instance_type: FrozenRevision | None = None
+    preference: FrozenRevision | None = None
 
 
 class ObjectMeta(_Model):

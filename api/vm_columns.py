@@ -47,8 +47,16 @@ def _reason(vm: Mapping[str, Any], _now: datetime) -> str:
     return str((ready["reason"] if ready and ready["status"] != "True" else "") or NONE)
 
 
+def sized(vm: Mapping[str, Any], field: str) -> object:
+    """spec.<field>, or the instance type's when the VM takes it from one (docs/instancetypes.md)."""
+    if field in vm.get("spec", {}):
+        return vm["spec"][field]
+    taken = (vm.get("status") or {}).get("instanceType") or {}
+    return taken.get("spec", {}).get(field)
+
+
 def _memory(vm: Mapping[str, Any], _now: datetime) -> str:
-    memory = vm.get("spec", {}).get("memory")
+    memory = sized(vm, "memory")
     return f"{memory}Mi" if isinstance(memory, int) else NONE
 
 
@@ -86,9 +94,7 @@ VM_TABLE_COLUMNS: tuple[Column, ...] = (
         lambda vm, now: age(vm["metadata"].get("creationTimestamp"), now),
     ),
     Column("PID", "integer", "status.pid of the running QEMU", _status("pid"), wide=True),
-    Column(
-        "CPUS", "integer", "spec.cpus", lambda vm, _now: str(vm.get("spec", {}).get("cpus", NONE)), wide=True
-    ),
+    Column("CPUS", "integer", "spec.cpus", lambda vm, _now: str(sized(vm, "cpus") or NONE), wide=True),
     Column("MEMORY", "string", "spec.memory", _memory, wide=True),
     Column(
         "GENERATION",

@@ -24,6 +24,7 @@ from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
 from api.store.image_sources import ImageSources
+from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics
@@ -134,6 +135,7 @@ class Controller:
                 boots=boots,
                 images=images,
             )
+            instance_types = InstanceTypeCatalog.of(self._db, self._settings)
             reconciler = Reconciler(
                 objects=self._objects,
                 allocations=self._allocations,
@@ -146,7 +148,11 @@ class Controller:
                 clock=self._clock,
                 boots=boots,
                 quotas=QuotaGate(
-                    self._db, self._settings.quotas, port_range=self._settings.ports, clock=self._clock
+                    self._db,
+                    self._settings.quotas,
+                    port_range=self._settings.ports,
+                    clock=self._clock,
+                    sizes=instance_types,
                 ),
                 memory_reserve_mib=self._settings.memory_reserve_mib,
                 storage_reserve_mib=self._settings.storage_reserve_mib,
@@ -157,6 +163,7 @@ class Controller:
                 shutting_down=lambda: self._shutting_down,
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
                 events=self.events,
+                instance_types=instance_types,
             )
             grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
             sources = [

@@ -11,13 +11,16 @@ A VM's own new generation (an edit asking for more) is always decided fresh.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from pydantic import ValidationError
 
+from api.instancetypes import CLUSTER_KIND_OF, Ref
 from api.store import Database
 from api.store.fleet import LiveSpecKey, live_spec_keys, specs_of, specs_version
+from api.store.instancetypes import InstanceTypeSizes, Size
 from api.types import QemuVMSpec, RunStrategy
 from controller.admission import ADMITTED, INVALID_SPEC, Admission, Claim, Quotas, admit, host_port_problem
 from controller.clock import Clock
@@ -34,15 +37,28 @@ class _Parsed:
     claim: Claim | None
     # Why it cannot run on this controller at all ("" when it can).
     problem: str = ""
+    # The instance type that sizes it (its cpus and memory are the type's, read at each decision).
+    sized_by: Ref | None = None
 
 
 class QuotaGate:
-    def __init__(self, db: Database, quotas: Quotas, *, port_range: tuple[int, int], clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        quotas: Quotas,
+        *,
+        port_range: tuple[int, int],
+        clock: Clock,
+        sizes: InstanceTypeSizes | None = None,
+    ) -> None:
+        """`sizes`: the instance types' current sizes (docs/instancetypes.md); without it a VM
+        sized by a type claims nothing."""
+        self._sizes = sizes
         self._db = db
         self._quotas = quotas
         self._port_range = port_range
         self._clock = clock
-        self._version: tuple[int, int, int] | None = None
+        self._version: tuple[object, ...] | None = None
         self._checked_at = float("-inf")
         self._parsed: dict[str, _Parsed] = {}
         self._verdicts: dict[str, Admission] = {}
@@ -54,7 +70,9 @@ class QuotaGate:
         current = known is not None and known.generation == generation
         if current and now - self._checked_at < FRESH_SECONDS:
             return self._verdicts.get(uid, ADMITTED)
-        version = await specs_version(self._db)
+        version: tuple[object, ...] = (await specs_version(self._db),)
+        if self._sizes is not None:
+            version += (await self._sizes.sizes_version(),)
         if version != self._version or not current:
             await self._decide_again()
             self._version = version
@@ -73,10 +91,12 @@ class QuotaGate:
             elif key.uid in specs:
                 parsed[key.uid] = self._parse(key, *specs[key.uid])
         self._parsed = parsed
-        self._verdicts = admit(
-            (entry.claim for entry in parsed.values() if entry.claim is not None and not entry.problem),
-            self._quotas,
+        sized = [entry.sized_by for entry in parsed.values() if entry.sized_by is not None]
+        sizes = await self._sizes.instance_type_sizes() if self._sizes is not None and sized else {}
+        claims = (
+            sized_claim(entry.claim, entry.sized_by, sizes) for entry in parsed.values() if not entry.problem
         )
+        self._verdicts = admit((claim for claim in claims if claim is not None), self._quotas)
         for uid, entry in parsed.items():
             if entry.problem:
                 self._verdicts[uid] = Admission(False, entry.problem, INVALID_SPEC)
@@ -93,6 +113,9 @@ class QuotaGate:
         problem = host_port_problem(spec, self._port_range)
         if spec.run_strategy is RunStrategy.HALTED:
             return _Parsed(generation, None, problem)
+        sized_by = None
+        if spec.instance_type is not None:
+            sized_by = Ref(spec.instance_type.kind, spec.instance_type.name)
         claim = Claim(
             uid=key.uid,
             project=key.project,
@@ -102,4 +125,18 @@ class QuotaGate:
             disk_mib=sum(disk.size or 0 for disk in spec.disks),
             ports=len(spec.network.forwards),
         )
-        return _Parsed(generation, claim, problem)
+        return _Parsed(generation, claim, problem, sized_by)
+
+
+def sized_claim(
+    claim: Claim | None, sized_by: Ref | None, sizes: Mapping[tuple[str | None, Ref], Size]
+) -> Claim | None:
+    """`claim` with the cpus and memory of the instance type that sizes it; None when that type
+    is unknown or invalid (the VM is then Valid=False and runs nothing)."""
+    if claim is None or sized_by is None:
+        return claim
+    scope = None if sized_by.kind in CLUSTER_KIND_OF.values() else claim.project
+    size = sizes.get((scope, sized_by))
+    if size is None:
+        return None
+    return replace(claim, vcpus=size.cpus, memory_mib=size.memory_mib)

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
+from api.instancetypes import Resolution
 from api.store.contracts import AllocationLedger, EventSink, StatusStore
 from api.store.records import EventType, NewEvent, StatusConflict, VMRecord
 from api.telemetry.tracing import span_context_of
@@ -43,6 +44,14 @@ from controller.errors import TerminalError, TransientError
 from controller.events import VMEvent, events_for
 from controller.executor import Executor
 from controller.hypervisor import Hypervisor
+from controller.instancetypes import (
+    InstanceTypeSource,
+    NoInstanceTypes,
+    references_types,
+    resolve_record,
+    revision_events,
+    stamp,
+)
 from controller.layout import DataLayout
 from controller.model import Desired, Memory, Observed
 from controller.observe import ImageLookups, observe, with_process
@@ -86,12 +95,15 @@ class Result:
     error: str | None = None
 
 
-def desired_from(record: VMRecord | None) -> Desired | None:
+def desired_from(record: VMRecord | None, resolution: Resolution | None = None) -> Desired | None:
+    """`resolution`: the spec resolved against the VM's instance type and preference, if any."""
     if record is None:
         return None
     spec: QemuVMSpec | None = None
     spec_error = record.spec_error
-    if spec_error is None:
+    if resolution is not None:
+        spec, spec_error = resolution.spec, resolution.error
+    elif spec_error is None:
         try:
             spec = QemuVMSpec.model_validate(record.spec)
         except ValidationError as err:
@@ -140,11 +152,13 @@ class Reconciler:
         shutting_down: Callable[[], bool] = lambda: False,
         restarted: Callable[[str], None] = lambda _reason: None,
         events: EventSink | None = None,
+        instance_types: InstanceTypeSource | None = None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it;
         `shutting_down()` says whether the controller is stopping every VM before it exits;
         `events` gets what each reconcile did, as the VM's events."""
         self._events: EventSink = events or _NoEvents()
+        self._instance_types: InstanceTypeSource = instance_types or NoInstanceTypes()
         self._forward_address = forward_address
         self._images = images
         self._shutting_down = shutting_down
@@ -174,12 +188,17 @@ class Reconciler:
     async def _converge(self, uid: str, record: VMRecord | None) -> Result:
         """One pass: observe, plan, execute, then compute and write status once."""
         span = trace.get_current_span()
-        desired = desired_from(record)
+        previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
+        resolution = (
+            await resolve_record(record, previous, self._instance_types, self._clock.now())
+            if record
+            else None
+        )
+        desired = desired_from(record, resolution)
         if desired is not None and desired.spec is not None and not desired.deleting:
             desired = replace(desired, admission=await self._quotas.admission(uid, desired.generation))
         spec = desired.spec if desired else None
         accel = await self._accel.resolve(spec.accel) if spec else Accel.TCG
-        previous = QemuVMStatus.model_validate(record.status) if record and record.status else QemuVMStatus()
         _describe(span, record, previous)
         memory = memory_from(previous)
         expect_process = previous.pid is not None
@@ -197,7 +216,8 @@ class Reconciler:
             if decided.actions:
                 # The world changed since the look; status tells what is there now.
                 observed = await self._look_again(uid, spec, observed, decided.actions, expect_process)
-            await self._publish(desired, observed, decided, previous, executed, error, accel)
+            typed = _Typed(resolution, references_types(record))
+            await self._publish(desired, observed, decided, previous, executed, error, accel, typed)
         if decided.memory.restarts > memory.restarts and decided.memory.last_exit is not None:
             self._restarted(decided.memory.last_exit.reason.value)
         return _result(decided, outcome, error)
@@ -238,16 +258,18 @@ class Reconciler:
         executed: Sequence[Action],
         error: str | None,
         accel: Accel,
+        typed: _Typed,
     ) -> None:
         """Compute status once, write it if it changed, and record the pass's events."""
-        status = compute_status(
-            desired, observed, decided, previous, accel=accel, error=error, now=self._clock.now()
-        )
+        now = self._clock.now()
+        status = compute_status(desired, observed, decided, previous, accel=accel, error=error, now=now)
+        status = stamp(status, previous, typed.resolution, references=typed.references, now=now)
         if status != previous:
             await self._write_status(desired.uid, status)
         trace.get_current_span().set_attribute("tofu_qemu.phase_after", status.phase.value)
         self._follow_boot(desired.uid, observed, status)
-        await self._record(desired, events_for(desired, previous, status, executed, error))
+        events = [*events_for(desired, previous, status, executed, error), *revision_events(previous, status)]
+        await self._record(desired, events)
 
     def _follow_boot(self, uid: str, observed: Observed, status: QemuVMStatus) -> None:
         """End the boot span once the VM is Ready or Paused, or once its process is gone."""
@@ -316,6 +338,14 @@ class Reconciler:
             return
         if written:
             log.info("status_written", uid=uid, phase=status.phase.value, pid=status.pid)
+
+
+@dataclass(frozen=True, slots=True)
+class _Typed:
+    """The pass's instance-type resolution, for the status (controller/instancetypes.py)."""
+
+    resolution: Resolution | None
+    references: bool
 
 
 def spawn_after_stored(decided: Plan, stored: Memory) -> Plan:

@@ -47,6 +47,7 @@ _ACTION_REASONS = {
     RunAction.START: "StartRequested",
     RunAction.PAUSE: "PauseRequested",
     RunAction.UNPAUSE: "UnpauseRequested",
+    RunAction.ROLLOUT: "RolloutRequested",
 }
 
 
@@ -173,6 +174,10 @@ async def pause(request: web.Request) -> web.StreamResponse:
 
 async def unpause(request: web.Request) -> web.StreamResponse:
     return await _act(request, RunAction.UNPAUSE)
+
+
+async def rollout(request: web.Request) -> web.StreamResponse:
+    return await _act(request, RunAction.ROLLOUT)
 
 
 async def _act(request: web.Request, action: RunAction) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from aiohttp import web
 from api import openapi
 from api.openapi import Op
 from api.server import backend, console, events, health, history, k8s, kube, locks, metrics, resources, usage
+from api.server import instancetypes as instancetype_routes
 from api.server.auth import METRICS_PATH
 from api.server.errors import Handler
 from api.server.ui import UI_ROUTES
@@ -109,6 +110,8 @@ _ACTIONS = (
     ("start", k8s.start, "lift a stop: the spec's runStrategy applies again"),
     ("pause", k8s.pause, "pause the QEMU running now (QMP stop); a QEMU started later runs"),
     ("unpause", k8s.unpause, "continue a paused QEMU (QMP cont), whoever paused it"),
+    ("rollout", k8s.rollout, "move the VM to its instance type's and preference's current revisions "
+     "(a restart only if its effective spec changes)"),
 )  # fmt: skip
 K8S_TABLE = (
     # Kubernetes-style API; `?watch=true` on the lists streams watch events.
@@ -166,6 +169,8 @@ KUBERNETES_TABLE = (
         _K("OpenAPI v3 of tofu-qemu.dev/v1alpha1 (kubectl explain): the CRD's schema"),
     ),
     _get("/openapi/v2", kube.openapi_v2, openapi.OPENAPI_V2),
+    # instancetypes: instance types and preferences beside qemuvms (docs/instancetypes.md#the-api).
+    *(Route(*spec) for spec in instancetype_routes.route_specs()),
 )
 API_TABLE: tuple[Route, ...] = (*OPS_TABLE, *BACKEND_TABLE, *READ_API_TABLE, *K8S_TABLE, *KUBERNETES_TABLE)
 

@@ -19,10 +19,15 @@ _VM_GROUPS = {
         "          CASE WHEN spec_error IS NULL THEN ? ELSE ? END) AS phase,"
         " deleted_at IS NULL AS is_live,"
         " COUNT(*),"
-        " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.memory') = 'integer'"
-        "       THEN json_extract(spec, '$.memory') END),"
-        " TOTAL(CASE WHEN spec_error IS NULL AND json_type(spec, '$.cpus') = 'integer'"
-        "       THEN json_extract(spec, '$.cpus') END)"
+        # A VM sized by an instance type has its size in status.instanceType.spec instead.
+        " TOTAL(CASE WHEN spec_error IS NOT NULL THEN NULL"
+        "       WHEN json_type(spec, '$.memory') = 'integer' THEN json_extract(spec, '$.memory')"
+        "       WHEN json_type(status, '$.instanceType.spec.memory') = 'integer'"
+        "       THEN json_extract(status, '$.instanceType.spec.memory') END),"
+        " TOTAL(CASE WHEN spec_error IS NOT NULL THEN NULL"
+        "       WHEN json_type(spec, '$.cpus') = 'integer' THEN json_extract(spec, '$.cpus')"
+        "       WHEN json_type(status, '$.instanceType.spec.cpus') = 'integer'"
+        "       THEN json_extract(status, '$.instanceType.spec.cpus') END)"
         " FROM vms GROUP BY project, phase, is_live"
     ),
     Dialect.POSTGRESQL: (
@@ -31,10 +36,16 @@ _VM_GROUPS = {
         "          CASE WHEN spec_error IS NULL THEN ? ELSE ? END) AS phase,"
         " deleted_at IS NULL AS is_live,"
         " COUNT(*),"
-        " COALESCE(SUM(CASE WHEN spec_error IS NULL AND (spec::jsonb ->> 'memory') ~ '^-?[0-9]{1,18}$'"
-        "       THEN (spec::jsonb ->> 'memory')::bigint END), 0),"
-        " COALESCE(SUM(CASE WHEN spec_error IS NULL AND (spec::jsonb ->> 'cpus') ~ '^-?[0-9]{1,18}$'"
-        "       THEN (spec::jsonb ->> 'cpus')::bigint END), 0)"
+        # A VM sized by an instance type has its size in status.instanceType.spec instead.
+        " COALESCE(SUM(CASE WHEN spec_error IS NULL AND COALESCE(spec::jsonb ->> 'memory',"
+        "       status::jsonb #>> '{instanceType,spec,memory}') ~ '^-?[0-9]{1,18}$'"
+        "       THEN COALESCE(spec::jsonb ->> 'memory',"
+        "                     status::jsonb #>> '{instanceType,spec,memory}')::bigint"
+        "       END), 0),"
+        " COALESCE(SUM(CASE WHEN spec_error IS NULL AND COALESCE(spec::jsonb ->> 'cpus',"
+        "       status::jsonb #>> '{instanceType,spec,cpus}') ~ '^-?[0-9]{1,18}$'"
+        "       THEN COALESCE(spec::jsonb ->> 'cpus', status::jsonb #>> '{instanceType,spec,cpus}')::bigint"
+        "       END), 0)"
         " FROM vms GROUP BY 1, 2, 3"
     ),
 }

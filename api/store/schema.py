@@ -165,6 +165,25 @@ MIGRATIONS: tuple[str, ...] = (
         sampled_at  DOUBLE PRECISION NOT NULL   -- epoch seconds
     );
     """,
+    """
+    -- instancetypes: QemuInstanceType and QemuPreference objects declared in a project's state
+    -- (api/store/instancetypes.py); replaced at every publish, like the VMs.
+    CREATE TABLE instance_types (
+        project          TEXT NOT NULL,
+        kind             TEXT NOT NULL,
+        name             TEXT NOT NULL,
+        address          TEXT NOT NULL,
+        labels           TEXT NOT NULL,
+        spec             TEXT NOT NULL,
+        spec_error       TEXT,
+        revision         TEXT NOT NULL,
+        generation       INTEGER NOT NULL,
+        created_at       TEXT NOT NULL,
+        updated_at       TEXT NOT NULL,
+        resource_version INTEGER NOT NULL,
+        PRIMARY KEY (project, kind, name)
+    );
+    """,
 )
 
 

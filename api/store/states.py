@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from api import instancetypes
 from api.publish import SpecChanges
+from api.store import instancetypes as stored_types
 from api.store import vms
 from api.store.db import Database, Transaction
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
@@ -315,6 +317,7 @@ class StateStore:
             changes = await vms.apply_declared(
                 conn, project=project, declared=(), serial=None, now=now, trace=current_traceparent()
             )
+            await stored_types.apply_declared(conn, project=project, declared=(), now=now)
         self._bodies.forget(project)
         await self._db.truncate_wal()
         return changes
@@ -551,9 +554,11 @@ async def _publish(
         "UPDATE projects SET specs_note = NULL, spec_problems = ? WHERE name = ?",
         (json.dumps([{"address": p.address, "message": p.message} for p in extraction.problems]), project),
     )
-    return await vms.apply_declared(
+    changes = await vms.apply_declared(
         conn, project=project, declared=extraction.vms, serial=serial, now=now, trace=trace
     )
+    await stored_types.apply_declared(conn, project=project, declared=extraction.types, now=now)
+    return changes
 
 
 def _who_and_operation(lock_info: bytes | None) -> tuple[str | None, str | None]:
@@ -578,6 +583,7 @@ def _encode_extraction(extraction: Extraction) -> str:
                 for vm in extraction.vms
             ],
             "problems": [{"address": p.address, "message": p.message} for p in extraction.problems],
+            "types": instancetypes.encode_declared(extraction.types),
             # The write's request: publishing at UNLOCK links the VMs to the POST, not the UNLOCK.
             "trace": current_traceparent(),
         },
@@ -601,5 +607,6 @@ def _decode_extraction(encoded: str) -> tuple[Extraction, str | None]:
             for vm in document["vms"]
         ),
         problems=tuple(ExtractionProblem(p["address"], p["message"]) for p in document["problems"]),
+        types=instancetypes.decode_declared(document.get("types", [])),
     )
     return extraction, document.get("trace")

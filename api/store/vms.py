@@ -49,7 +49,7 @@ async def apply_declared(
     before = await _generations_specs_labels(conn, project) if changes.changed else {}
     # Reserved in one statement; each kind of change is one executemany, not one statement
     # per VM: a 10,000-VM state is published in a few round trips to the database thread.
-    versions = await _next_resource_versions(conn, _row_writes(changes))
+    versions = await next_resource_versions(conn, _row_writes(changes))
     note = _SpecEvents(project=project, serial=serial, trace_id=trace_id_of(trace))
     writes = _Writes.of(changes, before, note, stamp=now.isoformat(), trace=trace, versions=iter(versions))
     statements = (
@@ -187,10 +187,10 @@ async def _generations_specs_labels(
 
 
 async def _next_resource_version(conn: Transaction) -> int:
-    return (await _next_resource_versions(conn, 1))[0]
+    return (await next_resource_versions(conn, 1))[0]
 
 
-async def _next_resource_versions(conn: Transaction, count: int) -> range:
+async def next_resource_versions(conn: Transaction, count: int) -> range:
     """`count` new resource versions, in order, reserved in one statement."""
     if count == 0:
         return range(0)
@@ -264,29 +264,33 @@ class RunAction(StrEnum):
     RESTART = "restart"
     PAUSE = "pause"
     UNPAUSE = "unpause"
+    # instancetypes: take the instance type's and preference's current revisions.
+    ROLLOUT = "rollout"
 
 
 def next_override(current: RunOverride | None, action: RunAction, *, by: str, now: datetime) -> RunOverride:
     """The override after `action`: stop sets stopped; start clears it; restart clears it and
     asks for a restart of any QEMU started before `now`. Pause asks for a pause of the QEMU
-    running now and unpause lifts it; both leave a stop as it was, and the others leave them."""
+    running now and unpause lifts it; a rollout asks for the types' current revisions; these three
+    leave a stop as it was, and the others leave them."""
     kept = current or RunOverride(updated_at=now)
+    asked = {"requested_by": by, "updated_at": now}
     if action in (RunAction.PAUSE, RunAction.UNPAUSE):
         pausing = action is RunAction.PAUSE
         return kept.model_copy(
             update={
                 "pause_requested_at": now if pausing else None,
                 "unpause_requested_at": kept.unpause_requested_at if pausing else now,
-                "requested_by": by,
-                "updated_at": now,
+                **asked,
             }
         )
+    if action is RunAction.ROLLOUT:
+        return kept.model_copy(update={"rollout_requested_at": now, **asked})
     return kept.model_copy(
         update={
             "stopped": action is RunAction.STOP,
             "restart_requested_at": now if action is RunAction.RESTART else kept.restart_requested_at,
-            "requested_by": by,
-            "updated_at": now,
+            **asked,
         }
     )
 

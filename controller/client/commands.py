@@ -28,6 +28,7 @@ from controller.client.connection import (
     connect,
 )
 from controller.client.describe import describe_vm
+from controller.client.instancetypes import TYPE_WORDS, get_types
 from controller.client.usage import add_usage_command
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
@@ -41,8 +42,13 @@ Clock = Callable[[], datetime]
 
 def add_client_commands(commands: Any) -> None:
     """Add the client subcommands to the `tofu-qemu` parser's subparsers."""
-    get = _client_parser(commands, "get", "list VMs (kubectl get)")
-    get.add_argument("resource", choices=VM_RESOURCES, metavar="vms", help="vm, vms, qemuvm, qemuvms or qvm")
+    get = _client_parser(commands, "get", "list VMs, instance types or preferences (kubectl get)")
+    get.add_argument(
+        "resource",
+        choices=VM_RESOURCES + TYPE_WORDS,
+        metavar="vms",
+        help="vm, vms, qemuvm, qemuvms or qvm; instancetypes; preferences",
+    )
     get.add_argument("name", nargs="?", help="one VM (else all)")
     get.add_argument("-l", "--selector", help="label selector, e.g. tier=web,env!=prod")
     get.add_argument("-o", "--output", choices=OUTPUTS, default="table")
@@ -66,6 +72,7 @@ def add_client_commands(commands: Any) -> None:
         ("start", "start a VM that `stop` stopped"),
         ("pause", "pause a VM's guest (QMP stop; QEMU keeps its memory) until `unpause`"),
         ("unpause", "continue a paused VM's guest (QMP cont)"),
+        ("rollout", "move a VM to its instance type's and preference's current revisions"),
     ):
         parser = _client_parser(commands, action, help_text)
         parser.add_argument("resource", choices=VM_RESOURCES, metavar="vm")
@@ -135,6 +142,9 @@ def _client_parser(
 
 
 def _get(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:
+    if args.resource in TYPE_WORDS:
+        get_types(connection, args, out)
+        return
     if args.name is not None:
         vms = [_find_vm(connection, args.name, args.project)]
         resource_version = vms[0]["metadata"]["resourceVersion"]

@@ -6,7 +6,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from pydantic.alias_generators import to_camel
+
 from api.humanize import human_duration
+from api.types import PREFERENCE_FIELDS, TYPE_FIELDS, QemuVMSpec
 from controller.client.format import NONE, age, ports, table
 
 LABEL_WIDTH = 14
@@ -27,7 +30,7 @@ def describe_vm(vm: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now:
     lines.append(
         _field("Generation", f"{metadata['generation']} (observed {status.get('observedGeneration', 0)})")
     )
-    lines += ["Spec:", *_indent(_spec_lines(spec))]
+    lines += ["Spec:", *_indent(_spec_lines(_with_types(spec, status)))]
     lines += ["Status:", *_indent(_status_lines(status, now))]
     lines.append("Conditions:")
     conditions = [
@@ -51,8 +54,38 @@ def _trace(event: Mapping[str, Any]) -> str:
     return str(event.get("traceUrl") or event.get("traceId") or NONE)
 
 
+# What a VM with a type or preference leaves out of its stored spec (api/types.py canonical_spec).
+_TYPED_DEFAULTS = {
+    to_camel(name): str(QemuVMSpec.model_fields[name].default)
+    for name in (*TYPE_FIELDS, *PREFERENCE_FIELDS)
+    if QemuVMSpec.model_fields[name].default is not None
+}
+
+
+def _with_types(spec: Mapping[str, Any], status: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec with what the VM takes from its preference and instance type filled in
+    (docs/instancetypes.md): what `describe` shows is what runs."""
+    preference = (status.get("preference") or {}).get("spec", {})
+    instance_type = (status.get("instanceType") or {}).get("spec", {})
+    if "instanceType" not in spec and "preference" not in spec:
+        return dict(spec)
+    return {**_TYPED_DEFAULTS, **preference, **spec, **instance_type}
+
+
+def _type_lines(spec: Mapping[str, Any]) -> list[str]:
+    return [
+        _field(label, f"{ref['name']} ({ref.get('kind', default)})")
+        for label, key, default in (
+            ("InstanceType", "instanceType", "QemuInstanceType"),
+            ("Preference", "preference", "QemuPreference"),
+        )
+        if isinstance(ref := spec.get(key), dict) and "name" in ref
+    ]
+
+
 def _spec_lines(spec: Mapping[str, Any]) -> list[str]:
     lines = [
+        *_type_lines(spec),
         _field("CPUs", str(spec.get("cpus", NONE))),
         _field(
             "Memory",

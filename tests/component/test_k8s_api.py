@@ -17,12 +17,13 @@ from api.server.routes import ROUTES
 from api.settings import ServerSettings
 from api.store import Database
 from api.store.status_writer import VMStatusWriter
-from api.testing.tfstate import vm_state
+from api.testing.tfstate import instance, resource, vm_state
 from tests.component.conftest import AUTH, FakeClock
 from tests.component.k8s_support import (
     APIS,
     DOCUMENT,
     Client,
+    Serve,
     api,
     checked_json,
     post_state,
@@ -426,16 +427,38 @@ def new_api_get_routes() -> list[str]:
     return sorted({r.path for r in ROUTES if r.method == "GET" and r.path.startswith(APIS)})
 
 
+def with_types_named_web(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with a QemuInstanceType and a QemuPreference named web (docs/instancetypes.md)."""
+    types = [
+        {"apiVersion": "tofu-qemu.dev/v1alpha1", "kind": kind, "metadata": {"name": "web"}, "spec": spec}
+        for kind, spec in (
+            ("QemuInstanceType", {"cpus": 1, "memory": 64}),
+            ("QemuPreference", {"stopTimeout": 5}),
+        )
+    ]
+    return {
+        **document,
+        "resources": [*document["resources"], resource("types", [instance(t) for t in types])],
+    }
+
+
 @pytest.mark.parametrize("template", new_api_get_routes())
 async def test_every_get_of_the_new_api_answers_what_the_document_says(
-    api: Client, settings: ServerSettings, template: str
+    serve: Serve, settings: ServerSettings, template: str
 ) -> None:
     """A 200 from each GET route validates against its documented schema."""
+    cluster = {
+        "instance_types": {"web": {"cpus": 1, "memory": 64}},
+        "preferences": {"web": {"stopTimeout": 5}},
+    }
+    api = await serve(**cluster)
     await declare_lab(api)
+    await post_state(api, "other", with_types_named_web(vm_state(2, {"web": {"labels": {"app": "web"}}})))
     await lock(api, "lab", LOCK_INFO)
     await api.post(f"{APIS}/projects/lab/qemuvms/web/restart", headers=AUTH)
     console_log(settings, await uid_of(api)).write_bytes(b"hello\n")
-    response = await api.get(PLACEHOLDER.sub(lambda m: SAMPLES[m[1]], template), headers=AUTH)
+    samples = {**SAMPLES, "project": "other"} if "qemuvms" not in template else SAMPLES
+    response = await api.get(PLACEHOLDER.sub(lambda m: samples[m[1]], template), headers=AUTH)
     assert response.status == 200, await response.text()
     content_type = response.headers["Content-Type"].split(";")[0]
     documented = DOCUMENT["paths"][template]["get"]["responses"]["200"]["content"]

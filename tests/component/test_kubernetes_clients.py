@@ -48,7 +48,13 @@ async def test_discovery_names_the_group_and_its_resource(api: Client) -> None:
     assert groups["kind"] == "APIGroupList"
     assert [g["preferredVersion"]["groupVersion"] for g in groups["groups"]] == ["tofu-qemu.dev/v1alpha1"]
     assert (await get_json(api, "/apis/tofu-qemu.dev"))["name"] == "tofu-qemu.dev"
-    [resource] = (await get_json(api, APIS))["resources"]
+    resource, *types = (await get_json(api, APIS))["resources"]
+    assert [t["name"] for t in types] == [
+        "qemuinstancetypes",
+        "qemupreferences",
+        "qemuclusterinstancetypes",
+        "qemuclusterpreferences",
+    ], "docs/instancetypes.md#the-api"
     assert {
         k: resource[k] for k in ("name", "singularName", "namespaced", "kind", "verbs", "shortNames")
     } == {

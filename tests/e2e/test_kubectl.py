@@ -79,6 +79,17 @@ def test_kubectl_reads_qemuvms_events_namespaces_and_schemas(
 
     resources = kubectl.out("api-resources", "--api-group=tofu-qemu.dev", "-o", "wide")
     assert re.search(r"qemuvms\s+qvm\s+tofu-qemu.dev/v1alpha1\s+true\s+QemuVM\s+get,list,watch", resources)
+    # instancetypes: the kinds beside qemuvms, and the shipped common set (docs/instancetypes.md).
+    assert re.search(
+        r"qemuinstancetypes\s+qit\s+tofu-qemu.dev/v1alpha1\s+true\s+QemuInstanceType\s+get,list", resources
+    )
+    sizes = kubectl.out("get", "qcit")
+    assert sizes.splitlines()[0].split() == ["NAME", "CPUS", "MEMORY", "REVISION"]
+    assert [line.split()[:3] for line in sizes.splitlines()[1:]] == [
+        ["u1.large", "2", "2048Mi"],
+        ["u1.medium", "1", "1024Mi"],
+        ["u1.small", "1", "512Mi"],
+    ]
 
     table = kubectl.out("get", "qemuvms", "-n", PROJECT)
     assert table.splitlines()[0].split() == ["NAME", "PHASE", "READY", "ACCEL", "PORTS", "RESTARTS", "AGE"]

@@ -42,11 +42,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO_ROOT / "crds" / "qemuvm.yaml"
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
-# The only places where the models accept arbitrary data (cloud-init's free-form documents).
+# The only places where the models accept arbitrary data: cloud-init's free-form documents, and
+# the copies of instance type and preference specs the status keeps (api/instancetypes.py
+# validates them when they are declared; status is written by the controller alone).
 PRESERVE_UNKNOWN_FIELDS_AT = {
     "spec.cloudInit.userData",
     "spec.cloudInit.metaData",
     "spec.cloudInit.networkConfig",
+    "status.instanceType.spec",
+    "status.preference.spec",
 }
 # The quantities: an integer of MiB or seconds, or a string such as "2Gi" or "2m".
 INT_OR_STRING_AT = {"spec.memory", "spec.disks[].size", "spec.stopTimeout"}

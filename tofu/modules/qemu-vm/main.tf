@@ -50,6 +50,9 @@ locals {
         sshAuthorizedKeys = var.cloud_init.ssh_authorized_keys
       }
       stopTimeout = var.stop_timeout
+      # docs/instancetypes.md: cpus and memory from a type, defaults from a preference.
+      instanceType = var.instance_type
+      preference   = var.preference
     }
   }
 }

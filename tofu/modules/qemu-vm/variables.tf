@@ -317,3 +317,43 @@ variable "cloud_init" {
     error_message = "At most 32 SSH keys are allowed."
   }
 }
+
+variable "instance_type" {
+  description = "spec.instanceType: { name, kind }. The VM takes cpus and memory from it and may not set them. kind: QemuInstanceType (this project's, the default) or QemuClusterInstanceType (the server's)."
+  type = object({
+    name = string
+    kind = optional(string)
+  })
+  default = null
+
+  validation {
+    condition     = var.instance_type == null ? true : can(regex("^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$", var.instance_type.name))
+    error_message = "instance_type.name must be 1-63 lowercase letters, digits, '-' and '.', starting and ending with a letter or digit."
+  }
+  validation {
+    condition     = var.instance_type == null ? true : contains(["QemuInstanceType", "QemuClusterInstanceType"], coalesce(var.instance_type.kind, "QemuInstanceType"))
+    error_message = "instance_type.kind must be QemuInstanceType or QemuClusterInstanceType."
+  }
+  validation {
+    condition     = var.instance_type == null ? true : var.cpus == null && var.memory == null
+    error_message = "A VM with an instance_type may not set cpus or memory: the type sets them."
+  }
+}
+
+variable "preference" {
+  description = "spec.preference: { name, kind }. Defaults the VM's own settings override. kind: QemuPreference (this project's, the default) or QemuClusterPreference (the server's)."
+  type = object({
+    name = string
+    kind = optional(string)
+  })
+  default = null
+
+  validation {
+    condition     = var.preference == null ? true : can(regex("^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$", var.preference.name))
+    error_message = "preference.name must be 1-63 lowercase letters, digits, '-' and '.', starting and ending with a letter or digit."
+  }
+  validation {
+    condition     = var.preference == null ? true : contains(["QemuPreference", "QemuClusterPreference"], coalesce(var.preference.kind, "QemuPreference"))
+    error_message = "preference.kind must be QemuPreference or QemuClusterPreference."
+  }
+}
