@@ -361,6 +361,13 @@ class QemuVMSpec(_Model):
     network: NetworkSpec = NetworkSpec()
     cloud_init: CloudInitSpec | None = None
     stop_timeout: Seconds = Field(default=30, description='seconds, or a duration like "2m"')
+    # Left out of the canonical form when empty, so specs stored before it existed keep their
+    # hash (a changed hash is a new generation).
+    node_selector: Labels = Field(
+        default_factory=dict,
+        description="Labels a host must have to run this VM (docs/multi-host.md)",
+        exclude_if=lambda selector: not selector,
+    )
 
     @model_validator(mode="after")
     def _bootable_and_unique_disks(self) -> QemuVMSpec:
@@ -482,6 +489,8 @@ class QemuVMStatus(_Model):
     stop_requested_at: datetime | None = None
     # Shown by the API from the store's override column; the controller never writes it.
     override: RunOverride | None = None
+    # Shown by the API from the store's host column (docs/multi-host.md); set by the scheduler.
+    host: str | None = Field(default=None, description="The host the VM is placed on, for its whole life")
 
 
 class ObjectMeta(_Model):

@@ -29,6 +29,7 @@ from api.store.usage import UsageStore
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
+from controller.host_agent import HostAgent, HostMetrics, Scheduler
 from controller.image_gc import collect_images_forever
 from controller.images.cache import ImageCache
 from controller.layout import DataLayout
@@ -87,8 +88,10 @@ class Controller:
         self._resynced_at: float | None = None
         self._shutting_down = False
         self._layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
-        self._objects = VMStatusWriter(db)
-        self._allocations = Allocations(db)
+        # This host's VMs and ledger only: several controllers may share the store.
+        self.host = HostAgent(settings, db, HostMetrics(self._metrics.registry))
+        self._objects = VMStatusWriter(db, host=self.host.name)
+        self._allocations = Allocations(db, host=self.host.name)
         self.events = EventLog(db, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
         self._projects = ProjectIndex(db)
         self._usage_metrics = UsageMetrics(self._metrics.registry)
@@ -104,6 +107,17 @@ class Controller:
         for directory in (self._layout.run_root, self._layout.disks_root, self._layout.images_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         first, last = self._settings.ports
+        await self.host.register()
+        scheduler = Scheduler(
+            self._db,
+            holder=self.host.name,
+            lease_seconds=self._settings.host_lease_seconds,
+            events=self.events,
+        )
+        with structlog.contextvars.bound_contextvars(host=self.host.name):
+            await self._run_registered(stop, first, last, scheduler)
+
+    async def _run_registered(self, stop: asyncio.Event, first: int, last: int, scheduler: Scheduler) -> None:
         async with asyncio.TaskGroup() as tasks:
             runtime = Runtime(
                 clock=self._clock,
@@ -197,6 +211,8 @@ class Controller:
                 ),
                 self._start_source(tasks, "events-prune", self.events.prune_forever),
                 self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
+                self._start_source(tasks, "host-lease", self.host.renew_forever),
+                self._start_source(tasks, "scheduler", scheduler.run_forever),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
