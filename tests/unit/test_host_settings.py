@@ -6,9 +6,11 @@ import socket
 
 import pytest
 
-from api.hosts import parse_host_labels
+from api.hosts import HOST_NAME_MAX, host_name_problem, parse_host_labels
 from api.settings import SettingsError, load_settings
+from controller.host_agent import RENEWALS_PER_LEASE, SCHEDULER_POLL_SECONDS
 from controller.settings import ControllerSettings, ServeSettings, default_host_name
+from controller.sources import STORE_POLL_SECONDS
 
 
 def test_the_documented_defaults() -> None:
@@ -47,3 +49,15 @@ def test_bad_values_are_refused(flags: dict[str, str], message: str) -> None:
 def test_at_most_64_host_labels() -> None:
     with pytest.raises(ValueError, match="at most 64"):
         parse_host_labels(",".join(f"k{i}=v" for i in range(65)))
+
+
+def test_the_documented_periods_and_limits() -> None:
+    """docs/multi-host.md: renewed every third of the lease; the scheduler and the store watch
+    see other processes' commits within 1 s; host names up to 253 characters."""
+    assert RENEWALS_PER_LEASE == 3
+    assert SCHEDULER_POLL_SECONDS == STORE_POLL_SECONDS == 1.0
+    assert HOST_NAME_MAX == 253
+    longest = ".".join(["a" * 63] * 3 + ["b" * 61])
+    assert len(longest) == 253
+    assert host_name_problem(longest) is None
+    assert host_name_problem(longest + "b") is not None
