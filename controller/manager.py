@@ -23,6 +23,7 @@ from api.server.health import ReadinessCheck
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
+from api.store.host_wakeups import listen_for_placements
 from api.store.image_sources import ImageSources
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
@@ -213,6 +214,7 @@ class Controller:
                 self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
                 self._start_source(tasks, "host-lease", self.host.renew_forever),
                 self._start_source(tasks, "scheduler", scheduler.run_forever),
+                *self._placement_wakeups(tasks),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -253,6 +255,18 @@ class Controller:
             clock=self._clock,
             metrics=self._metrics,
         )
+
+    def _placement_wakeups(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """On PostgreSQL: queue a VM as soon as the scheduler places it here (or a drain takes
+        it away), from a dedicated LISTEN connection (api/store/host_wakeups.py)."""
+        url = self._settings.database_url
+        if url is None:
+            return []
+        return [
+            self._start_source(
+                tasks, "placement-wakeups", lambda: listen_for_placements(url, self.host.name, self.queue.add)
+            )
+        ]
 
     def _start_source(
         self, tasks: asyncio.TaskGroup, name: str, source: Callable[[], Awaitable[None]]

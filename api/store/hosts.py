@@ -16,6 +16,7 @@ from typing import Any
 from api.hosts import Host, PlacedVM, Resources, demand_of
 from api.store.db import Database, Transaction
 from api.store.errors import NotFound
+from api.store.host_wakeups import notify_placed
 
 _HOST_COLUMNS = (
     "name, labels, cpus, memory_mib, ports, cordoned, registered_at, lease_renewed_at, lease_seconds, epoch"
@@ -115,6 +116,8 @@ class Hosts:
             moved = [str(uid) for uid, _spec in rows if str(uid) not in kept]
             for uid in moved:
                 await _set_placement(conn, uid, host=None, scheduling=f"drained from host {name}")
+            # The drained host's controller releases them at once.
+            await notify_placed(conn, self._db.dialect, ((name, uid) for uid in moved))
         return moved, kept
 
     async def placed(self) -> list[PlacedVM]:
@@ -147,6 +150,7 @@ class Hosts:
                     placed.append(uid)
             for uid, reason in unschedulable.items():
                 await _set_placement(conn, uid, host=None, scheduling=reason, only_unplaced=True)
+            await notify_placed(conn, self._db.dialect, ((assignments[uid], uid) for uid in placed))
         return placed
 
     async def adopt_legacy(self, name: str) -> bool:
