@@ -12,17 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
-from api.hosts import Host, Resources
+from api.hosts import Host, PlacedVM, Resources
 from api.store import Database
-from api.store.events import EventLog, NewEvent
+from api.store.events import EventLog, EventType, NewEvent
 from api.store.hosts import Hosts, Leases, Registration
 from controller import host_memory
-from controller.placement import place
+from controller.placement import lost_hosts, lost_notes, place
 from controller.settings import ControllerSettings
 
 log = structlog.get_logger(__name__)
@@ -98,8 +98,17 @@ class HostAgent:
 class Scheduler:
     """Places unplaced VMs while this controller holds the scheduler lease."""
 
-    def __init__(self, db: Database, *, holder: str, lease_seconds: float, events: EventLog) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        holder: str,
+        lease_seconds: float,
+        events: EventLog,
+        lost_grace: timedelta = timedelta(seconds=30),
+    ) -> None:
         self._db = db
+        self._lost_grace = lost_grace
         self._holder = holder
         self._lease_seconds = lease_seconds
         self._hosts = Hosts(db)
@@ -114,16 +123,18 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         renew_every = self._lease_seconds / RENEWALS_PER_LEASE
         last_version: int | None = None
-        leased_at = -renew_every
+        leased_at = passed_at = -renew_every
         leader = False
         while True:
             version = await self._db.data_version()
             if loop.time() - leased_at >= renew_every:
                 leader = await self._take_lease(leader)
                 leased_at = loop.time()
-            if leader and (changed.is_set() or version != last_version):
+            # A lost host commits nothing: a pass every lease / 3 notices it all the same.
+            due = changed.is_set() or version != last_version or loop.time() - passed_at >= renew_every
+            if leader and due:
                 changed.clear()
-                last_version = version
+                last_version, passed_at = version, loop.time()
                 await self.schedule_once()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(SCHEDULER_POLL_SECONDS, renew_every)):
@@ -136,23 +147,28 @@ class Scheduler:
         return leader
 
     async def schedule_once(self) -> int:
-        """One placement pass over every live VM; returns how many were placed."""
+        """One placement pass over every live VM; returns how many were placed. VMs of a host
+        lost for host_lost_grace_seconds get HostReady=False (they are not moved yet)."""
         vms = await self._hosts.placed()
-        if all(vm.host is not None for vm in vms):
-            return 0
         hosts = await self._hosts.all()
-        decided = place(vms, hosts, await self._db.database_now())
-        placed = await self._hosts.place(decided.assignments, decided.unschedulable)
+        now = await self._db.database_now()
         by_uid = {vm.uid: vm for vm in vms}
+        notes = lost_notes(vms, lost_hosts(hosts, now, self._lost_grace))
+        noted = await self._hosts.note_placed(notes) if notes else []
         await self._events.record(
             *(
-                NewEvent(
-                    uid=uid,
-                    project=by_uid[uid].project,
-                    vm_name=by_uid[uid].name,
-                    reason="Scheduled",
-                    message=f"placed on host {decided.assignments[uid]}",
-                )
+                _event(by_uid[uid], "HostLost", notes[uid] or "", EventType.WARNING)
+                for uid in noted
+                if notes[uid]
+            )
+        )
+        if all(vm.host is not None for vm in vms):
+            return 0
+        decided = place(vms, hosts, now)
+        placed = await self._hosts.place(decided.assignments, decided.unschedulable)
+        await self._events.record(
+            *(
+                _event(by_uid[uid], "Scheduled", f"placed on host {decided.assignments[uid]}")
                 for uid in placed
             )
         )
@@ -161,3 +177,9 @@ class Scheduler:
         if placed:
             log.info("vms_scheduled", count=len(placed))
         return len(placed)
+
+
+def _event(vm: PlacedVM, reason: str, message: str, kind: EventType = EventType.NORMAL) -> NewEvent:
+    return NewEvent(
+        uid=vm.uid, project=vm.project, vm_name=vm.name, reason=reason, message=message, type=kind
+    )

@@ -114,6 +114,7 @@ class Controller:
             holder=self.host.name,
             lease_seconds=self._settings.host_lease_seconds,
             events=self.events,
+            lost_grace=timedelta(seconds=self._settings.host_lost_grace_seconds),
         )
         with structlog.contextvars.bound_contextvars(host=self.host.name):
             await self._run_registered(stop, first, last, scheduler)

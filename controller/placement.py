@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from api.hosts import Demand, Host, PlacedVM, Resources
 
@@ -87,6 +87,27 @@ def place(vms: Sequence[PlacedVM], hosts: Sequence[Host], now: datetime) -> Plac
         best.vms += 1
         placement.assignments[vm.uid] = best.host.name
     return placement
+
+
+def lost_hosts(hosts: Sequence[Host], now: datetime, grace: timedelta) -> dict[str, str]:
+    """Hosts whose lease ran out more than `grace` ago: name -> why, for their VMs' condition."""
+    return {
+        host.name: f"host {host.name} lost: no lease renewal since {host.lease_renewed_at.isoformat()}"
+        for host in hosts
+        if now - host.lease_renewed_at >= timedelta(seconds=host.lease_seconds) + grace
+    }
+
+
+def lost_notes(vms: Sequence[PlacedVM], lost: Mapping[str, str]) -> dict[str, str | None]:
+    """The placed VMs whose note must change: set on a lost host's VMs, cleared once it is back."""
+    notes: dict[str, str | None] = {}
+    for vm in vms:
+        if vm.host is None:
+            continue
+        wanted = lost.get(vm.host)
+        if wanted != vm.scheduling:
+            notes[vm.uid] = wanted
+    return notes
 
 
 def unschedulable_reason(demand: Demand, refusals: Mapping[str, str | None]) -> str:

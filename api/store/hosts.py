@@ -153,6 +153,19 @@ class Hosts:
             await notify_placed(conn, self._db.dialect, ((assignments[uid], uid) for uid in placed))
         return placed
 
+    async def note_placed(self, notes: dict[str, str | None]) -> list[str]:
+        """Set (or clear, None) the note of placed VMs, keeping their host, e.g. that their host
+        is lost. Returns the uids whose note changed."""
+        changed: list[str] = []
+        async with self._db.write() as conn:
+            for uid, note in notes.items():
+                row = await conn.fetchone(
+                    "SELECT host FROM vms WHERE uid = ? AND host IS NOT NULL AND deleted_at IS NULL", (uid,)
+                )
+                if row is not None and await _set_placement(conn, uid, host=row[0], scheduling=note):
+                    changed.append(uid)
+        return changed
+
     async def adopt_legacy(self, name: str) -> bool:
         """Give host `name` what was written before hosts existed (VMs that have a status but no
         host, ports and disks of host ''), if it is the only host: then it is the machine that

@@ -85,8 +85,8 @@ def render_status(record: VMRecord) -> QemuVMStatus:
     """
     status = QemuVMStatus.model_validate(record.status) if record.status else QemuVMStatus()
     status = status.model_copy(update={"override": record.run_override, "host": record.host})
-    if record.scheduling is not None and record.host is None:
-        status = status.model_copy(update={"conditions": (*status.conditions, _unscheduled(record))})
+    if record.scheduling is not None:
+        status = status.model_copy(update={"conditions": (*status.conditions, _placement_condition(record))})
     if any(condition.type == "Valid" for condition in status.conditions) and record.status:
         return status
     valid = Condition(
@@ -100,12 +100,14 @@ def render_status(record: VMRecord) -> QemuVMStatus:
     return status.model_copy(update={"conditions": (valid, *status.conditions), "phase": phase})
 
 
-def _unscheduled(record: VMRecord) -> Condition:
-    """Scheduled=False: the scheduler's note of why no host takes the VM (docs/multi-host.md)."""
+def _placement_condition(record: VMRecord) -> Condition:
+    """The scheduler's note (docs/multi-host.md): Scheduled=False with why no host takes an
+    unplaced VM; HostReady=False when the host of a placed one is lost (its status is stale)."""
+    placed = record.host is not None
     return Condition(
-        type="Scheduled",
+        type="HostReady" if placed else "Scheduled",
         status=ConditionStatus.FALSE,
-        reason="Unschedulable",
+        reason="HostLost" if placed else "Unschedulable",
         message=record.scheduling or "",
         last_transition_time=record.spec_changed_at,
     )

@@ -14,6 +14,7 @@ from api.store.events import EventLog
 from api.store.hosts import Hosts, Registration
 from api.store.vms import VMStore
 from controller.host_agent import HostMetrics, Scheduler
+from tests.component.conftest import FakeClock
 from tests.component.test_hosts_store import add_vm
 
 WAIT_SECONDS = 10.0
@@ -96,3 +97,34 @@ async def test_host_metrics_count_ready_hosts_and_lease_ages(db: Database) -> No
     age = registry.get_sample_value("tofu_qemu_host_lease_age_seconds", {"host": "a"})
     assert age is not None
     assert age >= 16
+
+
+async def test_vms_of_a_lost_host_get_host_ready_false_once_and_it_clears(
+    db: Database, clock: FakeClock
+) -> None:
+    """Lost = lease run out for longer than host_lost_grace_seconds (database clock); nothing moves."""
+    hosts = Hosts(db)
+    await hosts.register(Registration("a", {}, Resources(2, 4096, 10), lease_seconds=0.2))
+    await add_vm(db, "vm1", host="a")
+    events = EventLog(db)
+    scheduler = Scheduler(
+        db, holder="a", lease_seconds=15.0, events=events, lost_grace=timedelta(seconds=0.2)
+    )
+    await scheduler.schedule_once()
+    assert [vm.scheduling for vm in await hosts.placed()] == [None]
+    if db.dialect == "sqlite":
+        clock.advance(0.5)
+    else:
+        await asyncio.sleep(0.5)
+    await scheduler.schedule_once()
+    await scheduler.schedule_once()
+    (vm,) = await VMStore(db).list_records()
+    (condition,) = [c for c in vm.to_object().status.conditions if c.type == "HostReady"]
+    assert (condition.status, condition.reason) == ("False", "HostLost")
+    assert condition.message.startswith("host a lost: no lease renewal since ")
+    assert vm.host == "a"
+    assert [(e.reason, e.type) for e in await events.list(uid="vm1")] == [("HostLost", "Warning")]
+    # The controller comes back (a registration renews the lease; a long one, for a slow machine).
+    await hosts.register(Registration("a", {}, Resources(2, 4096, 10), lease_seconds=15.0))
+    await scheduler.schedule_once()
+    assert [vm.scheduling for vm in await hosts.placed()] == [None]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from api.hosts import Demand, Host, PlacedVM, Resources, demand_of
-from controller.placement import HOSTS_IN_REASON, place
+from controller.placement import HOSTS_IN_REASON, lost_hosts, lost_notes, place
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -121,3 +121,25 @@ def test_demand_of_a_spec_counts_forwards_without_host_port() -> None:
     assert demand_of(spec) == Demand(Resources(2, 1024, 1), {"zone": "x"})
     assert demand_of(None) == Demand()
     assert demand_of({"memory": "garbage"}) == Demand()
+
+
+def test_a_host_is_lost_once_its_lease_ran_out_longer_than_the_grace() -> None:
+    grace = timedelta(seconds=30)
+    hosts = [host("fresh"), host("late", renewed_ago=44.9), host("gone", renewed_ago=45.0)]
+    lost = lost_hosts(hosts, NOW, grace)
+    assert list(lost) == ["gone"]
+    assert (
+        lost["gone"] == f"host gone lost: no lease renewal since {(NOW - timedelta(seconds=45)).isoformat()}"
+    )
+
+
+def test_vms_of_a_lost_host_are_noted_and_cleared_when_it_returns() -> None:
+    lost = {"gone": "host gone lost"}
+    vms = [
+        vm("there", on="gone"),
+        vm("elsewhere", on="fresh"),
+        vm("unplaced"),
+        PlacedVM("noted", "p", "noted", "gone", Demand(), "host gone lost"),
+        PlacedVM("back", "p", "back", "fresh", Demand(), "host fresh lost"),
+    ]
+    assert lost_notes(vms, lost) == {"there": "host gone lost", "back": None}
