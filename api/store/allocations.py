@@ -19,6 +19,8 @@ from api.store.records import PortTaken as PortTaken
 from api.store.sql import IntegrityError, Row
 from api.types import Protocol, ReclaimPolicy
 
+_DISK_COLUMNS = "uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
+
 
 def _disk_row(row: Row | Sequence[Any]) -> DiskRow:
     """A row of the columns uid, name, path, reclaim_policy, size_mib, base, project, vm_name."""
@@ -36,11 +38,15 @@ def _disk_row(row: Row | Sequence[Any]) -> DiskRow:
 
 
 class Allocations:
-    """The ledger of one host (`host`; '' before hosts existed): ports and disks are local."""
+    """The ledger of one host (`host`; '' before hosts existed): ports and disks are local.
+    `every_host`: the listings (`ports`, `disks`, `retained_disks`) show every host's rows, as
+    the API lists them; it never writes."""
 
-    def __init__(self, db: Database, *, host: str = "") -> None:
+    def __init__(self, db: Database, *, host: str = "", every_host: bool = False) -> None:
         self._db = db
         self._host = host
+        self._listed = "TRUE" if every_host else "host = ?"
+        self._listed_params: tuple[str, ...] = () if every_host else (host,)
 
     async def held_by(self, uid: str) -> tuple[list[PortRow], list[DiskRow]]:
         """The ports and disks `uid` holds, in one read (every observe asks)."""
@@ -60,9 +66,9 @@ class Allocations:
     async def ports(self) -> list[PortRow]:
         """Every held port (`held_by` for one VM's)."""
         rows = await self._db.read(
-            "SELECT uid, protocol, guest_port, host_port FROM port_allocations WHERE host = ?"
+            f"SELECT uid, protocol, guest_port, host_port FROM port_allocations WHERE {self._listed}"  # noqa: S608
             " ORDER BY host_port",
-            (self._host,),
+            self._listed_params,
         )
         return [PortRow(r[0], Protocol(r[1]), r[2], r[3]) for r in rows]
 
@@ -102,19 +108,17 @@ class Allocations:
     async def disks(self) -> list[DiskRow]:
         """Every recorded disk (`held_by` for one VM's)."""
         rows = await self._db.read(
-            "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
-            " FROM disks WHERE host = ? ORDER BY uid, name",
-            (self._host,),
+            f"SELECT {_DISK_COLUMNS} FROM disks WHERE {self._listed} ORDER BY uid, name",  # noqa: S608
+            self._listed_params,
         )
         return [_disk_row(r) for r in rows]
 
     async def retained_disks(self) -> list[DiskRow]:
         """Disks whose VM is gone: kept by `reclaimPolicy: Retain` for a VM of the same name."""
         rows = await self._db.read(
-            "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
-            " FROM disks WHERE host = ? AND uid NOT IN (SELECT uid FROM vms)"
-            " ORDER BY project, vm_name, name",
-            (self._host,),
+            f"SELECT {_DISK_COLUMNS} FROM disks WHERE {self._listed}"  # noqa: S608
+            " AND uid NOT IN (SELECT uid FROM vms) ORDER BY project, vm_name, name",
+            self._listed_params,
         )
         return [_disk_row(r) for r in rows]
 

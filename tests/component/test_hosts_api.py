@@ -9,8 +9,10 @@ from aiohttp.test_utils import TestClient
 
 from api.hosts import Resources
 from api.server.keys import DATABASE
+from api.store.allocations import Allocations, DiskRow
 from api.store.hosts import Hosts, Registration
 from api.testing.tfstate import encode, vm_state
+from api.types import ReclaimPolicy
 from controller.client.hosts import HOST_COLUMNS, host_row, host_status
 from tests.component.conftest import AUTH, FakeClock
 
@@ -111,3 +113,14 @@ def test_the_cli_table_reads_like_kubectl_get_nodes() -> None:
         "LEASE": "",
         "LABELS": "zone=x",
     }
+
+
+async def test_the_disks_list_shows_every_hosts_disks(client: Client) -> None:
+    db = client.app[DATABASE]
+    for host, uid in (("a", "vm-a"), ("b", "vm-b")):
+        await Allocations(db, host=host).record_disk(
+            uid, DiskRow(uid, "root", f"/d/{uid}", ReclaimPolicy.DELETE)
+        )
+    assert [row.uid for row in await Allocations(db, host="a").disks()] == ["vm-a"]
+    listed = await (await client.get("/api/v1/disks", headers=AUTH)).json()
+    assert sorted(disk["uid"] for disk in listed["items"]) == ["vm-a", "vm-b"]
