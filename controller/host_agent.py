@@ -17,9 +17,8 @@ from datetime import datetime, timedelta
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
 
-from api.hosts import Host, PlacedVM, Resources
+from api.hosts import Host, Resources
 from api.store import Database
-from api.store.events import EventLog, EventType, NewEvent
 from api.store.hosts import Hosts, Leases, Registration
 from controller import host_memory
 from controller.placement import lost_hosts, lost_notes, place
@@ -104,7 +103,6 @@ class Scheduler:
         *,
         holder: str,
         lease_seconds: float,
-        events: EventLog,
         lost_grace: timedelta = timedelta(seconds=30),
     ) -> None:
         self._db = db
@@ -113,7 +111,6 @@ class Scheduler:
         self._lease_seconds = lease_seconds
         self._hosts = Hosts(db)
         self._leases = Leases(db)
-        self._events = events
 
     async def run_forever(self) -> None:
         """A pass at every commit of this process, at other processes' commits (polled), and
@@ -152,34 +149,15 @@ class Scheduler:
         vms = await self._hosts.placed()
         hosts = await self._hosts.all()
         now = await self._db.database_now()
-        by_uid = {vm.uid: vm for vm in vms}
         notes = lost_notes(vms, lost_hosts(hosts, now, self._lost_grace))
-        noted = await self._hosts.note_placed(notes) if notes else []
-        await self._events.record(
-            *(
-                _event(by_uid[uid], "HostLost", notes[uid] or "", EventType.WARNING)
-                for uid in noted
-                if notes[uid]
-            )
-        )
+        if notes:
+            await self._hosts.note_placed(notes)
         if all(vm.host is not None for vm in vms):
             return 0
         decided = place(vms, hosts, now)
         placed = await self._hosts.place(decided.assignments, decided.unschedulable)
-        await self._events.record(
-            *(
-                _event(by_uid[uid], "Scheduled", f"placed on host {decided.assignments[uid]}")
-                for uid in placed
-            )
-        )
         for uid, reason in decided.unschedulable.items():
             log.debug("vm_unschedulable", uid=uid, reason=reason)
         if placed:
             log.info("vms_scheduled", count=len(placed))
         return len(placed)
-
-
-def _event(vm: PlacedVM, reason: str, message: str, kind: EventType = EventType.NORMAL) -> NewEvent:
-    return NewEvent(
-        uid=vm.uid, project=vm.project, vm_name=vm.name, reason=reason, message=message, type=kind
-    )

@@ -113,7 +113,6 @@ class Controller:
             self._db,
             holder=self.host.name,
             lease_seconds=self._settings.host_lease_seconds,
-            events=self.events,
             lost_grace=timedelta(seconds=self._settings.host_lost_grace_seconds),
         )
         with structlog.contextvars.bound_contextvars(host=self.host.name):

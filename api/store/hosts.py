@@ -16,7 +16,9 @@ from typing import Any
 from api.hosts import Host, PlacedVM, Resources, demand_of
 from api.store.db import Database, Transaction
 from api.store.errors import NotFound
+from api.store.events import insert_events
 from api.store.host_wakeups import notify_placed
+from api.store.records import EventType, NewEvent
 
 _HOST_COLUMNS = (
     "name, labels, cpus, memory_mib, ports, cordoned, registered_at, lease_renewed_at, lease_seconds, epoch"
@@ -142,20 +144,25 @@ class Hosts:
 
     async def place(self, assignments: dict[str, str], unschedulable: dict[str, str]) -> list[str]:
         """Place each VM of `assignments` on its host, unless it was placed meanwhile or is being
-        deleted; note why each of `unschedulable` cannot be. Returns the uids placed."""
+        deleted, with a `Scheduled` event in the same transaction; note why each of
+        `unschedulable` cannot be. Returns the uids placed."""
         placed: list[str] = []
         async with self._db.write() as conn:
             for uid, host in assignments.items():
                 if await _set_placement(conn, uid, host=host, scheduling=None, only_unplaced=True):
                     placed.append(uid)
+            await self._record(
+                conn, {uid: f"placed on host {assignments[uid]}" for uid in placed}, "Scheduled"
+            )
             for uid, reason in unschedulable.items():
                 await _set_placement(conn, uid, host=None, scheduling=reason, only_unplaced=True)
             await notify_placed(conn, self._db.dialect, ((assignments[uid], uid) for uid in placed))
         return placed
 
     async def note_placed(self, notes: dict[str, str | None]) -> list[str]:
-        """Set (or clear, None) the note of placed VMs, keeping their host, e.g. that their host
-        is lost. Returns the uids whose note changed."""
+        """Set (or clear, None) the note of placed VMs, keeping their host: that their host is
+        lost, with a `HostLost` Warning event in the same transaction. Returns the uids whose
+        note changed."""
         changed: list[str] = []
         async with self._db.write() as conn:
             for uid, note in notes.items():
@@ -164,7 +171,26 @@ class Hosts:
                 )
                 if row is not None and await _set_placement(conn, uid, host=row[0], scheduling=note):
                     changed.append(uid)
+            lost = {uid: notes[uid] or "" for uid in changed if notes[uid]}
+            await self._record(conn, lost, "HostLost", EventType.WARNING)
         return changed
+
+    async def _record(
+        self, conn: Transaction, messages: dict[str, str], reason: str, kind: EventType = EventType.NORMAL
+    ) -> None:
+        """Events of `reason` for the VMs of `messages`, in the caller's transaction."""
+        if not messages:
+            return
+        marks = ",".join("?" * len(messages))
+        rows = await conn.fetchall(
+            f"SELECT uid, project, name FROM vms WHERE uid IN ({marks})",  # noqa: S608
+            list(messages),
+        )
+        events = [
+            NewEvent(str(uid), str(project), str(name), reason, messages[uid], kind)
+            for uid, project, name in rows
+        ]
+        await insert_events(conn, events, now=self._db.clock())
 
     async def adopt_legacy(self, name: str) -> bool:
         """Give host `name` what was written before hosts existed (VMs that have a status but no

@@ -33,7 +33,7 @@ async def test_a_pass_places_spreads_and_records_scheduled(db: Database) -> None
         await add_vm(db, uid)
     await add_vm(db, "picky", spec={"memory": 256, "nodeSelector": {"zone": "y"}})
     events = EventLog(db)
-    scheduler = Scheduler(db, holder="a", lease_seconds=15.0, events=events)
+    scheduler = Scheduler(db, holder="a", lease_seconds=15.0)
     assert await scheduler.schedule_once() == 2
     placed = {vm.uid: vm.host for vm in await hosts.placed()}
     assert placed == {"vm1": "a", "vm2": "b", "picky": None}
@@ -50,7 +50,7 @@ async def test_a_pass_places_spreads_and_records_scheduled(db: Database) -> None
 
 async def test_the_running_scheduler_places_a_vm_written_later(db: Database) -> None:
     hosts = await two_hosts(db)
-    scheduler = Scheduler(db, holder="a", lease_seconds=15.0, events=EventLog(db))
+    scheduler = Scheduler(db, holder="a", lease_seconds=15.0)
     committed = asyncio.Event()
     db.subscribe(committed.set)
     task = asyncio.create_task(scheduler.run_forever())
@@ -69,8 +69,8 @@ async def test_the_running_scheduler_places_a_vm_written_later(db: Database) -> 
 
 async def test_a_second_scheduler_does_nothing_while_the_first_holds_the_lease(db: Database) -> None:
     hosts = await two_hosts(db)
-    first = Scheduler(db, holder="a", lease_seconds=15.0, events=EventLog(db))
-    second = Scheduler(db, holder="b", lease_seconds=15.0, events=EventLog(db))
+    first = Scheduler(db, holder="a", lease_seconds=15.0)
+    second = Scheduler(db, holder="b", lease_seconds=15.0)
     running = [asyncio.create_task(first.run_forever())]
     await asyncio.sleep(0.2)
     running[0].cancel()
@@ -107,9 +107,7 @@ async def test_vms_of_a_lost_host_get_host_ready_false_once_and_it_clears(
     await hosts.register(Registration("a", {}, Resources(2, 4096, 10), lease_seconds=0.2))
     await add_vm(db, "vm1", host="a")
     events = EventLog(db)
-    scheduler = Scheduler(
-        db, holder="a", lease_seconds=15.0, events=events, lost_grace=timedelta(seconds=0.2)
-    )
+    scheduler = Scheduler(db, holder="a", lease_seconds=15.0, lost_grace=timedelta(seconds=0.2))
     await scheduler.schedule_once()
     assert [vm.scheduling for vm in await hosts.placed()] == [None]
     if db.dialect == "sqlite":
