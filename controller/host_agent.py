@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from api.hosts import Host, Resources
 from api.store import Database
 from api.store.hosts import Hosts, Leases, Registration
+from api.store.sql import Dialect
 from controller import host_memory
 from controller.placement import lost_hosts, lost_notes, place
 from controller.settings import ControllerSettings
@@ -79,6 +80,10 @@ class HostAgent:
     async def register(self) -> Host:
         """Register the host; the only host also adopts what was stored before hosts existed."""
         host = await self._hosts.register(self._registration)
+        if self._db.dialect is Dialect.SQLITE:
+            renamed = await self._hosts.take_over_renamed(self.name)
+            if renamed:
+                log.warning("host_renamed", host=self.name, previously=renamed)
         if await self._hosts.adopt_legacy(self.name):
             log.debug("host_adopted_legacy_rows", host=self.name)
         log.info("host_registered", host=self.name, epoch=host.epoch, capacity=host.capacity.to_json())

@@ -192,6 +192,24 @@ class Hosts:
         ]
         await insert_events(conn, events, now=self._db.clock())
 
+    async def take_over_renamed(self, name: str) -> list[str]:
+        """SQLite: one machine holds the store, so every other host is this one under an older
+        name (a container gets a new hostname when it is re-created): its VMs, ports and disks
+        become `name`'s and its row goes. Returns the names taken over."""
+        async with self._db.write() as conn:
+            others = [
+                str(row[0]) for row in await conn.fetchall("SELECT name FROM hosts WHERE name != ?", (name,))
+            ]
+            rows = await conn.fetchall(
+                "SELECT uid, scheduling FROM vms WHERE host IS NOT NULL AND host != ?", (name,)
+            )
+            for uid, _note in rows:
+                await _set_placement(conn, str(uid), host=name, scheduling=None)
+            await conn.execute("UPDATE port_allocations SET host = ? WHERE host != ?", (name, name))
+            await conn.execute("UPDATE disks SET host = ? WHERE host != ?", (name, name))
+            await conn.execute("DELETE FROM hosts WHERE name != ?", (name,))
+        return others
+
     async def adopt_legacy(self, name: str) -> bool:
         """Give host `name` what was written before hosts existed (VMs that have a status but no
         host, ports and disks of host ''), if it is the only host: then it is the machine that

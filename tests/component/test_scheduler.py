@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from api.hosts import Resources
 from api.store import Database
+from api.store.allocations import Allocations
 from api.store.events import EventLog
 from api.store.hosts import Hosts, Registration
 from api.store.vms import VMStore
-from controller.host_agent import HostMetrics, Scheduler
+from api.types import Protocol
+from controller.host_agent import HostAgent, HostMetrics, Scheduler
+from controller.settings import ControllerSettings
 from tests.component.conftest import FakeClock
 from tests.component.test_hosts_store import add_vm
 
@@ -126,3 +130,21 @@ async def test_vms_of_a_lost_host_get_host_ready_false_once_and_it_clears(
     await hosts.register(Registration("a", {}, Resources(2, 4096, 10), lease_seconds=15.0))
     await scheduler.schedule_once()
     assert [vm.scheduling for vm in await hosts.placed()] == [None]
+
+
+async def test_on_sqlite_a_renamed_machine_keeps_its_vms(db: Database, tmp_path: Path) -> None:
+    """A container re-created with a new hostname is the same machine on SQLite; on PostgreSQL
+    another name is another host, whose VMs stay where they are."""
+    hosts = Hosts(db)
+    await hosts.register(Registration("old-name", {}, Resources(2, 4096, 10), lease_seconds=15.0))
+    await add_vm(db, "vm1", host="old-name")
+    await Allocations(db, host="old-name").reserve_port("vm1", Protocol.TCP, 22, 20000)
+    settings = ControllerSettings(data_dir=tmp_path, host_name="new-name")
+    await HostAgent(settings, db, HostMetrics(CollectorRegistry())).register()
+    placed = {vm.uid: vm.host for vm in await hosts.placed()}
+    names = [host.name for host in await hosts.all()]
+    held = [row.uid for row in await Allocations(db, host="new-name").ports()]
+    if db.dialect == "sqlite":
+        assert (placed, names, held) == ({"vm1": "new-name"}, ["new-name"], ["vm1"])
+    else:
+        assert (placed, names, held) == ({"vm1": "old-name"}, ["new-name", "old-name"], [])
