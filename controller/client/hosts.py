@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 from api.vm_columns import age
 from controller.client import format as fmt
-from controller.client.connection import Connection
+from controller.client.connection import ClientError, Connection
 
 HOST_RESOURCES = ("host", "hosts", "node", "nodes")
 HOSTS_PATH = "/api/v1/hosts"
@@ -66,6 +66,8 @@ def get_hosts(
     now: datetime,
     print_document: PrintDocument,
 ) -> None:
+    if args.watch:
+        raise ClientError("`get hosts` cannot watch (hosts have no watch API yet): run it again")
     listing = connection.get_json(HOSTS_PATH)
     hosts = listing["items"]
     if args.name is not None:

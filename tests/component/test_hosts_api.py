@@ -3,8 +3,11 @@ the VM objects."""
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import io
+from typing import Any, cast
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from api.hosts import Resources
@@ -13,7 +16,8 @@ from api.store.allocations import Allocations, DiskRow
 from api.store.hosts import Hosts, Registration
 from api.testing.tfstate import encode, vm_state
 from api.types import ReclaimPolicy
-from controller.client.hosts import HOST_COLUMNS, host_row, host_status
+from controller.client.connection import ClientError, Connection
+from controller.client.hosts import HOST_COLUMNS, get_hosts, host_row, host_status
 from tests.component.conftest import AUTH, FakeClock
 
 Client = TestClient[Any, Any]
@@ -124,3 +128,9 @@ async def test_the_disks_list_shows_every_hosts_disks(client: Client) -> None:
     assert [row.uid for row in await Allocations(db, host="a").disks()] == ["vm-a"]
     listed = await (await client.get("/api/v1/disks", headers=AUTH)).json()
     assert sorted(disk["uid"] for disk in listed["items"]) == ["vm-a", "vm-b"]
+
+
+def test_get_hosts_refuses_to_watch() -> None:
+    args = argparse.Namespace(watch=True, name=None, output="table")
+    with pytest.raises(ClientError, match="cannot watch"):
+        get_hosts(cast(Connection, None), args, io.StringIO(), FakeClock()(), lambda *_: None)
