@@ -19,6 +19,7 @@ from api.store.errors import NotFound
 from api.store.events import insert_events
 from api.store.host_wakeups import notify_placed
 from api.store.records import EventType, NewEvent
+from api.store.sql import JSON_STRINGS
 
 _HOST_COLUMNS = (
     "name, labels, cpus, memory_mib, ports, cordoned, registered_at, lease_renewed_at, lease_seconds, epoch"
@@ -115,9 +116,10 @@ class Hosts:
                 "SELECT uid, spec FROM vms WHERE host = ? AND deleted_at IS NULL ORDER BY uid", (name,)
             )
             kept = [str(uid) for uid, spec in rows if _holds_data(json.loads(spec))]
-            moved = [str(uid) for uid, _spec in rows if str(uid) not in kept]
-            for uid in moved:
-                await _set_placement(conn, uid, host=None, scheduling=f"drained from host {name}")
+            note = f"drained from host {name}"
+            moved = await self._set(
+                conn, {str(uid): (None, note) for uid, _spec in rows if str(uid) not in kept}
+            )
             # The drained host's controller releases them at once.
             await notify_placed(conn, self._db.dialect, ((name, uid) for uid in moved))
         return moved, kept
@@ -145,17 +147,20 @@ class Hosts:
     async def place(self, assignments: dict[str, str], unschedulable: dict[str, str]) -> list[str]:
         """Place each VM of `assignments` on its host, unless it was placed meanwhile or is being
         deleted, with a `Scheduled` event in the same transaction; note why each of
-        `unschedulable` cannot be. Returns the uids placed."""
-        placed: list[str] = []
+        `unschedulable` cannot be. Returns the uids placed.
+
+        A few statements whatever the number of VMs: an apply of thousands is placed in one
+        short transaction."""
         async with self._db.write() as conn:
-            for uid, host in assignments.items():
-                if await _set_placement(conn, uid, host=host, scheduling=None, only_unplaced=True):
-                    placed.append(uid)
+            placed = await self._set(
+                conn, {uid: (host, None) for uid, host in assignments.items()}, only_unplaced=True
+            )
             await self._record(
                 conn, {uid: f"placed on host {assignments[uid]}" for uid in placed}, "Scheduled"
             )
-            for uid, reason in unschedulable.items():
-                await _set_placement(conn, uid, host=None, scheduling=reason, only_unplaced=True)
+            await self._set(
+                conn, {uid: (None, reason) for uid, reason in unschedulable.items()}, only_unplaced=True
+            )
             await notify_placed(conn, self._db.dialect, ((assignments[uid], uid) for uid in placed))
         return placed
 
@@ -163,16 +168,51 @@ class Hosts:
         """Set (or clear, None) the note of placed VMs, keeping their host: that their host is
         lost, with a `HostLost` Warning event in the same transaction. Returns the uids whose
         note changed."""
-        changed: list[str] = []
         async with self._db.write() as conn:
-            for uid, note in notes.items():
-                row = await conn.fetchone(
-                    "SELECT host FROM vms WHERE uid = ? AND host IS NOT NULL AND deleted_at IS NULL", (uid,)
-                )
-                if row is not None and await _set_placement(conn, uid, host=row[0], scheduling=note):
-                    changed.append(uid)
+            rows = await conn.fetchall(
+                f"SELECT uid, host FROM vms WHERE uid IN ({self._uids}) AND host IS NOT NULL",  # noqa: S608
+                (json.dumps(list(notes)),),
+            )
+            changed = await self._set(conn, {str(uid): (str(host), notes[str(uid)]) for uid, host in rows})
             lost = {uid: notes[uid] or "" for uid in changed if notes[uid]}
             await self._record(conn, lost, "HostLost", EventType.WARNING)
+        return changed
+
+    @property
+    def _uids(self) -> str:
+        """A subquery of the uids of one JSON array parameter (any number, one placeholder)."""
+        return JSON_STRINGS[self._db.dialect]
+
+    async def _set(
+        self,
+        conn: Transaction,
+        wanted: dict[str, tuple[str | None, str | None]],
+        *,
+        only_unplaced: bool = False,
+    ) -> list[str]:
+        """Give each live VM of `wanted` its (host, note), each change with a new resourceVersion.
+        `only_unplaced`: leave VMs placed meanwhile alone. Returns the uids changed, in order."""
+        if not wanted:
+            return []
+        guard = " AND host IS NULL" if only_unplaced else ""
+        rows = await conn.fetchall(
+            f"SELECT uid, host, scheduling FROM vms WHERE uid IN ({self._uids})"  # noqa: S608
+            f" AND deleted_at IS NULL{guard}",
+            (json.dumps(list(wanted)),),
+        )
+        differ = {str(uid) for uid, host, note in rows if (host, note) != wanted[str(uid)]}
+        changed = [uid for uid in wanted if uid in differ]
+        if not changed:
+            return []
+        row = await conn.fetchone(
+            "UPDATE resource_versions SET value = value + ? WHERE id = 1 RETURNING value", (len(changed),)
+        )
+        assert row is not None
+        first = int(row[0]) - len(changed) + 1
+        await conn.executemany(
+            "UPDATE vms SET host = ?, scheduling = ?, resource_version = ? WHERE uid = ?",
+            [(*wanted[uid], first + offset, uid) for offset, uid in enumerate(changed)],
+        )
         return changed
 
     async def _record(
@@ -181,13 +221,12 @@ class Hosts:
         """Events of `reason` for the VMs of `messages`, in the caller's transaction."""
         if not messages:
             return
-        marks = ",".join("?" * len(messages))
         rows = await conn.fetchall(
-            f"SELECT uid, project, name FROM vms WHERE uid IN ({marks})",  # noqa: S608
-            list(messages),
+            f"SELECT uid, project, name FROM vms WHERE uid IN ({self._uids})",  # noqa: S608
+            (json.dumps(list(messages)),),
         )
         events = [
-            NewEvent(str(uid), str(project), str(name), reason, messages[uid], kind)
+            NewEvent(str(uid), str(project), str(name), reason, messages[str(uid)], kind)
             for uid, project, name in rows
         ]
         await insert_events(conn, events, now=self._db.clock())
@@ -200,11 +239,8 @@ class Hosts:
             others = [
                 str(row[0]) for row in await conn.fetchall("SELECT name FROM hosts WHERE name != ?", (name,))
             ]
-            rows = await conn.fetchall(
-                "SELECT uid, scheduling FROM vms WHERE host IS NOT NULL AND host != ?", (name,)
-            )
-            for uid, _note in rows:
-                await _set_placement(conn, str(uid), host=name, scheduling=None)
+            rows = await conn.fetchall("SELECT uid FROM vms WHERE host IS NOT NULL AND host != ?", (name,))
+            await self._set(conn, {str(uid): (name, None) for (uid,) in rows})
             await conn.execute("UPDATE port_allocations SET host = ? WHERE host != ?", (name, name))
             await conn.execute("UPDATE disks SET host = ? WHERE host != ?", (name, name))
             await conn.execute("DELETE FROM hosts WHERE name != ?", (name,))
@@ -221,8 +257,7 @@ class Hosts:
             rows = await conn.fetchall(
                 "SELECT uid FROM vms WHERE host IS NULL AND status IS NOT NULL AND deleted_at IS NULL"
             )
-            for (uid,) in rows:
-                await _set_placement(conn, str(uid), host=name, scheduling=None)
+            await self._set(conn, {str(uid): (name, None) for (uid,) in rows})
             await conn.execute("UPDATE port_allocations SET host = ? WHERE host = ''", (name,))
             await conn.execute("UPDATE disks SET host = ? WHERE host = ''", (name,))
         return True
@@ -230,28 +265,6 @@ class Hosts:
 
 def _holds_data(spec: dict[str, Any]) -> bool:
     return any(disk.get("reclaimPolicy") == "Retain" for disk in spec.get("disks", ()))
-
-
-async def _set_placement(
-    conn: Transaction, uid: str, *, host: str | None, scheduling: str | None, only_unplaced: bool = False
-) -> bool:
-    """Set a VM's host and scheduling note with a new resourceVersion, if either changes."""
-    guard = " AND host IS NULL" if only_unplaced else ""
-    row = await conn.fetchone(
-        f"SELECT host, scheduling FROM vms WHERE uid = ? AND deleted_at IS NULL{guard}",  # noqa: S608
-        (uid,),
-    )
-    if row is None or (row[0], row[1]) == (host, scheduling):
-        return False
-    version = await conn.fetchone(
-        "UPDATE resource_versions SET value = value + 1 WHERE id = 1 RETURNING value"
-    )
-    assert version is not None
-    await conn.execute(
-        "UPDATE vms SET host = ?, scheduling = ?, resource_version = ? WHERE uid = ?",
-        (host, scheduling, int(version[0]), uid),
-    )
-    return True
 
 
 class Leases:

@@ -161,3 +161,21 @@ async def test_one_scheduler_holds_the_lease_until_it_expires(db: Database, cloc
         await asyncio.sleep(0.3)
     assert await leases.hold("scheduler", "b", 0.2)
     assert await leases.holder("scheduler") == "b"
+
+
+async def test_a_thousand_vms_are_placed_in_one_batch_with_an_event_each(db: Database) -> None:
+    now = db.clock().isoformat()
+    uids = [f"vm{i:04}" for i in range(1000)]
+    async with db.write() as conn:
+        await conn.executemany(
+            "INSERT INTO vms (uid, project, name, generation, spec_hash, spec, labels, address,"
+            " created_at, spec_changed_at, state_serial, resource_version)"
+            " VALUES (?, 'p', ?, 1, 'h', '{}', '{}', 'a', ?, ?, 1, 0)",
+            [(uid, uid, now, now) for uid in uids],
+        )
+    placed = await Hosts(db).place({uid: "a" for uid in uids}, {})
+    assert placed == uids
+    versions = await VMStatusWriter(db).versions()
+    assert sorted(versions.values()) == list(range(1, 1001))
+    rows = await db.read("SELECT COUNT(*) FROM events WHERE reason = 'Scheduled'")
+    assert rows[0][0] == 1000
