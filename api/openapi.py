@@ -155,6 +155,7 @@ PATH_PARAMETERS = {
     ),
     "name": _path_param("name", "The object's name (metadata.name)"),
     "serial": _path_param("serial", "A state serial"),
+    "host": _path_param("host", "A host's name (--host-name of its controller)"),
 }
 BOOLEAN = {"type": "string", "enum": ["true", "false", "1", "0"]}
 LIST_QUERY = [

@@ -418,6 +418,13 @@ class QemuVMSpec(_Model):
     preference: PreferenceRef | None = Field(
         default=None, description="Defaults for machine, accel, runStrategy, stopTimeout and cloudInit"
     )
+    # Left out of the canonical form when empty, so specs stored before it existed keep their
+    # hash (a changed hash is a new generation).
+    node_selector: Labels = Field(
+        default_factory=dict,
+        description="Labels a host must have to run this VM (docs/multi-host.md)",
+        exclude_if=lambda selector: not selector,
+    )
 
     @model_validator(mode="after")
     def _bootable_and_unique_disks(self) -> QemuVMSpec:
@@ -589,6 +596,8 @@ class QemuVMStatus(_Model):
     # instancetypes: the revisions the VM runs (docs/instancetypes.md#revisions).
     instance_type: FrozenRevision | None = None
     preference: FrozenRevision | None = None
+    # Shown by the API from the store's host column (docs/multi-host.md); set by the scheduler.
+    host: str | None = Field(default=None, description="The host the VM is placed on, for its whole life")
 
 
 class ObjectMeta(_Model):

@@ -129,7 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("open_file_limit", soft=raise_open_file_limit())
     http = _http_setup(settings) if isinstance(settings, ServerSettings) else None
     try:
-        tracer_provider = configure_tracing(otlp_endpoint=settings.otlp_endpoint)
+        tracer_provider = configure_tracing(
+            otlp_endpoint=settings.otlp_endpoint,
+            host_name=settings.resolved_host_name if isinstance(settings, ControllerSettings) else None,
+        )
     except TracingConfigError as err:
         raise SettingsError(str(err)) from err
     if http is not None:

@@ -25,17 +25,36 @@ def available_mib(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/
     return min(known) // MIB if known else None
 
 
+def capacity_mib(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What VMs may use here at most, in MiB: MemTotal, or the cgroup's limit when lower."""
+    known = [
+        value
+        for value in (_meminfo(proc, "MemTotal:"), _cgroup_limit(proc, cgroup_root))
+        if value is not None
+    ]
+    return min(known) // MIB if known else None
+
+
 def _meminfo_available(proc: Path) -> int | None:
+    return _meminfo(proc, "MemAvailable:")
+
+
+def _meminfo(proc: Path, key: str) -> int | None:
     try:
         for line in (proc / "meminfo").read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
 
 
-def _cgroup_headroom(proc: Path, root: Path) -> int | None:
+def _cgroup_limit(proc: Path, root: Path) -> int | None:
+    """The limit of this process's memory cgroup, in bytes (None: unlimited or unknown)."""
+    return _cgroup_headroom(proc, root, limit_only=True)
+
+
+def _cgroup_headroom(proc: Path, root: Path, *, limit_only: bool = False) -> int | None:
     """Limit minus working set of this process's memory cgroup (v2, else v1), in bytes."""
     try:
         lines = (proc / "self" / "cgroup").read_text(encoding="utf-8").splitlines()
@@ -45,13 +64,16 @@ def _cgroup_headroom(proc: Path, root: Path) -> int | None:
         hierarchy, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hierarchy == "0" and controllers == "":
-            found = _headroom(_cgroup_dir(root, path), "memory.max", "memory.current", "inactive_file")
+            found = _headroom(
+                _cgroup_dir(root, path), "memory.max", "memory.current", "inactive_file", limit_only
+            )
         elif "memory" in controllers.split(","):
             found = _headroom(
                 _cgroup_dir(root / "memory", path),
                 "memory.limit_in_bytes",
                 "memory.usage_in_bytes",
                 "total_inactive_file",
+                limit_only,
             )
         else:
             continue
@@ -66,11 +88,15 @@ def _cgroup_dir(mount: Path, path: str) -> Path:
     return candidate if candidate.is_dir() else mount
 
 
-def _headroom(directory: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+def _headroom(
+    directory: Path, limit_file: str, usage_file: str, inactive_key: str, limit_only: bool
+) -> int | None:
     try:
         limit_text = (directory / limit_file).read_text(encoding="ascii").strip()
         if limit_text == "max" or int(limit_text) >= _V1_UNLIMITED:
             return None
+        if limit_only:
+            return int(limit_text)
         usage = int((directory / usage_file).read_text(encoding="ascii").strip())
         inactive = 0
         for line in (directory / "memory.stat").read_text(encoding="ascii").splitlines():

@@ -23,6 +23,7 @@ from api.server.health import ReadinessCheck
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
+from api.store.host_wakeups import listen_for_placements
 from api.store.image_sources import ImageSources
 from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
@@ -30,6 +31,7 @@ from api.store.usage import UsageStore
 from api.telemetry.metrics import CONTROLLER_NAME, Metrics
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
+from controller.host_agent import HostAgent, HostMetrics, Scheduler
 from controller.image_gc import collect_images_forever
 from controller.images.cache import ImageCache
 from controller.layout import DataLayout
@@ -88,8 +90,10 @@ class Controller:
         self._resynced_at: float | None = None
         self._shutting_down = False
         self._layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
-        self._objects = VMStatusWriter(db)
-        self._allocations = Allocations(db)
+        # This host's VMs and ledger only: several controllers may share the store.
+        self.host = HostAgent(settings, db, HostMetrics(self._metrics.registry))
+        self._objects = VMStatusWriter(db, host=self.host.name)
+        self._allocations = Allocations(db, host=self.host.name)
         self.events = EventLog(db, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
         self._projects = ProjectIndex(db)
         self._usage_metrics = UsageMetrics(self._metrics.registry)
@@ -105,6 +109,17 @@ class Controller:
         for directory in (self._layout.run_root, self._layout.disks_root, self._layout.images_dir):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         first, last = self._settings.ports
+        await self.host.register()
+        scheduler = Scheduler(
+            self._db,
+            holder=self.host.name,
+            lease_seconds=self._settings.host_lease_seconds,
+            lost_grace=timedelta(seconds=self._settings.host_lost_grace_seconds),
+        )
+        with structlog.contextvars.bound_contextvars(host=self.host.name):
+            await self._run_registered(stop, first, last, scheduler)
+
+    async def _run_registered(self, stop: asyncio.Event, first: int, last: int, scheduler: Scheduler) -> None:
         async with asyncio.TaskGroup() as tasks:
             runtime = Runtime(
                 clock=self._clock,
@@ -204,6 +219,9 @@ class Controller:
                 ),
                 self._start_source(tasks, "events-prune", self.events.prune_forever),
                 self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
+                self._start_source(tasks, "host-lease", self.host.renew_forever),
+                self._start_source(tasks, "scheduler", scheduler.run_forever),
+                *self._placement_wakeups(tasks),
             ]
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -244,6 +262,18 @@ class Controller:
             clock=self._clock,
             metrics=self._metrics,
         )
+
+    def _placement_wakeups(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """On PostgreSQL: queue a VM as soon as the scheduler places it here (or a drain takes
+        it away), from a dedicated LISTEN connection (api/store/host_wakeups.py)."""
+        url = self._settings.database_url
+        if url is None:
+            return []
+        return [
+            self._start_source(
+                tasks, "placement-wakeups", lambda: listen_for_placements(url, self.host.name, self.queue.add)
+            )
+        ]
 
     def _start_source(
         self, tasks: asyncio.TaskGroup, name: str, source: Callable[[], Awaitable[None]]

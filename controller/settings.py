@@ -7,10 +7,12 @@ config key `port_range`.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from api.hosts import host_name_problem, parse_host_labels
 from api.settings import ProcessSettings, ServerSettings, split_listen
 from controller.admission import Quota, Quotas, parse_project_quotas, parse_quota
 from controller.images.egress import EgressPolicy, parse_networks
@@ -203,6 +205,50 @@ class ControllerSettings(ProcessSettings):
     usage_retention_days: int = Field(
         default=400, ge=1, le=3650, description="How long the hourly usage of VMs is kept (days)"
     )
+
+    # Several hosts on one store: host identity, labels and leases (docs/multi-host.md).
+    host_name: str | None = Field(
+        default=None,
+        description="This controller's host, as VMs' status.host names it (default: the machine's "
+        "hostname, lower-cased)",
+    )
+    host_labels: str = Field(
+        default="", description="Labels of this host that spec.nodeSelector matches: k=v,..."
+    )
+    host_lease_seconds: float = Field(
+        default=15.0, gt=0, description="A host whose lease is not renewed for this long is NotReady"
+    )
+    host_lost_grace_seconds: float = Field(
+        default=30.0, ge=0, description="How long after its lease expired a host counts as lost"
+    )
+
+    @field_validator("host_name")
+    @classmethod
+    def _valid_host_name(cls, value: str | None) -> str | None:
+        problem = None if value is None else host_name_problem(value)
+        if problem:
+            raise ValueError(f"host name {problem}")
+        return value
+
+    @field_validator("host_labels")
+    @classmethod
+    def _valid_host_labels(cls, value: str) -> str:
+        parse_host_labels(value)
+        return value
+
+    @property
+    def resolved_host_name(self) -> str:
+        return self.host_name or default_host_name()
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return parse_host_labels(self.host_labels)
+
+
+def default_host_name() -> str:
+    """The machine's hostname, lower-cased, up to its first dot if the whole is not a valid name."""
+    name = socket.gethostname().lower()
+    return name if host_name_problem(name) is None else name.split(".")[0]
 
 
 def split_port_range(text: str) -> tuple[int, int]:

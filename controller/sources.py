@@ -130,7 +130,9 @@ async def watch_store(
             if seen.get(uid) != version and objects.written_versions.get(uid) != version
         ]
         await projects.learn(changed_uids)
-        for uid in changed_uids:
+        # An object gone from the list (finalized, or placed away from this host by a drain)
+        # is looked at once more, so what this host still holds for it is released now.
+        for uid in [*changed_uids, *(uid for uid in seen if uid not in current)]:
             queue.add(uid)
         seen = current
 

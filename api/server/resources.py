@@ -94,7 +94,7 @@ def _disk_json(row: DiskRow, *, retained: bool) -> dict[str, Any]:
 async def list_disks(request: web.Request) -> web.StreamResponse:
     """Disk files the controller holds, including retained ones whose VM is gone."""
     project = project_of(request) if "project" in request.match_info else None
-    allocations = Allocations(request.app[DATABASE])
+    allocations = Allocations(request.app[DATABASE], every_host=True)
     retained = {(row.uid, row.name) for row in await allocations.retained_disks()}
     items = [
         _disk_json(row, retained=(row.uid, row.name) in retained)

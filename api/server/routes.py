@@ -17,7 +17,20 @@ from aiohttp import web
 
 from api import openapi
 from api.openapi import Op
-from api.server import backend, console, events, health, history, k8s, kube, locks, metrics, resources, usage
+from api.server import (
+    backend,
+    cluster,
+    console,
+    events,
+    health,
+    history,
+    k8s,
+    kube,
+    locks,
+    metrics,
+    resources,
+    usage,
+)
 from api.server import instancetypes as instancetype_routes
 from api.server.auth import METRICS_PATH
 from api.server.errors import Handler
@@ -96,6 +109,11 @@ READ_API_TABLE = (
     _get(f"{API}/projects/{{project}}/vms", resources.list_vms, openapi.read("QemuVM objects of a project")),
     _get(f"{API}/projects/{{project}}/vms/{{name}}", resources.get_vm, openapi.read("One QemuVM", "QemuVM")),
     _get(f"{API}/disks", resources.list_disks, openapi.read("Disk files held")),
+    # Hosts of a store shared by several controllers (docs/multi-host.md).
+    _get(f"{API}/hosts", cluster.list_hosts, cluster.HOSTS),
+    Route("POST", f"{API}/hosts/{{host}}/cordon", cluster.cordon, cluster.CORDON),
+    Route("POST", f"{API}/hosts/{{host}}/uncordon", cluster.uncordon, cluster.UNCORDON),
+    Route("POST", f"{API}/hosts/{{host}}/drain", cluster.drain, cluster.DRAIN),
     _get(
         f"{API}/projects/{{project}}/disks",
         resources.list_disks,

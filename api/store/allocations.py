@@ -19,6 +19,8 @@ from api.store.records import PortTaken as PortTaken
 from api.store.sql import IntegrityError, Row
 from api.types import Protocol, ReclaimPolicy
 
+_DISK_COLUMNS = "uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
+
 
 def _disk_row(row: Row | Sequence[Any]) -> DiskRow:
     """A row of the columns uid, name, path, reclaim_policy, size_mib, base, project, vm_name."""
@@ -36,19 +38,26 @@ def _disk_row(row: Row | Sequence[Any]) -> DiskRow:
 
 
 class Allocations:
-    def __init__(self, db: Database) -> None:
+    """The ledger of one host (`host`; '' before hosts existed): ports and disks are local.
+    `every_host`: the listings (`ports`, `disks`, `retained_disks`) show every host's rows, as
+    the API lists them; it never writes."""
+
+    def __init__(self, db: Database, *, host: str = "", every_host: bool = False) -> None:
         self._db = db
+        self._host = host
+        self._listed = "TRUE" if every_host else "host = ?"
+        self._listed_params: tuple[str, ...] = () if every_host else (host,)
 
     async def held_by(self, uid: str) -> tuple[list[PortRow], list[DiskRow]]:
         """The ports and disks `uid` holds, in one read (every observe asks)."""
         # Each column holds one type in both kinds of row (PostgreSQL's UNION requires it).
         rows = await self._db.read(
             "SELECT 'port', uid, protocol, NULL, NULL, NULL, NULL, NULL, NULL, guest_port, host_port"
-            " FROM port_allocations WHERE uid = ?"
+            " FROM port_allocations WHERE uid = ? AND host = ?"
             " UNION ALL SELECT 'disk', uid, name, path, reclaim_policy, size_mib, base, project, vm_name,"
-            " NULL, NULL FROM disks WHERE uid = ?"
+            " NULL, NULL FROM disks WHERE uid = ? AND host = ?"
             " ORDER BY 1, 3, 10, 4",
-            (uid, uid),
+            (uid, self._host, uid, self._host),
         )
         ports = [PortRow(uid, Protocol(r[2]), r[9], r[10]) for r in rows if r[0] == "port"]
         disks = [_disk_row(r[1:9]) for r in rows if r[0] == "disk"]
@@ -57,7 +66,9 @@ class Allocations:
     async def ports(self) -> list[PortRow]:
         """Every held port (`held_by` for one VM's)."""
         rows = await self._db.read(
-            "SELECT uid, protocol, guest_port, host_port FROM port_allocations ORDER BY host_port"
+            f"SELECT uid, protocol, guest_port, host_port FROM port_allocations WHERE {self._listed}"  # noqa: S608
+            " ORDER BY host_port",
+            self._listed_params,
         )
         return [PortRow(r[0], Protocol(r[1]), r[2], r[3]) for r in rows]
 
@@ -72,9 +83,9 @@ class Allocations:
         try:
             async with self._db.write() as conn:
                 await conn.execute(
-                    "INSERT INTO port_allocations (uid, protocol, guest_port, host_port, created_at)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (uid, protocol, guest_port) DO NOTHING",
-                    (uid, protocol.value, guest_port, host_port, self._db.clock().isoformat()),
+                    "INSERT INTO port_allocations (uid, protocol, guest_port, host_port, created_at, host)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uid, protocol, guest_port) DO NOTHING",
+                    (uid, protocol.value, guest_port, host_port, self._db.clock().isoformat(), self._host),
                 )
                 row = await conn.fetchone(
                     "SELECT host_port FROM port_allocations"
@@ -90,24 +101,24 @@ class Allocations:
         """Forget the given forwards' ports. Releasing a port not held is success."""
         async with self._db.write() as conn:
             await conn.executemany(
-                "DELETE FROM port_allocations WHERE uid = ? AND protocol = ? AND guest_port = ?",
-                [(uid, protocol.value, guest_port) for protocol, guest_port in keys],
+                "DELETE FROM port_allocations WHERE uid = ? AND protocol = ? AND guest_port = ? AND host = ?",
+                [(uid, protocol.value, guest_port, self._host) for protocol, guest_port in keys],
             )
 
     async def disks(self) -> list[DiskRow]:
         """Every recorded disk (`held_by` for one VM's)."""
         rows = await self._db.read(
-            "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
-            " FROM disks ORDER BY uid, name"
+            f"SELECT {_DISK_COLUMNS} FROM disks WHERE {self._listed} ORDER BY uid, name",  # noqa: S608
+            self._listed_params,
         )
         return [_disk_row(r) for r in rows]
 
     async def retained_disks(self) -> list[DiskRow]:
         """Disks whose VM is gone: kept by `reclaimPolicy: Retain` for a VM of the same name."""
         rows = await self._db.read(
-            "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name"
-            " FROM disks WHERE uid NOT IN (SELECT uid FROM vms)"
-            " ORDER BY project, vm_name, name"
+            f"SELECT {_DISK_COLUMNS} FROM disks WHERE {self._listed}"  # noqa: S608
+            " AND uid NOT IN (SELECT uid FROM vms) ORDER BY project, vm_name, name",
+            self._listed_params,
         )
         return [_disk_row(r) for r in rows]
 
@@ -120,7 +131,7 @@ class Allocations:
         async with self._db.write() as conn:
             await conn.execute(
                 "INSERT INTO disks (uid, name, path, reclaim_policy, created_at, size_mib, base,"
-                " project, vm_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " project, vm_name, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (uid, name) DO UPDATE SET reclaim_policy = excluded.reclaim_policy,"
                 " size_mib = excluded.size_mib, base = excluded.base",
                 (
@@ -133,6 +144,7 @@ class Allocations:
                     disk.base,
                     owner.project if owner else None,
                     owner.vm_name if owner else None,
+                    self._host,
                 ),
             )
 
@@ -146,9 +158,9 @@ class Allocations:
             found = await conn.fetchone(
                 "SELECT uid, name, path, reclaim_policy, size_mib, base, project, vm_name,"
                 " uid IN (SELECT uid FROM vms) FROM disks"
-                " WHERE project = ? AND vm_name = ? AND name = ? AND uid != ?"
+                " WHERE project = ? AND vm_name = ? AND name = ? AND uid != ? AND host = ?"
                 " AND reclaim_policy = 'Retain' ORDER BY created_at LIMIT 1",
-                (owner.project, owner.vm_name, name, uid),
+                (owner.project, owner.vm_name, name, uid, self._host),
             )
             if found is None:
                 return None
@@ -158,17 +170,25 @@ class Allocations:
                     f"disk {name!r} is retained by the deleted VM {owner.vm_name!r} ({row.uid}),"
                     " which is still being torn down"
                 )
-            await conn.execute("DELETE FROM disks WHERE uid = ? AND name = ?", (uid, name))
-            await conn.execute("UPDATE disks SET uid = ? WHERE uid = ? AND name = ?", (uid, row.uid, name))
+            await conn.execute(
+                "DELETE FROM disks WHERE uid = ? AND name = ? AND host = ?", (uid, name, self._host)
+            )
+            await conn.execute(
+                "UPDATE disks SET uid = ? WHERE uid = ? AND name = ? AND host = ?",
+                (uid, row.uid, name, self._host),
+            )
         return DiskRow(uid, name, row.path, row.reclaim_policy, row.size_mib, row.base, row.owner)
 
     async def set_disk_size(self, uid: str, name: str, size_mib: int) -> None:
         async with self._db.write() as conn:
             await conn.execute(
-                "UPDATE disks SET size_mib = ? WHERE uid = ? AND name = ?", (size_mib, uid, name)
+                "UPDATE disks SET size_mib = ? WHERE uid = ? AND name = ? AND host = ?",
+                (size_mib, uid, name, self._host),
             )
 
     async def forget_disk(self, uid: str, name: str) -> None:
         """Forget a disk after its file is gone. Idempotent."""
         async with self._db.write() as conn:
-            await conn.execute("DELETE FROM disks WHERE uid = ? AND name = ?", (uid, name))
+            await conn.execute(
+                "DELETE FROM disks WHERE uid = ? AND name = ? AND host = ?", (uid, name, self._host)
+            )

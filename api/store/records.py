@@ -50,6 +50,9 @@ class VMRecord:
     spec_trace: str | None = None
     # Imperative stop/start/restart requests (api/types.py RunOverride), as stored.
     override: dict[str, Any] | None = None
+    # The host it is placed on (None: not yet) and why it is not placed, from the scheduler.
+    host: str | None = None
+    scheduling: str | None = None
 
     @property
     def run_override(self) -> RunOverride | None:
@@ -81,7 +84,9 @@ def render_status(record: VMRecord) -> QemuVMStatus:
     the store supplies that condition until the controller reports its own.
     """
     status = QemuVMStatus.model_validate(record.status) if record.status else QemuVMStatus()
-    status = status.model_copy(update={"override": record.run_override})
+    status = status.model_copy(update={"override": record.run_override, "host": record.host})
+    if record.scheduling is not None:
+        status = status.model_copy(update={"conditions": (*status.conditions, _placement_condition(record))})
     if any(condition.type == "Valid" for condition in status.conditions) and record.status:
         return status
     valid = Condition(
@@ -93,6 +98,19 @@ def render_status(record: VMRecord) -> QemuVMStatus:
     )
     phase = Phase.INVALID if record.spec_error else status.phase
     return status.model_copy(update={"conditions": (valid, *status.conditions), "phase": phase})
+
+
+def _placement_condition(record: VMRecord) -> Condition:
+    """The scheduler's note (docs/multi-host.md): Scheduled=False with why no host takes an
+    unplaced VM; HostReady=False when the host of a placed one is lost (its status is stale)."""
+    placed = record.host is not None
+    return Condition(
+        type="HostReady" if placed else "Scheduled",
+        status=ConditionStatus.FALSE,
+        reason="HostLost" if placed else "Unschedulable",
+        message=record.scheduling or "",
+        last_transition_time=record.spec_changed_at,
+    )
 
 
 class StatusConflict(Exception):

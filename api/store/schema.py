@@ -184,6 +184,50 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (project, kind, name)
     );
     """,
+    """
+    -- Several hosts on one store (docs/multi-host.md). A host is a controller's machine: what it
+    -- offers, whether it takes new VMs, and its lease, renewed with the database's clock.
+    CREATE TABLE hosts (
+        name             TEXT PRIMARY KEY,
+        labels           TEXT NOT NULL,     -- JSON object, from --host-labels
+        cpus             INTEGER NOT NULL,
+        memory_mib       INTEGER NOT NULL,
+        ports            INTEGER NOT NULL,  -- how many ports its port range holds
+        cordoned         INTEGER NOT NULL DEFAULT 0,
+        registered_at    TEXT NOT NULL,
+        lease_renewed_at TEXT NOT NULL,     -- the database's clock (ISO 8601)
+        lease_seconds    DOUBLE PRECISION NOT NULL, -- the host's own host_lease_seconds
+        epoch            INTEGER NOT NULL   -- +1 at every registration: for fencing, later
+    );
+    -- Leases that elect one holder among processes, e.g. the one scheduler.
+    CREATE TABLE leases (
+        name          TEXT PRIMARY KEY,
+        holder        TEXT NOT NULL,
+        renewed_at    TEXT NOT NULL,        -- the database's clock
+        lease_seconds DOUBLE PRECISION NOT NULL
+    );
+    -- Where a VM runs (NULL: not placed yet), for its whole life; why it is not placed yet.
+    ALTER TABLE vms ADD COLUMN host TEXT;
+    ALTER TABLE vms ADD COLUMN scheduling TEXT;
+    CREATE INDEX vms_by_host ON vms(host);
+    -- Ports and disks are a host's: the same port may be held on two hosts. Rows written before
+    -- hosts existed have host '' until their one controller adopts them.
+    CREATE TABLE port_allocations_by_host (
+        host       TEXT NOT NULL DEFAULT '',
+        uid        TEXT NOT NULL,
+        protocol   TEXT NOT NULL,
+        guest_port INTEGER NOT NULL,
+        host_port  INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (uid, protocol, guest_port),
+        UNIQUE (host, protocol, host_port)
+    );
+    INSERT INTO port_allocations_by_host (host, uid, protocol, guest_port, host_port, created_at)
+        SELECT '', uid, protocol, guest_port, host_port, created_at FROM port_allocations;
+    DROP TABLE port_allocations;
+    ALTER TABLE port_allocations_by_host RENAME TO port_allocations;
+    ALTER TABLE disks ADD COLUMN host TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 

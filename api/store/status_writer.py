@@ -22,6 +22,10 @@ from api.store.records import StatusConflict as StatusConflict
 from api.store.vms import VM_COLUMNS, VMRecord, decode_vm_row
 from api.store.watch import bury
 
+# The objects a host's controller reconciles: those placed on it, and the unplaced ones that need
+# no host (being deleted, or with a spec that cannot run), which any controller may settle.
+MINE = "(host = ? OR (host IS NULL AND (deleted_at IS NOT NULL OR spec_error IS NOT NULL)))"
+
 
 @dataclass(slots=True)
 class _PendingWrite:
@@ -31,8 +35,11 @@ class _PendingWrite:
 
 
 class VMStatusWriter:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, host: str | None = None) -> None:
+        """`host`: see only the objects that host's controller reconciles (None: every object)."""
         self._db = db
+        self._mine = "" if host is None else f" AND {MINE}"
+        self._mine_params: tuple[str, ...] = () if host is None else (host,)
         self._events = EventLog(db)
         self._pending: dict[str, _PendingWrite] = {}
         self._flush_lock = asyncio.Lock()
@@ -41,12 +48,19 @@ class VMStatusWriter:
         self.written_versions: dict[str, int] = {}
 
     async def get(self, uid: str) -> VMRecord | None:
-        rows = await self._db.read(f"SELECT {VM_COLUMNS} FROM vms WHERE uid = ?", (uid,))  # noqa: S608
+        rows = await self._db.read(
+            f"SELECT {VM_COLUMNS} FROM vms WHERE uid = ?{self._mine}",  # noqa: S608
+            (uid, *self._mine_params),
+        )
         return decode_vm_row(rows[0]) if rows else None
 
     async def versions(self) -> dict[str, int]:
         """Every object's uid and resourceVersion: what change detection compares."""
-        return {row[0]: row[1] for row in await self._db.read("SELECT uid, resource_version FROM vms")}
+        rows = await self._db.read(
+            f"SELECT uid, resource_version FROM vms WHERE TRUE{self._mine}",  # noqa: S608
+            self._mine_params,
+        )
+        return {row[0]: row[1] for row in rows}
 
     async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
         """Store `status` for `uid` unless it is unchanged. Returns whether it wrote.

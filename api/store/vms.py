@@ -23,7 +23,8 @@ from api.types import RunOverride
 
 VM_COLUMNS = (
     "uid, project, name, generation, spec, spec_error, labels, address, created_at,"
-    " spec_changed_at, deleted_at, state_serial, status, resource_version, spec_trace, override"
+    " spec_changed_at, deleted_at, state_serial, status, resource_version, spec_trace, override,"
+    " host, scheduling"
 )
 
 
@@ -313,4 +314,6 @@ def decode_vm_row(row: Any) -> VMRecord:
         resource_version=row[13],
         spec_trace=row[14],
         override=json.loads(row[15]) if row[15] else None,
+        host=row[16],
+        scheduling=row[17],
     )

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 
 from opentelemetry import trace
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import HOST_NAME, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -35,13 +35,15 @@ class TracingConfigError(ValueError):
 
 
 def configure_tracing(
-    *, otlp_endpoint: str | None = None, environ: Mapping[str, str] = os.environ
+    *, otlp_endpoint: str | None = None, environ: Mapping[str, str] = os.environ, host_name: str | None = None
 ) -> TracerProvider:
     """Install the process's TracerProvider (once per process) and return it for shutdown.
 
+    `host_name`: a controller's host (docs/multi-host.md), as the resource attribute `host.name`.
+
     :raise TracingConfigError: an unknown exporter or protocol.
     """
-    provider = TracerProvider(resource=service_resource(environ))
+    provider = TracerProvider(resource=service_resource(environ, host_name=host_name))
     for exporter in span_exporters(otlp_endpoint, environ):
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
@@ -69,11 +71,15 @@ def span_context_of(traceparent: str | None) -> trace.SpanContext | None:
     return context if context.is_valid else None
 
 
-def service_resource(environ: Mapping[str, str]) -> Resource:
+def service_resource(environ: Mapping[str, str], *, host_name: str | None = None) -> Resource:
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; attributes passed
-    # here would override them, so the default name is passed only when neither sets one.
-    named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    return Resource.create({} if named else {SERVICE_NAME: DEFAULT_SERVICE_NAME})
+    # here would override them, so the defaults are passed only when neither sets them.
+    configured = environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    named = "OTEL_SERVICE_NAME" in environ or "service.name=" in configured
+    attributes: dict[str, str] = {} if named else {SERVICE_NAME: DEFAULT_SERVICE_NAME}
+    if host_name is not None and "host.name=" not in configured:
+        attributes[HOST_NAME] = host_name
+    return Resource.create(attributes)
 
 
 def span_exporters(otlp_endpoint: str | None, environ: Mapping[str, str]) -> list[SpanExporter]:

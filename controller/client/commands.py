@@ -28,6 +28,7 @@ from controller.client.connection import (
     connect,
 )
 from controller.client.describe import describe_vm
+from controller.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
 from controller.client.instancetypes import TYPE_WORDS, get_types
 from controller.client.usage import add_usage_command
 
@@ -42,14 +43,14 @@ Clock = Callable[[], datetime]
 
 def add_client_commands(commands: Any) -> None:
     """Add the client subcommands to the `tofu-qemu` parser's subparsers."""
-    get = _client_parser(commands, "get", "list VMs, instance types or preferences (kubectl get)")
+    get = _client_parser(commands, "get", "list VMs, hosts, instance types or preferences (kubectl get)")
     get.add_argument(
         "resource",
-        choices=VM_RESOURCES + TYPE_WORDS,
+        choices=(*VM_RESOURCES, *HOST_RESOURCES, *TYPE_WORDS),
         metavar="vms",
-        help="vm, vms, qemuvm, qemuvms or qvm; instancetypes; preferences",
+        help="vm, vms, qemuvm, qemuvms or qvm; hosts; instancetypes; preferences",
     )
-    get.add_argument("name", nargs="?", help="one VM (else all)")
+    get.add_argument("name", nargs="?", help="one VM or host (else all)")
     get.add_argument("-l", "--selector", help="label selector, e.g. tier=web,env!=prod")
     get.add_argument("-o", "--output", choices=OUTPUTS, default="table")
     get.add_argument("-w", "--watch", action="store_true", help="print changes as they happen")
@@ -99,6 +100,7 @@ def add_client_commands(commands: Any) -> None:
     unlock.add_argument("--id", help="only if the lock has this ID (as `terraform force-unlock ID` checks)")
     unlock.set_defaults(client=_force_unlock)
     add_usage_command(commands, _client_parser, _print_document)
+    add_host_commands(commands, _client_parser)
 
 
 def run_client(
@@ -144,6 +146,9 @@ def _client_parser(
 def _get(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:
     if args.resource in TYPE_WORDS:
         get_types(connection, args, out)
+        return
+    if args.resource in HOST_RESOURCES:
+        get_hosts(connection, args, out, now(), _print_document)
         return
     if args.name is not None:
         vms = [_find_vm(connection, args.name, args.project)]

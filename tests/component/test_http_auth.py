@@ -25,7 +25,7 @@ MakeClient = Callable[[ServerSettings], Awaitable[Client]]
 LOCK_ID = "lock-id-1"
 LOCK_BODY = b'{"ID": "lock-id-1", "Operation": "OperationTypeApply", "Who": "alice@ci"}'
 # A value for every path placeholder; a route with a new placeholder fails here until it has one.
-SAMPLE_VALUES = {"project": "lab", "serial": "1", "name": "web"}
+SAMPLE_VALUES = {"project": "lab", "serial": "1", "name": "web", "host": "node-1"}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 

@@ -110,6 +110,19 @@ def test_service_name_defaults_to_tofu_qemu_unless_set(environ: dict[str, str], 
         assert service_resource(environ).attributes["service.name"] == expected
 
 
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [({}, "rack1-node2"), ({"OTEL_RESOURCE_ATTRIBUTES": "host.name=set-by-operator"}, "set-by-operator")],
+)
+def test_a_controllers_spans_carry_its_host_name(environ: dict[str, str], expected: str) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environ.items():
+            patch.setenv(name, value)
+        resource = service_resource(environ, host_name="rack1-node2")
+        assert resource.attributes["host.name"] == expected
+    assert "host.name" not in service_resource({}).attributes
+
+
 def test_a_stored_traceparent_round_trips_to_a_link_target() -> None:
     provider = TracerProvider()
     with provider.get_tracer("test").start_as_current_span("write") as span:

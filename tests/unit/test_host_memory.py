@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.host_memory import available_mib
+from controller.host_memory import available_mib, capacity_mib
 
 MIB = 1024 * 1024
 
@@ -68,3 +68,13 @@ def test_cgroup_v1_without_a_limit_is_ignored(tmp_path: Path) -> None:
 
 def test_nothing_readable_is_unknown(tmp_path: Path) -> None:
     assert available_mib(tmp_path / "no-proc", tmp_path / "no-cgroup") is None
+
+
+def test_the_capacity_a_host_registers_is_mem_total_or_the_cgroup_limit(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, available_kib=1024, cgroup="0::/\n")
+    root = tmp_path / "cg"
+    cgroup_files(root, {"memory.max": "max\n", "memory.current": "1\n", "memory.stat": ""})
+    assert capacity_mib(proc, root) == 99999999 // 1024
+    cgroup_files(root, {"memory.max": f"{512 * MIB}\n"})
+    # The limit, not what is left under it: what the VMs placed here may add up to.
+    assert capacity_mib(proc, root) == 512

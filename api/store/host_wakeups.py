@@ -1,0 +1,46 @@
+"""Waking the right controller when a VM is placed on (or drained from) its host, on PostgreSQL.
+
+Every commit already wakes every process through the change feed (api/store/postgres.py), and
+each controller then reads its own list within a second. A placement also sends
+`NOTIFY tofu_qemu_placements, 'HOST UID'` in its transaction (delivered at commit), and each
+controller LISTENs on a dedicated connection of its own for its host's name, queueing the VM at
+once. The change feed and the resync stay the safety nets: a notification lost while a
+listener reconnects costs at most their delay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import psycopg
+from psycopg import sql
+
+from api.store.postgres import CONNECT_TIMEOUT_SECONDS
+from api.store.sql import Dialect, Transaction
+
+PLACEMENTS_CHANNEL = "tofu_qemu_placements"
+
+
+async def notify_placed(conn: Transaction, dialect: Dialect, placed: Iterable[tuple[str, str]]) -> None:
+    """Inside a write transaction: tell host's controller of each (host, uid) at commit.
+    SQLite has one controller, woken in-process by the commit itself."""
+    if dialect is not Dialect.POSTGRESQL:
+        return
+    for host, uid in placed:
+        await conn.execute("SELECT pg_notify(?, ?)", (PLACEMENTS_CHANNEL, f"{host} {uid}"))
+
+
+async def listen_for_placements(url: str, host: str, wake: Callable[[str], None]) -> None:
+    """Call `wake(uid)` for every VM placed on or drained from `host`, until cancelled.
+
+    :raise psycopg.Error: the connection failed or was lost (the caller retries with backoff).
+    """
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
+    ) as connection:
+        await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PLACEMENTS_CHANNEL)))
+        async for notice in connection.notifies():
+            target, _, uid = notice.payload.partition(" ")
+            if target == host and uid:
+                wake(uid)
+    raise psycopg.OperationalError("the placements listener's connection ended")
