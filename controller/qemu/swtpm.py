@@ -69,11 +69,14 @@ class Swtpm:
         tpm = tpm_paths(paths)
         directory = Path(tpm.directory)
         state = directory / TPM_STATE_DIR_NAME
-        if not persistent:
-            await asyncio.to_thread(shutil.rmtree, state, True)
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            (directory / TPM_SOCKET_NAME).unlink()
+        try:
+            if not persistent:
+                await asyncio.to_thread(shutil.rmtree, state, True)
+            state.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileNotFoundError):
+                (directory / TPM_SOCKET_NAME).unlink()
+        except OSError as err:
+            raise TpmFailed(f"the TPM state dir {state}: {err.strerror}") from err
         argv = swtpm_argv()
         try:
             child = await asyncio.to_thread(
