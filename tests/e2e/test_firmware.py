@@ -33,7 +33,6 @@ import pytest
 from controller.qemu.firmware import OVMF_DIR, OVMF_VARS
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
-    GUEST_BOOT_TIMEOUT,
     ServerProcess,
     VmHost,
     condition,
@@ -55,9 +54,9 @@ KERNEL = {
     "cmdline": "no_timer_check",
 }
 FORWARD = {"forwards": [{"guestPort": 80}]}
-# OVMF costs several times the CPU of SeaBIOS under TCG (docs/firmware.md); on a shared 2-core
-# host at nice 10 a UEFI boot may take minutes of wall time.
-FIRMWARE_BOOT_TIMEOUT = 4 * GUEST_BOOT_TIMEOUT
+# OVMF (and a TPM) cost about twice the CPU of SeaBIOS under TCG (docs/firmware.md#cost); on a
+# shared 2-core host at nice 10 and load 20, a UEFI boot took minutes of wall time.
+FIRMWARE_BOOT_TIMEOUT = 600.0
 VM_PATH = f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms"
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 # EDK2's variable store: the firmware volume header's length, then a 28-byte store header, then
