@@ -17,7 +17,6 @@ from controller.actions import Action, AttachTpm, PrepareNvram, StartTpm, StopTp
 from controller.model import Desired, Observed, TpmObservation
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.firmware import (
-    NVRAM_NAMES,
     OVMF_DIR,
     Ovmf,
     machine_options,
@@ -130,8 +129,3 @@ def lost_tpm(spec: QemuVMSpec, observed: Observed) -> str:
     if spec.tpm is not None and observed.process is not None and observed.tpm is None:
         return "its swtpm is gone, so the guest lost its TPM: restarting"
     return ""
-
-
-def owned_names() -> frozenset[str]:
-    """Every ledger name the firmware may hold, for code that tells disks and NVRAM apart."""
-    return NVRAM_NAMES

@@ -29,7 +29,6 @@ OVMF_SECURE_VARS = "OVMF_VARS_4M.ms.fd"
 # variables without the keys (the old file is released like a disk the spec no longer names).
 NVRAM_NAME = "nvram.fd"
 SECURE_NVRAM_NAME = "nvram.ms.fd"
-NVRAM_NAMES = frozenset({NVRAM_NAME, SECURE_NVRAM_NAME})
 
 SWTPM_BINARY = "swtpm"
 TPM_DIR_NAME = "tpm"
