@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import PurePath
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from api.types import Accel, QemuVMSpec, ReclaimPolicy, describe_validation_error
+from api.types import Accel, QemuVMSpec, QemuVMStatus, ReclaimPolicy, describe_validation_error
 from controller.actions import (
     Action,
     AttachTpm,
@@ -22,6 +23,7 @@ from controller.actions import (
     StartTpm,
     StopTpm,
 )
+from controller.events import events_for
 from controller.model import (
     Desired,
     DiskRecord,
@@ -303,3 +305,19 @@ def test_the_digest_changes_with_the_firmware_so_a_running_vm_restarts() -> None
     assert argv_digest(bios_argv) != argv_digest(uefi_argv)
     decided = decide(uefi, running(bios, disks={NVRAM_NAME: NVRAM}))
     assert decided.intent is Intent.RESTARTING
+
+
+def test_making_the_nvram_is_told_as_a_disk_event() -> None:
+    vm = desired(firmware=UEFI)
+    made = PrepareNvram(
+        NVRAM_NAME, OVMF_DIR / "OVMF_VARS_4M.fd", DISKS / NVRAM_NAME, ReclaimPolicy.DELETE, "lab", "efi"
+    )
+    retained = replace(made, reclaim_policy=ReclaimPolicy.RETAIN)
+    events = events_for(vm, QemuVMStatus(), QemuVMStatus(), (made, retained), None)
+    assert [(event.reason, event.message) for event in events] == [
+        ("DiskCreated", "NVRAM 'nvram.fd': a copy of OVMF_VARS_4M.fd"),
+        (
+            "DiskCreated",
+            "NVRAM 'nvram.fd': the retained NVRAM of this VM name, or else a copy of OVMF_VARS_4M.fd",
+        ),
+    ]
