@@ -101,7 +101,7 @@ class Swtpm:
     async def stop(self, uid: str, paths: RuntimePaths) -> None:
         watch = self._watched.get(uid)
         record = watch.record if watch is not None else process.read_launch_record(tpm_paths(paths))
-        if record is not None:
+        if record is not None and _running(record):
             process.send_signal(record, signals.SIGTERM)
             if not await self._gone_within(record, STOP_SECONDS):
                 process.send_signal(record, signals.SIGKILL)
@@ -162,8 +162,14 @@ class Swtpm:
 
     async def _gone_within(self, record: process.LaunchRecord, seconds: float) -> bool:
         deadline = self._clock.monotonic() + seconds
-        while process.is_alive_and_ours(record):
+        while _running(record):
             if self._clock.monotonic() > deadline:
                 return False
             await asyncio.sleep(_POLL_SECONDS)
         return True
+
+
+def _running(record: process.LaunchRecord) -> bool:
+    """swtpm, or its supervisor, which holds the TPM dir's lock until it has recorded the exit: a
+    new swtpm can start only once both are gone."""
+    return process.is_alive_and_ours(record) or process.supervisor_alive(record)
