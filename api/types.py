@@ -337,6 +337,29 @@ class NetworkSpec(_Model):
         return self
 
 
+class FirmwareType(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class FirmwareSpec(_Model):
+    """The guest's firmware: SeaBIOS, or OVMF (UEFI) with a per-VM NVRAM vars file (docs/firmware.md)."""
+
+    type: FirmwareType = FirmwareType.BIOS
+    secure_boot: bool = Field(
+        default=False, description="OVMF's secure-boot build with Microsoft's keys enrolled; needs q35"
+    )
+    reclaim_policy: ReclaimPolicy = Field(
+        default=ReclaimPolicy.DELETE, description="What happens to the NVRAM vars file when the VM is deleted"
+    )
+
+
+class TpmSpec(_Model):
+    """A TPM 2.0 emulated by a per-VM swtpm."""
+
+    persistent: bool = Field(default=False, description="Keep the TPM's state across restarts of the VM")
+
+
 class CloudInitSpec(_Model):
     """A NoCloud seed (a `cidata` CD-ROM) for images that run cloud-init."""
 
@@ -406,6 +429,8 @@ class QemuVMSpec(_Model):
     )
     network: NetworkSpec = NetworkSpec()
     cloud_init: CloudInitSpec | None = None
+    firmware: FirmwareSpec = FirmwareSpec()
+    tpm: TpmSpec | None = None
     stop_timeout: Seconds = Field(default=30, description='seconds, or a duration like "2m"')
     # Pause (docs/controller.md): not part of argv, so changing it restarts nothing.
     start_strategy: StartStrategy = Field(
@@ -434,6 +459,23 @@ class QemuVMSpec(_Model):
         duplicates = sorted({name for name in disk_names if disk_names.count(name) > 1})
         if duplicates:
             raise ValueError(f"disk names must be unique: {', '.join(duplicates)} repeated")
+        return self
+
+    @model_validator(mode="after")
+    def _firmware_fits_the_machine(self) -> QemuVMSpec:
+        """Combinations QEMU or OVMF cannot run, named in one message (a Valid=False condition)."""
+        problems = []
+        uefi = self.firmware.type is FirmwareType.UEFI
+        if self.firmware.secure_boot and not uefi:
+            problems.append("firmware.secureBoot needs firmware.type uefi")
+        if self.firmware.secure_boot and self.machine is not Machine.Q35:
+            problems.append(f"firmware.secureBoot needs machine q35 (SMM), not {self.machine.value}")
+        elif uefi and self.machine is Machine.MICROVM:
+            problems.append("firmware.type uefi needs machine q35: microvm has no flash for OVMF")
+        if self.tpm is not None and self.machine is Machine.MICROVM:
+            problems.append("tpm needs machine q35: microvm has no TPM interface")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from api.images import RemoteImage
-from api.types import DiskSpec
+from api.types import DiskSpec, ReclaimPolicy
 from controller.model import PortKey
 
 
@@ -75,6 +75,39 @@ class WriteSeed:
     path: PurePath
     # (file name, content) pairs, sorted by name.
     files: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareNvram:
+    """Copy OVMF's vars `template` to `path`, the VM's NVRAM, recorded in the disk ledger as
+    `name` (or adopt the retained NVRAM of a gone VM of the same name). Legal before spawning."""
+
+    name: str
+    template: PurePath
+    path: PurePath
+    reclaim_policy: ReclaimPolicy
+    project: str
+    vm_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartTpm:
+    """Start the VM's swtpm (ending one left over first), and return once its socket listens.
+    Without `persistent`, the TPM's state is wiped first. Legal only when no QEMU of it runs."""
+
+    persistent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AttachTpm:
+    """Watch `pid`, the VM's live swtpm nobody watches yet (found after a controller restart)."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopTpm:
+    """End the VM's swtpm. Legal only when no QEMU of it runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +203,10 @@ Action = (
     | GrowDisk
     | DeleteDisk
     | WriteSeed
+    | PrepareNvram
+    | StartTpm
+    | AttachTpm
+    | StopTpm
     | Spawn
     | Continue
     | Pause

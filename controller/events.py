@@ -30,6 +30,7 @@ from controller.actions import (
     GrowDisk,
     Kill,
     KillLost,
+    PrepareNvram,
     Quit,
     RequestPowerdown,
     Spawn,
@@ -108,6 +109,11 @@ def _action_event(action: Action, after: QemuVMStatus) -> VMEvent | None:
                 made = f"the retained disk of this name, or else {made}"
             size = f", {disk.size} MiB" if disk.size is not None else ""
             return VMEvent("DiskCreated", f"disk {disk.name!r}: {made}{size}")
+        case PrepareNvram(name=name, template=template, reclaim_policy=policy):
+            made = f"a copy of {template.name}"
+            if policy is ReclaimPolicy.RETAIN:
+                made = f"the retained NVRAM of this VM name, or else {made}"
+            return VMEvent("DiskCreated", f"NVRAM {name!r}: {made}")
         case GrowDisk(name=name, size_mib=size_mib):
             return VMEvent("DiskGrown", f"disk {name!r} grown to {size_mib} MiB")
         case DeleteDisk(name=name):

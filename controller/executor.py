@@ -20,6 +20,7 @@ from controller.actions import (
     Action,
     AllocatePorts,
     Attach,
+    AttachTpm,
     CleanRuntime,
     Continue,
     CreateDisk,
@@ -30,21 +31,26 @@ from controller.actions import (
     Kill,
     KillLost,
     Pause,
+    PrepareNvram,
     Quit,
     RecordExit,
     ReleasePorts,
     RemoveRuntimeDir,
     RequestPowerdown,
     Spawn,
+    StartTpm,
+    StopTpm,
     Unpause,
     WriteSeed,
 )
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
 from controller.faults import CrashPoint, crash_point
+from controller.firmware import TpmEmulators, TpmFailed
 from controller.hypervisor import AlreadyRunning, CommandRefused, CommandUnanswered, Hypervisor
 from controller.qemu.argv import RuntimePaths
 from controller.resources.disks import DiskBusy, DiskError, DiskManager
+from controller.resources.nvram import NvramManager
 from controller.resources.ports import PortAllocator, PortUnavailable
 from controller.telemetry import TRACER, BootSpans
 
@@ -66,7 +72,11 @@ class Executor:
         clock: Clock,
         boots: BootSpans,
         images: ImageFetcher | None = None,
+        nvram: NvramManager | None = None,
+        tpms: TpmEmulators | None = None,
     ) -> None:
+        self._nvram = nvram
+        self._tpms = tpms
         self._images = images
         self._boots = boots
         self._hypervisor = hypervisor
@@ -122,6 +132,8 @@ class Executor:
                 await self._disks.delete(uid, name, Path(path))
             case WriteSeed(path=path, files=files):
                 await self._hypervisor.write_seed(path, dict(files))
+            case PrepareNvram() | StartTpm() | AttachTpm() | StopTpm():
+                await self._firmware(uid, paths, action)
             case Spawn(argv=argv, digest=digest):
                 await self._spawn(uid, paths, argv, digest)
             case Continue() | Unpause():
@@ -148,6 +160,33 @@ class Executor:
                 await self._objects.finalize(uid)
             case _:
                 assert_never(action)
+
+    async def _firmware(
+        self, uid: str, paths: RuntimePaths, action: PrepareNvram | StartTpm | AttachTpm | StopTpm
+    ) -> None:
+        """The NVRAM and the swtpm (docs/firmware.md)."""
+        if isinstance(action, PrepareNvram):
+            if self._nvram is None:
+                raise TerminalError("this controller keeps no NVRAM files")
+            try:
+                await self._nvram.prepare(uid, action)
+            except DiskBusy as err:
+                raise TransientError(str(err)) from err
+            except DiskError as err:
+                raise TerminalError(str(err)) from err
+            return
+        if self._tpms is None:
+            raise TerminalError("this controller runs no swtpm")
+        match action:
+            case StartTpm(persistent=persistent):
+                try:
+                    await self._tpms.start(uid, paths, persistent=persistent)
+                except TpmFailed as err:
+                    raise TransientError(str(err)) from err
+            case AttachTpm(pid=pid):
+                await self._tpms.attach(uid, paths, pid)
+            case StopTpm():
+                await self._tpms.stop(uid, paths)
 
     async def _spawn(self, uid: str, paths: RuntimePaths, argv: tuple[str, ...], digest: str) -> None:
         """Start QEMU and return once it is watched; an early exit is recorded, not raised."""
@@ -190,6 +229,10 @@ _SPAN_NAMES: dict[type[Action], str] = {
     GrowDisk: "disk grow",
     DeleteDisk: "disk delete",
     WriteSeed: "cloud-init seed",
+    PrepareNvram: "nvram prepare",
+    StartTpm: "tpm start",
+    AttachTpm: "tpm attach",
+    StopTpm: "tpm stop",
     Spawn: "spawn",
     Kill: "kill",
     KillLost: "kill",

@@ -41,10 +41,12 @@ from controller.qemu import process
 from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
 from controller.qemu.runtime import Runtime
+from controller.qemu.swtpm import Swtpm
 from controller.queue import Backoff, QueueShutDown, WorkQueue
 from controller.quota_gate import QuotaGate
 from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
+from controller.resources.nvram import NvramManager
 from controller.resources.ports import PortAllocator
 from controller.resync_inputs import IncrementalResync
 from controller.settings import ControllerSettings
@@ -129,6 +131,7 @@ class Controller:
                 exit_detected=self._metrics.vm_exit_detect_seconds.observe,
             )
             boots = BootSpans(self._metrics)
+            tpms = Swtpm(clock=self._clock, wake=self.queue.add)
             images = ImageCache(
                 images_dir=self._layout.images_dir,
                 sources=ImageSources(self._db),
@@ -149,6 +152,8 @@ class Controller:
                 clock=self._clock,
                 boots=boots,
                 images=images,
+                nvram=NvramManager(self._allocations),
+                tpms=tpms,
             )
             instance_types = InstanceTypeCatalog.of(self._db, self._settings)
             reconciler = Reconciler(
@@ -179,6 +184,7 @@ class Controller:
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
                 events=self.events,
                 instance_types=instance_types,
+                tpms=tpms,
             )
             grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
             sources = [
@@ -240,6 +246,7 @@ class Controller:
                 source.cancel()
             await images.close()
             await runtime.close()
+            await tpms.close()
 
     def _usage_sampler(self, runtime: Runtime) -> UsageSampler:
         def running() -> dict[str, int]:

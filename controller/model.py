@@ -84,6 +84,15 @@ class ProcessObservation:
 
 
 @dataclass(frozen=True, slots=True)
+class TpmObservation:
+    """The VM's live swtpm, proven ours by its launch record and /proc (controller/qemu/swtpm.py)."""
+
+    pid: int
+    # Its exit wakes the VM: false for one found after a controller restart, until attached.
+    watched: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ExitObservation:
     """An exit recorded in the runtime dir by the process watcher."""
 
@@ -162,6 +171,10 @@ class Observed:
     host_memory_available_mib: int | None = None
     # The disks dir's filesystem, looked at when the spec has sized disks (None: unknown).
     storage: Storage | None = None
+    # Firmware and TPM (docs/firmware.md): the live swtpm, and OVMF files that are not there
+    # (looked at only when no process runs).
+    tpm: TpmObservation | None = None
+    missing_firmware: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

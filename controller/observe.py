@@ -14,7 +14,7 @@ from typing import Protocol
 from api.images import CachedImage, LocalImage, RemoteImage
 from api.store.contracts import AllocationLedger
 from api.types import QemuVMSpec
-from controller import host_memory
+from controller import firmware, host_memory
 from controller.hypervisor import Hypervisor, ProcessView
 from controller.layout import image_problem
 from controller.model import DiskRecord, ImageLookup, ImageState, Observed
@@ -39,9 +39,11 @@ async def observe(
     images: ImageLookups | None = None,
     expect_process: bool = False,
     disks_root: Path | None = None,
+    tpms: firmware.TpmEmulators | None = None,
 ) -> Observed:
     """`expect_process`: status names a pid, so a process missing from the records is looked for.
-    `disks_root`: where disks are made, whose free space is read when the spec sizes disks."""
+    `disks_root`: where disks are made, whose free space is read when the spec sizes disks.
+    `tpms`: the swtpm processes, looked at for every VM (a stray one is ended)."""
     view = await hypervisor.inspect(uid, paths, expect_process=expect_process)
     ports, disk_rows = await allocations.held_by(uid)
     disks = {
@@ -64,6 +66,8 @@ async def observe(
         storage=filesystem_space(disks_root)
         if disks_root is not None and spec is not None and any(disk.size for disk in spec.disks)
         else None,
+        tpm=await tpms.inspect(uid, paths) if tpms is not None else None,
+        missing_firmware=_missing_firmware(spec) if idle else (),
     )
     return with_process(ledger, view)
 
@@ -109,6 +113,13 @@ def _bases(
                 ImageState.MISSING, reason="ImageNotFound", message="this controller has no image cache"
             )
     return bases
+
+
+def _missing_firmware(spec: QemuVMSpec | None) -> tuple[str, ...]:
+    """OVMF files the spec needs that are not on this host."""
+    if spec is None:
+        return ()
+    return tuple(str(path) for path in firmware.wanted_files(spec) if not Path(path).is_file())
 
 
 def _missing_images(spec: QemuVMSpec | None, images_dir: Path) -> tuple[str, ...]:

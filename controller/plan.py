@@ -15,6 +15,7 @@ from pathlib import PurePath
 
 from api.images import RemoteImage
 from api.types import Accel, QemuVMSpec, ReclaimPolicy, RunStrategy
+from controller import firmware
 from controller.actions import (
     Action,
     AllocatePorts,
@@ -197,7 +198,20 @@ def plan(
             requeue_after=IMAGE_RECHECK,
             detail=detail,
         )
-    prepare = _prepare(desired, spec, observed)
+    if process is None and observed.missing_firmware:
+        detail = firmware.missing_firmware_detail(observed)
+        return Plan(
+            Intent.WAITING_FOR_IMAGES,
+            memory,
+            _hold_nothing(observed),
+            requeue_after=IMAGE_RECHECK,
+            detail=detail,
+            reason="FirmwareNotFound",
+        )
+    prepare = (
+        *_prepare(desired, spec, observed),
+        *firmware.prepare_nvram(desired, spec, observed, context.disks_dir),
+    )
     if prepare:
         return Plan(Intent.PREPARING, memory, prepare, again=True)
     seed = _seed(desired, spec, context)
@@ -219,6 +233,8 @@ def _look_after(observed: Observed, memory: Memory) -> Plan | None:
         return Plan(Intent.ADOPTING, memory, (Attach(observed.process.pid),), again=True)
     if observed.unrecorded_exit_pid is not None:
         return Plan(Intent.ADOPTING, memory, (RecordExit(observed.unrecorded_exit_pid),), again=True)
+    if adopt_tpm := firmware.adopt_tpm(observed):
+        return Plan(Intent.ADOPTING, memory, adopt_tpm, again=True)
     return None
 
 
@@ -270,7 +286,7 @@ def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now:
     if observed.process is not None:
         stop_timeout = timedelta(seconds=desired.spec.stop_timeout) if desired and desired.spec else None
         return _stop_process(observed.process, memory, stop_timeout, now, Intent.DELETING, "deleting")
-    actions: list[Action] = []
+    actions: list[Action] = [*firmware.stray_tpm(observed)]
     if observed.ports:
         actions.append(ReleasePorts(tuple(sorted(observed.ports))))
     actions += [
@@ -364,6 +380,7 @@ def _seed(desired: Desired, spec: QemuVMSpec, context: LaunchContext) -> WriteSe
 def _argv(
     desired: Desired, spec: QemuVMSpec, observed: Observed, context: LaunchContext, seed: WriteSeed | None
 ) -> tuple[str, ...]:
+    machine_options, platform = firmware.launch_pieces(spec, observed, context.disks_dir)
     inputs = LaunchInputs(
         uid=desired.uid,
         name=desired.name,
@@ -379,6 +396,8 @@ def _argv(
         host_ports=dict(observed.ports),
         forward_address=context.forward_address,
         seed_path=seed.path if seed is not None else None,
+        machine_options=machine_options,
+        platform=platform,
     )
     return build_argv(spec, inputs)
 
@@ -414,6 +433,9 @@ def _keep_running(
     if not process.runtime_intact and now - process.started_at >= QMP_STARTUP_GRACE:
         # QEMU creates its socket at start; one removed later cannot come back.
         return _kill(process, memory, Intent.RESTARTING, "its runtime dir or QMP socket was removed")
+    lost_tpm = firmware.lost_tpm(spec, observed)
+    if lost_tpm and process.qmp in (QmpState.RUNNING, QmpState.PAUSED):
+        return _stop(process, memory, spec, now, Intent.RESTARTING, lost_tpm)
     step = run_state_step(desired, spec, process, memory, now=now)
     if step is not None:
         requeue = None if step.again else context.liveness_period
@@ -468,6 +490,7 @@ def _start(
         *_release_unused(spec, observed),
         *grow,
         *((seed,) if seed is not None else ()),
+        *firmware.tpm_before_spawn(spec, observed),
         Spawn(argv, argv_digest(argv)),
     )
     return Plan(Intent.STARTING, memory, actions, again=True)
@@ -478,7 +501,7 @@ def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
     wanted_ports: set[PortKey] = {(forward.protocol, forward.guest_port) for forward in spec.network.forwards}
     unused_ports = tuple(sorted(key for key in observed.ports if key not in wanted_ports))
     actions: list[Action] = [ReleasePorts(unused_ports)] if unused_ports else []
-    wanted_disks = {disk.name for disk in spec.disks}
+    wanted_disks = {disk.name for disk in spec.disks} | firmware.nvram_held(spec)
     actions += [
         DeleteDisk(name, record.path)
         for name, record in sorted(observed.disks.items())
@@ -488,7 +511,7 @@ def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
 
 
 def _clean_if_stale(observed: Observed) -> tuple[Action, ...]:
-    return (CleanRuntime(),) if observed.has_stale_runtime else ()
+    return (*firmware.stray_tpm(observed), *((CleanRuntime(),) if observed.has_stale_runtime else ()))
 
 
 def _hold_nothing(observed: Observed) -> tuple[Action, ...]:

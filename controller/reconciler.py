@@ -31,18 +31,23 @@ from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
 from controller.actions import (
     Action,
     AllocatePorts,
+    AttachTpm,
     CreateDisk,
     DeleteDisk,
     Finalize,
     GrowDisk,
+    PrepareNvram,
     ReleasePorts,
     Spawn,
+    StartTpm,
+    StopTpm,
 )
 from controller.admission import Admission
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
 from controller.events import VMEvent, events_for
 from controller.executor import Executor
+from controller.firmware import TpmEmulators
 from controller.hypervisor import Hypervisor
 from controller.instancetypes import (
     InstanceTypeSource,
@@ -62,6 +67,8 @@ from controller.telemetry import BootSpans
 log = structlog.get_logger(__name__)
 # The actions that change what the resource ledger holds (the rest change only the process).
 _LEDGER_ACTIONS = (AllocatePorts, ReleasePorts, CreateDisk, GrowDisk, DeleteDisk)
+# The NVRAM is in the ledger; the swtpm is observed with it.
+_FIRMWARE_ACTIONS = (PrepareNvram, StartTpm, AttachTpm, StopTpm)
 
 
 class AccelSource(Protocol):
@@ -153,12 +160,14 @@ class Reconciler:
         restarted: Callable[[str], None] = lambda _reason: None,
         events: EventSink | None = None,
         instance_types: InstanceTypeSource | None = None,
+        tpms: TpmEmulators | None = None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it;
         `shutting_down()` says whether the controller is stopping every VM before it exits;
         `events` gets what each reconcile did, as the VM's events."""
         self._events: EventSink = events or _NoEvents()
         self._instance_types: InstanceTypeSource = instance_types or NoInstanceTypes()
+        self._tpms = tpms
         self._forward_address = forward_address
         self._images = images
         self._shutting_down = shutting_down
@@ -289,7 +298,7 @@ class Reconciler:
         expect_process: bool,
     ) -> Observed:
         """Observe after acting: the ledger is read again only when an action changed it."""
-        if any(isinstance(action, _LEDGER_ACTIONS) for action in actions):
+        if any(isinstance(action, _LEDGER_ACTIONS + _FIRMWARE_ACTIONS) for action in actions):
             return await self._observe(uid, spec, expect_process=expect_process)
         paths = self._layout.runtime(uid)
         return with_process(
@@ -307,6 +316,7 @@ class Reconciler:
             images=self._images,
             expect_process=expect_process,
             disks_root=self._layout.disks_root,
+            tpms=self._tpms,
         )
 
     async def _record(self, desired: Desired, events: Sequence[VMEvent]) -> None:

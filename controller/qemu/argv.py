@@ -58,13 +58,15 @@ def free_argument(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RuntimePaths:
-    """Where one VM's runtime files live: DATA/run/<uid>/."""
+    """Where one VM's runtime files live: DATA/run/<uid>/ (and DATA/run/<uid>/tpm/ for its
+    swtpm, whose files are named after `program`)."""
 
     directory: PurePath
+    program: str = "qemu"
 
     @property
     def pidfile(self) -> PurePath:
-        return self.directory / "qemu.pid"
+        return self.directory / f"{self.program}.pid"
 
     @property
     def qmp_socket(self) -> PurePath:
@@ -76,7 +78,7 @@ class RuntimePaths:
 
     @property
     def stderr_log(self) -> PurePath:
-        return self.directory / "qemu.stderr"
+        return self.directory / f"{self.program}.stderr"
 
     @property
     def record(self) -> PurePath:
@@ -112,6 +114,9 @@ class LaunchInputs:
     forward_address: str = "127.0.0.1"
     # The cloud-init NoCloud seed ISO, when the spec has cloudInit.
     seed_path: PurePath | None = None
+    # OVMF's flash and the TPM (controller/qemu/firmware.py): appended to -machine, and argv.
+    machine_options: str = ""
+    platform: tuple[str, ...] = ()
 
 
 def mac_address(uid: str) -> str:
@@ -145,13 +150,21 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
     argv: list[str] = [QEMU_BINARY, "-nodefaults", "-no-user-config", "-S"]
     argv += ["-name", f"guest={option_value(inputs.name)},process={process_name(inputs.uid)}"]
     argv += ["-uuid", free_argument(inputs.uid)]
-    argv += ["-machine", spec.machine.value, "-accel", inputs.accel.value, "-cpu", "max"]
+    argv += [
+        "-machine",
+        spec.machine.value + inputs.machine_options,
+        "-accel",
+        inputs.accel.value,
+        "-cpu",
+        "max",
+    ]
     argv += ["-smp", str(spec.cpus), "-m", f"{spec.memory}M"]
     argv += ["-display", "none", "-pidfile", free_argument(str(runtime.pidfile))]
     argv += ["-chardev", f"socket,id=qmp,path={QMP_SOCKET_NAME},server=on,wait=off"]
     argv += ["-mon", "chardev=qmp,mode=control"]
     argv += ["-chardev", f"file,id=serial0,path={option_value(str(runtime.serial_log))}"]
     argv += ["-serial", "chardev:serial0"]
+    argv += inputs.platform
     if spec.boot is not None:
         argv += ["-kernel", free_argument(str(inputs.images_dir / spec.boot.kernel))]
         if spec.boot.initrd is not None:

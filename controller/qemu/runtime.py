@@ -167,7 +167,7 @@ class Runtime:
         if self.is_attached(uid, record.pid):
             return
         await self.detach(uid)
-        opened = _open_pidfd(record)
+        opened = open_pidfd(record)
         if opened is None:
             self._record_exit(uid, paths, record, child)
             return
@@ -466,7 +466,7 @@ async def _nic_configured(monitor: Monitor | None) -> bool:
         return True
 
 
-def _open_pidfd(record: process.LaunchRecord) -> tuple[int, int] | None:
+def open_pidfd(record: process.LaunchRecord) -> tuple[int, int] | None:
     """A pidfd on QEMU's supervisor if it runs, else on QEMU; with the pid it follows. None:
     both are gone."""
     if record.supervisor is not None:

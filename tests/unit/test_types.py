@@ -32,6 +32,8 @@ def test_defaults_are_part_of_the_canonical_form() -> None:
         "disks": [],
         "network": {"forwards": []},
         "cloudInit": None,
+        "firmware": {"type": "bios", "secureBoot": False, "reclaimPolicy": "Delete"},
+        "tpm": None,
         "stopTimeout": 30,
         "startStrategy": "Running",
     }

@@ -49,6 +49,12 @@ locals {
         networkConfig     = var.cloud_init.network_config
         sshAuthorizedKeys = var.cloud_init.ssh_authorized_keys
       }
+      firmware = var.firmware == null ? null : {
+        type          = var.firmware.type
+        secureBoot    = var.firmware.secure_boot
+        reclaimPolicy = var.firmware.reclaim_policy
+      }
+      tpm         = var.tpm == null ? null : { persistent = var.tpm.persistent }
       stopTimeout = var.stop_timeout
       # docs/instancetypes.md: cpus and memory from a type, defaults from a preference.
       instanceType = var.instance_type

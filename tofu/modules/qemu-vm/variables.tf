@@ -357,3 +357,31 @@ variable "preference" {
     error_message = "preference.kind must be QemuPreference or QemuClusterPreference."
   }
 }
+
+variable "firmware" {
+  description = <<-EOT
+    spec.firmware (docs/firmware.md): type "bios" (SeaBIOS) or "uefi" (OVMF with an NVRAM file of
+    the VM's own); secure_boot (uefi on q35 only) boots OVMF with Microsoft's keys enrolled;
+    reclaim_policy ("Delete"/"Retain") is what happens to the NVRAM when the VM is deleted.
+    Null: bios.
+  EOT
+  type = object({
+    type           = optional(string)
+    secure_boot    = optional(bool)
+    reclaim_policy = optional(string)
+  })
+  default = null
+
+  validation {
+    condition     = var.firmware == null ? true : contains(["bios", "uefi"], coalesce(var.firmware.type, "bios"))
+    error_message = "firmware.type must be \"bios\" or \"uefi\"."
+  }
+}
+
+variable "tpm" {
+  description = "spec.tpm: a TPM 2.0 from a per-VM swtpm (q35 only); persistent keeps its state across restarts. Null: no TPM."
+  type = object({
+    persistent = optional(bool)
+  })
+  default = null
+}
