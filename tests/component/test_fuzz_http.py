@@ -31,7 +31,8 @@ from tests.unit.test_fuzz_models import fuzz_settings, json_values, manifests, o
 Client = TestClient[Any, Any]
 ROUTE_TEMPLATES = sorted({route.path for route in ROUTES})
 ROUTE_METHODS = sorted({route.method for route in ROUTES})
-# Per route, unless TOFU_QEMU_FUZZ_EXAMPLES says otherwise: 57 routes make 2,280 requests.
+# Per entry of ROUTES, unless TOFU_QEMU_FUZZ_EXAMPLES says otherwise. docs/security.md gives the
+# number of routes; tests/unit/test_fuzz_route_count.py keeps it equal to len(ROUTES).
 PER_ROUTE_EXAMPLES = 40
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 BEARER = {"Authorization": "Bearer tok-1"}
