@@ -11,6 +11,7 @@ import asyncio
 import base64
 import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,6 +86,13 @@ def test_every_route_the_app_serves_is_in_the_table(client: Client) -> None:
     }
     assert served == set(served_routes())
     assert len(PROTECTED) + len(PUBLIC) == len(TABLE)
+
+
+def test_the_security_doc_counts_the_protected_routes() -> None:
+    """docs/security.md "Authentication" says how many method and path pairs need credentials."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text(encoding="utf-8")
+    counts = re.findall(r"\((\d+) protected method and path pairs\)", doc)
+    assert counts == [str(len(PROTECTED))]
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED, ids=route_ids(PROTECTED))
