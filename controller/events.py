@@ -5,10 +5,13 @@ and after, the actions that ran, and the error. So a reconcile that changes noth
 nothing, a requeue that finds the same wait or the same error records nothing again, and a
 controller restart (status is stored) does not repeat what was already told.
 
-Order within one step: the actions in the order they ran, then what they led to (an exit,
-a restart, a phase), then the error. The reconciler splits a reconcile in two steps at the
-status it stores before spawning, so an exit noticed before a restart comes before `Started`,
-and an exit of the process it just started comes after.
+`before` is the status last stored: what a pass that stored nothing changed (it handed over to
+the next pass at once) is told by the next pass that stores, from the same diff.
+
+Order within one step: admission and newly held ports, the actions in the order they ran, then
+what they led to (an exit, a restart, a phase), then the error. The reconciler splits a
+reconcile in two steps at the status it stores before spawning, so an exit noticed before a
+restart comes before `Started`, and an exit of the process it just started comes after.
 
 `Deleted` is not derived here: the store records it in the transaction that removes the object
 (api/store/status_writer.py finalize), so it exists exactly when the removal does.
@@ -23,7 +26,6 @@ from dataclasses import dataclass
 from api.types import Condition, ConditionStatus, ExitReason, LastExit, Phase, QemuVMStatus, ReclaimPolicy
 from controller.actions import (
     Action,
-    AllocatePorts,
     CreateDisk,
     DeleteDisk,
     FetchImage,
@@ -68,7 +70,7 @@ def events_for(
 ) -> list[VMEvent]:
     """The events of one reconcile step that took `before` to `after` by running `executed`
     (the actions that succeeded, in order) and ended with `error` (None: no error)."""
-    events = [*_admission(desired, before, after)]
+    events = [*_admission(desired, before, after), *_ports(desired, before, after)]
     events += [event for action in executed if (event := _action_event(action, after)) is not None]
     events += _exit(before.last_exit, after.last_exit)
     if after.restarts > before.restarts:
@@ -80,8 +82,13 @@ def events_for(
     return events
 
 
+def _may_run(desired: Desired) -> bool:
+    """Only a VM that may run is admitted or given ports (a deleting one only releases)."""
+    return desired.spec is not None and not desired.deleting and not desired.admission.invalid_spec
+
+
 def _admission(desired: Desired, before: QemuVMStatus, after: QemuVMStatus) -> list[VMEvent]:
-    if desired.spec is None or desired.deleting or desired.admission.invalid_spec:
+    if not _may_run(desired):
         return []
     old, new = _condition(before, "Admitted"), _condition(after, "Admitted")
     if new is None or new.status is not ConditionStatus.TRUE:
@@ -95,11 +102,6 @@ def _admission(desired: Desired, before: QemuVMStatus, after: QemuVMStatus) -> l
 def _action_event(action: Action, after: QemuVMStatus) -> VMEvent | None:
     """The event of an action worth telling; bookkeeping (clean-ups, cont) has none."""
     match action:
-        case AllocatePorts(requested=requested):
-            wanted = {key for key, _ in requested}
-            ports = [p for p in after.ports if (p.protocol, p.guest_port) in wanted]
-            listed = ", ".join(f"{p.protocol.value}/{p.guest_port} -> {p.host_port}" for p in ports)
-            return VMEvent("PortsAllocated", f"host ports {listed}" if listed else "host ports allocated")
         case FetchImage(source=source):
             return VMEvent("ImageFetching", f"downloading {source.url}")
         case CreateDisk(disk=disk, base=base):
@@ -134,6 +136,24 @@ def _action_event(action: Action, after: QemuVMStatus) -> VMEvent | None:
             return VMEvent("Killing", f"SIGKILL sent to pid {pid}: it lost its runtime dir", warning=True)
         case _:
             return None
+
+
+def _ports(desired: Desired, before: QemuVMStatus, after: QemuVMStatus) -> list[VMEvent]:
+    """Forwards the ledger holds now and the stored status did not show. Told from this diff,
+    not from the AllocatePorts action: the pass that allocates hands over to the next at once
+    without storing anything (controller/reconciler.py `_hands_over`), and the pass that stores
+    the ports tells them."""
+    new = [port for port in after.ports if port not in before.ports]
+    if not new or not _may_run(desired):
+        return []
+    listed = ", ".join(f"{p.protocol.value}/{p.guest_port} -> {p.host_port}" for p in new)
+    return [VMEvent("PortsAllocated", f"host ports {listed}")]
+
+
+def tells_of(executed: Sequence[Action]) -> bool:
+    """Whether an event is told from one of the `executed` actions themselves, which a later
+    pass cannot derive again from a status diff: a pass that ran one must store its events."""
+    return any(_action_event(action, QemuVMStatus()) is not None for action in executed)
 
 
 def _exit(before: LastExit | None, after: LastExit | None) -> list[VMEvent]:

@@ -182,7 +182,6 @@ class Controller:
                 images=images,
                 shutting_down=lambda: self._shutting_down,
                 restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
-                events=self.events,
                 instance_types=instance_types,
                 tpms=tpms,
             )

@@ -3,8 +3,10 @@
 Called with a uid only (level-triggered): it reads the world fresh every time and never
 branches on what triggered it. A step whose result the next step needs (ports before spawn,
 spawn before `cont`) ends the pass with requeue(0), or the event it causes (a QMP event, a
-pidfd exit) queues the VM again, as controller-runtime does. Status is written even when
-acting failed, so the failure becomes a condition the user can see.
+pidfd exit) queues the VM again, as controller-runtime does. Status is written with the
+pass's events in one store transaction, even when acting failed, so the failure becomes a
+condition the user can see; a pass that only hands over to the next one writes nothing
+(`_hands_over`).
 
 It depends on Protocols only (the Hypervisor, the store's contracts, accel and admission
 sources): tests/unit/test_reconciler_table.py builds it on the fakes.
@@ -24,7 +26,7 @@ from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from api.instancetypes import Resolution
-from api.store.contracts import AllocationLedger, EventSink, StatusStore
+from api.store.contracts import AllocationLedger, StatusStore
 from api.store.records import EventType, NewEvent, StatusConflict, VMRecord
 from api.telemetry.tracing import span_context_of
 from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
@@ -45,7 +47,7 @@ from controller.actions import (
 from controller.admission import Admission
 from controller.clock import Clock
 from controller.errors import TerminalError, TransientError
-from controller.events import VMEvent, events_for
+from controller.events import VMEvent, events_for, tells_of
 from controller.executor import Executor
 from controller.firmware import TpmEmulators
 from controller.hypervisor import Hypervisor
@@ -81,11 +83,6 @@ class AdmissionSource(Protocol):
     """Whether the quotas let a VM start (controller/quota_gate.py)."""
 
     async def admission(self, uid: str, generation: int) -> Admission: ...
-
-
-class _NoEvents:
-    async def record(self, *events: NewEvent) -> None:
-        return None
 
 
 class Outcome(StrEnum):
@@ -158,14 +155,12 @@ class Reconciler:
         images: ImageLookups | None = None,
         shutting_down: Callable[[], bool] = lambda: False,
         restarted: Callable[[str], None] = lambda _reason: None,
-        events: EventSink | None = None,
         instance_types: InstanceTypeSource | None = None,
         tpms: TpmEmulators | None = None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it;
-        `shutting_down()` says whether the controller is stopping every VM before it exits;
-        `events` gets what each reconcile did, as the VM's events."""
-        self._events: EventSink = events or _NoEvents()
+        `shutting_down()` says whether the controller is stopping every VM before it exits.
+        What each reconcile did goes to `objects` as the VM's events, with its status."""
         self._instance_types: InstanceTypeSource = instance_types or NoInstanceTypes()
         self._tpms = tpms
         self._forward_address = forward_address
@@ -269,16 +264,22 @@ class Reconciler:
         accel: Accel,
         typed: _Typed,
     ) -> None:
-        """Compute status once, write it if it changed, and record the pass's events."""
+        """Compute status once; write it, if it changed, with the pass's events.
+
+        A pass that only hands over to the next one writes nothing: that pass computes status
+        again from what it sees and tells the same events from the same stored status, so this
+        write would be outdated before anyone read it."""
         now = self._clock.now()
         status = compute_status(desired, observed, decided, previous, accel=accel, error=error, now=now)
         status = stamp(status, previous, typed.resolution, references=typed.references, now=now)
-        if status != previous:
-            await self._write_status(desired.uid, status)
         trace.get_current_span().set_attribute("tofu_qemu.phase_after", status.phase.value)
         self._follow_boot(desired.uid, observed, status)
-        events = [*events_for(desired, previous, status, executed, error), *revision_events(previous, status)]
-        await self._record(desired, events)
+        if _hands_over(decided, previous, executed, error):
+            return
+        told = [*events_for(desired, previous, status, executed, error), *revision_events(previous, status)]
+        events = _new_events(desired, told)
+        if status != previous or events:
+            await self._write_status(desired.uid, status, events)
 
     def _follow_boot(self, uid: str, observed: Observed, status: QemuVMStatus) -> None:
         """End the boot span once the VM is Ready or Paused, or once its process is gone."""
@@ -319,31 +320,14 @@ class Reconciler:
             tpms=self._tpms,
         )
 
-    async def _record(self, desired: Desired, events: Sequence[VMEvent]) -> None:
-        """Record `events` of `desired`. A failed write is logged and dropped: the log must
-        never fail what it describes."""
-        if not events:
-            return
+    async def _write_status(self, uid: str, status: QemuVMStatus, events: Sequence[NewEvent]) -> None:
+        """Store status and the pass's events in one transaction. A VM gone meanwhile keeps
+        neither (its `Deleted` event is its last); any other failure fails the pass, and the
+        retry computes both again."""
         try:
-            await self._events.record(
-                *(
-                    NewEvent(
-                        uid=desired.uid,
-                        project=desired.project,
-                        vm_name=desired.name,
-                        reason=event.reason,
-                        message=event.message,
-                        type=EventType.WARNING if event.warning else EventType.NORMAL,
-                    )
-                    for event in events
-                )
+            written = await self._objects.write_status(
+                uid, status.model_dump(mode="json", by_alias=True), events
             )
-        except Exception as err:
-            log.warning("events_dropped", error=f"{type(err).__name__}: {err}", count=len(events))
-
-    async def _write_status(self, uid: str, status: QemuVMStatus) -> None:
-        try:
-            written = await self._objects.write_status(uid, status.model_dump(mode="json", by_alias=True))
         except StatusConflict:
             return
         if written:
@@ -368,6 +352,29 @@ def spawn_after_stored(decided: Plan, stored: Memory) -> Plan:
     if replace(decided.memory, next_retry_at=stored.next_retry_at) == stored:
         return decided
     return replace(decided, actions=(), again=True)
+
+
+def _hands_over(decided: Plan, previous: QemuVMStatus, executed: Sequence[Action], error: str | None) -> bool:
+    """Whether the pass asks for requeue(0) with nothing of its own to store: no error, its
+    memory (an exit, a count) already stored, and no action whose event is told from the
+    action itself (`tells_of`); what else it changed, the next pass sees and tells."""
+    return (
+        decided.again and error is None and decided.memory == memory_from(previous) and not tells_of(executed)
+    )
+
+
+def _new_events(desired: Desired, events: Sequence[VMEvent]) -> list[NewEvent]:
+    return [
+        NewEvent(
+            uid=desired.uid,
+            project=desired.project,
+            vm_name=desired.name,
+            reason=event.reason,
+            message=event.message,
+            type=EventType.WARNING if event.warning else EventType.NORMAL,
+        )
+        for event in events
+    ]
 
 
 def _result(decided: Plan, outcome: Outcome, error: str | None) -> Result:

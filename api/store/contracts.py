@@ -1,14 +1,15 @@
 """What the controller reads from and writes to the store, as Protocols.
 
-The controller depends on these, never on a store implementation: SQLite implements them
-(api/store/status_writer.py VMStatusWriter, allocations.py Allocations, events.py EventLog),
-and so does the in-memory fake beside them (api/store/memory.py), which passes the same
-contract tests (tests/component/test_store_contract.py). A PostgreSQL store adds a third
-implementation without touching the controller. Leases (several controllers) will join later.
+The controller depends on these, never on a store implementation: the SQL store implements
+them on either engine of the Database seam, SQLite or PostgreSQL (api/store/status_writer.py
+VMStatusWriter, allocations.py Allocations, events.py EventLog), and so does the in-memory fake
+beside them (api/store/memory.py); all three pass the same contract tests
+(tests/component/test_store_contract.py). Leases (several controllers) will join later.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from api.store.records import DiskOwner, DiskRow, NewEvent, PortRow, VMRecord
@@ -30,10 +31,12 @@ class VMObjects(Protocol):
 class StatusStore(VMObjects, Protocol):
     """The objects, and the two writes only the controller makes."""
 
-    async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
-        """Store `status` unless it is unchanged; returns whether it wrote.
+    async def write_status(self, uid: str, status: dict[str, Any], events: Sequence[NewEvent] = ()) -> bool:
+        """Store `status` unless it is unchanged, and `events` (changed or not) in the same
+        transaction, in order: a pass's events exist exactly when its status does. Returns
+        whether the status was written.
 
-        :raise StatusConflict: the object no longer exists.
+        :raise StatusConflict: the object no longer exists (nothing is stored, events neither).
         """
         ...
 
@@ -83,6 +86,7 @@ class AllocationLedger(Protocol):
 
 
 class EventSink(Protocol):
-    """Where the controller's events go. A failure is the caller's to log and drop."""
+    """Where events with no status to ride on go (the API's: Created, ForceUnlocked...); the
+    controller's go with `StatusStore.write_status`. A failure is the caller's to log and drop."""
 
     async def record(self, *events: NewEvent) -> None: ...

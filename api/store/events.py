@@ -6,8 +6,10 @@ Invariants:
 - Events are found by (project, vm_name) as well as by uid, so a VM's history reads across its
   re-creations and survives its deletion until retention removes it.
 - Events are history, not state: nothing reads them to decide anything. So they are written
-  without fsync (`durable=False`, like status), and a failure to write them is the caller's to
-  log and drop, never a reason to fail what they describe.
+  without fsync (`durable=False`, like status). A reconcile's events are inserted in the
+  transaction of the status they came with (status_writer.py, `insert_events`): they exist
+  exactly when it does. Events with no status to ride on (`record`: the API's) are the
+  caller's to log and drop on failure, never a reason to fail what they describe.
 - Retention (`prune`) keeps at most `per_vm_limit` events per (project, vm_name) and none older
   than `max_age`; project-level events (vm_name "") count as one more such log.
 """
@@ -191,6 +193,8 @@ class EventLog:
 
 async def insert_events(conn: Transaction, events: Sequence[NewEvent], *, now: datetime) -> None:
     """Write `events` inside the caller's transaction: they commit or roll back with it."""
+    if not events:
+        return
     time = now.isoformat()
     await _insert(conn, [_row(event, time) for event in events])
 

@@ -7,6 +7,7 @@ test of the reconciler built on it means what it says. Not for production: nothi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,11 @@ class MemoryStore:
         self.events: list[NewEvent] = []
         # Every status written, in order: what a test asserts on to count writes.
         self.status_writes: list[tuple[str, dict[str, Any]]] = []
+        # The events of every write that stored some (a `record`, a `write_status`), in order.
+        self.event_writes: list[tuple[NewEvent, ...]] = []
+        # Store writes that change something, as the SQL store commits them: a status with its
+        # events is one; an unchanged status with no events is none.
+        self.transactions = 0
 
     # The API's side, for tests: put, delete.
     def put(self, record: VMRecord) -> None:
@@ -59,11 +65,16 @@ class MemoryStore:
     async def versions(self) -> dict[str, int]:
         return {uid: record.resource_version for uid, record in self._vms.items()}
 
-    async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
+    async def write_status(self, uid: str, status: dict[str, Any], events: Sequence[NewEvent] = ()) -> bool:
         record = self._vms.get(uid)
         if record is None:
             raise StatusConflict(f"VM {uid} no longer exists")
-        if record.status is not None and _encode(record.status) == _encode(status):
+        changed = record.status is None or _encode(record.status) != _encode(status)
+        self.transactions += changed or bool(events)
+        if events:
+            self.events.extend(events)
+            self.event_writes.append(tuple(events))
+        if not changed:
             return False
         self._version += 1
         self._vms[uid] = replace(record, status=json.loads(_encode(status)), resource_version=self._version)
@@ -75,6 +86,7 @@ class MemoryStore:
         if record is None or record.deleted_at is None:
             return
         del self._vms[uid]
+        self.transactions += 1
         self.events.append(
             NewEvent(uid, record.project, record.name, "Deleted", "resources released; the object is removed")
         )
@@ -82,6 +94,9 @@ class MemoryStore:
     # EventSink.
     async def record(self, *events: NewEvent) -> None:
         self.events.extend(events)
+        if events:
+            self.event_writes.append(events)
+            self.transactions += 1
 
     # AllocationLedger.
     async def held_by(self, uid: str) -> tuple[list[PortRow], list[DiskRow]]:

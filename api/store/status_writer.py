@@ -7,17 +7,23 @@ a host that wakes up): one transaction per write would queue them behind one fsy
 on a machine whose CPUs are busy booting those very guests every round trip to SQLite's thread
 is slow. So a write joins a batch; whichever writer gets the flush lock first commits every
 write pending at that moment in one transaction, and the others find theirs done.
+
+A write carries the events of the reconcile that computed it, and they are inserted in the
+batch's transaction: an event exists exactly when the status it came with was stored (or found
+unchanged). A write replaced before its flush hands its events to the one replacing it, so the
+newest status wins and no event is lost; a VM gone meanwhile keeps neither.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.store.db import Database, Transaction
-from api.store.events import EventLog, NewEvent
+from api.store.events import EventLog, NewEvent, current_trace_id, insert_events
 from api.store.records import StatusConflict as StatusConflict
 from api.store.vms import VM_COLUMNS, VMRecord, decode_vm_row
 from api.store.watch import bury
@@ -30,6 +36,8 @@ MINE = "(host = ? OR (host IS NULL AND (deleted_at IS NOT NULL OR spec_error IS 
 @dataclass(slots=True)
 class _PendingWrite:
     encoded: str
+    # Inserted with the status, also when it is unchanged or replaced by a newer write.
+    events: list[NewEvent]
     # True: written; False: unchanged or replaced by a newer write; StatusConflict: VM gone.
     done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -62,15 +70,19 @@ class VMStatusWriter:
         )
         return {row[0]: row[1] for row in rows}
 
-    async def write_status(self, uid: str, status: dict[str, Any]) -> bool:
-        """Store `status` for `uid` unless it is unchanged. Returns whether it wrote.
+    async def write_status(self, uid: str, status: dict[str, Any], events: Sequence[NewEvent] = ()) -> bool:
+        """Store `status` for `uid` unless it is unchanged, and `events` in the same transaction.
+        Returns whether the status was written.
 
-        :raise StatusConflict: the object no longer exists.
-        :raise StorageFull: the batch could not be committed.
+        :raise StatusConflict: the object no longer exists (nothing stored).
+        :raise StorageFull, StoreUnavailable: the batch could not be committed (nothing stored).
         """
-        write = _PendingWrite(json.dumps(status, sort_keys=True, separators=(",", ":")))
+        # The caller's trace, taken now: another reconcile may flush the batch.
+        traced = [replace(event, trace_id=event.trace_id or current_trace_id()) for event in events]
+        write = _PendingWrite(json.dumps(status, sort_keys=True, separators=(",", ":")), traced)
         replaced = self._pending.get(uid)
         if replaced is not None:
+            write.events[:0] = replaced.events
             replaced.done.set_result(False)
         self._pending[uid] = write
         try:
@@ -93,6 +105,8 @@ class VMStatusWriter:
                 current = await _current_statuses(conn, list(batch))
                 changed = [uid for uid in batch if uid in current and current[uid] != batch[uid].encoded]
                 versions = await _store(conn, {uid: batch[uid].encoded for uid in changed})
+                told = [event for uid, write in batch.items() if uid in current for event in write.events]
+                await insert_events(conn, told, now=self._db.clock())
         except asyncio.CancelledError:
             # The flushing writer was cancelled and the transaction rolled back; the writes of
             # the others still waiting go to whoever flushes next.
@@ -100,6 +114,7 @@ class VMStatusWriter:
                 if write.done.done():
                     continue
                 if uid in self._pending:
+                    self._pending[uid].events[:0] = write.events
                     write.done.set_result(False)
                 else:
                     self._pending[uid] = write

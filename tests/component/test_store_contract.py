@@ -1,11 +1,14 @@
-"""The store contract (api/store/contracts.py): the same tests against SQLite and the in-memory fake.
+"""The store contract (api/store/contracts.py): the same tests against the SQL store on both
+engines (SQLite, PostgreSQL) and the in-memory fake.
 
-A reconciler table test on the fake means something only if the fake behaves as SQLite does;
-these are the behaviours the controller relies on.
+A reconciler table test on the fake means something only if the fake behaves as the SQL store
+does; these are the behaviours the controller relies on, including how many store transactions
+a write costs (`Store.transactions`: the SQL store's commits, the fake's count).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from api.store import StateStore, VMStore, open_database
+from api.store import StateStore, VMStore, open_store
 from api.store.allocations import Allocations
 from api.store.contracts import AllocationLedger, EventSink, StatusStore
 from api.store.events import EventLog
@@ -24,6 +27,7 @@ from api.testing.tfstate import vm_state
 from api.types import Protocol, ReclaimPolicy
 from tests.component.conftest import FakeClock
 from tests.component.test_store_states import write
+from tests.postgres import PostgresCluster
 
 TCP = Protocol.TCP
 
@@ -35,9 +39,18 @@ class Store:
     objects: StatusStore
     ledger: AllocationLedger
     events: EventSink
-    sqlite: tuple[StateStore, VMStore, EventLog] | None = None
+    sql: tuple[StateStore, VMStore, EventLog] | None = None
     memory: MemoryStore | None = None
     serial: int = 1
+    # Commits of the SQL store (every write transaction of this process, the API's included).
+    commits: int = 0
+
+    @property
+    def transactions(self) -> int:
+        return self.memory.transactions if self.memory is not None else self.commits
+
+    def count_commit(self) -> None:
+        self.commits += 1
 
     async def declare(self, *names: str) -> dict[str, str]:
         """The VMs `names` exist (and no other); returns name -> uid."""
@@ -54,8 +67,8 @@ class Store:
                 if name not in names:
                     self.memory.delete(uid)
             return {name: f"uid-{name}" for name in names}
-        assert self.sqlite is not None
-        states, vms, _ = self.sqlite
+        assert self.sql is not None
+        states, vms, _ = self.sql
         await write(states, vm_state(self.serial, {name: {} for name in names}))
         self.serial += 1
         return {r.name: r.uid for r in await vms.list_records(project="lab") if r.deleted_at is None}
@@ -63,8 +76,8 @@ class Store:
     async def reasons(self, uid: str) -> list[str]:
         if self.memory is not None:
             return [event.reason for event in self.memory.events if event.uid == uid]
-        assert self.sqlite is not None
-        return [event.reason for event in await self.sqlite[2].list(uid=uid)]
+        assert self.sql is not None
+        return [event.reason for event in await self.sql[2].list(uid=uid)]
 
 
 def _record(uid: str, name: str) -> VMRecord:
@@ -74,16 +87,24 @@ def _record(uid: str, name: str) -> VMRecord:
     )
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "postgres", "memory"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
+    """The SQL store on each engine (PostgreSQL: a fresh database of the session's cluster),
+    and the fake."""
     if request.param == "memory":
         fake = MemoryStore()
         yield Store(fake, fake, fake, memory=fake)
         return
-    db = await open_database(tmp_path / "data", clock=clock)
+    database_url: str | None = None
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        database_url = cluster.create_database()
+    db = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
     try:
         events = EventLog(db)
-        yield Store(VMStatusWriter(db), Allocations(db), events, sqlite=(StateStore(db), VMStore(db), events))
+        sql = Store(VMStatusWriter(db), Allocations(db), events, sql=(StateStore(db), VMStore(db), events))
+        db.subscribe(sql.count_commit)
+        yield sql
     finally:
         await db.close()
 
@@ -108,9 +129,40 @@ async def test_status_is_written_once_and_an_unchanged_status_is_not(store: Stor
     assert record.resource_version > before
 
 
-async def test_writing_the_status_of_a_gone_object_is_a_conflict(store: Store) -> None:
+async def test_writing_the_status_of_a_gone_object_is_a_conflict_and_stores_no_event(store: Store) -> None:
+    gone = NewEvent("no-such-uid", "lab", "gone", "Started", "QEMU started")
     with pytest.raises(StatusConflict):
-        await store.objects.write_status("no-such-uid", {"phase": "Running"})
+        await store.objects.write_status("no-such-uid", {"phase": "Running"}, [gone])
+    assert await store.reasons("no-such-uid") == [], "nothing of a gone object is stored"
+
+
+async def test_a_status_and_its_events_are_one_transaction_changed_or_not(store: Store) -> None:
+    uid = (await store.declare("web"))["web"]
+    told = [NewEvent(uid, "lab", "web", reason, "m") for reason in ("Scheduled", "PortsAllocated", "Started")]
+    before = store.transactions
+    assert await store.objects.write_status(uid, {"phase": "Starting"}, told)
+    assert store.transactions == before + 1
+    killing = NewEvent(uid, "lab", "web", "Killing", "SIGKILL sent")
+    assert not await store.objects.write_status(uid, {"phase": "Starting"}, [killing])
+    assert store.transactions == before + 2, "unchanged status: its events are stored all the same"
+    assert (await store.reasons(uid))[-4:] == ["Scheduled", "PortsAllocated", "Started", "Killing"]
+
+
+async def test_a_status_replaced_before_its_flush_keeps_its_events(store: Store) -> None:
+    """Writes for one VM racing one batch: the newest status wins and no event is lost."""
+    uid = (await store.declare("web"))["web"]
+    reasons = ["Stopping", "Killing", "Stopped"]
+    written = await asyncio.gather(
+        *(
+            store.objects.write_status(uid, {"phase": reason}, [NewEvent(uid, "lab", "web", reason, "m")])
+            for reason in reasons
+        )
+    )
+    record = await store.objects.get(uid)
+    assert record is not None
+    assert record.status == {"phase": "Stopped"}
+    assert written[-1] is True
+    assert (await store.reasons(uid))[-3:] == reasons
 
 
 async def test_finalize_removes_only_a_deleting_object_and_tells_it(store: Store) -> None:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from api.store import Database, StateStore, VMStore
+from api.store.events import EventLog, NewEvent
 from api.store.sql import Dialect, Transaction
 from api.store.status_writer import StatusConflict, VMStatusWriter
 from api.testing.tfstate import manifest, vm_state
@@ -88,24 +89,34 @@ async def test_a_failed_commit_reaches_every_writer_in_the_batch(
 
     monkeypatch.setattr(db, "write", failing_write)
     results = await asyncio.gather(
-        *(writer.write_status(uid, {"phase": "Running"}) for uid in uids), return_exceptions=True
+        *(writer.write_status(uid, {"phase": "Running"}, started(uid)) for uid in uids),
+        return_exceptions=True,
     )
     assert all(isinstance(result, sqlite3.OperationalError) for result in results)
 
     monkeypatch.setattr(db, "write", real_write)
     assert await writer.write_status(uids[0], {"phase": "Running"})
+    assert "Started" not in [event.reason for event in await EventLog(db).list()], "none without its status"
+
+
+def started(uid: str) -> list[NewEvent]:
+    return [NewEvent(uid, "lab", "vm", "Started", f"{uid} started")]
 
 
 async def test_a_cancelled_flush_hands_the_other_writes_on(
     db: Database, states: StateStore, vms: VMStore
 ) -> None:
-    """Cancelling the writer that is committing loses nobody else's write."""
+    """Cancelling the writer that is committing loses nobody else's write, nor their events;
+    the cancelled writer's events go with its status."""
     uids = await declare(states, vms, 3)
     writer = VMStatusWriter(db)
     async with db.write():  # hold the write lock so the first flush blocks inside it
-        leader = asyncio.create_task(writer.write_status(uids[0], {"phase": "Running"}))
+        leader = asyncio.create_task(writer.write_status(uids[0], {"phase": "Running"}, started(uids[0])))
         await asyncio.sleep(0.01)
-        followers = [asyncio.create_task(writer.write_status(uid, {"phase": "Running"})) for uid in uids[1:]]
+        followers = [
+            asyncio.create_task(writer.write_status(uid, {"phase": "Running"}, started(uid)))
+            for uid in uids[1:]
+        ]
         await asyncio.sleep(0.01)
         leader.cancel()
     assert await asyncio.gather(*followers) == [True, True]
@@ -115,6 +126,8 @@ async def test_a_cancelled_flush_hands_the_other_writes_on(
     assert records[uids[1]] == {"phase": "Running"}
     assert records[uids[2]] == {"phase": "Running"}
     assert records[uids[0]] is None, "the cancelled writer's own status is dropped, not written later"
+    told = [event.message for event in await EventLog(db).list() if event.reason == "Started"]
+    assert sorted(told) == sorted(f"{uid} started" for uid in uids[1:])
 
 
 async def test_status_commits_skip_the_fsync_but_state_writes_keep_it(

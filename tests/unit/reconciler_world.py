@@ -111,7 +111,6 @@ class World:
             liveness_period=LIVENESS,
             shutting_down=lambda: self.shutting_down,
             restarted=self.restarts.append,
-            events=self.store,
         )
         self._created = 0
 

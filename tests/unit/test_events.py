@@ -42,7 +42,7 @@ from controller.actions import (
     Spawn,
 )
 from controller.admission import INVALID_SPEC, Admission
-from controller.events import VMEvent, events_for
+from controller.events import VMEvent, events_for, tells_of
 from tests.unit.test_plan import HTTP, NOW, desired
 
 VM = desired()
@@ -237,8 +237,44 @@ def test_quota_wait_is_told_once_and_admission_after_it() -> None:
     assert step(QemuVMStatus(), waiting) == [("QuotaExceeded", "server max_vms: limit 1", True)]
     assert step(waiting, waiting) == []
     assert step(waiting, STARTING) == [
-        ("Scheduled", "admitted to run on this host after QuotaExceeded", False)
+        ("Scheduled", "admitted to run on this host after QuotaExceeded", False),
+        ("PortsAllocated", "host ports tcp/80 -> 20000", False),
     ]
+
+
+def test_ports_allocated_is_told_from_the_ports_the_stored_status_lacked() -> None:
+    """Whichever pass allocated them, the pass that stores them tells them; only new ones, and
+    not for a VM that is being deleted."""
+    assert step(QemuVMStatus(), STARTING) == [
+        ("Scheduled", "admitted to run on this host", False),
+        ("PortsAllocated", "host ports tcp/80 -> 20000", False),
+    ]
+    ssh = AllocatedPort(protocol=Protocol.TCP, guest_port=22, host_port=20001)
+    more = RUNNING.model_copy(update={"ports": (*RUNNING.ports, ssh)})
+    assert step(RUNNING, more) == [("PortsAllocated", "host ports tcp/22 -> 20001", False)]
+    moved = RUNNING.model_copy(update={"ports": (ssh.model_copy(update={"host_port": 20002}),)})
+    assert step(more, moved) == [("PortsAllocated", "host ports tcp/22 -> 20002", False)]
+    assert step(more, RUNNING) == [], "a release is not told"
+    assert step(RUNNING, RUNNING, (AllocatePorts(((HTTP, None),)),)) == [], "held already: nothing new"
+    gone = [(e.reason, e.message) for e in events_for(replace(VM, deleting=True), RUNNING, more, (), None)]
+    assert gone == []
+
+
+@pytest.mark.parametrize(
+    ("executed", "told"),
+    [
+        pytest.param((), False, id="nothing"),
+        pytest.param((AllocatePorts(((HTTP, None),)), Continue()), False, id="ports-and-cont"),
+        pytest.param((Spawn(("qemu",), "d"),), True, id="spawn"),
+        pytest.param((Kill(4242),), True, id="kill"),
+        pytest.param((DeleteDisk("root", PurePath("/d/root.qcow2")),), True, id="disk"),
+    ],
+)
+def test_tells_of_names_the_actions_a_later_pass_could_not_tell(
+    executed: tuple[Action, ...], told: bool
+) -> None:
+    """A pass that ran one of these must store its events; ports and `cont` are told later."""
+    assert tells_of(executed) is told
 
 
 @pytest.mark.parametrize(
