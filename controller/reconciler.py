@@ -322,8 +322,8 @@ class Reconciler:
 
     async def _write_status(self, uid: str, status: QemuVMStatus, events: Sequence[NewEvent]) -> None:
         """Store status and the pass's events in one transaction. A VM gone meanwhile keeps
-        neither (its `Deleted` event is its last); any other failure fails the pass, and the
-        retry computes both again."""
+        neither (its `Deleted` event is its last); any other failure stores neither and fails
+        the pass, whose retry computes status again from what it then sees."""
         try:
             written = await self._objects.write_status(
                 uid, status.model_dump(mode="json", by_alias=True), events
