@@ -73,11 +73,13 @@ async def test_ten_new_vms_cost_two_store_writes_each(world: World) -> None:
 
 
 async def test_a_pass_that_stored_nothing_loses_no_event_when_the_controller_dies(world: World) -> None:
-    """The ports are in the ledger, not in status: a new controller's first pass (the same
-    fakes, a fresh Reconciler's view) tells them once, with the admission and the start."""
+    """After the AllocatePorts pass the ports are in the ledger and nowhere in status. The
+    Reconciler keeps nothing between passes, so the next pass is what a restarted controller
+    runs: it tells the ports once, with the admission and the start."""
     uid = world.add("web")
     await world.step(uid)
-    assert (world.store.transactions, world.store.events) == (0, [])
+    assert (world.store.transactions, world.store.events, world.status(uid).ports) == (0, [], ())
+    assert len((await world.store.held_by(uid))[0]) == 1
     world.hv.restart_controller()
     await world.settle(uid)
     assert world.events(uid) == ["Scheduled", "PortsAllocated", "Started"]
