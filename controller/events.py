@@ -151,9 +151,10 @@ def _ports(desired: Desired, before: QemuVMStatus, after: QemuVMStatus) -> list[
 
 
 def tells_of(executed: Sequence[Action]) -> bool:
-    """Whether an event is told from one of the `executed` actions themselves, which a later
-    pass cannot derive again from a status diff: a pass that ran one must store its events."""
-    return any(_action_event(action, QemuVMStatus()) is not None for action in executed)
+    """Whether an event is told from one of the `executed` actions themselves (or worded by
+    one: who unpaused), which a later pass cannot derive again from a status diff: a pass that
+    ran one must store its events."""
+    return any(isinstance(action, Unpause) or _action_event(action, QemuVMStatus()) for action in executed)
 
 
 def _exit(before: LastExit | None, after: LastExit | None) -> list[VMEvent]:

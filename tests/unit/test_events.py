@@ -40,6 +40,7 @@ from controller.actions import (
     RemoveRuntimeDir,
     RequestPowerdown,
     Spawn,
+    Unpause,
 )
 from controller.admission import INVALID_SPEC, Admission
 from controller.events import VMEvent, events_for, tells_of
@@ -268,6 +269,7 @@ def test_ports_allocated_is_told_from_the_ports_the_stored_status_lacked() -> No
         pytest.param((Spawn(("qemu",), "d"),), True, id="spawn"),
         pytest.param((Kill(4242),), True, id="kill"),
         pytest.param((DeleteDisk("root", PurePath("/d/root.qcow2")),), True, id="disk"),
+        pytest.param((Unpause(),), True, id="unpause-names-who-asked"),
     ],
 )
 def test_tells_of_names_the_actions_a_later_pass_could_not_tell(
