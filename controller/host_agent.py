@@ -24,6 +24,7 @@ from api.store.sql import Dialect
 from controller import host_memory
 from controller.placement import lost_hosts, lost_notes, place
 from controller.settings import ControllerSettings
+from controller.telemetry import TRACER
 
 log = structlog.get_logger(__name__)
 SCHEDULER_LEASE = "scheduler"
@@ -159,8 +160,12 @@ class Scheduler:
             await self._hosts.note_placed(notes)
         if all(vm.host is not None for vm in vms):
             return 0
-        decided = place(vms, hosts, now)
-        placed = await self._hosts.place(decided.assignments, decided.unschedulable)
+        # A span of its own: the Scheduled events it stores carry its trace id, as every event does.
+        with TRACER.start_as_current_span("schedule") as span:
+            decided = place(vms, hosts, now)
+            placed = await self._hosts.place(decided.assignments, decided.unschedulable)
+            span.set_attribute("tofu_qemu.vms_placed", len(placed))
+            span.set_attribute("tofu_qemu.vms_unschedulable", len(decided.unschedulable))
         for uid, reason in decided.unschedulable.items():
             log.debug("vm_unschedulable", uid=uid, reason=reason)
         if placed:
