@@ -1,7 +1,7 @@
 """The `tofu-qemu` command: servers, store maintenance, and a kubectl-like client.
 
 The composition root for the servers: it wires settings, store, HTTP server and controller
-together. The client commands (get, describe, logs, ...) live in controller/client/.
+together. The client commands (get, describe, logs, ...) live in api/client/.
 
 Flags are generated from the settings model, so every setting has a flag, an environment variable
 and a config-file key of the same name (see api/settings.py).
@@ -27,8 +27,12 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from api.credentials import Credentials, CredentialsError, hash_password, load_credentials
-from api.logs import configure_logging
+from api.client.commands import add_client_commands
+from api.client.kubeconfig import add_kubeconfig_command
+from api.infra.credentials import Credentials, CredentialsError, hash_password, load_credentials
+from api.infra.logs import configure_logging
+from api.infra.metrics import Metrics
+from api.infra.tracing import TracingConfigError, configure_tracing, shutdown_tracing
 from api.server import create_app
 from api.server.connections import CONNECTION_GUARD, GuardedSite, raise_open_file_limit
 from api.server.ops import create_ops_app
@@ -38,10 +42,6 @@ from api.store import StoreUnavailable, open_store
 from api.store.backup import Refused, back_up, hold_data_dir, restore
 from api.store.db import DB_FILE_NAME, utc_now
 from api.store.files import PRIVATE_DIR_MODE, PRIVATE_UMASK, UnsafeDataDir, secure_data_dir
-from api.telemetry.metrics import Metrics
-from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
-from controller.client.commands import add_client_commands
-from controller.client.kubeconfig import add_kubeconfig_command
 from controller.layout import DataLayout
 from controller.manager import Controller
 from controller.settings import ControllerSettings, ServeSettings

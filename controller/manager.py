@@ -19,6 +19,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
+from api.infra.metrics import CONTROLLER_NAME, Metrics
 from api.server.health import ReadinessCheck
 from api.store import Database
 from api.store.allocations import Allocations
@@ -28,7 +29,6 @@ from api.store.image_sources import ImageSources
 from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
-from api.telemetry.metrics import CONTROLLER_NAME, Metrics
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
 from controller.host_agent import HostAgent, HostMetrics, Scheduler

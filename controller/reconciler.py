@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from api.instancetypes import Resolution
 from api.store.contracts import AllocationLedger, EventSink, StatusStore
 from api.store.records import EventType, NewEvent, StatusConflict, VMRecord
-from api.telemetry.tracing import span_context_of
+from api.infra.tracing import span_context_of
 from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
 from controller.actions import (
     Action,

@@ -10,7 +10,8 @@ from datetime import timedelta
 import structlog
 from aiohttp import web
 
-from api.credentials import Credentials
+from api.infra.credentials import Credentials
+from api.infra.metrics import Metrics
 from api.server.auth import auth_middleware
 from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits, body_deadline
 from api.server.errors import error_middleware
@@ -27,7 +28,6 @@ from api.store import Database, StateStore, StorageFull, StoreUnavailable, VMSto
 from api.store.db import Clock, utc_now
 from api.store.events import EventLog
 from api.store.sql import FAILURES
-from api.telemetry.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 STALE_LOCK_SCAN_MAX_SECONDS = 60.0

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from api.credentials import Credentials
+from api.infra.credentials import Credentials
+from api.infra.metrics import Metrics
 from api.server.auth import AUTHENTICATOR, Authenticator, auth_middleware, close_authenticator, public_paths
 from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits
 from api.server.errors import error_middleware
@@ -19,7 +20,6 @@ from api.server.hosts import allowed_host_names, host_middleware
 from api.server.keys import CREDENTIALS, DATABASE, METRICS, PUBLIC_PATHS
 from api.server.routes import OPS_ROUTES
 from api.store import Database
-from api.telemetry.metrics import Metrics
 
 
 def create_ops_app(

@@ -34,7 +34,7 @@ from api.store import instancetypes as stored_types
 from api.store import vms
 from api.store.db import Database, Transaction
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
-from api.telemetry.tracing import current_traceparent
+from api.infra.tracing import current_traceparent
 from api.tfstate import (
     DeclaredVM,
     Extraction,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from api.credentials import Credentials
+from api.infra.credentials import Credentials
 from api.server import create_app
 from api.server.connections import (
     CAP_SHARE_OF_FILES,

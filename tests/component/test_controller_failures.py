@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from api.infra.metrics import Metrics
 from api.store import Database, StateStore, open_database
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
-from api.telemetry.metrics import Metrics
 from api.testing.tfstate import encode, vm_state
 from api.tfstate import extract_vms, parse_state
 from api.types import Phase, QemuVMStatus

@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.logs import add_trace_context
-from api.telemetry.metrics import Metrics
+from api.infra.logs import add_trace_context
+from api.infra.metrics import Metrics
 from controller.manager import Controller
 from controller.telemetry import RECONCILE_SPAN
 from tests.component.test_controller_failures import (

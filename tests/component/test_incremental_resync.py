@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from api.store.records import DiskRow, PortRow
-from api.telemetry.metrics import Metrics
+from api.infra.metrics import Metrics
 from api.types import Phase, Protocol, ReclaimPolicy
 from controller.clock import ManualClock
 from controller.layout import DataLayout

@@ -12,14 +12,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.credentials import load_credentials
+from api.infra.credentials import load_credentials
+from api.infra.metrics import CONTROLLER_NAME, Metrics, StoreMetrics
 from api.server import create_app
 from api.server import metrics as metrics_handler
 from api.server.ops import create_ops_app
 from api.settings import ServerSettings
 from api.store import Database, open_database
 from api.store.status_writer import VMStatusWriter
-from api.telemetry.metrics import CONTROLLER_NAME, Metrics, StoreMetrics
 from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
 

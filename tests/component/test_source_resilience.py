@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from api.telemetry.metrics import Metrics
+from api.infra.metrics import Metrics
 from controller.layout import DataLayout
 from controller.sources import SOURCE_RETRY_CAP_SECONDS, SOURCE_RETRY_FIRST_SECONDS, keep_running
 from tests.component.test_controller_failures import controller_on, wait_until, wait_until_async

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from api.credentials import load_credentials
+from api.infra.credentials import load_credentials
 from api.server import create_app
 from api.server.console import serial_log_path
 from api.server.keys import DATABASE, VMS

@@ -25,7 +25,7 @@ from api.state_reader import read_state
 from api.tfstate import extract_vms
 from api.types import FrozenRevision, QemuVMStatus
 from api.vm_columns import VM_TABLE_COLUMNS
-from controller.client.describe import describe_vm
+from api.client.describe import describe_vm
 from controller.instancetypes import revision_events, stamp
 from controller.settings import ServeSettings
 

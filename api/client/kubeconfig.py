@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from api.credentials import hash_password
+from api.infra.credentials import hash_password
 from api.settings import ServerSettings, SettingsError, load_settings
 
 NAME = "tofu-qemu"

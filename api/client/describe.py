@@ -10,7 +10,7 @@ from pydantic.alias_generators import to_camel
 
 from api.humanize import human_duration
 from api.types import PREFERENCE_FIELDS, TYPE_FIELDS, QemuVMSpec
-from controller.client.format import NONE, age, ports, table
+from api.client.format import NONE, age, ports, table
 
 LABEL_WIDTH = 14
 
