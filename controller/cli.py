@@ -32,12 +32,13 @@ from api.client.kubeconfig import add_kubeconfig_command
 from api.infra.credentials import Credentials, CredentialsError, hash_password, load_credentials
 from api.infra.logs import configure_logging
 from api.infra.metrics import Metrics
+from api.infra.settings import SettingsError, SettingsT, load_settings, split_listen
 from api.infra.tracing import TracingConfigError, configure_tracing, shutdown_tracing
 from api.server import create_app
 from api.server.connections import CONNECTION_GUARD, GuardedSite, raise_open_file_limit
 from api.server.ops import create_ops_app
 from api.server.spans import instrument_http_server
-from api.settings import ServerSettings, SettingsError, SettingsT, load_settings, split_listen
+from api.settings import ServerSettings
 from api.store import StoreUnavailable, open_store
 from api.store.backup import Refused, back_up, hold_data_dir, restore
 from api.store.db import DB_FILE_NAME, utc_now

@@ -19,8 +19,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
+from api.infra.health import ReadinessCheck
 from api.infra.metrics import CONTROLLER_NAME, Metrics
-from api.server.health import ReadinessCheck
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog

@@ -11,11 +11,12 @@ import structlog
 from aiohttp import web
 
 from api.infra.credentials import Credentials
+from api.infra.health import ReadinessCheck
 from api.infra.metrics import Metrics
 from api.server.auth import auth_middleware
 from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits, body_deadline
 from api.server.errors import error_middleware
-from api.server.health import ReadinessCheck, database_check_context
+from api.server.health import database_check_context
 from api.server.hosts import allowed_host_names, host_middleware
 from api.server.keys import DATABASE, SETTINGS, STATES, VMS
 from api.server.ops import install_ops

@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.infra.metrics import StoreMetrics
+from api.infra.metrics import ScrapeRefreshed
 from api.server.keys import METRICS
 from api.store.sql import FAILURES
 
@@ -32,7 +32,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _refresh(store: StoreMetrics) -> None:
+async def _refresh(store: ScrapeRefreshed) -> None:
     try:
         async with asyncio.timeout(STORE_REFRESH_TIMEOUT_SECONDS):
             await store.refresh()

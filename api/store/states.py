@@ -29,12 +29,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from api import instancetypes
+from api.infra.tracing import current_traceparent
 from api.publish import SpecChanges
 from api.store import instancetypes as stored_types
 from api.store import vms
 from api.store.db import Database, Transaction
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
-from api.infra.tracing import current_traceparent
 from api.tfstate import (
     DeclaredVM,
     Extraction,

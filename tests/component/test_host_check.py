@@ -11,10 +11,11 @@ from aiohttp.test_utils import TestClient
 
 from api.infra.credentials import Credentials, load_credentials
 from api.infra.metrics import Metrics
+from api.infra.settings import SettingsError, load_settings
 from api.server import create_app
 from api.server.hosts import DEFAULT_HOSTS, allowed_host_names, host_problem
 from api.server.ops import create_ops_app
-from api.settings import ServerSettings, SettingsError, load_settings, parse_allowed_hosts
+from api.settings import ServerSettings, parse_allowed_hosts
 from api.store import Database
 from tests.component.conftest import AUTH, ClientFactory
 

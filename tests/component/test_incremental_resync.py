@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from api.store.records import DiskRow, PortRow
 from api.infra.metrics import Metrics
+from api.store.records import DiskRow, PortRow
 from api.types import Phase, Protocol, ReclaimPolicy
 from controller.clock import ManualClock
 from controller.layout import DataLayout

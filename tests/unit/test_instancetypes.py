@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from api.client.describe import describe_vm
 from api.instancetypes import (
     COMMON_INSTANCE_TYPES,
     Found,
@@ -25,7 +26,6 @@ from api.state_reader import read_state
 from api.tfstate import extract_vms
 from api.types import FrozenRevision, QemuVMStatus
 from api.vm_columns import VM_TABLE_COLUMNS
-from api.client.describe import describe_vm
 from controller.instancetypes import revision_events, stamp
 from controller.settings import ServeSettings
 

@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from api import tfstate
+from api.infra.settings import load_settings
 from api.server import auth, console, watch
-from api.settings import load_settings
 from api.store import states
 from api.types import QemuVMSpec
 from controller import image_gc, plan
