@@ -223,7 +223,6 @@ class Controller:
                     "image-gc",
                     lambda: collect_images_forever(self._db, self._allocations, images, grace=grace),
                 ),
-                self._start_source(tasks, "events-prune", self.events.prune_forever),
                 self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
                 self._start_source(tasks, "host-lease", self.host.renew_forever),
                 self._start_source(tasks, "scheduler", scheduler.run_forever),

@@ -54,7 +54,7 @@ class ProcessSettings(BaseModel):
     log_format: LogFormat = LogFormat.AUTO
     log_level: str = "info"
     # Both the API (its own events) and the controller write the event log, so both know its
-    # retention; whichever runs prunes it.
+    # retention; the process holding the store prunes it (controller/event_pruner.py).
     events_per_vm: int = Field(default=200, ge=1, description="Events kept per VM (the newest)")
     events_max_age_hours: float = Field(default=168.0, gt=0, description="Events older than this are removed")
     # PostgreSQL store (docs/postgres.md): every table on a PostgreSQL server instead of SQLite in
