@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import BenchError, Server, progress
+from _common import BenchError, progress
+from _server import Server
 
 ADOPT_TIMEOUT_S = 180.0
 COUNTERS = (

@@ -11,9 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import (
-    guest_spec,
-)
+from _common import guest_spec
 
 from api.store.db import DB_FILE_NAME
 from api.testing import waiting
