@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 
 import structlog
@@ -80,6 +80,18 @@ def create_app(
     # Watches and console follows end at once on shutdown instead of holding it up.
     install_streams(app)
 
+    app.cleanup_ctx.append(_store_context(settings, database, clock))
+    app.cleanup_ctx.append(database_check_context)
+    app.cleanup_ctx.append(_stale_lock_publisher)
+    return app
+
+
+def _store_context(
+    settings: ServerSettings, database: Database | None, clock: Clock
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The app's store for its lifetime: `database` if given (its caller owns it), else one the
+    app opens on startup and closes on cleanup."""
+
     async def store_context(app: web.Application) -> AsyncIterator[None]:
         owned = database is None
         store = (
@@ -96,10 +108,7 @@ def create_app(
         if owned:
             await store.close()
 
-    app.cleanup_ctx.append(store_context)
-    app.cleanup_ctx.append(database_check_context)
-    app.cleanup_ctx.append(_stale_lock_publisher)
-    return app
+    return store_context
 
 
 async def _stale_lock_publisher(app: web.Application) -> AsyncIterator[None]:
