@@ -27,6 +27,7 @@ from api.server.streams import install_streams
 from api.settings import ServerSettings, parse_allowed_hosts
 from api.store import Database, StateStore, StorageFull, StoreUnavailable, VMStore, open_store
 from api.store.db import Clock, utc_now
+from api.store.sql import FAILURES
 
 log = structlog.get_logger(__name__)
 STALE_LOCK_SCAN_MAX_SECONDS = 60.0
