@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from api.client.describe import describe_vm
+from api.infra.settings import ProcessSettings, SettingsError, load_settings
 from api.instancetypes import (
     COMMON_INSTANCE_TYPES,
     Found,
@@ -21,7 +22,6 @@ from api.instancetypes import (
     resolve,
     revision_of,
 )
-from api.settings import ProcessSettings, SettingsError, load_settings
 from api.state_reader import read_state
 from api.tfstate import extract_vms
 from api.types import FrozenRevision, QemuVMStatus
