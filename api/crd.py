@@ -12,7 +12,7 @@ express fails `hack/gen-crds` instead of producing a CRD that an apiserver rejec
 validates less than it seems to.
 
 The CRD checks shape (types, enums, required fields, list lengths) and the constraints the
-models' own validators publish (api/types.py VALIDATOR_SCHEMAS: ranges such as memory ≥ 16 MiB,
+models' own validators publish (api/spec_fields.py VALIDATOR_SCHEMAS: ranges such as memory ≥ 16 MiB,
 DNS labels, image paths, lengths), so an apiserver with this CRD refuses what tofu-qemu refuses.
 Checks that span fields (unique disk names, something to boot) stay pydantic's alone.
 """
@@ -28,7 +28,8 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaV
 from pydantic_core import core_schema
 
 from api import quantity
-from api.types import API_GROUP, API_VERSION, KIND, VALIDATOR_SCHEMAS, QemuVMSpec, QemuVMStatus
+from api.spec_fields import VALIDATOR_SCHEMAS
+from api.types import API_GROUP, API_VERSION, KIND, QemuVMSpec, QemuVMStatus
 
 VERSION = API_VERSION.removeprefix(f"{API_GROUP}/")
 PLURAL = "qemuvms"

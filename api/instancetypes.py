@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from api.json_body import drop_nulls, nesting_exceeds
+from api.spec_fields import CpuCount, MemoryMiB, Seconds
 from api.types import (
     CLUSTER_INSTANCE_TYPE_KIND,
     CLUSTER_PREFERENCE_KIND,
@@ -29,14 +30,11 @@ from api.types import (
     PREFERENCE_KIND,
     Accel,
     CloudInitSpec,
-    CpuCount,
     FrozenRevision,
     Labels,
     Machine,
-    MemoryMiB,
     QemuVMSpec,
     RunStrategy,
-    Seconds,
     TypeName,
     check_type_name,
     describe_validation_error,

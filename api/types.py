@@ -11,66 +11,49 @@ the canonical spec, and therefore `generation`, depends on meaning, not spelling
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    Strict,
     ValidationError,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
-from api import images, names, quantity
+from api import images, names
+from api.spec_fields import (
+    DISKS_MAX,
+    ERRORS_SHOWN_MAX,
+    FORWARDS_MAX,
+    SSH_KEYS_MAX,
+    CloudInitObject,
+    CloudInitText,
+    CpuCount,
+    DiskMiB,
+    DnsLabel,
+    ImagePath,
+    ImageRef,
+    KernelCmdline,
+    MemoryMiB,
+    Port,
+    Seconds,
+    Sha256Digest,
+    SshAuthorizedKey,
+    UnprivilegedPort,
+    anchored,
+    at_most,
+    publishes,
+)
 
 API_GROUP = "tofu-qemu.dev"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "QemuVM"
-
-MEMORY_MIN_MIB = 16
-MEMORY_MAX_MIB = 1024 * 1024
-DISK_MAX_MIB = 64 * 1024 * 1024
-CPUS_MAX = 64
-STOP_TIMEOUT_MAX_SECONDS = 3600
-DISKS_MAX = 16
-FORWARDS_MAX = 32
-CMDLINE_MAX = 2048
-IMAGE_PATH_MAX = 255
-# cloud-init: AWS allows 16 KiB of user data; a seed ISO has room, a state file and a table less.
-CLOUD_INIT_DATA_MAX = 64 * 1024
-SSH_KEYS_MAX = 32
-SSH_KEY_MAX = 8 * 1024
-# A message lists this many validation errors and counts the rest.
-ERRORS_SHOWN_MAX = 10
-
-
-# The OpenAPI constraints each validator below enforces, by validator function. api/crd.py
-# publishes them in the CRD and the served OpenAPI v3, so a schema-only client (an apiserver
-# with crds/qemuvm.yaml, kubectl explain) refuses the same values. pydantic stays the authority:
-# a constraint here may be looser than its validator (bytes vs characters), never stricter.
-VALIDATOR_SCHEMAS: dict[Callable[..., Any], dict[str, Any]] = {}
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _publishes(**constraints: Any) -> Callable[[_F], _F]:
-    def register(function: _F) -> _F:
-        VALIDATOR_SCHEMAS[function] = constraints
-        return function
-
-    return register
-
-
-def _anchored(*alternatives: str) -> str:
-    return "^(" + "|".join(alternatives) + ")$"
 
 
 class _Model(BaseModel):
@@ -80,160 +63,6 @@ class _Model(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
     )
-
-
-@_publishes(maxLength=names.DNS_LABEL_MAX, pattern=_anchored(names.DNS_LABEL_PATTERN))
-def _check_dns_label(value: str) -> str:
-    problem = names.dns_label_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-# A file name inside the images dir, possibly in sub-folders. Every segment starts with a
-# letter, digit or '_', so '..', '.hidden', '-option' and absolute paths cannot be written,
-# and ',' / '=' (QEMU option syntax) are simply not in the alphabet.
-_IMAGE_PATH_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*"
-_IMAGE_PATH_RE = re.compile(_IMAGE_PATH_PATTERN)
-_DIGEST_PATTERN = "[0-9a-f]{64}"
-_URL_PATTERN = r"https?://\S+"
-
-
-@_publishes(maxLength=IMAGE_PATH_MAX, pattern=_anchored(_IMAGE_PATH_PATTERN))
-def _check_image_path(value: str) -> str:
-    if len(value) > IMAGE_PATH_MAX:
-        raise ValueError(f"must be at most {IMAGE_PATH_MAX} characters")
-    if not _IMAGE_PATH_RE.fullmatch(value):
-        raise ValueError(
-            f"{value[:80]!r} must be a file name inside the images dir: letters, digits, "
-            "'_', '.', '+', '-' and '/' between names; no '..', no leading '/', '.' or '-'"
-        )
-    return value
-
-
-@_publishes(
-    maxLength=max(images.URL_MAX, IMAGE_PATH_MAX),
-    pattern=_anchored(images.SHA256_PREFIX + _DIGEST_PATTERN, _URL_PATTERN, _IMAGE_PATH_PATTERN),
-)
-def _check_image(value: str) -> str:
-    """A file of the images dir, `sha256:<hex>` (the cache), or an http(s) URL."""
-    if value.startswith(images.SHA256_PREFIX):
-        problem = images.digest_problem(value.removeprefix(images.SHA256_PREFIX))
-        if problem:
-            raise ValueError(f"sha256: image: {problem}")
-        return value
-    if images.is_url(value):
-        problem = images.url_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-    return _check_image_path(value)
-
-
-# `.lower()` comes first: "SHA256:" and upper-case hex are accepted.
-@_publishes(pattern=_anchored("([sS][hH][aA]256:)?[0-9a-fA-F]{64}"))
-def _check_digest(value: str) -> str:
-    value = value.lower().removeprefix(images.SHA256_PREFIX)
-    problem = images.digest_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
-
-
-@_publishes(maxLength=CLOUD_INIT_DATA_MAX)
-def _check_cloud_init_text(value: str) -> str:
-    if len(value.encode()) > CLOUD_INIT_DATA_MAX:
-        raise ValueError(f"must be at most {CLOUD_INIT_DATA_MAX // 1024} KiB")
-    if "\x00" in value:
-        raise ValueError("may not contain NUL characters")
-    return value
-
-
-def _check_cloud_init_object(value: dict[str, Any]) -> dict[str, Any]:
-    try:
-        size = len(json.dumps(value, ensure_ascii=False).encode())
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"must be plain JSON data: {err}") from None
-    if size > CLOUD_INIT_DATA_MAX:
-        raise ValueError(f"must be at most {CLOUD_INIT_DATA_MAX // 1024} KiB as JSON")
-    return value
-
-
-_SSH_KEY_PATTERN = r"(ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+( [ -~]*)?"
-_SSH_KEY_RE = re.compile(_SSH_KEY_PATTERN)
-
-
-@_publishes(maxLength=SSH_KEY_MAX, pattern=r"^\s*" + _SSH_KEY_PATTERN + r"\s*$")
-def _check_ssh_key(value: str) -> str:
-    if len(value) > SSH_KEY_MAX:
-        raise ValueError(f"an SSH key may be at most {SSH_KEY_MAX} characters")
-    if not _SSH_KEY_RE.fullmatch(value.strip()):
-        raise ValueError(
-            f'{value[:40]!r}... is not an OpenSSH public key line ("ssh-ed25519 AAAA... comment")'
-        )
-    return value.strip()
-
-
-@_publishes(maxLength=CMDLINE_MAX, pattern="^[ -~]*$")
-def _check_cmdline(value: str) -> str:
-    if len(value) > CMDLINE_MAX:
-        raise ValueError(f"must be at most {CMDLINE_MAX} characters")
-    if any(not (" " <= ch <= "~") for ch in value):
-        raise ValueError("may hold printable ASCII only (no newlines or control characters)")
-    return value
-
-
-def _in_range(low: int, high: int, unit: str) -> AfterValidator:
-    def check(value: int) -> int:
-        if value < low:
-            raise ValueError(f"must be ≥ {low}{unit}")
-        if value > high:
-            raise ValueError(f"must be ≤ {high}{unit}")
-        return value
-
-    VALIDATOR_SCHEMAS[check] = {"minimum": low, "maximum": high}
-    return AfterValidator(check)
-
-
-def _at_most(limit: int, what: str) -> BeforeValidator:
-    """Refuse an over-long collection before its items are validated: pydantic reports every bad
-    item, so 30,000 bad disks would be 30,000 errors and a message megabytes long."""
-
-    def check(value: object) -> object:
-        if isinstance(value, list | tuple | dict) and len(value) > limit:
-            raise ValueError(f"at most {limit} {what} allowed, not {len(value)}")
-        return value
-
-    return BeforeValidator(check)
-
-
-DnsLabel = Annotated[str, AfterValidator(_check_dns_label)]
-ImagePath = Annotated[str, AfterValidator(_check_image_path)]
-ImageRef = Annotated[str, AfterValidator(_check_image)]
-Sha256Digest = Annotated[str, AfterValidator(_check_digest)]
-CloudInitText = Annotated[str, AfterValidator(_check_cloud_init_text)]
-CloudInitObject = Annotated[dict[str, Any], AfterValidator(_check_cloud_init_object)]
-SshAuthorizedKey = Annotated[str, AfterValidator(_check_ssh_key)]
-KernelCmdline = Annotated[str, AfterValidator(_check_cmdline)]
-MemoryMiB = Annotated[
-    int,
-    BeforeValidator(quantity.parse_mebibytes, json_schema_input_type=int | str),
-    _in_range(MEMORY_MIN_MIB, MEMORY_MAX_MIB, " MiB"),
-]
-DiskMiB = Annotated[
-    int,
-    BeforeValidator(quantity.parse_mebibytes, json_schema_input_type=int | str),
-    _in_range(1, DISK_MAX_MIB, " MiB"),
-]
-Seconds = Annotated[
-    int,
-    BeforeValidator(quantity.parse_seconds, json_schema_input_type=int | str),
-    _in_range(0, STOP_TIMEOUT_MAX_SECONDS, " s"),
-]
-# Strict: "80" or 80.0 in a manifest is a mistake worth reporting, not a value to coerce.
-Port = Annotated[int, Strict(), _in_range(1, 65535, "")]
-UnprivilegedPort = Annotated[int, Strict(), _in_range(1024, 65535, "")]
-CpuCount = Annotated[int, Strict(), _in_range(1, CPUS_MAX, "")]
 
 
 class Machine(StrEnum):
@@ -316,7 +145,7 @@ class PortForward(_Model):
 
 
 class NetworkSpec(_Model):
-    forwards: Annotated[tuple[PortForward, ...], _at_most(FORWARDS_MAX, "forwards")] = Field(
+    forwards: Annotated[tuple[PortForward, ...], at_most(FORWARDS_MAX, "forwards")] = Field(
         default=(), max_length=FORWARDS_MAX
     )
 
@@ -372,7 +201,7 @@ class CloudInitSpec(_Model):
     network_config: CloudInitObject | None = Field(
         default=None, description="network-config (version 1 or 2), as an object"
     )
-    ssh_authorized_keys: Annotated[tuple[SshAuthorizedKey, ...], _at_most(SSH_KEYS_MAX, "SSH keys")] = Field(
+    ssh_authorized_keys: Annotated[tuple[SshAuthorizedKey, ...], at_most(SSH_KEYS_MAX, "SSH keys")] = Field(
         default=(), max_length=SSH_KEYS_MAX, description="Public keys for the default user"
     )
 
@@ -388,7 +217,7 @@ TYPE_NAME_PATTERN = "[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?"
 _TYPE_NAME_RE = re.compile(TYPE_NAME_PATTERN)
 
 
-@_publishes(maxLength=TYPE_NAME_MAX, pattern=_anchored(TYPE_NAME_PATTERN))
+@publishes(maxLength=TYPE_NAME_MAX, pattern=anchored(TYPE_NAME_PATTERN))
 def check_type_name(value: str) -> str:
     if not _TYPE_NAME_RE.fullmatch(value):
         raise ValueError(
@@ -424,7 +253,7 @@ class QemuVMSpec(_Model):
     accel: Accel = Accel.AUTO
     run_strategy: RunStrategy = RunStrategy.ALWAYS
     boot: BootSpec | None = None
-    disks: Annotated[tuple[DiskSpec, ...], _at_most(DISKS_MAX, "disks")] = Field(
+    disks: Annotated[tuple[DiskSpec, ...], at_most(DISKS_MAX, "disks")] = Field(
         default=(), max_length=DISKS_MAX
     )
     network: NetworkSpec = NetworkSpec()
@@ -510,7 +339,7 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
-Labels = Annotated[dict[str, str], _at_most(names.LABELS_MAX, "labels"), AfterValidator(_check_labels)]
+Labels = Annotated[dict[str, str], at_most(names.LABELS_MAX, "labels"), AfterValidator(_check_labels)]
 
 
 class ManifestMetadata(_Model):

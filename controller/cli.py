@@ -1,7 +1,7 @@
 """The `tofu-qemu` command: servers, store maintenance, and a kubectl-like client.
 
 The composition root for the servers: it wires settings, store, HTTP server and controller
-together. The client commands (get, describe, logs, ...) live in controller/client/.
+together. The client commands (get, describe, logs, ...) live in api/client/.
 
 Flags are generated from the settings model, so every setting has a flag, an environment variable
 and a config-file key of the same name (see api/settings.py).
@@ -27,21 +27,23 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from api.credentials import Credentials, CredentialsError, hash_password, load_credentials
-from api.logs import configure_logging
+from api.client.commands import add_client_commands
+from api.client.kubeconfig import add_kubeconfig_command
+from api.infra.credentials import Credentials, CredentialsError, hash_password, load_credentials
+from api.infra.logs import configure_logging
+from api.infra.metrics import Metrics
+from api.infra.settings import SettingsError, SettingsT, load_settings, split_listen
+from api.infra.tracing import TracingConfigError, configure_tracing, shutdown_tracing
 from api.server import create_app
 from api.server.connections import CONNECTION_GUARD, GuardedSite, raise_open_file_limit
 from api.server.ops import create_ops_app
 from api.server.spans import instrument_http_server
-from api.settings import ServerSettings, SettingsError, SettingsT, load_settings, split_listen
+from api.settings import ServerSettings
 from api.store import StoreUnavailable, open_store
 from api.store.backup import Refused, back_up, hold_data_dir, restore
 from api.store.db import DB_FILE_NAME, utc_now
 from api.store.files import PRIVATE_DIR_MODE, PRIVATE_UMASK, UnsafeDataDir, secure_data_dir
-from api.telemetry.metrics import Metrics
-from api.telemetry.tracing import TracingConfigError, configure_tracing, shutdown_tracing
-from controller.client.commands import add_client_commands
-from controller.client.kubeconfig import add_kubeconfig_command
+from controller.event_pruner import prune_events_until
 from controller.layout import DataLayout
 from controller.manager import Controller
 from controller.settings import ControllerSettings, ServeSettings
@@ -224,12 +226,16 @@ def _http_setup(settings: ServerSettings) -> _HttpSetup:
     return _HttpSetup(credentials, ssl_context)
 
 
-async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup | None) -> None:
-    """Run the HTTP server and/or the controller on one store until SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+async def _run(
+    settings: ServerSettings | ControllerSettings, http: _HttpSetup | None, stop: asyncio.Event | None = None
+) -> None:
+    """Run the HTTP server and/or the controller on one store, and the store's one event pruner,
+    until SIGINT or SIGTERM (or, for tests, until `stop` is set)."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
     database = await open_store(settings.data_dir, database_url=settings.database_url)
     metrics = Metrics()
     controller = (
@@ -238,6 +244,7 @@ async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup |
     checks = controller.readiness_checks() if controller is not None else {}
     try:
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(prune_events_until(stop, database, settings, metrics), name="events-prune")
             if isinstance(settings, ServerSettings) and http is not None:
                 app = create_app(
                     settings,
@@ -245,8 +252,6 @@ async def _run(settings: ServerSettings | ControllerSettings, http: _HttpSetup |
                     database=database,
                     metrics=metrics,
                     readiness_checks=checks,
-                    # The controller prunes the event log itself when it runs here.
-                    prune_events=controller is None,
                 )
                 tasks.create_task(
                     _serve_http(app, settings.host, settings.port, http.ssl_context, stop), name="http"

@@ -19,7 +19,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
-from api.server.health import ReadinessCheck
+from api.infra.health import ReadinessCheck
+from api.infra.metrics import CONTROLLER_NAME, Metrics
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
@@ -28,7 +29,6 @@ from api.store.image_sources import ImageSources
 from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
-from api.telemetry.metrics import CONTROLLER_NAME, Metrics
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
 from controller.host_agent import HostAgent, HostMetrics, Scheduler
@@ -130,7 +130,6 @@ class Controller:
                 guest_nice=self._settings.guest_nice,
                 exit_detected=self._metrics.vm_exit_detect_seconds.observe,
             )
-            boots = BootSpans(self._metrics)
             tpms = Swtpm(clock=self._clock, wake=self.queue.add)
             images = ImageCache(
                 images_dir=self._layout.images_dir,
@@ -142,92 +141,8 @@ class Controller:
                 egress=self._settings.image_egress,
             )
             await images.load()
-            executor = Executor(
-                hypervisor=runtime,
-                ports=PortAllocator(
-                    self._allocations, first=first, last=last, address=self._settings.forward_address
-                ),
-                disks=DiskManager(self._allocations, disks_dir=self._layout.disks_root),
-                objects=self._objects,
-                clock=self._clock,
-                boots=boots,
-                images=images,
-                nvram=NvramManager(self._allocations),
-                tpms=tpms,
-            )
-            instance_types = InstanceTypeCatalog.of(self._db, self._settings)
-            reconciler = Reconciler(
-                objects=self._objects,
-                allocations=self._allocations,
-                hypervisor=runtime,
-                executor=executor,
-                accel=AccelResolver(
-                    images_dir=self._layout.images_dir, cache_file=self._settings.resolved_accel_cache
-                ),
-                layout=self._layout,
-                clock=self._clock,
-                boots=boots,
-                quotas=QuotaGate(
-                    self._db,
-                    self._settings.quotas,
-                    port_range=self._settings.ports,
-                    clock=self._clock,
-                    sizes=instance_types,
-                ),
-                memory_reserve_mib=self._settings.memory_reserve_mib,
-                storage_reserve_mib=self._settings.storage_reserve_mib,
-                # No timed look at running VMs: the liveness pass wakes the few that must be asked.
-                liveness_period=None,
-                forward_address=self._settings.forward_address,
-                images=images,
-                shutting_down=lambda: self._shutting_down,
-                restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
-                instance_types=instance_types,
-                tpms=tpms,
-            )
-            grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
-            sources = [
-                self._start_source(
-                    tasks,
-                    "watch-store",
-                    lambda: watch_store(self._db, self._objects, self.queue, self._projects),
-                ),
-                self._start_source(
-                    tasks,
-                    "resync",
-                    lambda: resync_forever(
-                        self._objects,
-                        self._allocations,
-                        self._layout,
-                        self.queue,
-                        self._projects,
-                        interval=self._settings.resync_seconds,
-                        finished=self._resync_finished,
-                        choose=self._incremental_resync(runtime),
-                    ),
-                ),
-                self._start_source(
-                    tasks,
-                    "liveness",
-                    lambda: watch_liveness(
-                        runtime,
-                        period=self._settings.liveness_seconds,
-                        wake=self.queue.add,
-                        asked=self._metrics.liveness_asks_total.inc,
-                    ),
-                ),
-                tasks.create_task(self._beat(), name="heartbeat"),
-                self._start_source(
-                    tasks,
-                    "image-gc",
-                    lambda: collect_images_forever(self._db, self._allocations, images, grace=grace),
-                ),
-                self._start_source(tasks, "events-prune", self.events.prune_forever),
-                self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
-                self._start_source(tasks, "host-lease", self.host.renew_forever),
-                self._start_source(tasks, "scheduler", scheduler.run_forever),
-                *self._placement_wakeups(tasks),
-            ]
+            reconciler = self._reconciler(runtime, images, tpms, ports=(first, last))
+            sources = self._start_sources(tasks, runtime, images, scheduler)
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
                 for index in range(self._settings.workers)
@@ -235,17 +150,123 @@ class Controller:
             log.info("controller_started", workers=len(workers), data_dir=str(self._settings.data_dir))
             await stop.wait()
             log.info("controller_stopping")
-            if self._settings.stop_vms_on_exit:
-                await self._stop_vms(runtime)
-            self.queue.shut_down()
-            _, unfinished = await asyncio.wait(workers, timeout=DRAIN_SECONDS)
-            for worker in unfinished:
-                worker.cancel()
-            for source in sources:
-                source.cancel()
-            await images.close()
-            await runtime.close()
-            await tpms.close()
+            await self._shut_down(runtime, images, tpms, workers, sources)
+
+    def _reconciler(
+        self, runtime: Runtime, images: ImageCache, tpms: Swtpm, *, ports: tuple[int, int]
+    ) -> Reconciler:
+        """The reconcile pass and its executor, on this controller's store, runtime and images."""
+        boots = BootSpans(self._metrics)
+        first, last = ports
+        executor = Executor(
+            hypervisor=runtime,
+            ports=PortAllocator(
+                self._allocations, first=first, last=last, address=self._settings.forward_address
+            ),
+            disks=DiskManager(self._allocations, disks_dir=self._layout.disks_root),
+            objects=self._objects,
+            clock=self._clock,
+            boots=boots,
+            images=images,
+            nvram=NvramManager(self._allocations),
+            tpms=tpms,
+        )
+        instance_types = InstanceTypeCatalog.of(self._db, self._settings)
+        quotas = QuotaGate(
+            self._db,
+            self._settings.quotas,
+            port_range=self._settings.ports,
+            clock=self._clock,
+            sizes=instance_types,
+        )
+        return Reconciler(
+            objects=self._objects,
+            allocations=self._allocations,
+            hypervisor=runtime,
+            executor=executor,
+            accel=AccelResolver(
+                images_dir=self._layout.images_dir, cache_file=self._settings.resolved_accel_cache
+            ),
+            layout=self._layout,
+            clock=self._clock,
+            boots=boots,
+            quotas=quotas,
+            memory_reserve_mib=self._settings.memory_reserve_mib,
+            storage_reserve_mib=self._settings.storage_reserve_mib,
+            # No timed look at running VMs: the liveness pass wakes the few that must be asked.
+            liveness_period=None,
+            forward_address=self._settings.forward_address,
+            images=images,
+            shutting_down=lambda: self._shutting_down,
+            restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
+            instance_types=instance_types,
+            tpms=tpms,
+        )
+
+    def _start_sources(
+        self, tasks: asyncio.TaskGroup, runtime: Runtime, images: ImageCache, scheduler: Scheduler
+    ) -> list[asyncio.Task[None]]:
+        """What runs beside the workers: the sources that queue keys (store commits, the resync,
+        the liveness pass, placements), the heartbeat /readyz watches, the image cache's garbage
+        collection, the usage sampler, this host's lease and the scheduler."""
+        grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
+
+        def resync() -> Coroutine[Any, Any, None]:
+            return resync_forever(
+                self._objects,
+                self._allocations,
+                self._layout,
+                self.queue,
+                self._projects,
+                interval=self._settings.resync_seconds,
+                finished=self._resync_finished,
+                choose=self._incremental_resync(runtime),
+            )
+
+        def liveness() -> Coroutine[Any, Any, None]:
+            return watch_liveness(
+                runtime,
+                period=self._settings.liveness_seconds,
+                wake=self.queue.add,
+                asked=self._metrics.liveness_asks_total.inc,
+            )
+
+        return [
+            self._start_source(
+                tasks, "watch-store", lambda: watch_store(self._db, self._objects, self.queue, self._projects)
+            ),
+            self._start_source(tasks, "resync", resync),
+            self._start_source(tasks, "liveness", liveness),
+            tasks.create_task(self._beat(), name="heartbeat"),
+            self._start_source(
+                tasks,
+                "image-gc",
+                lambda: collect_images_forever(self._db, self._allocations, images, grace=grace),
+            ),
+            self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
+            self._start_source(tasks, "host-lease", self.host.renew_forever),
+            self._start_source(tasks, "scheduler", scheduler.run_forever),
+            *self._placement_wakeups(tasks),
+        ]
+
+    async def _shut_down(
+        self,
+        runtime: Runtime,
+        images: ImageCache,
+        tpms: Swtpm,
+        workers: list[asyncio.Task[None]],
+        sources: list[asyncio.Task[None]],
+    ) -> None:
+        """Drain, then cancel, then let go: stop the VMs first only if the settings say so."""
+        if self._settings.stop_vms_on_exit:
+            await self._stop_vms(runtime)
+        self.queue.shut_down()
+        _, unfinished = await asyncio.wait(workers, timeout=DRAIN_SECONDS)
+        for task in [*unfinished, *sources]:
+            task.cancel()
+        await images.close()
+        await runtime.close()
+        await tpms.close()
 
     def _usage_sampler(self, runtime: Runtime) -> UsageSampler:
         def running() -> dict[str, int]:

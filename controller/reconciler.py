@@ -25,10 +25,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
+from api.infra.tracing import span_context_of
 from api.instancetypes import Resolution
 from api.store.contracts import AllocationLedger, StatusStore
 from api.store.records import EventType, NewEvent, StatusConflict, VMRecord
-from api.telemetry.tracing import span_context_of
 from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
 from controller.actions import (
     Action,

@@ -13,7 +13,7 @@ from pathlib import PurePath
 
 import structlog
 
-from api.telemetry.metrics import Metrics
+from api.infra.metrics import Metrics
 from controller.clock import Clock
 from controller.layout import DataLayout
 from controller.qemu import process

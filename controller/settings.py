@@ -13,7 +13,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from api.hosts import host_name_problem, parse_host_labels
-from api.settings import ProcessSettings, ServerSettings, split_listen
+from api.infra.settings import ProcessSettings, split_listen
+from api.settings import ServerSettings
 from controller.admission import Quota, Quotas, parse_project_quotas, parse_quota
 from controller.images.egress import EgressPolicy, parse_networks
 from controller.images.fetch import FetchLimits

@@ -20,7 +20,7 @@ import time
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from api.telemetry.metrics import CONTROLLER_NAME, Metrics
+from api.infra.metrics import CONTROLLER_NAME, Metrics
 
 TRACER = trace.get_tracer("tofu_qemu.controller")
 RECONCILE_SPAN = "reconcile QemuVM"

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 
 import structlog
 from aiohttp import web
 
-from api.credentials import Credentials
+from api.infra.credentials import Credentials
+from api.infra.health import ReadinessCheck
+from api.infra.metrics import Metrics
 from api.server.auth import auth_middleware
 from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits, body_deadline
 from api.server.errors import error_middleware
-from api.server.health import ReadinessCheck, database_check_context
+from api.server.health import database_check_context
 from api.server.hosts import allowed_host_names, host_middleware
 from api.server.keys import DATABASE, SETTINGS, STATES, VMS
 from api.server.ops import install_ops
@@ -25,9 +27,7 @@ from api.server.streams import install_streams
 from api.settings import ServerSettings, parse_allowed_hosts
 from api.store import Database, StateStore, StorageFull, StoreUnavailable, VMStore, open_store
 from api.store.db import Clock, utc_now
-from api.store.events import EventLog
 from api.store.sql import FAILURES
-from api.telemetry.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 STALE_LOCK_SCAN_MAX_SECONDS = 60.0
@@ -41,7 +41,6 @@ def create_app(
     database: Database | None = None,
     metrics: Metrics | None = None,
     readiness_checks: Mapping[str, ReadinessCheck] | None = None,
-    prune_events: bool = True,
 ) -> web.Application:
     """Build the server. Without `database` the app opens the store on startup and closes it
     on cleanup; with one (shared with the controller in `serve`) the caller owns it.
@@ -50,8 +49,8 @@ def create_app(
     /metrics with the store's gauges. /readyz checks that the store is writable plus every
     check in `readiness_checks`; more may be added to app[READINESS_CHECKS] later.
 
-    `prune_events`: keep the event log within its retention here (off when a controller in the
-    same process does it).
+    The app never prunes the event log: the process that holds the store does, once
+    (controller/event_pruner.py).
     """
     metrics = metrics if metrics is not None else Metrics()
     limits = ConnectionLimits.of(settings)
@@ -82,6 +81,18 @@ def create_app(
     # Watches and console follows end at once on shutdown instead of holding it up.
     install_streams(app)
 
+    app.cleanup_ctx.append(_store_context(settings, database, clock))
+    app.cleanup_ctx.append(database_check_context)
+    app.cleanup_ctx.append(_stale_lock_publisher)
+    return app
+
+
+def _store_context(
+    settings: ServerSettings, database: Database | None, clock: Clock
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The app's store for its lifetime: `database` if given (its caller owns it), else one the
+    app opens on startup and closes on cleanup."""
+
     async def store_context(app: web.Application) -> AsyncIterator[None]:
         owned = database is None
         store = (
@@ -98,28 +109,7 @@ def create_app(
         if owned:
             await store.close()
 
-    app.cleanup_ctx.append(store_context)
-    app.cleanup_ctx.append(database_check_context)
-    app.cleanup_ctx.append(_stale_lock_publisher)
-    if prune_events:
-        app.cleanup_ctx.append(_event_pruner)
-    return app
-
-
-async def _event_pruner(app: web.Application) -> AsyncIterator[None]:
-    """Own the background task that keeps the event log within its retention."""
-    settings = app[SETTINGS]
-    events = EventLog(app[DATABASE], per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
-    task = asyncio.create_task(events.prune_forever(), name="events-prune")
-    yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except (ValueError, *FAILURES) as err:
-        # A store its owner closed first (the caller's, in `serve` and tests): nothing to prune.
-        log.info("events_prune_stopped", error=str(err))
+    return store_context
 
 
 async def _stale_lock_publisher(app: web.Application) -> AsyncIterator[None]:

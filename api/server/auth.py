@@ -37,12 +37,12 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from api.credentials import Credentials, VerifiedCache
+from api.infra.credentials import Credentials, VerifiedCache
+from api.infra.metrics import Metrics
 from api.server.client_cert import client_certificate_user
 from api.server.errors import Handler, status_response
 from api.server.keys import PUBLIC_PATHS, SETTINGS
 from api.server.throttle import FailureThrottle, Limit
-from api.telemetry.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})

@@ -21,7 +21,7 @@ from api.server.errors import BadRequest
 from api.server.keys import METRICS, STATES
 from api.state_reader import read_state
 from api.store import LockConflict
-from api.store.states import LockInfo, unlock_id
+from api.store.lock_info import LockInfo, unlock_id
 from api.tfstate import Extraction, StateFormatError, StateSummary
 
 log = structlog.get_logger(__name__)

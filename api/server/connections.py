@@ -37,9 +37,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from api.infra.metrics import Metrics
 from api.server.errors import Handler, status_body, status_response
 from api.settings import ServerSettings
-from api.telemetry.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 CAP_SHARE_OF_FILES = 2  # connections take at most 1/CAP_SHARE_OF_FILES of RLIMIT_NOFILE

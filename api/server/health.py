@@ -2,32 +2,30 @@
 reasons; a readiness check must never put a secret or a path in its reason.
 
 /healthz answers while the event loop runs. /readyz answers 200 only when the store takes a
-write transaction and every check registered under READINESS_CHECKS passes, each within
-CHECK_TIMEOUT_SECONDS; checks run concurrently, so one that hangs costs no more than that.
+write transaction and every check registered under READINESS_CHECKS passes (run by
+api/infra/health.py: concurrently, each within its timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
 
+from api.infra.health import ReadinessCheck, run_checks
 from api.server.errors import status_response
 from api.server.keys import DATABASE, METRICS
 from api.store import Database
+from api.store.metrics import attach_store_metrics
 from api.store.sql import FAILURES
 
 log = structlog.get_logger(__name__)
 
-ReadinessCheck = Callable[[], Awaitable[str | None]]
-"""A readiness check: None when fine, else a short reason. It may be cancelled on timeout."""
-
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, ReadinessCheck])
 DATABASE_CHECK = "database"
-CHECK_TIMEOUT_SECONDS = 2.0
 
 
 async def healthz(_request: web.Request) -> web.StreamResponse:
@@ -35,9 +33,7 @@ async def healthz(_request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
-    checks = request.app[READINESS_CHECKS].copy()
-    reasons = await asyncio.gather(*(_run_check(name, check) for name, check in checks.items()))
-    results = dict(zip(checks, reasons, strict=True))
+    results = await run_checks(request.app[READINESS_CHECKS].copy())
     failed = {name: reason for name, reason in results.items() if reason is not None}
     report = {name: reason or "ok" for name, reason in results.items()}
     if not failed:
@@ -46,18 +42,6 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     # The error body every route answers with (a Status object), plus which checks failed and why.
     body = json.loads(status_response(503, message).text or "{}")
     return web.json_response({**body, "failed": failed, "checks": report}, status=503)
-
-
-async def _run_check(name: str, check: ReadinessCheck) -> str | None:
-    try:
-        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
-            return await check()
-    except TimeoutError:
-        return f"no answer within {CHECK_TIMEOUT_SECONDS:g}s"
-    except Exception as err:
-        # A check is someone else's code: its bug makes the process not ready, not the probe fail.
-        log.exception("readiness_check_crashed", check=name)
-        return f"check failed: {type(err).__name__}"
 
 
 class WritableProbe:
@@ -95,7 +79,7 @@ class WritableProbe:
 async def database_check_context(app: web.Application) -> AsyncIterator[None]:
     """Register the store's writability check and export its gauges; runs after app[DATABASE]
     is set."""
-    app[METRICS].attach_store(app[DATABASE])
+    attach_store_metrics(app[METRICS], app[DATABASE])
     probe = WritableProbe(app[DATABASE])
     app[READINESS_CHECKS][DATABASE_CHECK] = probe.check
     yield

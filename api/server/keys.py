@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from api.credentials import Credentials
+from api.infra.credentials import Credentials
+from api.infra.metrics import Metrics
 from api.settings import ServerSettings
 from api.store import Database, StateStore, VMStore
-from api.telemetry.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", ServerSettings)
 CREDENTIALS = web.AppKey("credentials", Credentials)

@@ -14,9 +14,9 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.infra.metrics import ScrapeRefreshed
 from api.server.keys import METRICS
 from api.store.sql import FAILURES
-from api.telemetry.metrics import StoreMetrics
 
 log = structlog.get_logger(__name__)
 STORE_REFRESH_TIMEOUT_SECONDS = 5.0
@@ -32,7 +32,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _refresh(store: StoreMetrics) -> None:
+async def _refresh(store: ScrapeRefreshed) -> None:
     try:
         async with asyncio.timeout(STORE_REFRESH_TIMEOUT_SECONDS):
             await store.refresh()

@@ -10,16 +10,17 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from api.credentials import Credentials
+from api.infra.credentials import Credentials
+from api.infra.health import ReadinessCheck
+from api.infra.metrics import Metrics
 from api.server.auth import AUTHENTICATOR, Authenticator, auth_middleware, close_authenticator, public_paths
 from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits
 from api.server.errors import error_middleware
-from api.server.health import READINESS_CHECKS, ReadinessCheck, database_check_context
+from api.server.health import READINESS_CHECKS, database_check_context
 from api.server.hosts import allowed_host_names, host_middleware
 from api.server.keys import CREDENTIALS, DATABASE, METRICS, PUBLIC_PATHS
 from api.server.routes import OPS_ROUTES
 from api.store import Database
-from api.telemetry.metrics import Metrics
 
 
 def create_ops_app(
@@ -37,7 +38,7 @@ def create_ops_app(
 
     /readyz checks that `database` is writable plus every check in `readiness_checks`; more
     may be added to app[READINESS_CHECKS] later. The store gauges of `database` are exported
-    on `metrics` (Metrics.attach_store).
+    on `metrics` (api/store/metrics.py).
     """
     guard = ConnectionGuard(ConnectionLimits.of(), listener="ops", metrics=metrics)
     app = web.Application(

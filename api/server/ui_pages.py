@@ -4,11 +4,12 @@ Invariants:
 - Every value that reaches the page goes through `_e` (html.escape with quotes), in text and in
   attributes alike. Lock info is arbitrary client JSON, labels and console text are free text:
   none of it is ever trusted. URLs are built from path segments quoted with `_seg`.
-- No inline script or style: the pages load /ui/static/app.js and style.css only, so the
+- No inline script or style: the pages load the module /ui/static/app.js (which imports its
+  parts from the same folder) and style.css only, so the
   Content-Security-Policy `default-src 'self'` holds. The script finds what it needs in
   `data-*` attributes.
 - The first paint is complete without JavaScript; the script upgrades it (live rows, actions).
-  The list columns here and `vmCells` in app.js compute the same text: change both together.
+  The list columns here and `vmCells` in vm_table.js compute the same text: change both together.
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ def project_href(project: str) -> str:
     return f"/ui/projects/{_seg(project)}"
 
 
-# ---- Small formatters (app.js has the same; ages come from api/humanize.py) ---------------
+# ---- Small formatters (dom.js has the same; ages come from api/humanize.py) ---------------
 
 
 def _time(at: datetime | None, *, now: datetime, suffix: str = " ago") -> str:
     """A <time> with the ISO instant as its machine value and title, and the age as text.
-    app.js keeps the age current (data-age holds the suffix)."""
+    dom.js keeps the age current (data-age holds the suffix)."""
     if at is None:
         return NONE
     iso = at.isoformat()
@@ -89,7 +90,7 @@ def layout(title: str, body: str, *, page: str, data: Mapping[str, str] | None =
 <title>{_e(title)} · tofu-qemu</title>
 <link rel="icon" href="{STATIC}/favicon.svg" type="image/svg+xml">
 <link rel="stylesheet" href="{STATIC}/style.css">
-<script src="{STATIC}/app.js" defer></script>
+<script type="module" src="{STATIC}/app.js"></script>
 </head>
 <body data-page="{_e(page)}" data-api="{K8S_API}"{attrs}>
 <header>
@@ -208,8 +209,8 @@ def condition_row(condition: Condition, *, now: datetime) -> str:
 
 
 def trace_cell(trace_id: str | None, template: str | None) -> str:
-    """A link to the trace when there is a template (eventRows in app.js builds the same),
-    else the id with a Copy button that app.js wires up."""
+    """A link to the trace when there is a template (eventRows in vm_page.js builds the same),
+    else the id with a Copy button that actions.js wires up."""
     if not trace_id:
         return NONE
     url = trace_url(template, trace_id)
@@ -298,7 +299,7 @@ def _vm_summary(vm: QemuVM, *, now: datetime) -> str:
 
 def console_text(raw: str) -> str:
     """Serial output made readable: terminal escapes and control characters other than
-    newline and tab removed (app.js does the same). Escaping for HTML is the caller's."""
+    newline and tab removed (dom.js does the same). Escaping for HTML is the caller's."""
     return _CONTROL_RE.sub("", _ANSI_RE.sub("", raw.replace("\r\n", "\n")))
 
 

@@ -18,7 +18,8 @@ from api.store.errors import (
     StoreError,
     StoreUnavailable,
 )
-from api.store.states import LockInfo, StateStore
+from api.store.lock_info import LockInfo
+from api.store.states import StateStore
 from api.store.vms import VMStore
 
 __all__ = [

@@ -24,12 +24,12 @@ from datetime import datetime, timedelta
 import structlog
 from opentelemetry import trace
 
+from api.infra.tracing import span_context_of
 from api.store.db import Database, Transaction
 from api.store.records import EventType as EventType
 from api.store.records import NewEvent as NewEvent
 from api.store.sql import FAILURES
 from api.store.sql import Row as ResultRow
-from api.telemetry.tracing import span_context_of
 
 log = structlog.get_logger(__name__)
 # A message is for people reading a table: QEMU's stderr or a long error is cut, and says so.

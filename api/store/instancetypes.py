@@ -22,8 +22,8 @@ from api.store.db import Database, Transaction
 from api.store.vms import ADDRESS_ANNOTATION, next_resource_versions
 from api.types import API_VERSION, CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND, INSTANCE_TYPE_KIND
 
-if TYPE_CHECKING:  # api.settings imports the store
-    from api.settings import ProcessSettings
+if TYPE_CHECKING:  # api.infra.settings imports the store's URL check
+    from api.infra.settings import ProcessSettings
 
 _COLUMNS = (
     "project, kind, name, address, labels, spec, spec_error, revision, generation, created_at,"

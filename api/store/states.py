@@ -28,86 +28,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from api import instancetypes
+from api.infra.tracing import current_traceparent
 from api.publish import SpecChanges
 from api.store import instancetypes as stored_types
 from api.store import vms
 from api.store.db import Database, Transaction
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
-from api.telemetry.tracing import current_traceparent
+from api.store.lock_info import LockInfo, who_and_operation
+from api.store.publishing import encode_extraction, publish_version
 from api.tfstate import (
-    DeclaredVM,
     Extraction,
     ExtractionProblem,
-    StateFormatError,
     StateSummary,
-    load_json,
-    nesting_exceeds,
 )
 
-ENCRYPTED_NOTE = (
-    "specs unreadable: state is encrypted client-side (OpenTofu encryption_version {version}); "
-    "VM specs cannot be extracted, existing VMs are left as they are"
-)
-LOCK_INFO_MAX_BYTES = 64 * 1024
 # Current state bodies kept in memory for GET (Terraform reads before every plan and apply).
 CACHED_BODY_BYTES = 256 * 1024 * 1024
-LOCK_INFO_DEPTH_MAX = 8
-
-
-@dataclass(frozen=True, slots=True)
-class LockInfo:
-    """A LOCK request body: JSON lock info, kept verbatim for conflict answers."""
-
-    id: str
-    raw: bytes
-    who: str
-    operation: str
-
-    @classmethod
-    def parse(cls, body: bytes) -> LockInfo:
-        """:raise ValueError: if the body is not a lock info object with a non-empty ID."""
-        if len(body) > LOCK_INFO_MAX_BYTES:
-            raise ValueError(f"lock info is larger than {LOCK_INFO_MAX_BYTES} bytes")
-        document = _load_lock_json(body, what="lock info")
-        if not isinstance(document, dict) or not isinstance(document.get("ID"), str) or not document["ID"]:
-            raise ValueError("lock info must be a JSON object with a non-empty string 'ID'")
-        return cls(
-            id=document["ID"],
-            raw=body,
-            who=str(document.get("Who") or ""),
-            operation=str(document.get("Operation") or ""),
-        )
-
-
-def unlock_id(body: bytes) -> str | None:
-    """The lock ID an UNLOCK names, or None for a force-unlock (docs/backend.md#force-unlock).
-
-    Terraform and OpenTofu < 1.10 send an empty body; OpenTofu >= 1.10 sends the ID the user
-    typed with zero-valued other fields, which can be checked like any other ID.
-
-    :raise ValueError: if a non-empty body is not a JSON object.
-    """
-    if not body.strip():
-        return None
-    document = _load_lock_json(body, what="unlock body")
-    if not isinstance(document, dict):
-        raise ValueError("unlock body must be a JSON object")
-    lock_id = document.get("ID")
-    return lock_id if isinstance(lock_id, str) and lock_id else None
-
-
-def _load_lock_json(body: bytes, *, what: str) -> Any:
-    """Lock info is one flat object in both clients. A stored lock body is parsed again on every
-    later write and served by the API, so its depth is bounded here, and so is what SQLite and
-    the logs cannot hold (load_json: unpaired surrogates, huge integers).
-
-    :raise StateFormatError: (a ValueError) saying what is wrong.
-    """
-    document = load_json(body, what=what)
-    if nesting_exceeds(document, LOCK_INFO_DEPTH_MAX):
-        raise StateFormatError(f"{what} is nested more than {LOCK_INFO_DEPTH_MAX} levels deep")
-    return document
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,36 +193,24 @@ class StateStore:
                     raise LockMismatch(bytes(holder_info))
             if self._strict_lineage:
                 await _check_lineage(conn, row["current_version"], summary)
-            who, operation = _who_and_operation(holder_info)
-            inserted = await conn.fetchone(
-                "INSERT INTO state_versions (project, serial, lineage, md5, size, created_at, lock_id,"
-                " lock_who, lock_operation, encryption_version, body, extraction)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (
-                    project,
-                    summary.serial,
-                    summary.lineage,
-                    digest,
-                    len(body),
-                    now.isoformat(),
-                    lock_id,
-                    who,
-                    operation,
-                    summary.encryption_version,
-                    body,
-                    # Kept only while the version may still need publishing (written under a
-                    # lock); an unlocked write is published right here from memory.
-                    _encode_extraction(extraction)
-                    if extraction is not None and holder_id is not None
-                    else None,
-                ),
+            # The extraction is kept only while the version may still need publishing (written
+            # under a lock); an unlocked write is published right here from memory.
+            kept = encode_extraction(extraction) if extraction is not None and holder_id is not None else None
+            version = await _insert_version(
+                conn,
+                project,
+                summary,
+                body,
+                digest=digest,
+                now=now,
+                lock_id=lock_id,
+                holder_info=holder_info,
+                extraction=kept,
             )
-            assert inserted is not None
-            version = int(inserted[0])
             await conn.execute("UPDATE projects SET current_version = ? WHERE name = ?", (version, project))
             published = None
             if holder_id is None:
-                published = await _publish(conn, project, version, now, extraction=extraction)
+                published = await publish_version(conn, project, version, now, extraction=extraction)
             await _drop_old_versions(conn, project, keep=self._history_limit)
         self._bodies.put(
             project,
@@ -375,7 +299,7 @@ class StateStore:
                 (project,),
             )
             if row["current_version"] is not None and row["current_version"] != row["published_version"]:
-                await _publish(conn, project, row["current_version"], now)
+                await publish_version(conn, project, row["current_version"], now)
             return bytes(row["lock_info"])
 
     async def publish_stale_locks(self, max_age: timedelta) -> list[str]:
@@ -396,7 +320,7 @@ class StateStore:
             )
             stale = [(str(name), int(version)) for name, version in rows]
             for project, version in stale:
-                await _publish(conn, project, version, now)
+                await publish_version(conn, project, version, now)
         return [project for project, _ in stale]
 
     async def list_versions(self, project: str) -> list[VersionInfo]:
@@ -476,6 +400,43 @@ class StateStore:
         )
 
 
+async def _insert_version(
+    conn: Transaction,
+    project: str,
+    summary: StateSummary,
+    body: bytes,
+    *,
+    digest: str,
+    now: datetime,
+    lock_id: str | None,
+    holder_info: bytes | None,
+    extraction: str | None,
+) -> int:
+    """Store `body` as a new version of `project`, with who held the lock; returns its id."""
+    who, operation = who_and_operation(holder_info)
+    inserted = await conn.fetchone(
+        "INSERT INTO state_versions (project, serial, lineage, md5, size, created_at, lock_id,"
+        " lock_who, lock_operation, encryption_version, body, extraction)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (
+            project,
+            summary.serial,
+            summary.lineage,
+            digest,
+            len(body),
+            now.isoformat(),
+            lock_id,
+            who,
+            operation,
+            summary.encryption_version,
+            body,
+            extraction,
+        ),
+    )
+    assert inserted is not None
+    return int(inserted[0])
+
+
 async def _drop_old_versions(conn: Transaction, project: str, *, keep: int) -> int:
     """Delete all but the `keep` newest versions, the current and the published; return how many."""
     deleted = await conn.execute(
@@ -520,93 +481,3 @@ async def _check_lineage(conn: Transaction, current_version: int | None, new: St
             f"strict_lineage: stored state has serial {serial} (lineage {lineage}), "
             f"the write has the lower serial {new.serial} (lineage {new.lineage})"
         )
-
-
-async def _publish(
-    conn: Transaction,
-    project: str,
-    version: int,
-    now: datetime,
-    *,
-    extraction: Extraction | None = None,
-) -> SpecChanges | None:
-    """Make `version` the published one and apply its declared VMs to the VM objects.
-
-    `extraction` is the version's, when the caller has it in memory; otherwise it is read back.
-    """
-    row = await conn.fetchone(
-        "SELECT serial, encryption_version, extraction FROM state_versions WHERE id = ?", (version,)
-    )
-    assert row is not None, "a published version is never removed by retention"
-    serial, encryption_version, encoded = row
-    await conn.execute("UPDATE projects SET published_version = ? WHERE name = ?", (version, project))
-    if encryption_version is not None:
-        await conn.execute(
-            "UPDATE projects SET specs_note = ? WHERE name = ?",
-            (ENCRYPTED_NOTE.format(version=encryption_version), project),
-        )
-        return None
-    if extraction is None:
-        extraction, trace = _decode_extraction(encoded)
-    else:
-        trace = current_traceparent()
-    await conn.execute(
-        "UPDATE projects SET specs_note = NULL, spec_problems = ? WHERE name = ?",
-        (json.dumps([{"address": p.address, "message": p.message} for p in extraction.problems]), project),
-    )
-    changes = await vms.apply_declared(
-        conn, project=project, declared=extraction.vms, serial=serial, now=now, trace=trace
-    )
-    await stored_types.apply_declared(conn, project=project, declared=extraction.types, now=now)
-    return changes
-
-
-def _who_and_operation(lock_info: bytes | None) -> tuple[str | None, str | None]:
-    if lock_info is None:
-        return None, None
-    info = LockInfo.parse(bytes(lock_info))
-    return info.who, info.operation
-
-
-def _encode_extraction(extraction: Extraction) -> str:
-    return json.dumps(
-        {
-            "vms": [
-                {
-                    "name": vm.name,
-                    "address": vm.address,
-                    "labels": vm.labels,
-                    "spec": vm.spec,
-                    "error": vm.error,
-                    "specHash": vm.spec_hash,
-                }
-                for vm in extraction.vms
-            ],
-            "problems": [{"address": p.address, "message": p.message} for p in extraction.problems],
-            "types": instancetypes.encode_declared(extraction.types),
-            # The write's request: publishing at UNLOCK links the VMs to the POST, not the UNLOCK.
-            "trace": current_traceparent(),
-        },
-        separators=(",", ":"),
-    )
-
-
-def _decode_extraction(encoded: str) -> tuple[Extraction, str | None]:
-    """The stored extraction and the traceparent of the write that stored it."""
-    document = json.loads(encoded)
-    extraction = Extraction(
-        vms=tuple(
-            DeclaredVM(
-                name=vm["name"],
-                address=vm["address"],
-                labels=vm["labels"],
-                spec=vm["spec"],
-                error=vm["error"],
-                spec_hash=vm["specHash"],
-            )
-            for vm in document["vms"]
-        ),
-        problems=tuple(ExtractionProblem(p["address"], p["message"]) for p in document["problems"]),
-        types=instancetypes.decode_declared(document.get("types", [])),
-    )
-    return extraction, document.get("trace")

@@ -101,6 +101,37 @@ class ProcStat:
     parent_pid: int
     start_ticks: int
 
+    @property
+    def is_running(self) -> bool:
+        """Not a zombie: a PID 1 that reaps orphans lazily leaves /proc/PID of a dead process."""
+        return self.state not in ("Z", "X")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """A process as pid plus /proc start time, so a reused pid is never taken for the same process."""
+
+    pid: int
+    start_ticks: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity | None:
+        """The identity of the process `pid` now, or None if there is no such process."""
+        stat = read_stat(pid)
+        return None if stat is None else cls(pid, stat.start_ticks)
+
+    @property
+    def is_running(self) -> bool:
+        """This very process still runs (not a zombie, not a later one that reuses the pid)."""
+        stat = read_stat(self.pid)
+        return stat is not None and stat.is_running and stat.start_ticks == self.start_ticks
+
+
+def is_running_process(pid: int) -> bool:
+    """Some process `pid` runs (not a zombie), whichever it is."""
+    stat = read_stat(pid)
+    return stat is not None and stat.is_running
+
 
 def read_stat(pid: int) -> ProcStat | None:
     """State and start time of `pid` from /proc, or None if there is no such process."""
@@ -121,6 +152,7 @@ def read_stat(pid: int) -> ProcStat | None:
 
 
 def read_cmdline(pid: int) -> tuple[str, ...] | None:
+    """The argv of `pid` from /proc, or None if there is no such process."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -148,8 +180,7 @@ def is_alive_and_ours(record: LaunchRecord, *, identity_proven: bool = False) ->
     `identity_proven`: the cmdline was checked already and the PID is pinned (a pidfd is held),
     so only liveness is left to check.
     """
-    stat = read_stat(record.pid)
-    if stat is None or stat.state in ("Z", "X") or stat.start_ticks != record.start_ticks:
+    if not ProcessIdentity(record.pid, record.start_ticks).is_running:
         return False
     return identity_proven or read_cmdline(record.pid) == record.argv
 
@@ -307,11 +338,7 @@ def read_wait_status(runtime: RuntimePaths, pid: int) -> WaitStatus | None:
 
 def supervisor_alive(record: LaunchRecord) -> bool:
     """The supervisor the launch record names still runs (so it will record QEMU's exit)."""
-    if record.supervisor is None:
-        return False
-    pid, start_ticks = record.supervisor
-    stat = read_stat(pid)
-    return stat is not None and stat.state not in ("Z", "X") and stat.start_ticks == start_ticks
+    return record.supervisor is not None and ProcessIdentity(*record.supervisor).is_running
 
 
 def record_exit(runtime: RuntimePaths, record: LaunchRecord, *, now: datetime) -> WaitStatus | None:

@@ -1,6 +1,5 @@
-"""The QEMU implementation of the Hypervisor Protocol (controller/hypervisor.py).
-
-The live QEMU processes this controller watches: exit via pidfd, events and commands via QMP.
+"""The QEMU implementation of the Hypervisor Protocol (controller/hypervisor.py): the live QEMU
+processes this controller watches, exit via pidfd, events and commands via QMP.
 
 Every process of ours, spawned or adopted, gets one attachment: a pidfd reader that notices the
 exit within milliseconds (also for processes this controller is not the parent of), and one QMP

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import BenchError, Server, progress
+from _common import BenchError, progress
+from _server import Server
 
 ADOPT_TIMEOUT_S = 180.0
 COUNTERS = (
@@ -104,8 +105,28 @@ def report(
 ) -> dict[str, Any]:
     """Print the per-100-VM figures of this tree's server, beside the baseline's if measured."""
     columns = [("this tree", new)] + ([("baseline", base)] if base is not None else [])
+    rows = _rows(columns, resync_of, vms)
+    _print_rows(rows, len(columns), vms=vms, resync_period=resync_period)
+    if base is not None:
+        print(f"baseline: the code of {tree}")
+    figures: dict[str, Any] = {label: values for label, values in rows.items()}
+    if base is not None:
+        figures["projected_default_pct_per_100"] = _print_projection(
+            resync_of(new.window), resync_of(base.window), vms
+        )
+    print(
+        "foreign load (other processes, cores): "
+        + ", ".join(f"{name} {measured.window.foreign_cores:.2f}" for name, measured in columns)
+    )
+    figures["foreign_cores"] = [measured.window.foreign_cores for _, measured in columns]
+    return figures
+
+
+def _rows(
+    columns: list[tuple[str, Measured]], resync_of: Callable[[Any], Any], vms: int
+) -> dict[str, list[float]]:
+    """Each row's value per column: CPU and resync cost per 100 VMs, and the controller's counters."""
     rows: dict[str, list[float]] = {}
-    full_pass_cpu = resync_of(base.window).cpu_s if base is not None else None
     for _, measured in columns:
         window, resync = measured.window, resync_of(measured.window)
         rows.setdefault("CPU, % of a core per 100 VMs (schedstat)", []).append(per_100(window.oncpu_pct, vms))
@@ -127,9 +148,13 @@ def report(
         rows["resync keys queued / skipped"].append(
             measured.counted.get('tofu_qemu_resync_keys_total{outcome="skipped"}', float("nan"))
         )
+    return rows
+
+
+def _print_rows(rows: dict[str, list[float]], columns: int, *, vms: int, resync_period: float) -> None:
     print()
     print(f"Per 100 VMs ({vms} measured, resync every {resync_period:g} s), side by side in one run:")
-    print(f"{'':46}" + "".join(f"{name:>14}" for name in ("this tree", "baseline")[: len(columns)]))
+    print(f"{'':46}" + "".join(f"{name:>14}" for name in ("this tree", "baseline")[:columns]))
     for label, values in rows.items():
         if label == "resync keys queued / skipped":
             cells = [f"{values[i]:.0f}/{values[i + 1]:.0f}" for i in range(0, len(values), 2)]
@@ -138,28 +163,21 @@ def report(
         else:
             cells = [f"{value:.3f}" for value in values]
         print(f"{label:46}" + "".join(f"{cell:>14}" for cell in cells))
-    if base is not None:
-        print(f"baseline: the code of {tree}")
-    figures: dict[str, Any] = {label: values for label, values in rows.items()}
-    new_resync = resync_of(new.window)
-    if full_pass_cpu is not None:
-        # At the defaults: the background, an incremental pass every 30 s, and a full pass (as
-        # costly as the baseline's every-VM pass, which it is) every 300 s.
-        projected = new_resync.background_cpu_pct + 100 * (
-            new_resync.cpu_s / 30.0 + full_pass_cpu / FULL_RESYNC_DEFAULT_S
-        )
-        figures["projected_default_pct_per_100"] = per_100(projected, vms)
-        print(
-            f"{'projected at the defaults, % per 100 VMs':46}{per_100(projected, vms):>14.3f}"
-            f"{per_100(resync_of(base.window).projected_default_pct, vms) if base else 0.0:>14.3f}"
-        )
-        print(
-            "  (this tree: background + its pass / 30 s + a full pass, costed as the baseline's pass, "
-            "/ 300 s; baseline: background + its pass / 30 s)"
-        )
-    print(
-        "foreign load (other processes, cores): "
-        + ", ".join(f"{name} {measured.window.foreign_cores:.2f}" for name, measured in columns)
+
+
+def _print_projection(new_resync: Any, base_resync: Any, vms: int) -> float:
+    """This tree's CPU at the default periods, per 100 VMs, printed beside the baseline's."""
+    # At the defaults: the background, an incremental pass every 30 s, and a full pass (as
+    # costly as the baseline's every-VM pass, which it is) every 300 s.
+    projected = new_resync.background_cpu_pct + 100 * (
+        new_resync.cpu_s / 30.0 + base_resync.cpu_s / FULL_RESYNC_DEFAULT_S
     )
-    figures["foreign_cores"] = [measured.window.foreign_cores for _, measured in columns]
-    return figures
+    print(
+        f"{'projected at the defaults, % per 100 VMs':46}{per_100(projected, vms):>14.3f}"
+        f"{per_100(base_resync.projected_default_pct, vms):>14.3f}"
+    )
+    print(
+        "  (this tree: background + its pass / 30 s + a full pass, costed as the baseline's pass, "
+        "/ 300 s; baseline: background + its pass / 30 s)"
+    )
+    return per_100(projected, vms)

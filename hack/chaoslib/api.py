@@ -7,7 +7,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from _common import http_request, project_vms
+from _common import (
+    http_request,
+    project_vms,
+)
 
 from chaoslib.basics import HTTP_TIMEOUT_S, ChaosError
 

@@ -9,9 +9,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from _common import (
-    percentile,
-)
+from _common import percentile
 
 FAULT_KINDS = ("kill", "stop", "rmdir", "rmsock")
 # The "VM" of a QEMU whose VM could not be told from its command line and runtime dir.

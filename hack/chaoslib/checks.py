@@ -11,11 +11,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import (
-    guest_spec,
-)
+from _common import guest_spec
 
 from api.store.db import DB_FILE_NAME
+from api.testing import waiting
 from api.testing.tfstate import LINEAGE, encode, vm_state
 from chaoslib.api import Api, phase_of, pid_of, restarts_of
 from chaoslib.audit import Audit, audit, integrity_check
@@ -65,12 +64,12 @@ def claim_project(api: Api, project: str) -> Declared:
 
 
 def wait_until(check: Callable[[], bool], *, timeout: float, what: str, every: float = POLL_S) -> float:
-    """Poll `check` until true. Returns seconds taken. :raise ChaosError: timeout."""
+    """Poll `check` until true (api.testing.waiting). Returns seconds taken. :raise ChaosError: timeout."""
     started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise ChaosError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
+    try:
+        waiting.wait_until(check, timeout=timeout, what=what, interval=every)
+    except waiting.WaitTimeout as err:
+        raise ChaosError(f"timed out waiting for {err}") from None
     return time.monotonic() - started
 
 

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import (
-    ServerLog,
-    server_layout,
-)
+from _common import server_layout
+from _server import ServerLog
 
 from chaoslib.api import Api, phase_of, pid_of, ready_message, restarts_of
 from chaoslib.basics import (

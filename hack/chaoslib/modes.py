@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from _common import (
-    Workspace,
     free_port,
     install_guest,
-    is_alive,
 )
+from _workspace import Workspace
 
 from api.store.db import DB_FILE_NAME
 from chaoslib.api import Api, authorization_from_env
@@ -26,6 +25,7 @@ from chaoslib.basics import PROCESS_EXIT_TIMEOUT_S, SPAWN_USER, START_TIMEOUT_S,
 from chaoslib.checks import wait_until
 from chaoslib.faults import Target
 from chaoslib.processes import Controller, Launch, start_process
+from controller.qemu.process import is_running_process
 
 
 @contextlib.contextmanager
@@ -97,7 +97,7 @@ def server_target(args: argparse.Namespace) -> Target:
         raise UsageError(f"{data_dir} holds no {DB_FILE_NAME}: --data-dir must be the server's data dir")
     controller, log_path = None, args.controller_log
     if args.controller_pid is not None:
-        if not is_alive(args.controller_pid):
+        if not is_running_process(args.controller_pid):
             raise UsageError(f"--controller-pid {args.controller_pid} is not a running process")
         launch = None
         if args.controller_cmd:

@@ -16,14 +16,16 @@ from pathlib import Path
 
 from _common import (
     REPO_ROOT,
-    is_alive,
-    qemu_processes,
     server_layout,
 )
+from _procfs import qemu_processes
 
 from chaoslib.basics import PROCESS_EXIT_TIMEOUT_S, UNKNOWN_VM
 from controller.qemu.argv import RuntimePaths
-from controller.qemu.process import read_cmdline
+from controller.qemu.process import (
+    is_running_process,
+    read_cmdline,
+)
 
 
 def qemu_uid(pid: int, run_root: Path) -> str | None:
@@ -51,7 +53,7 @@ def qemus_by_uid(data_dir: Path) -> dict[str, list[int]]:
 
 
 def is_qemu_of(pid: int, uid: str, run_root: Path) -> bool:
-    return is_alive(pid) and qemu_uid(pid, run_root) == uid
+    return is_running_process(pid) and qemu_uid(pid, run_root) == uid
 
 
 def runtime_problem(runtime: RuntimePaths, pid: int) -> str | None:
@@ -103,7 +105,7 @@ def wait_gone(pid: int, child: subprocess.Popen[bytes] | None) -> None:
         child.wait(PROCESS_EXIT_TIMEOUT_S)
         return
     deadline = time.monotonic() + PROCESS_EXIT_TIMEOUT_S
-    while is_alive(pid) and time.monotonic() < deadline:
+    while is_running_process(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -148,7 +150,11 @@ class Controller:
         if not self._cmdline:
             return None
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and read_cmdline(int(entry)) == self._cmdline and is_alive(int(entry)):
+            if (
+                entry.isdigit()
+                and read_cmdline(int(entry)) == self._cmdline
+                and is_running_process(int(entry))
+            ):
                 return int(entry)
         return None
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from api.credentials import load_credentials
+from api.infra.credentials import load_credentials
 from api.server import create_app
 from api.settings import ServerSettings
 from api.store import Database, StateStore, VMStore, open_store

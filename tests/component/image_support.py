@@ -225,12 +225,3 @@ def partials(images_dir: Path) -> list[Path]:
 def has_partial_bytes(images_dir: Path) -> bool:
     found = partials(images_dir)
     return bool(found) and found[0].stat().st_size > 0
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll a condition the server's progress makes true (there is no event to wait on)."""
-    for _ in range(int(WAIT_SECONDS / POLL_SECONDS)):
-        if condition():
-            return
-        await asyncio.sleep(POLL_SECONDS)
-    raise AssertionError(f"not true within {WAIT_SECONDS} s")

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from api.credentials import load_credentials
+from api.infra.credentials import load_credentials
 from api.server import create_app
 from api.server.routes import document
 from api.server.streams import install_streams

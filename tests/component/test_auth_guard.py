@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from structlog.testing import capture_logs
 
-from api.credentials import Credentials, hash_password, load_credentials
+from api.infra.credentials import Credentials, hash_password, load_credentials
 from api.server import create_app
 from api.server.auth import AUTHENTICATOR, VERIFIED_TTL_SECONDS, Authenticator
 from api.server.keys import METRICS

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from api.credentials import load_credentials
+from api.infra.credentials import load_credentials
 from api.server.app import create_app
 from api.settings import ServerSettings
 from tests.component.conftest import FakeClock

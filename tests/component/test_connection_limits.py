@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from api.credentials import Credentials
+from api.infra.credentials import Credentials
 from api.server import create_app
 from api.server.connections import (
     CAP_SHARE_OF_FILES,
@@ -24,7 +24,7 @@ from api.server.connections import (
     connection_cap,
 )
 from api.settings import ServerSettings
-from tests.component.test_controller_failures import wait_until
+from api.testing.waiting import wait_until_async
 from tests.sockets import closed_within
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -120,7 +120,7 @@ async def test_at_the_cap_the_oldest_idle_connection_makes_room_for_a_probe(
     guard = app[CONNECTION_GUARD]
     assert guard.cap == 4
     half_sent = [await _open(port, HALF_A_REQUEST) for _ in range(4)]
-    await wait_until(lambda: guard.open_count == 4)
+    await wait_until_async(lambda: guard.open_count == 4)
     reader, _writer = await _open(
         port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )

@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from api.infra.metrics import Metrics
 from api.store import Database, StateStore, open_database
 from api.store.allocations import Allocations
 from api.store.status_writer import VMStatusWriter
-from api.telemetry.metrics import Metrics
 from api.testing.tfstate import encode, vm_state
+from api.testing.waiting import wait_until_async
 from api.tfstate import extract_vms, parse_state
 from api.types import Phase, QemuVMStatus
 from controller.manager import Controller
@@ -62,25 +63,11 @@ class Harness:
         raise AssertionError(f"no VM named {name}")
 
     async def wait_for(self, name: str, check: Callable[[QemuVMStatus], bool]) -> QemuVMStatus:
-        _, status = await wait_until_async(lambda: self.status_of(name), lambda found: check(found[1]))
-        return status
+        async def matching() -> QemuVMStatus | None:
+            _, status = await self.status_of(name)
+            return status if check(status) else None
 
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(DEADLINE_SECONDS):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.05)
-
-
-async def wait_until_async(read: Callable[[], Awaitable[T]], condition: Callable[[T], bool]) -> T:
-    async with asyncio.timeout(DEADLINE_SECONDS):
-        while True:
-            value = await read()
-            if condition(value):
-                return value
-            await asyncio.sleep(0.05)
+        return await wait_until_async(matching, what=f"VM {name}'s status")
 
 
 @pytest.fixture
@@ -211,7 +198,7 @@ async def test_stale_runtime_dir_of_an_unknown_vm_is_removed(harness: Harness) -
             }
         )
     )
-    await wait_until(lambda: not orphan.exists())
+    await wait_until_async(lambda: not orphan.exists())
 
 
 async def test_deleting_a_crash_looping_vm_releases_everything(harness: Harness) -> None:
@@ -220,6 +207,10 @@ async def test_deleting_a_crash_looping_vm_releases_everything(harness: Harness)
     uid, _ = await harness.status_of("web")
     await harness.wait_for("web", lambda s: s.failures >= 2)
     await harness.declare({})
-    await wait_until_async(lambda: harness.objects.get(uid), lambda record: record is None)
+    await wait_until_async(lambda: _gone(harness, uid), what="the object removed")
     assert await harness.allocations.ports() == []
     assert not (harness.settings.data_dir / "run" / uid).exists()
+
+
+async def _gone(harness: Harness, uid: str) -> bool:
+    return await harness.objects.get(uid) is None

@@ -18,18 +18,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.logs import add_trace_context
-from api.telemetry.metrics import Metrics
+from api.infra.logs import add_trace_context
+from api.infra.metrics import Metrics
+from api.testing.waiting import wait_until_async
 from controller.manager import Controller
 from controller.telemetry import RECONCILE_SPAN
-from tests.component.test_controller_failures import (
-    SPEC,
-    Harness,
-    controller_on,
-    fake_qemu,
-    wait_until,
-    wait_until_async,
-)
+from tests.component.test_controller_failures import SPEC, Harness, controller_on, fake_qemu
 
 __all__ = ["fake_qemu"]  # a fixture used by this module's tests
 
@@ -102,7 +96,7 @@ async def test_reconcile_spans_link_to_the_write_and_hold_the_spawn(
     uid, _ = await harness.status_of("web")
     await harness.wait_for("web", lambda s: s.failures >= 1)
     # Status is written inside the reconcile (its events are recorded after): wait for its span.
-    await wait_until(
+    await wait_until_async(
         lambda: any(
             c.name == "spawn"
             for r in reconciles_of(spans.get_finished_spans(), uid)
@@ -138,7 +132,7 @@ async def test_a_failed_boot_ends_its_boot_span_with_an_error(
     harness, _ = traced
     await harness.declare({"web": SPEC})
     uid, _ = await harness.status_of("web")
-    await wait_until(lambda: any(s.name == "boot QemuVM" for s in spans.get_finished_spans()))
+    await wait_until_async(lambda: any(s.name == "boot QemuVM" for s in spans.get_finished_spans()))
     boot = next(s for s in spans.get_finished_spans() if s.name == "boot QemuVM")
     assert (boot.attributes or {})["tofu_qemu.uid"] == uid
     assert boot.status.status_code is trace.StatusCode.ERROR

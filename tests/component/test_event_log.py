@@ -14,8 +14,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from api.store import Database, StateStore
 from api.store.events import MESSAGE_MAX_BYTES, EventLog, EventRecord, EventType, NewEvent
 from api.testing.tfstate import vm_state
+from api.testing.waiting import wait_until_async
 from tests.component.conftest import FakeClock
-from tests.component.test_controller_failures import SPEC, Harness, controller_on, fake_qemu, wait_until_async
+from tests.component.test_controller_failures import SPEC, Harness, controller_on, fake_qemu
 from tests.component.test_store_states import lock_info, write
 
 __all__ = ["fake_qemu"]  # a fixture used by this module's tests

@@ -8,11 +8,11 @@ import asyncio
 from api.store import Database, StateStore, VMStore
 from api.store.status_writer import VMStatusWriter
 from api.testing.tfstate import vm_state
+from api.testing.waiting import wait_until_async
 from controller.clock import LoopClock
 from controller.project_index import NO_PROJECT, ProjectIndex
 from controller.queue import WorkQueue
 from controller.sources import watch_store
-from tests.component.test_controller_failures import wait_until
 from tests.component.test_store_states import write
 
 FLOOD = 2000
@@ -26,9 +26,9 @@ async def test_a_late_project_is_handed_out_second_after_a_flood(
     watcher = asyncio.create_task(watch_store(db, VMStatusWriter(db), queue, projects))
     try:
         await write(states, vm_state(1, {f"vm-{n}": dict() for n in range(FLOOD)}), project="a")
-        await wait_until(lambda: len(queue) >= FLOOD)
+        await wait_until_async(lambda: len(queue) >= FLOOD)
         await write(states, vm_state(1, {"late": dict()}), project="b")
-        await wait_until(lambda: len(queue) >= FLOOD + 1)
+        await wait_until_async(lambda: len(queue) >= FLOOD + 1)
     finally:
         watcher.cancel()
     [late] = await vms.list_records(project="b")

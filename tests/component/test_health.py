@@ -9,13 +9,15 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.credentials import load_credentials
-from api.server import create_app, health
-from api.server.health import READINESS_CHECKS, ReadinessCheck
+from api.infra import health
+from api.infra.credentials import load_credentials
+from api.infra.health import ReadinessCheck
+from api.infra.metrics import Metrics
+from api.server import create_app
+from api.server.health import READINESS_CHECKS
 from api.server.ops import create_ops_app
 from api.settings import ServerSettings
 from api.store import Database
-from api.telemetry.metrics import Metrics
 from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
 

@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.credentials import Credentials, load_credentials
+from api.infra.credentials import Credentials, load_credentials
+from api.infra.metrics import Metrics
+from api.infra.settings import SettingsError, load_settings
 from api.server import create_app
 from api.server.hosts import DEFAULT_HOSTS, allowed_host_names, host_problem
 from api.server.ops import create_ops_app
-from api.settings import ServerSettings, SettingsError, load_settings, parse_allowed_hosts
+from api.settings import ServerSettings, parse_allowed_hosts
 from api.store import Database
-from api.telemetry.metrics import Metrics
 from tests.component.conftest import AUTH, ClientFactory
 
 LOOPBACK_ONLY = allowed_host_names("127.0.0.1", frozenset())

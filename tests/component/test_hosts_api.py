@@ -10,14 +10,14 @@ from typing import Any, cast
 import pytest
 from aiohttp.test_utils import TestClient
 
+from api.client.connection import ClientError, Connection
+from api.client.hosts import HOST_COLUMNS, get_hosts, host_row, host_status
 from api.hosts import Resources
 from api.server.keys import DATABASE
 from api.store.allocations import Allocations, DiskRow
 from api.store.hosts import Hosts, Registration
 from api.testing.tfstate import encode, vm_state
 from api.types import ReclaimPolicy
-from controller.client.connection import ClientError, Connection
-from controller.client.hosts import HOST_COLUMNS, get_hosts, host_row, host_status
 from tests.component.conftest import AUTH, FakeClock
 
 Client = TestClient[Any, Any]

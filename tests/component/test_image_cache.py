@@ -12,6 +12,7 @@ from pathlib import Path
 from api.images import CachedImage, RemoteImage
 from api.store import Database
 from api.store.image_sources import ImageSources
+from api.testing.waiting import wait_until_async
 from controller.clock import ManualClock
 from controller.images import ImageCache
 from controller.images.cache import partial_name
@@ -29,7 +30,6 @@ from tests.component.image_support import (
     has_partial_bytes,
     partials,
     remote,
-    wait_until,
 )
 from tests.component.image_support import cache as cache  # fixtures, re-exported for pytest
 from tests.component.image_support import images_dir as images_dir
@@ -226,7 +226,7 @@ async def test_close_cancels_a_running_download_and_keeps_the_partial(
     """close() ends a stalled download at once; the partial stays and nothing is cached."""
     server.stall_after = 2 * 1024 * 1024
     cache.fetch(remote(server), waiter="vm-1")
-    await wait_until(lambda: has_partial_bytes(images_dir))
+    await wait_until_async(lambda: has_partial_bytes(images_dir))
     lookup = cache.lookup(remote(server))
     assert (lookup.state, lookup.reason) == (ImageState.FETCHING, "ImageDownloading")
     assert "% of 3.0 MiB" in lookup.message
@@ -283,7 +283,7 @@ async def test_sidecar_and_explicit_digest_share_one_download(
     server.stall_after = 1024
     cache.fetch(remote(server), waiter="vm-1")
     cache.fetch(remote(server, None), waiter="vm-2")
-    await wait_until(lambda: server.sidecar_gets > 0)
+    await wait_until_async(lambda: server.sidecar_gets > 0)
     server.release.set()
     while len(woken.uids) < 2:
         await woken.wait()
@@ -358,7 +358,7 @@ async def test_gc_never_touches_a_download_in_progress(
     """The partial of a running download stays, however old it looks."""
     server.stall_after = 2 * 1024 * 1024
     cache.fetch(remote(server), waiter="vm-1")
-    await wait_until(lambda: has_partial_bytes(images_dir))
+    await wait_until_async(lambda: has_partial_bytes(images_dir))
     [partial] = partials(images_dir)
     old = manual_clock.now().timestamp() - 7200
     os.utime(partial, (old, old))

@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from api.images import RemoteImage
+from api.testing.waiting import wait_until_async
 from controller.clock import ManualClock
 from controller.images import ImageCache
 from controller.images.cache import partial_name
@@ -27,7 +28,6 @@ from tests.component.image_support import (
     partials,
     remote,
     serving,
-    wait_until,
 )
 from tests.component.image_support import cache as cache  # fixtures, re-exported for pytest
 from tests.component.image_support import images_dir as images_dir
@@ -51,13 +51,13 @@ async def test_a_stalled_url_claiming_a_digest_holds_back_no_other_url(
         hostage.stall_after = 1024
         mine = RemoteImage(hostage.url, DIGEST)
         cache.fetch(mine, waiter="vm-a")
-        await wait_until(lambda: hostage.image_gets == 1)
+        await wait_until_async(lambda: hostage.image_gets == 1)
 
         theirs = remote(server)
         lookup = await fetched(cache, woken, theirs, waiter="vm-b")
         assert lookup.state is ImageState.READY
         assert server.image_gets == 1
-        await wait_until(lambda: len(woken.uids) == 2)
+        await wait_until_async(lambda: len(woken.uids) == 2)
         assert sorted(woken.uids) == ["vm-a", "vm-b"]
         assert cache.lookup(mine).state is ImageState.READY
         assert (images_dir / "sha256" / DIGEST).read_bytes() == IMAGE
@@ -71,7 +71,7 @@ async def test_a_lookup_shows_only_its_own_url(cache: ImageCache, server: ImageS
         first, second = remote(server), RemoteImage(other.url, DIGEST)
         cache.fetch(first, waiter="vm-a")
         cache.fetch(second, waiter="vm-b")
-        await wait_until(lambda: server.image_gets == other.image_gets == 1)
+        await wait_until_async(lambda: server.image_gets == other.image_gets == 1)
         assert server.url in cache.lookup(first).message
         assert other.url not in cache.lookup(first).message
         assert other.url in cache.lookup(second).message
@@ -132,13 +132,13 @@ async def test_downloads_beyond_the_cap_wait_for_a_slot(
         other.sidecar = f"{hashlib.sha256(other.body).hexdigest()}  disk.img\n"
         server.stall_after = 1024
         cache.fetch(remote(server), waiter="vm-1")
-        await wait_until(lambda: server.image_gets == 1)
+        await wait_until_async(lambda: server.image_gets == 1)
         cache.fetch(second, waiter="vm-2")
         lookup = cache.lookup(second)
         assert lookup.message == f"{other.url}: waiting for one of the 1 download slots"
         assert (other.sidecar_gets, other.image_gets) == (0, 0)
         server.release.set()
-        await wait_until(lambda: len(woken.uids) == 2)
+        await wait_until_async(lambda: len(woken.uids) == 2)
         assert cache.lookup(second).state is ImageState.READY
         assert (other.sidecar_gets, other.image_gets) == (1, 1)
 
@@ -180,7 +180,7 @@ async def test_free_space_counts_what_running_downloads_still_need(
     (tiny_tmpfs / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - len(IMAGE) - 2**19))
     server.stall_after = 1024
     cache.fetch(remote(server), waiter="vm-1")
-    await wait_until(lambda: server.image_gets == 1)
+    await wait_until_async(lambda: server.image_gets == 1)
     async with serving() as other:
         other.body = os.urandom(len(IMAGE))
         second = RemoteImage(other.url, hashlib.sha256(other.body).hexdigest())

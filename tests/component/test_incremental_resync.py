@@ -15,15 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from api.infra.metrics import Metrics
 from api.store.records import DiskRow, PortRow
-from api.telemetry.metrics import Metrics
+from api.testing.waiting import wait_until_async
 from api.types import Phase, Protocol, ReclaimPolicy
 from controller.clock import ManualClock
 from controller.layout import DataLayout
 from controller.qemu import process
 from controller.resync_inputs import IncrementalResync
 from controller.sources import Inventory
-from tests.component.test_controller_failures import controller_on, fake_qemu, wait_until
+from tests.component.test_controller_failures import controller_on, fake_qemu
 
 __all__ = ["fake_qemu"]  # a fixture used by this module's tests
 
@@ -148,7 +149,7 @@ async def test_the_controller_skips_a_settled_vm_and_still_finds_a_new_orphan(
         await harness.declare({"bad": {"memory": -1}})
         await harness.wait_for("bad", lambda status: status.phase is Phase.INVALID)
         settled = skipped_keys(metrics)
-        await wait_until(lambda: skipped_keys(metrics) >= settled + 2)
+        await wait_until_async(lambda: skipped_keys(metrics) >= settled + 2)
         orphan = harness.settings.data_dir / "run" / "0b9c1f7e-0000-4000-8000-000000000001"
         orphan.mkdir()
-        await wait_until(lambda: not orphan.exists())
+        await wait_until_async(lambda: not orphan.exists())

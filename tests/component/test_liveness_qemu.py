@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from api.testing.waiting import wait_until_async
 from controller.liveness import RELOOK_SECONDS, RELOOKS, Target
 from controller.liveness_watch import liveness_pass
 from controller.model import QmpState
@@ -24,7 +25,6 @@ from controller.qemu import process
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.monitor import COMMAND_TIMEOUT_SECONDS, Monitor
 from controller.qemu.runtime import Runtime
-from tests.component.test_controller_failures import wait_until
 from tests.component.test_hypervisor_contract import UID, Subject
 
 # Passes a healthy QEMU goes through in the test; each would have cost a query-status before.
@@ -88,7 +88,7 @@ async def test_a_sigstopped_qemu_is_asked_and_found_unreachable_within_the_qmp_t
     os.kill(pid, signal.SIGSTOP)
     stopped = time.monotonic()
     # The stop lands asynchronously; a real pass comes seconds later.
-    await wait_until(lambda: (stat := process.read_stat(pid)) is not None and stat.state == "T")
+    await wait_until_async(lambda: (stat := process.read_stat(pid)) is not None and stat.state == "T")
     woken: list[str] = []
     assert await liveness_pass(runtime, wake=woken.append) == [UID]
     assert woken == [UID]

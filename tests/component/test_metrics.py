@@ -12,14 +12,15 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.credentials import load_credentials
+from api.infra.credentials import load_credentials
+from api.infra.metrics import CONTROLLER_NAME, Metrics
 from api.server import create_app
 from api.server import metrics as metrics_handler
 from api.server.ops import create_ops_app
 from api.settings import ServerSettings
 from api.store import Database, open_database
+from api.store.metrics import StoreMetrics, attach_store_metrics
 from api.store.status_writer import VMStatusWriter
-from api.telemetry.metrics import CONTROLLER_NAME, Metrics, StoreMetrics
 from api.testing.tfstate import encode, vm_state
 from tests.component.conftest import AUTH, ClientFactory, FakeClock
 
@@ -236,10 +237,10 @@ def test_two_metrics_in_one_process_do_not_clash() -> None:
 async def test_one_metrics_exports_one_store(db: Database, tmp_path: Path) -> None:
     """Attaching the same store again is a no-op; attaching a second store is refused."""
     metrics = Metrics()
-    assert metrics.attach_store(db) is metrics.attach_store(db)
+    assert attach_store_metrics(metrics, db) is attach_store_metrics(metrics, db)
     other = await open_database(tmp_path / "other")
     try:
         with pytest.raises(ValueError, match="another store"):
-            metrics.attach_store(other)
+            attach_store_metrics(metrics, other)
     finally:
         await other.close()

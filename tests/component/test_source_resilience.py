@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from api.telemetry.metrics import Metrics
+from api.infra.metrics import Metrics
+from api.testing.waiting import wait_until_async
 from controller.layout import DataLayout
 from controller.sources import SOURCE_RETRY_CAP_SECONDS, SOURCE_RETRY_FIRST_SECONDS, keep_running
-from tests.component.test_controller_failures import controller_on, wait_until, wait_until_async
+from tests.component.test_controller_failures import controller_on
 
 EMFILE = OSError(errno.EMFILE, "Too many open files", "data/run")
 
@@ -81,7 +82,7 @@ async def test_the_controller_survives_emfile_at_resync(
     with capture_logs() as logs:
         async with controller_on(tmp_path, metrics=metrics) as harness:
             check_resync = harness.controller.readiness_checks()["resync"]
-            await wait_until(lambda: failures == 0)
+            await wait_until_async(lambda: failures == 0)
             await wait_until_async(check_resync, lambda problem: problem is None)
             errors = metrics.registry.get_sample_value(
                 "tofu_qemu_controller_source_errors_total", {"source": "resync"}

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from api.client.commands import run_client
 from api.testing.tfstate import encode, vm_state
 from controller.cli import build_parser
-from controller.client.commands import run_client
 from tests.component.conftest import AUTH
 
 Client = TestClient[Any, Any]

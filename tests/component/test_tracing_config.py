@@ -18,8 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor, SpanExporter
 
-from api.server.spans import with_stable_http
-from api.telemetry.tracing import (
+from api.infra.tracing import (
     DEFAULT_SERVICE_NAME,
     TracingConfigError,
     current_traceparent,
@@ -27,6 +26,7 @@ from api.telemetry.tracing import (
     span_context_of,
     span_exporters,
 )
+from api.server.spans import with_stable_http
 from tests.otlp_receiver import OtlpReceiver
 
 

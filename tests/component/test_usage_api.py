@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from api.client.usage import parse_since
 from api.server.keys import DATABASE
 from api.server.usage import RANGE_MAX_DAYS
 from api.store.usage import UsageStore
 from api.usage import HourUsage, Usage
-from controller.client.usage import parse_since
 from tests.component.conftest import AUTH
 from tests.component.test_states_purge import cli
 

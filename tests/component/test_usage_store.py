@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from api.store import Database, StateStore, StoreUnavailable, VMStore, open_store
 from api.store.usage import TooManyRows, UsageStore
 from api.testing.tfstate import vm_state
+from api.testing.waiting import wait_until_async
 from api.usage import Cursor, HourUsage, Usage
 from controller.usage_sampler import (
     PRUNE_PERIOD_SECONDS,
@@ -30,7 +31,6 @@ from controller.usage_sampler import (
     read_process,
 )
 from tests.component.conftest import FakeClock
-from tests.component.test_controller_failures import wait_until_async
 from tests.component.test_store_states import write
 
 HOUR = datetime(2026, 12, 3, 13, tzinfo=UTC)

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from api.testing.tfstate import encode, vm_state
+from api.testing.waiting import wait_until
 from tests.e2e.harness import (
     PASSWORD,
     REPO_ROOT,
@@ -45,7 +46,6 @@ from tests.e2e.harness import (
     is_running_current,
     run_setup_step,
     vm_or_none,
-    wait_until,
 )
 
 pytestmark = pytest.mark.container

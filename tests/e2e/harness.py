@@ -38,7 +38,8 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from api.testing.tfstate import encode, vm_state
-from controller.qemu.process import read_cmdline, read_stat
+from api.testing.waiting import wait_until
+from controller.qemu.process import ProcessIdentity, is_running_process, read_cmdline
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DB_FILE_NAME = "tofu-qemu.sqlite3"
@@ -506,29 +507,6 @@ def write_config(destination: Path, hcl: str) -> Path:
 # ---- Waiting -------------------------------------------------------------------------------
 
 
-def wait_until(
-    check: Callable[[], T | None],
-    *,
-    timeout: float,
-    what: str,
-    describe: Callable[[], str] = lambda: "",
-    interval: float = 0.1,
-) -> T:
-    """Poll `check` until it returns something other than None or False; return that.
-
-    :raise AssertionError: not within `timeout` seconds; the message holds `describe()`.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        if time.monotonic() > deadline:
-            detail = describe()
-            raise AssertionError(f"{what}: not within {timeout:.0f} s" + (f"\n{detail}" if detail else ""))
-        time.sleep(interval)
-
-
 # ---- The guest image and QEMU --------------------------------------------------------------
 
 SETUP_TIMEOUT = 600.0  # a cold apt install plus a kernel download; cached, well under a second
@@ -557,35 +535,11 @@ def prepare_guest_images(images_dir: Path) -> None:
     run_setup_step("build-guest", "--images-dir", str(images_dir))
 
 
-# The controller's own /proc readers: tests judge liveness and identity exactly as the controller does.
-proc_stat = read_stat
-proc_cmdline = read_cmdline
-
-
-def is_running_process(pid: int) -> bool:
-    """Alive and not a zombie: PID 1 here reaps orphans lazily, so /proc/PID alone proves nothing."""
-    stat = proc_stat(pid)
-    return stat is not None and stat.state not in ("Z", "X")
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessIdentity:
-    """A process as pid plus start time, so a reused pid is never taken for the same process."""
-
-    pid: int
-    start_ticks: int
-
-    @classmethod
-    def of(cls, pid: int) -> ProcessIdentity:
-        """:raise AssertionError: no such process."""
-        stat = proc_stat(pid)
-        assert stat is not None, f"no process {pid}"
-        return cls(pid, stat.start_ticks)
-
-    @property
-    def is_running(self) -> bool:
-        stat = proc_stat(self.pid)
-        return stat is not None and stat.state not in ("Z", "X") and stat.start_ticks == self.start_ticks
+def running_identity(pid: int) -> ProcessIdentity:
+    """The identity of the running process `pid`. :raise AssertionError: no such process."""
+    identity = ProcessIdentity.of(pid)
+    assert identity is not None, f"no process {pid}"
+    return identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,7 +554,7 @@ class LaunchedQemu:
     @property
     def is_alive(self) -> bool:
         """Still running (not a zombie) and still the process launch.json describes."""
-        return is_running_process(self.pid) and proc_cmdline(self.pid) == self.argv
+        return is_running_process(self.pid) and read_cmdline(self.pid) == self.argv
 
 
 def launched_qemus(data_dir: Path) -> list[LaunchedQemu]:
@@ -623,7 +577,7 @@ def live_qemu_pids(data_dir: Path) -> set[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        argv = proc_cmdline(int(entry.name))
+        argv = read_cmdline(int(entry.name))
         if argv and Path(argv[0]).name == QEMU_BINARY_NAME and any(marker in arg for arg in argv):
             pids.add(int(entry.name))
     return {pid for pid in pids if is_running_process(pid)}
@@ -962,6 +916,6 @@ def is_about_mib(kib: int, mib: int) -> bool:
 
 def memory_argument(pid: int) -> str | None:
     """The value after `-m` in the process's command line (QEMU's memory size, e.g. "192M")."""
-    argv = proc_cmdline(pid) or ()
+    argv = read_cmdline(pid) or ()
     values = [argv[index + 1] for index, arg in enumerate(argv[:-1]) if arg == "-m"]
     return values[0] if len(values) == 1 else None

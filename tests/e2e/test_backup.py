@@ -18,8 +18,8 @@ from tests.e2e.harness import (
     REPO_ROOT,
     Fleet,
     GuestVM,
-    ProcessIdentity,
     VmHost,
+    running_identity,
     runs_generation,
 )
 
@@ -66,7 +66,7 @@ def test_restore_after_losing_the_store_brings_back_the_state_and_adopts_the_vms
     fleet.init()
     fleet.apply(VMS)
     before = {name: fleet.wait_running(name) for name in VMS}
-    processes = {name: ProcessIdentity.of(vm["status"]["pid"]) for name, vm in before.items()}
+    processes = {name: running_identity(vm["status"]["pid"]) for name, vm in before.items()}
     md5 = state_md5(host, project)
     backup_file = tmp_path / "backup.sqlite3"
 

@@ -15,8 +15,8 @@ from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     Fleet,
     GuestVM,
-    ProcessIdentity,
     live_qemu_pids,
+    running_identity,
 )
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +56,7 @@ def test_vm_removed_while_the_controller_was_down_is_torn_down_at_its_start(
     fleet = _running_pair(make_vm_host, terraform_bin)
     host = fleet.host
     alpha, bravo = fleet.vm("alpha"), fleet.vm("bravo")
-    uid, bravo_process = bravo["metadata"]["uid"], ProcessIdentity.of(bravo["status"]["pid"])
+    uid, bravo_process = bravo["metadata"]["uid"], running_identity(bravo["status"]["pid"])
     disk = _disk_path(fleet, uid)
     assert disk.is_file()
     assert _port_rows(fleet, uid) == [("tcp", 80, bravo["status"]["ports"][0]["hostPort"])]
@@ -88,7 +88,7 @@ def test_destroy_leaves_no_qemu_port_disk_or_runtime_dir(
     """After `terraform destroy` both VM objects are gone (404) and so is everything they held."""
     fleet = _running_pair(make_vm_host, terraform_bin)
     host = fleet.host
-    processes = [ProcessIdentity.of(fleet.vm(name)["status"]["pid"]) for name in PAIR]
+    processes = [running_identity(fleet.vm(name)["status"]["pid"]) for name in PAIR]
     assert len(host.sql("SELECT uid FROM port_allocations")) == len(PAIR)
 
     fleet.terraform.run("destroy", "-auto-approve")

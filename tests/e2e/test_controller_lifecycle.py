@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
+from controller.qemu.process import is_running_process
 from tests.e2e.conftest import open_vm_host, report_host_on_failure
 from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
     Fleet,
     GuestVM,
-    ProcessIdentity,
     get_guest_page,
     host_port,
     is_about_mib,
     is_running_current,
-    is_running_process,
     memory_argument,
+    running_identity,
     runs_generation,
 )
 
@@ -111,7 +111,7 @@ def test_label_change_keeps_the_process_and_acknowledges_the_generation(fleet: F
 def test_memory_change_restarts_only_that_vm_with_the_new_size(fleet: Fleet) -> None:
     """A memory change reboots alpha with `-m 192M`, which its kernel sees; bravo keeps its pid and boot."""
     alpha, bravo = fleet.wait_running("alpha"), fleet.wait_running("bravo")
-    alpha_process = ProcessIdentity.of(alpha["status"]["pid"])
+    alpha_process = running_identity(alpha["status"]["pid"])
     # Both guests booted, so alpha's power button is watched and the graceful stop is quick.
     alpha_boot, bravo_boot = fleet.guest_info("alpha").boot_id, fleet.guest_info("bravo").boot_id
     assert memory_argument(alpha["status"]["pid"]) == "128M"
@@ -161,7 +161,7 @@ def test_kill_9_restarts_the_vm_and_records_the_signal(fleet: Fleet) -> None:
     """After kill -9 of bravo's QEMU it is Running again with a new pid, restarts + 1, lastExit signal 9."""
     before = fleet.wait_running("bravo")
     old_pid = before["status"]["pid"]
-    old_process = ProcessIdentity.of(old_pid)
+    old_process = running_identity(old_pid)
 
     os.kill(old_pid, signal.SIGKILL)
 
@@ -181,7 +181,7 @@ def test_restarted_server_adopts_running_vms(fleet: Fleet) -> None:
     """SIGTERM the server, start it again: it reconciles the same QEMU pids, restarts unchanged."""
     before = {name: fleet.wait_running(name) for name in INITIAL}
     pids = {name: vm["status"]["pid"] for name, vm in before.items()}
-    processes = [ProcessIdentity.of(pid) for pid in pids.values()]
+    processes = [running_identity(pid) for pid in pids.values()]
 
     assert fleet.host.stop("serve") == 0, "the server did not drain and exit cleanly on SIGTERM"
     assert all(process.is_running for process in processes), "stopping the server stopped a VM"

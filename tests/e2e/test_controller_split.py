@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from controller.qemu.process import read_stat
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
@@ -16,7 +17,6 @@ from tests.e2e.harness import (
     get_guest_page,
     host_port,
     memory_argument,
-    proc_stat,
     runs_generation,
 )
 
@@ -38,9 +38,9 @@ def test_api_and_controller_processes_converge_on_spec_changes(
     fleet.apply({"solo": GuestVM(memory=128)})
 
     first = fleet.wait_vm("solo", runs_generation(1), what="Running at generation 1")
-    stat = proc_stat(first["status"]["pid"])
+    stat = read_stat(first["status"]["pid"])
     assert stat is not None
-    supervisor = proc_stat(stat.parent_pid)  # QEMU's parent is its per-VM supervisor
+    supervisor = read_stat(stat.parent_pid)  # QEMU's parent is its per-VM supervisor
     assert supervisor is not None
     assert supervisor.parent_pid == controller.pid, "QEMU should be started by the controller process"
     status, body = get_guest_page(host_port(first), "/", timeout=GUEST_BOOT_TIMEOUT)

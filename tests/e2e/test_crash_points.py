@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 
 from api.testing.tfstate import encode, vm_state
+from api.testing.waiting import wait_until
 from controller.faults import CRASH_ENV, CrashPoint
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
-    ProcessIdentity,
     ServerProcess,
     VmHost,
     is_running_current,
     live_qemu_pids,
-    wait_until,
+    running_identity,
 )
 
 pytestmark = pytest.mark.e2e
@@ -167,7 +167,7 @@ def test_a_runtime_dir_removed_while_the_controller_was_down_gives_no_duplicate(
     server = restart(host, {})
     post(server, 1, {"web": SPEC})
     before = host.wait_vm(PROJECT, "web", is_running_current, what="web Running")
-    old_qemu = ProcessIdentity.of(before["status"]["pid"])
+    old_qemu = running_identity(before["status"]["pid"])
     assert server.stop() == 0
     shutil.rmtree(host.data_dir / "run" / before["metadata"]["uid"])
 

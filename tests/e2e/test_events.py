@@ -11,8 +11,14 @@ from typing import Any
 
 import pytest
 
+from api.testing.waiting import wait_until
 from tests.e2e.conftest import MakeVmHost
-from tests.e2e.harness import VM_WAIT_TIMEOUT, ServerProcess, VmHost, is_running_current, wait_until
+from tests.e2e.harness import (
+    VM_WAIT_TIMEOUT,
+    ServerProcess,
+    VmHost,
+    is_running_current,
+)
 
 pytestmark = pytest.mark.e2e
 

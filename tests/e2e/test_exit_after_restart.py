@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 
 from api.testing.tfstate import encode, vm_state
+from api.testing.waiting import wait_until
+from controller.qemu.process import is_running_process
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
     VmHost,
     is_running_current,
-    is_running_process,
     runs_generation,
-    wait_until,
 )
 from tests.e2e.test_guest_boot import Qmp
 

@@ -30,16 +30,15 @@ from typing import Any
 
 import pytest
 
+from api.testing.waiting import wait_until
 from controller.qemu.firmware import OVMF_DIR, OVMF_VARS
+from controller.qemu.process import is_running_process, read_cmdline
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     ServerProcess,
     VmHost,
     condition,
     is_running_current,
-    is_running_process,
-    proc_cmdline,
-    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -136,7 +135,7 @@ def swtpm_pid(host: VmHost, vm: dict[str, Any]) -> int | None:
     record = host.data_dir / "run" / vm["metadata"]["uid"] / "tpm" / "launch.json"
     with contextlib.suppress(FileNotFoundError, ValueError):
         pid = int(json.loads(record.read_text())["pid"])
-        if is_running_process(pid) and (proc_cmdline(pid) or ("",))[0] == "swtpm":
+        if is_running_process(pid) and (read_cmdline(pid) or ("",))[0] == "swtpm":
             return pid
     return None
 
@@ -180,7 +179,7 @@ def test_uefi_boot_with_a_tpm_nvram_kept_across_restarts_and_deleted_with_the_vm
     assert "EFI stub: Measured initrd data into PCR 9" in log
     assert "ACPI: TPM2" in log
     assert "tpm_crb MSFT0101:00" in log
-    argv = proc_cmdline(vm["status"]["pid"]) or ()
+    argv = read_cmdline(vm["status"]["pid"]) or ()
     assert f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_DIR / 'OVMF_CODE_4M.fd'}" in argv
     assert "tpm-crb,tpmdev=tpm0" in argv
 
@@ -279,7 +278,7 @@ def test_secure_boot_refuses_an_unsigned_loader_and_a_retained_nvram_is_adopted(
     started = wait_serial(host, plain, "BdsDxe: starting Boot0001")
     assert "Access Denied" in refused.split("failed to load Boot0001", 1)[1].splitlines()[0]
     assert "BdsDxe: starting Boot0001" not in refused
-    argv = proc_cmdline(secure["status"]["pid"]) or ()
+    argv = read_cmdline(secure["status"]["pid"]) or ()
     assert "q35,smm=on" in argv
     assert "driver=cfi.pflash01,property=secure,value=on" in argv
     assert "BdsDxe: failed to load Boot0001" not in started

@@ -10,7 +10,11 @@ import pytest
 
 from api.testing.tfstate import encode, vm_state
 from tests.e2e.conftest import MakeVmHost
-from tests.e2e.harness import ProcessIdentity, is_running_current, live_qemu_pids
+from tests.e2e.harness import (
+    is_running_current,
+    live_qemu_pids,
+    running_identity,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +31,7 @@ def test_a_stopped_qemu_is_killed_and_restarted(make_vm_host: MakeVmHost) -> Non
     answer = server.request("POST", "/state/hung", body=encode(vm_state(1, {"web": SPEC})))
     assert answer.status == 200
     before = host.wait_vm("hung", "web", is_running_current, what="web Running")
-    hung = ProcessIdentity.of(before["status"]["pid"])
+    hung = running_identity(before["status"]["pid"])
 
     os.kill(hung.pid, signal.SIGSTOP)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from controller.qemu.process import read_cmdline
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
@@ -28,7 +29,6 @@ from tests.e2e.harness import (
     get_guest_page,
     host_port,
     is_running_current,
-    proc_cmdline,
 )
 
 pytestmark = pytest.mark.e2e
@@ -318,7 +318,7 @@ def test_disk_growth_shrink_refusal_and_a_retained_disk_reused(make_vm_host: Mak
     assert disk_path(host, again, "data") == path
     assert path.stat().st_ino == inode
     assert retained_disks(server) == []
-    argv = proc_cmdline(again["status"]["pid"]) or ()
+    argv = read_cmdline(again["status"]["pid"]) or ()
     assert any(str(path) in argument for argument in argv)
 
 

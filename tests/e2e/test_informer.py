@@ -19,7 +19,11 @@ from urllib.parse import urlencode
 
 import pytest
 
-from tests.e2e.harness import REPO_ROOT, ServerProcess, wait_until
+from api.testing.waiting import wait_until
+from tests.e2e.harness import (
+    REPO_ROOT,
+    ServerProcess,
+)
 from tests.e2e.kube_support import TOKEN, tls_server
 from tests.e2e.tls_support import Pki, client_context, pki
 

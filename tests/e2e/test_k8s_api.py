@@ -16,8 +16,16 @@ from typing import Any
 import pytest
 
 from api.testing.tfstate import encode, vm_state
+from api.testing.waiting import wait_until
 from tests.e2e.conftest import MakeVmHost
-from tests.e2e.harness import HTTP_TIMEOUT, PASSWORD, USER, VmHost, basic_auth, is_running_current, wait_until
+from tests.e2e.harness import (
+    HTTP_TIMEOUT,
+    PASSWORD,
+    USER,
+    VmHost,
+    basic_auth,
+    is_running_current,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -11,10 +11,10 @@ from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
     Fleet,
     GuestVM,
-    ProcessIdentity,
     get_guest_page,
     host_port,
     live_qemu_pids,
+    running_identity,
 )
 from tests.postgres import PostgresCluster
 
@@ -47,7 +47,7 @@ def test_apply_restart_postgres_apply_destroy(
     assert len(rows(url, "SELECT host_port FROM port_allocations")) == 1
     assert not host.db_path.exists()
 
-    qemu = ProcessIdentity.of(vm["status"]["pid"])
+    qemu = running_identity(vm["status"]["pid"])
     own_postgres_cluster.stop()
     own_postgres_cluster.start()
     # The VM kept running through the restart, and the next apply (a label change) works.

@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 
 from api.testing.tfstate import encode, vm_state
+from api.testing.waiting import wait_until
 from tests.e2e.conftest import MakeVmHost
-from tests.e2e.harness import GUEST_BOOT_TIMEOUT, VmHost, is_running_current, wait_until
+from tests.e2e.harness import (
+    GUEST_BOOT_TIMEOUT,
+    VmHost,
+    is_running_current,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -28,12 +28,13 @@ from prometheus_client import CollectorRegistry
 from api.store import StateStore, VMStore, open_store
 from api.store.usage import UsageStore
 from api.testing.tfstate import vm_state
+from api.testing.waiting import wait_until
 from api.usage import Usage
 from controller.usage_sampler import TICKS_PER_SECOND, UsageMetrics, UsageSampler
 from tests.component.test_store_states import write
 from tests.component.test_usage_store import add_disk
 from tests.e2e.conftest import MakeVmHost
-from tests.e2e.harness import VmHost, is_running_current, terraform_for, wait_until, write_config
+from tests.e2e.harness import VmHost, is_running_current, terraform_for, write_config
 from tests.e2e.test_guest_boot import QMP_TIMEOUT, GuestImage, Qmp, guest_image
 
 pytestmark = pytest.mark.e2e

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import load_settings
+from api.infra.settings import load_settings
 from api.types import QemuVMStatus, ReclaimPolicy
 from controller.actions import AllocatePorts, CreateDisk, ReleasePorts
 from controller.admission import (

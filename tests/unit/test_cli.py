@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from api.credentials import load_credentials
+from api.infra.credentials import load_credentials
 from controller.cli import main
 
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from api.client.describe import describe_vm
+from api.client.format import vm_table
 from api.humanize import human_duration
-from controller.client.describe import describe_vm
-from controller.client.format import vm_table
 
 GOLDEN = Path(__file__).parent / "golden"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from controller.client.describe import describe_vm
-from controller.client.format import vm_table
+from api.client.describe import describe_vm
+from api.client.format import vm_table
 from tests.unit.test_client_format import NOW, check_golden, condition, stamp, vm
 
 

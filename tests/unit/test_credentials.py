@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from api.credentials import CredentialsError, VerifiedCache, hash_password, load_credentials
+from api.infra.credentials import CredentialsError, VerifiedCache, hash_password, load_credentials
 
 
 def test_env_users_check_basic() -> None:

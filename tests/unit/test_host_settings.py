@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from api.hosts import HOST_NAME_MAX, host_name_problem, parse_host_labels
-from api.settings import SettingsError, load_settings
+from api.infra.settings import SettingsError, load_settings
 from controller.host_agent import RENEWALS_PER_LEASE, SCHEDULER_POLL_SECONDS
 from controller.settings import ControllerSettings, ServeSettings, default_host_name
 from controller.sources import STORE_POLL_SECONDS

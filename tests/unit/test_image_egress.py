@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from api.settings import SettingsError, load_settings
+from api.infra.settings import SettingsError, load_settings
 from controller.images import EgressPolicy, FetchLimits, parse_networks
 from controller.images.egress import AddressRefused, GuardedSocketFactory, RefusedSocket, embedded_ipv4
 from controller.images.fetch import MAX_REDIRECTS

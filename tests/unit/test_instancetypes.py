@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from api.client.describe import describe_vm
+from api.infra.settings import ProcessSettings, SettingsError, load_settings
 from api.instancetypes import (
     COMMON_INSTANCE_TYPES,
     Found,
@@ -20,12 +22,10 @@ from api.instancetypes import (
     resolve,
     revision_of,
 )
-from api.settings import ProcessSettings, SettingsError, load_settings
 from api.state_reader import read_state
 from api.tfstate import extract_vms
 from api.types import FrozenRevision, QemuVMStatus
 from api.vm_columns import VM_TABLE_COLUMNS
-from controller.client.describe import describe_vm
 from controller.instancetypes import revision_events, stamp
 from controller.settings import ServeSettings
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from api.credentials import load_credentials
+from api.client.kubeconfig import NEW_TOKEN_BYTES, kubeconfig, server_url
+from api.infra.credentials import load_credentials
+from api.infra.settings import SettingsError
 from api.kube import QEMUVM_FIELDS, FieldSelectorError, parse_field_selector
-from api.settings import ServerSettings, SettingsError
+from api.settings import ServerSettings
 from controller.cli import main
-from controller.client.kubeconfig import NEW_TOKEN_BYTES, kubeconfig, server_url
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from api import tfstate
+from api.infra.settings import load_settings
 from api.server import auth, console, watch
-from api.settings import load_settings
-from api.store import states
+from api.store import lock_info
 from api.types import QemuVMSpec
 from controller import image_gc, plan
 from controller.images import download
@@ -25,7 +25,7 @@ KIB = 1024
 
 
 def test_body_and_manifest_limits() -> None:
-    assert (states.LOCK_INFO_MAX_BYTES, states.LOCK_INFO_DEPTH_MAX) == (64 * KIB, 8)
+    assert (lock_info.LOCK_INFO_MAX_BYTES, lock_info.LOCK_INFO_DEPTH_MAX) == (64 * KIB, 8)
     assert (tfstate.MANIFEST_MAX_BYTES, tfstate.MANIFEST_DEPTH_MAX) == (64 * KIB, 16)
     assert (tfstate.DECLARE_CACHE_SIZE, tfstate.CACHED_MANIFEST_MAX_BYTES) == (16_384, 4 * KIB)
 

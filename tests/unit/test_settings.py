@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from api.settings import ProcessSettings, ServerSettings, SettingsError, load_settings, path_fields
+from api.infra.settings import ProcessSettings, SettingsError, load_settings, path_fields
+from api.settings import ServerSettings
 from controller.layout import DataLayout
 from controller.settings import ControllerSettings, ServeSettings
 

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from api.settings import ServerSettings, SettingsError, load_settings
+from api.infra.settings import SettingsError, load_settings
+from api.settings import ServerSettings
 from api.tracelinks import check_trace_url_template, trace_url
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -1,5 +1,5 @@
 """The client subcommands of `tofu-qemu`: get, describe, logs, restart, stop, start, states,
-locks, force-unlock, usage. Each talks to a server over HTTP (controller/client/connection.py) and
+locks, force-unlock, usage. Each talks to a server over HTTP (api/client/connection.py) and
 prints what kubectl would: tables by default, `-o json|yaml|wide|name`.
 
 Exit status: 0 done, 1 the server refused or could not be reached (the message says which),
@@ -19,18 +19,18 @@ from urllib.parse import quote
 
 import yaml
 
-from controller.client import format as fmt
-from controller.client.connection import (
+from api.client import format as fmt
+from api.client.connection import (
     REQUEST_TIMEOUT_SECONDS,
     ClientError,
     Connection,
     NotFoundError,
     connect,
 )
-from controller.client.describe import describe_vm
-from controller.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
-from controller.client.instancetypes import TYPE_WORDS, get_types
-from controller.client.usage import add_usage_command
+from api.client.describe import describe_vm
+from api.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
+from api.client.instancetypes import TYPE_WORDS, get_types
+from api.client.usage import add_usage_command
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
 VM_RESOURCES = ("vm", "vms", "qemuvm", "qemuvms", "qvm")

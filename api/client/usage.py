@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from api.client import format as fmt
+from api.client.connection import ClientError, Connection
 from api.humanize import human_duration
 from api.quantity import parse_seconds
-from controller.client import format as fmt
-from controller.client.connection import ClientError, Connection
 
 DEFAULT_SINCE = "7d"
 _DAYS = re.compile(r"(?P<days>[0-9]{1,4})d(?P<rest>.*)")

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import yaml
 
-from controller.client.connection import Connection
+from api.client.connection import Connection
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
 # The words `get` takes, by the pair of plurals (namespaced, cluster-wide) they list.

@@ -15,7 +15,7 @@ from typing import TextIO, cast
 import structlog
 from opentelemetry import trace
 
-from api.settings import LogFormat
+from api.infra.settings import LogFormat
 
 
 def configure_logging(log_format: LogFormat, level: str) -> None:

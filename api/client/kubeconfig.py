@@ -24,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from api.credentials import hash_password
-from api.settings import ServerSettings, SettingsError, load_settings
+from api.infra.credentials import hash_password
+from api.infra.settings import SettingsError, load_settings
+from api.settings import ServerSettings
 
 NAME = "tofu-qemu"
 NEW_TOKEN_BYTES = 32

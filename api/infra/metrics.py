@@ -7,14 +7,15 @@ alerts written for Kubernetes controllers work unchanged (controller-runtime
 
 prometheus-client appends `_total` to counter names itself, so counters are named without it.
 
-The store-derived gauges (`StoreMetrics`) are computed from SQLite when scraped, not kept up to
-date by every writer: the API and the controller may be two processes on one data dir, and
-only the store knows the truth for both.
+The store-derived gauges (api/store/metrics.py) are computed from the store when scraped, not
+kept up to date by every writer: the API and the controller may be two processes on one data
+dir, and only the store knows the truth for both. This module only offers them a slot
+(`Metrics.store`) that /metrics refreshes before each scrape.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,10 +26,6 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
-
-from api.store.db import Database
-from api.store.fleet import VMGroup, fleet_snapshot
-from api.types import Phase
 
 CONTROLLER_NAME = "qemuvm"
 WORKQUEUE_NAME = CONTROLLER_NAME
@@ -41,10 +38,19 @@ RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 WORKQUEUE_BUCKETS = (1e-5, 1e-4, 1e-3, 0.01, 0.1, 1, 10, 100)
 EXIT_DETECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 VM_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-MIB = 1024 * 1024
 # tofu_qemu_auth_failures_total{reason}: wrong credentials, an Authorization header that cannot
 # be read, and the two 429s (too many failures; too many checks waiting).
 AUTH_FAILURE_REASONS = ("invalid", "malformed", "throttled", "busy")
+
+
+class ScrapeRefreshed(Protocol):
+    """Gauges computed when scraped: /metrics calls `refresh()` first, within its own deadline,
+    and counts a refresh that failed or timed out in `refresh_errors_total`."""
+
+    @property
+    def refresh_errors_total(self) -> Counter: ...
+
+    async def refresh(self) -> None: ...
 
 
 class Metrics:
@@ -61,9 +67,18 @@ class Metrics:
             platform_collector.PlatformCollector(registry=registry)
             gc_collector.GCCollector(registry=registry)
         self.registry = registry
-        self.store: StoreMetrics | None = None
+        # Gauges a scrape refreshes first (api/store/metrics.py attaches the store's).
+        self.store: ScrapeRefreshed | None = None
 
-        # controller-runtime
+        self._add_controller_runtime(registry)
+        self._add_workqueue(registry)
+        self._add_controller_side(registry)
+        self._add_backend_side(registry)
+        self._add_netguard(registry)
+        self._create_first_series()
+
+    def _add_controller_runtime(self, registry: CollectorRegistry) -> None:
+        """controller-runtime's reconcile metrics, names and labels kept."""
         self.reconcile_total = Counter(
             "controller_runtime_reconcile",
             "Total number of reconciliations per controller",
@@ -83,7 +98,9 @@ class Metrics:
             buckets=RECONCILE_BUCKETS,
             registry=registry,
         )
-        # client-go workqueue
+
+    def _add_workqueue(self, registry: CollectorRegistry) -> None:
+        """client-go's workqueue metrics, names and labels kept."""
         self.workqueue_depth = Gauge(
             "workqueue_depth", "Current depth of workqueue", ("name",), registry=registry
         )
@@ -107,7 +124,9 @@ class Metrics:
             buckets=WORKQUEUE_BUCKETS,
             registry=registry,
         )
-        # ours, controller side
+
+    def _add_controller_side(self, registry: CollectorRegistry) -> None:
+        """Ours, controller side: VM restarts, exit detection, starts, resyncs."""
         self.vm_restarts_total = Counter(
             "tofu_qemu_vm_restarts", "VM processes started again, by reason", ("reason",), registry=registry
         )
@@ -143,7 +162,9 @@ class Metrics:
             ("outcome",),
             registry=registry,
         )
-        # ours, backend side
+
+    def _add_backend_side(self, registry: CollectorRegistry) -> None:
+        """Ours, backend side: state writes and lock conflicts."""
         self.state_writes_total = Counter(
             "tofu_qemu_state_writes",
             "States stored (POST/PUT accepted), by project",
@@ -156,8 +177,10 @@ class Metrics:
             ("project",),
             registry=registry,
         )
-        # netguard: connection limits (api/server/connections.py) and source failures
-        # (controller/sources.py).
+
+    def _add_netguard(self, registry: CollectorRegistry) -> None:
+        """Connection limits (api/server/connections.py), source failures (controller/sources.py)
+        and authentication refusals."""
         self.http_connections = Gauge(
             "tofu_qemu_http_connections",
             "HTTP connections open, by listener",
@@ -185,7 +208,8 @@ class Metrics:
             registry=registry,
         )
 
-        # Series present from the start, as controller-runtime does, so rate() sees the first event.
+    def _create_first_series(self) -> None:
+        """Series present from the start, as controller-runtime does, so rate() sees the first event."""
         for result in RECONCILE_RESULTS:
             self.reconcile_total.labels(controller=CONTROLLER_NAME, result=result)
         self.reconcile_errors_total.labels(controller=CONTROLLER_NAME)
@@ -199,105 +223,3 @@ class Metrics:
             self.workqueue_work_duration_seconds,
         ):
             queue_metric.labels(name=WORKQUEUE_NAME)
-
-    def attach_store(self, db: Database) -> StoreMetrics:
-        """Export the store-derived gauges of `db`; calling again with the same `db` is a no-op.
-
-        :raise ValueError: another store is already attached (one registry, one set of gauges).
-        """
-        if self.store is None:
-            self.store = StoreMetrics(db, registry=self.registry)
-        elif self.store.db is not db:
-            raise ValueError("these metrics already export another store")
-        return self.store
-
-
-class StoreMetrics:
-    """Gauges computed from the SQLite store by `refresh()`, run before each scrape.
-
-    Each refresh replaces every labelled series, so a project or phase with no VMs left
-    disappears instead of freezing at its last value.
-    """
-
-    def __init__(self, db: Database, *, registry: CollectorRegistry) -> None:
-        self.db = db
-        self.vms = Gauge(
-            "tofu_qemu_vms",
-            "VM objects by project and phase (deleting ones included)",
-            ("project", "phase"),
-            registry=registry,
-        )
-        self.memory_requested_bytes = Gauge(
-            "tofu_qemu_memory_requested_bytes",
-            "Memory in the valid specs of live VMs",
-            ("project",),
-            registry=registry,
-        )
-        self.memory_running_bytes = Gauge(
-            "tofu_qemu_memory_running_bytes",
-            "Memory in the specs of Running VMs",
-            ("project",),
-            registry=registry,
-        )
-        self.vcpus_requested = Gauge(
-            "tofu_qemu_vcpus_requested",
-            "vCPUs in the valid specs of live VMs",
-            ("project",),
-            registry=registry,
-        )
-        self.vcpus_running = Gauge(
-            "tofu_qemu_vcpus_running", "vCPUs in the specs of Running VMs", ("project",), registry=registry
-        )
-        self.host_ports_in_use = Gauge(
-            "tofu_qemu_host_ports_in_use", "Host ports held by VMs", registry=registry
-        )
-        self.state_bytes = Gauge(
-            "tofu_qemu_state_bytes", "Size of each project's current state", ("project",), registry=registry
-        )
-        self.refresh_errors_total = Counter(
-            "tofu_qemu_store_metrics_refresh_errors",
-            "Scrapes that served the store-derived gauges stale because the store did not answer",
-            registry=registry,
-        )
-
-    async def refresh(self) -> None:
-        """Read the store and replace every gauge. Nothing changes when a query fails.
-
-        :raise sql.DatabaseError, StoreUnavailable: a query failed. :raise ValueError: the database is closed.
-        """
-        snapshot = await fleet_snapshot(self.db)
-        # No await from here on: a concurrent scrape never sees half-replaced gauges.
-        self._set_vm_gauges(snapshot.vm_groups)
-        self.host_ports_in_use.set(snapshot.host_ports_in_use)
-        self.state_bytes.clear()
-        for project, size in snapshot.state_bytes.items():
-            self.state_bytes.labels(project=project).set(size)
-
-    def _set_vm_gauges(self, groups: list[VMGroup]) -> None:
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        requested: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        running: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for group in groups:
-            counts[group.project, group.phase] += group.count
-            if group.is_live:
-                requested[group.project][0] += group.memory_mib
-                requested[group.project][1] += group.cpus
-            if group.phase == Phase.RUNNING.value:
-                running[group.project][0] += group.memory_mib
-                running[group.project][1] += group.cpus
-        for gauge in (
-            self.vms,
-            self.memory_requested_bytes,
-            self.memory_running_bytes,
-            self.vcpus_requested,
-            self.vcpus_running,
-        ):
-            gauge.clear()
-        for (project, phase), count in counts.items():
-            self.vms.labels(project=project, phase=phase).set(count)
-        for project, (memory_mib, cpus) in requested.items():
-            self.memory_requested_bytes.labels(project=project).set(memory_mib * MIB)
-            self.vcpus_requested.labels(project=project).set(cpus)
-        for project, (memory_mib, cpus) in running.items():
-            self.memory_running_bytes.labels(project=project).set(memory_mib * MIB)
-            self.vcpus_running.labels(project=project).set(cpus)

@@ -8,9 +8,9 @@ from datetime import datetime
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from api.client import format as fmt
+from api.client.connection import ClientError, Connection
 from api.vm_columns import age
-from controller.client import format as fmt
-from controller.client.connection import ClientError, Connection
 
 HOST_RESOURCES = ("host", "hosts", "node", "nodes")
 HOSTS_PATH = "/api/v1/hosts"
