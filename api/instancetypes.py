@@ -22,23 +22,19 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from api.json_body import drop_nulls, nesting_exceeds
-from api.spec_fields import CpuCount, MemoryMiB, Seconds
-from api.types import (
+from api.spec_fields import (
     CLUSTER_INSTANCE_TYPE_KIND,
     CLUSTER_PREFERENCE_KIND,
     INSTANCE_TYPE_KIND,
     PREFERENCE_KIND,
-    Accel,
-    CloudInitSpec,
-    FrozenRevision,
-    Labels,
-    Machine,
-    QemuVMSpec,
-    RunStrategy,
+    CpuCount,
+    MemoryMiB,
+    Seconds,
     TypeName,
     check_type_name,
     describe_validation_error,
 )
+from api.types import Accel, CloudInitSpec, FrozenRevision, Labels, Machine, QemuVMSpec, RunStrategy
 
 # The kinds a state may declare beside QemuVM.
 DECLARED_KINDS = (INSTANCE_TYPE_KIND, PREFERENCE_KIND)

@@ -11,13 +11,13 @@ from pydantic import BaseModel
 
 from api import crd
 from api.instancetypes import QemuInstanceTypeSpec, QemuPreferenceSpec
-from api.types import (
-    API_GROUP,
+from api.spec_fields import (
     CLUSTER_INSTANCE_TYPE_KIND,
     CLUSTER_PREFERENCE_KIND,
     INSTANCE_TYPE_KIND,
     PREFERENCE_KIND,
 )
+from api.types import API_GROUP
 
 Schema = dict[str, Any]
 

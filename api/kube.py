@@ -14,15 +14,13 @@ from datetime import datetime
 from typing import Any
 
 from api import crd
-from api.types import (
-    API_GROUP,
-    API_VERSION,
+from api.spec_fields import (
     CLUSTER_INSTANCE_TYPE_KIND,
     CLUSTER_PREFERENCE_KIND,
     INSTANCE_TYPE_KIND,
-    KIND,
     PREFERENCE_KIND,
 )
+from api.types import API_GROUP, API_VERSION, KIND
 from api.vm_columns import Column, age
 
 Json = dict[str, Any]

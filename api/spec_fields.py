@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BeforeValidator, Strict
+from pydantic import AfterValidator, BeforeValidator, Strict, ValidationError
 
 from api import images, names, quantity
 
@@ -206,3 +206,49 @@ Seconds = Annotated[
 Port = Annotated[int, Strict(), _in_range(1, 65535, "")]
 UnprivilegedPort = Annotated[int, Strict(), _in_range(1024, 65535, "")]
 CpuCount = Annotated[int, Strict(), _in_range(1, CPUS_MAX, "")]
+
+
+# instancetypes: references to instance types and preferences (api/instancetypes.py,
+# docs/instancetypes.md). Their names may hold dots ("u1.small"), as KubeVirt's do.
+INSTANCE_TYPE_KIND = "QemuInstanceType"
+CLUSTER_INSTANCE_TYPE_KIND = "QemuClusterInstanceType"
+PREFERENCE_KIND = "QemuPreference"
+CLUSTER_PREFERENCE_KIND = "QemuClusterPreference"
+TYPE_NAME_MAX = 63
+TYPE_NAME_PATTERN = "[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?"
+_TYPE_NAME_RE = re.compile(TYPE_NAME_PATTERN)
+
+
+@publishes(maxLength=TYPE_NAME_MAX, pattern=anchored(TYPE_NAME_PATTERN))
+def check_type_name(value: str) -> str:
+    if not _TYPE_NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"{value[: names.QUOTED_MAX]!r} must be at most {TYPE_NAME_MAX} lowercase letters, digits, "
+            "'-' and '.', starting and ending with a letter or digit"
+        )
+    return value
+
+
+TypeName = Annotated[str, AfterValidator(check_type_name)]
+
+
+def describe_validation_error(error: ValidationError, *, prefix: str = "") -> str:
+    """Render pydantic errors as `spec.memory: must be ≥ 16 MiB; ...` for conditions and 4xx.
+
+    At most ERRORS_SHOWN_MAX errors are listed and the rest counted, so a message stays short
+    enough for a condition and a table however wrong the input is.
+    """
+    parts = []
+    errors = error.errors(include_url=False)
+    for item in errors[:ERRORS_SHOWN_MAX]:
+        location = prefix
+        for segment in item["loc"]:
+            if isinstance(segment, int):
+                location += f"[{segment}]"
+            else:
+                location += f".{segment}" if location else str(segment)
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    if len(errors) > ERRORS_SHOWN_MAX:
+        parts.append(f"and {len(errors) - ERRORS_SHOWN_MAX} more errors")
+    return "; ".join(parts)

@@ -30,7 +30,8 @@ from api.json_body import decode_json, drop_nulls
 from api.json_body import holds_lone_surrogate as holds_lone_surrogate
 from api.json_body import load_json as load_json
 from api.json_body import nesting_exceeds as nesting_exceeds
-from api.types import API_GROUP, KIND, QemuVMManifest, canonical_spec, describe_validation_error
+from api.spec_fields import describe_validation_error
+from api.types import API_GROUP, KIND, QemuVMManifest, canonical_spec
 
 SUPPORTED_STATE_VERSION = 4
 TERRAFORM_DATA = "terraform_data"

@@ -11,7 +11,6 @@ the canonical spec, and therefore `generation`, depends on meaning, not spelling
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -21,7 +20,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -29,7 +27,6 @@ from pydantic.alias_generators import to_camel
 from api import images, names
 from api.spec_fields import (
     DISKS_MAX,
-    ERRORS_SHOWN_MAX,
     FORWARDS_MAX,
     SSH_KEYS_MAX,
     CloudInitObject,
@@ -45,10 +42,9 @@ from api.spec_fields import (
     Seconds,
     Sha256Digest,
     SshAuthorizedKey,
+    TypeName,
     UnprivilegedPort,
-    anchored,
     at_most,
-    publishes,
 )
 
 API_GROUP = "tofu-qemu.dev"
@@ -204,30 +200,6 @@ class CloudInitSpec(_Model):
     ssh_authorized_keys: Annotated[tuple[SshAuthorizedKey, ...], at_most(SSH_KEYS_MAX, "SSH keys")] = Field(
         default=(), max_length=SSH_KEYS_MAX, description="Public keys for the default user"
     )
-
-
-# instancetypes: references to instance types and preferences (api/instancetypes.py,
-# docs/instancetypes.md). Their names may hold dots ("u1.small"), as KubeVirt's do.
-INSTANCE_TYPE_KIND = "QemuInstanceType"
-CLUSTER_INSTANCE_TYPE_KIND = "QemuClusterInstanceType"
-PREFERENCE_KIND = "QemuPreference"
-CLUSTER_PREFERENCE_KIND = "QemuClusterPreference"
-TYPE_NAME_MAX = 63
-TYPE_NAME_PATTERN = "[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?"
-_TYPE_NAME_RE = re.compile(TYPE_NAME_PATTERN)
-
-
-@publishes(maxLength=TYPE_NAME_MAX, pattern=anchored(TYPE_NAME_PATTERN))
-def check_type_name(value: str) -> str:
-    if not _TYPE_NAME_RE.fullmatch(value):
-        raise ValueError(
-            f"{value[: names.QUOTED_MAX]!r} must be at most {TYPE_NAME_MAX} lowercase letters, digits, "
-            "'-' and '.', starting and ending with a letter or digit"
-        )
-    return value
-
-
-TypeName = Annotated[str, AfterValidator(check_type_name)]
 
 
 class InstanceTypeRef(_Model):
@@ -513,25 +485,3 @@ class QemuVM(_Model):
     metadata: ObjectMeta
     spec: dict[str, Any]
     status: QemuVMStatus
-
-
-def describe_validation_error(error: ValidationError, *, prefix: str = "") -> str:
-    """Render pydantic errors as `spec.memory: must be ≥ 16 MiB; ...` for conditions and 4xx.
-
-    At most ERRORS_SHOWN_MAX errors are listed and the rest counted, so a message stays short
-    enough for a condition and a table however wrong the input is.
-    """
-    parts = []
-    errors = error.errors(include_url=False)
-    for item in errors[:ERRORS_SHOWN_MAX]:
-        location = prefix
-        for segment in item["loc"]:
-            if isinstance(segment, int):
-                location += f"[{segment}]"
-            else:
-                location += f".{segment}" if location else str(segment)
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{location}: {message}" if location else message)
-    if len(errors) > ERRORS_SHOWN_MAX:
-        parts.append(f"and {len(errors) - ERRORS_SHOWN_MAX} more errors")
-    return "; ".join(parts)

@@ -8,13 +8,11 @@ the memory it returns; `again` asks for the next reconcile at once (requeue 0), 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
-from enum import StrEnum
-from pathlib import PurePath
 
 from api.images import RemoteImage
-from api.types import Accel, QemuVMSpec, ReclaimPolicy, RunStrategy
+from api.types import QemuVMSpec, ReclaimPolicy, RunStrategy
 from controller import firmware
 from controller.actions import (
     Action,
@@ -26,13 +24,10 @@ from controller.actions import (
     FetchImage,
     Finalize,
     GrowDisk,
-    Kill,
     KillLost,
-    Quit,
     RecordExit,
     ReleasePorts,
     RemoveRuntimeDir,
-    RequestPowerdown,
     Spawn,
     WriteSeed,
 )
@@ -49,19 +44,14 @@ from controller.model import (
     QmpState,
 )
 from controller.pausing import run_state_step
-from controller.qemu.argv import LaunchInputs, RuntimePaths, argv_digest, build_argv
+from controller.plan_types import Intent as Intent
+from controller.plan_types import LaunchContext as LaunchContext
+from controller.plan_types import Plan as Plan
+from controller.qemu.argv import LaunchInputs, argv_digest, build_argv
+from controller.stop_ladder import QMP_STARTUP_GRACE as QMP_STARTUP_GRACE
+from controller.stop_ladder import QUIT_GRACE as QUIT_GRACE
+from controller.stop_ladder import kill, stop, stop_process
 
-# After `system_powerdown` and stopTimeout, `quit` gets this long before SIGKILL.
-QUIT_GRACE = timedelta(seconds=5)
-# A guest that has not booted (see ProcessObservation.guest_booted) ignores the power button; it
-# gets this long to answer it anyway (the tiny guest powers off within 0.2 s), then `quit`.
-BOOT_PROBE = timedelta(seconds=2)
-# A guest up this long is taken as booted even if no network card ever came up (no virtio-net
-# driver, or one that stays promiscuous): cutting its ACPI shutdown to the probe could lose its
-# writes, and one still booting after this long gets the full stopTimeout like any other.
-BOOT_ASSUMED_AFTER = timedelta(seconds=120)
-# QMP may not listen yet just after spawn (the pidfile comes first): wait before calling it hung.
-QMP_STARTUP_GRACE = timedelta(seconds=10)
 IMAGE_RECHECK = timedelta(seconds=30)
 # A download in progress wakes its VMs when it ends; this is only the safety net.
 DOWNLOAD_RECHECK = timedelta(seconds=30)
@@ -69,73 +59,7 @@ DOWNLOAD_RECHECK = timedelta(seconds=30)
 _IMAGE_REASON_ORDER = ("ImageChecksumMismatch", "ImageDownloadFailed", "ImageNotFound", "ImageDownloading")
 # A VM waiting for room is looked at again this often (another VM's deletion does not wake it).
 ADMISSION_RECHECK = timedelta(seconds=5)
-STOP_RECHECK = timedelta(seconds=1)
 EXIT_RECHECK = timedelta(milliseconds=50)
-
-
-class Intent(StrEnum):
-    """What the plan is working towards; status turns it into a phase and conditions."""
-
-    INVALID = "Invalid"
-    DELETING = "Deleting"
-    STOPPING = "Stopping"
-    RESTARTING = "Restarting"
-    HALTED = "Halted"
-    FINISHED = "Finished"
-    # The controller is exiting with stop_vms_on_exit: stop, start nothing.
-    SHUTTING_DOWN = "ShuttingDown"
-    # The spec asks for what cannot be done (shrinking a disk); whatever runs keeps running.
-    REFUSED = "Refused"
-    PREPARING = "Preparing"
-    WAITING_FOR_IMAGES = "WaitingForImages"
-    QUOTA_EXCEEDED = "QuotaExceeded"
-    HOST_MEMORY_LOW = "HostMemoryLow"
-    INSUFFICIENT_STORAGE = "InsufficientStorage"
-    BACKING_OFF = "BackingOff"
-    STARTING = "Starting"
-    RUNNING = "Running"
-    # QEMU lives with its guest paused (controller/pausing.py).
-    PAUSED = "Paused"
-    # Bookkeeping before any decision: attach a process nobody watches, record an exit nobody
-    # recorded. Status stays as it was; the next reconcile (at once) decides.
-    ADOPTING = "Adopting"
-
-
-@dataclass(frozen=True, slots=True)
-class LaunchContext:
-    """Environment facts the argv depends on, resolved by the reconciler before planning."""
-
-    accel: Accel
-    runtime: RuntimePaths
-    images_dir: PurePath
-    disks_dir: PurePath
-    # A start must leave the host at least this much available memory.
-    memory_reserve_mib: int = 0
-    # Creating and growing a VM's disks must leave at least this much free once they are full.
-    storage_reserve_mib: int = 0
-    # How often a running VM is looked at (its QMP asked) between other events; None: never.
-    liveness_period: timedelta | None = None
-    forward_address: str = "127.0.0.1"
-    shutting_down: bool = False
-
-    def disk_path(self, name: str) -> PurePath:
-        return self.disks_dir / f"{name}.qcow2"
-
-    def seed_path(self, digest: str) -> PurePath:
-        return self.runtime.directory / f"cidata-{digest}.iso"
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    intent: Intent
-    memory: Memory
-    actions: tuple[Action, ...] = ()
-    requeue_after: timedelta | None = None
-    # Plan again right after executing: these actions changed the inputs of the next step.
-    again: bool = False
-    detail: str = ""
-    # The condition reason for a waiting or refusing intent, when the intent's name is too vague.
-    reason: str = ""
 
 
 def plan(
@@ -143,71 +67,21 @@ def plan(
 ) -> Plan:
     """Decide the next actions for one VM. `desired` is None for an orphan (no object)."""
     memory = absorb_exit(memory, observed, desired)
-    if observed.exiting:
-        # Nothing is safe to do until the exit is recorded (the runtime lock is still held).
-        return Plan(Intent.STOPPING, memory, requeue_after=EXIT_RECHECK, detail="QEMU is exiting")
-    unwatched = _look_after(observed, memory)
-    if unwatched is not None:
-        return unwatched
-    if observed.lost_pid is not None and observed.process is None:
-        # Ours but unmanageable (no QMP, no record to adopt it by): replace it, or a second
-        # QEMU would be started beside it.
-        detail = "a QEMU of this VM lost its runtime dir: killing it"
-        actions = (KillLost(observed.lost_pid),)
-        return Plan(Intent.RESTARTING, memory, actions, requeue_after=EXIT_RECHECK, detail=detail)
+    first = _bookkeeping(observed, memory)
+    if first is not None:
+        return first
     if desired is None or desired.deleting:
         return _tear_down(desired, observed, memory, now)
     if desired.spec is None:
         # Keep whatever runs: an invalid edit must not take a working VM down.
         return Plan(Intent.INVALID, memory)
-    process = observed.process
-    if desired.admission.invalid_spec:
-        # Valid for the API, not for this host (a hostPort outside its port range): the same.
-        return Plan(Intent.INVALID, memory, _hold_nothing(observed), detail=desired.admission.message)
     spec = desired.spec
-    if context.shutting_down:
-        if process is not None:
-            return _stop(process, memory, spec, now, Intent.SHUTTING_DOWN, "tofu-qemu is shutting down")
-        return Plan(Intent.SHUTTING_DOWN, memory, detail="tofu-qemu is shutting down")
-    if spec.run_strategy is RunStrategy.HALTED or desired.stopped_by_request:
-        why = _halt_reason(desired)
-        if process is not None:
-            return _stop(process, memory, spec, now, Intent.STOPPING, why)
-        return Plan(Intent.HALTED, memory, _clean_if_stale(observed), detail=why)
-
-    too_large = larger_than_filesystem(spec, observed.storage)
-    if too_large:
-        return Plan(Intent.REFUSED, memory, reason="DiskTooLarge", detail=too_large)
-    if process is None:
-        refused = _not_admitted(desired, spec, observed, memory, context)
-        if refused is not None:
-            return refused
-    shrinking = shrinking_disks(spec, observed)
-    if shrinking:
-        return Plan(Intent.REFUSED, memory, reason="DiskShrinkRefused", detail=shrinking)
-    waiting = _wait_for_images(spec, observed, memory, context, now)
-    if waiting is not None:
-        return waiting
-    if process is None and observed.missing_images:
-        # Checked before ports are taken: a VM that cannot boot holds none.
-        detail = "not a file in the images dir (or a link out of it): " + ", ".join(observed.missing_images)
-        return Plan(
-            Intent.WAITING_FOR_IMAGES,
-            memory,
-            _hold_nothing(observed),
-            requeue_after=IMAGE_RECHECK,
-            detail=detail,
-        )
-    if process is None and observed.missing_firmware:
-        detail = firmware.missing_firmware_detail(observed)
-        return Plan(
-            Intent.WAITING_FOR_IMAGES,
-            memory,
-            _hold_nothing(observed),
-            requeue_after=IMAGE_RECHECK,
-            detail=detail,
-            reason="FirmwareNotFound",
-        )
+    process = observed.process
+    held = _held(desired, spec, observed, memory, context, now) or _blocked(
+        desired, spec, observed, memory, context, now
+    )
+    if held is not None:
+        return held
     prepare = (
         *_prepare(desired, spec, observed),
         *firmware.prepare_nvram(desired, spec, observed, context.disks_dir),
@@ -221,9 +95,98 @@ def plan(
         restart_at = desired.restart_requested_at
         if restart_at is not None and process.started_at < restart_at:
             why = f"restart requested by {desired.override.requested_by if desired.override else '?'}"
-            return _stop(process, memory, spec, now, Intent.RESTARTING, why)
+            return stop(process, memory, spec, now, Intent.RESTARTING, why)
         return _keep_running(desired, process, digest, memory, spec, observed, now, context)
     return _start(desired, spec, observed, memory, now, argv, seed)
+
+
+def _bookkeeping(observed: Observed, memory: Memory) -> Plan | None:
+    """Before any decision: an exit under way, a process or an exit nobody recorded, a lost QEMU."""
+    if observed.exiting:
+        # Nothing is safe to do until the exit is recorded (the runtime lock is still held).
+        return Plan(Intent.STOPPING, memory, requeue_after=EXIT_RECHECK, detail="QEMU is exiting")
+    unwatched = _look_after(observed, memory)
+    if unwatched is not None:
+        return unwatched
+    if observed.lost_pid is not None and observed.process is None:
+        # Ours but unmanageable (no QMP, no record to adopt it by): replace it, or a second
+        # QEMU would be started beside it.
+        detail = "a QEMU of this VM lost its runtime dir: killing it"
+        actions = (KillLost(observed.lost_pid),)
+        return Plan(Intent.RESTARTING, memory, actions, requeue_after=EXIT_RECHECK, detail=detail)
+    return None
+
+
+def _held(
+    desired: Desired,
+    spec: QemuVMSpec,
+    observed: Observed,
+    memory: Memory,
+    context: LaunchContext,
+    now: datetime,
+) -> Plan | None:
+    """A VM this host will not run (an invalid spec here), or one held down: a shutdown, a halt."""
+    process = observed.process
+    if desired.admission.invalid_spec:
+        # Valid for the API, not for this host (a hostPort outside its port range): the same.
+        return Plan(Intent.INVALID, memory, _hold_nothing(observed), detail=desired.admission.message)
+    if context.shutting_down:
+        if process is not None:
+            return stop(process, memory, spec, now, Intent.SHUTTING_DOWN, "tofu-qemu is shutting down")
+        return Plan(Intent.SHUTTING_DOWN, memory, detail="tofu-qemu is shutting down")
+    if spec.run_strategy is RunStrategy.HALTED or desired.stopped_by_request:
+        why = _halt_reason(desired)
+        if process is not None:
+            return stop(process, memory, spec, now, Intent.STOPPING, why)
+        return Plan(Intent.HALTED, memory, _clean_if_stale(observed), detail=why)
+    return None
+
+
+def _blocked(
+    desired: Desired,
+    spec: QemuVMSpec,
+    observed: Observed,
+    memory: Memory,
+    context: LaunchContext,
+    now: datetime,
+) -> Plan | None:
+    """What keeps a wanted VM from going on: too little room, admission, a disk shrink, images
+    or firmware that are not there. None: nothing does."""
+    process = observed.process
+    too_large = larger_than_filesystem(spec, observed.storage)
+    if too_large:
+        return Plan(Intent.REFUSED, memory, reason="DiskTooLarge", detail=too_large)
+    if process is None:
+        refused = _not_admitted(desired, spec, observed, memory, context)
+        if refused is not None:
+            return refused
+    shrinking = shrinking_disks(spec, observed)
+    if shrinking:
+        return Plan(Intent.REFUSED, memory, reason="DiskShrinkRefused", detail=shrinking)
+    waiting = _wait_for_images(spec, observed, memory, context, now)
+    if waiting is not None or process is not None:
+        return waiting
+    if observed.missing_images:
+        # Checked before ports are taken: a VM that cannot boot holds none.
+        detail = "not a file in the images dir (or a link out of it): " + ", ".join(observed.missing_images)
+        return Plan(
+            Intent.WAITING_FOR_IMAGES,
+            memory,
+            _hold_nothing(observed),
+            requeue_after=IMAGE_RECHECK,
+            detail=detail,
+        )
+    if observed.missing_firmware:
+        detail = firmware.missing_firmware_detail(observed)
+        return Plan(
+            Intent.WAITING_FOR_IMAGES,
+            memory,
+            _hold_nothing(observed),
+            requeue_after=IMAGE_RECHECK,
+            detail=detail,
+            reason="FirmwareNotFound",
+        )
+    return None
 
 
 def _look_after(observed: Observed, memory: Memory) -> Plan | None:
@@ -285,7 +248,7 @@ def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now:
     """Deletion as a finalizer: stop, release ports, delete disks, remove the runtime dir, finalize."""
     if observed.process is not None:
         stop_timeout = timedelta(seconds=desired.spec.stop_timeout) if desired and desired.spec else None
-        return _stop_process(observed.process, memory, stop_timeout, now, Intent.DELETING, "deleting")
+        return stop_process(observed.process, memory, stop_timeout, now, Intent.DELETING, "deleting")
     actions: list[Action] = [*firmware.stray_tpm(observed)]
     if observed.ports:
         actions.append(ReleasePorts(tuple(sorted(observed.ports))))
@@ -413,7 +376,7 @@ def _keep_running(
     context: LaunchContext,
 ) -> Plan:
     if process.argv_digest != digest:
-        return _stop(process, memory, spec, now, Intent.RESTARTING, "the spec changed and needs a restart")
+        return stop(process, memory, spec, now, Intent.RESTARTING, "the spec changed and needs a restart")
     growing = [
         disk for disk, _ in growing_disks(spec, observed) if observed.disks[disk.name].size_mib is not None
     ]
@@ -423,19 +386,19 @@ def _keep_running(
             # Stopping to grow would leave the VM down until room frees: it runs on meanwhile.
             return Plan(Intent.INSUFFICIENT_STORAGE, memory, requeue_after=ADMISSION_RECHECK, detail=short)
         sizes = ", ".join(f"{disk.name!r} to {disk.size} MiB" for disk in growing)
-        return _stop(process, memory, spec, now, Intent.RESTARTING, f"growing disk {sizes} needs a restart")
+        return stop(process, memory, spec, now, Intent.RESTARTING, f"growing disk {sizes} needs a restart")
     if process.qmp is QmpState.UNREACHABLE:
         if now - process.started_at < QMP_STARTUP_GRACE:
             return Plan(Intent.STARTING, memory, requeue_after=timedelta(milliseconds=200))
-        return _kill(process, memory, Intent.RESTARTING, "QEMU does not answer QMP: killing it")
+        return kill(process, memory, Intent.RESTARTING, "QEMU does not answer QMP: killing it")
     if process.qmp is QmpState.PANICKED:
-        return _kill(process, memory, Intent.RESTARTING, "guest panicked")
+        return kill(process, memory, Intent.RESTARTING, "guest panicked")
     if not process.runtime_intact and now - process.started_at >= QMP_STARTUP_GRACE:
         # QEMU creates its socket at start; one removed later cannot come back.
-        return _kill(process, memory, Intent.RESTARTING, "its runtime dir or QMP socket was removed")
+        return kill(process, memory, Intent.RESTARTING, "its runtime dir or QMP socket was removed")
     lost_tpm = firmware.lost_tpm(spec, observed)
     if lost_tpm and process.qmp in (QmpState.RUNNING, QmpState.PAUSED):
-        return _stop(process, memory, spec, now, Intent.RESTARTING, lost_tpm)
+        return stop(process, memory, spec, now, Intent.RESTARTING, lost_tpm)
     step = run_state_step(desired, spec, process, memory, now=now)
     if step is not None:
         requeue = None if step.again else context.liveness_period
@@ -519,74 +482,3 @@ def _hold_nothing(observed: Observed) -> tuple[Action, ...]:
     if observed.process is not None or not observed.ports:
         return _clean_if_stale(observed)
     return (*_clean_if_stale(observed), ReleasePorts(tuple(sorted(observed.ports))))
-
-
-def _stop(
-    process: ProcessObservation, memory: Memory, spec: QemuVMSpec, now: datetime, intent: Intent, why: str
-) -> Plan:
-    return _stop_process(process, memory, timedelta(seconds=spec.stop_timeout), now, intent, why)
-
-
-def _stop_process(
-    process: ProcessObservation,
-    memory: Memory,
-    stop_timeout: timedelta | None,
-    now: datetime,
-    intent: Intent,
-    why: str,
-) -> Plan:
-    """Graceful stop across reconciles: power button, then `quit` after stopTimeout, then SIGKILL.
-
-    The start of the stop is remembered in status, so a controller restart mid-stop continues
-    where it was instead of starting over. A process that does not answer QMP is killed at once.
-    A guest that cannot answer the power button gets less than stopTimeout (`_answer_window`).
-    """
-    timeout = stop_timeout if stop_timeout is not None else timedelta(seconds=30)
-    requested = memory.stop_requested_at
-    if process.qmp is QmpState.UNREACHABLE and now - process.started_at >= QMP_STARTUP_GRACE:
-        # No QMP: the power button cannot be pressed. A process asked to stop may just be
-        # closing its socket on the way out, so it gets the quit grace; a hung one goes now.
-        if requested is not None and now - requested < QUIT_GRACE:
-            return Plan(intent, memory, requeue_after=QUIT_GRACE - (now - requested), detail=why)
-        return _kill(process, memory, intent, why)
-    window, no_answer = _answer_window(process, timeout, now)
-    if no_answer:
-        why = f"{why}; {no_answer}"
-    if requested is None:
-        memory = replace(memory, stop_requested_at=now)
-        if not window:
-            return Plan(intent, memory, (Quit(),), requeue_after=QUIT_GRACE, detail=why)
-        return Plan(intent, memory, (RequestPowerdown(),), requeue_after=window, detail=why)
-    elapsed = now - requested
-    if elapsed < window:
-        return Plan(intent, memory, requeue_after=window - elapsed, detail=why)
-    if elapsed < window + QUIT_GRACE:
-        if process.qmp is QmpState.SHUTDOWN:
-            # It announced its shutdown (the power button worked, or the quit of an earlier
-            # pass is under way): it is on its way out and gets the grace, not another quit.
-            return Plan(intent, memory, requeue_after=window + QUIT_GRACE - elapsed, detail=why)
-        return Plan(intent, memory, (Quit(),), requeue_after=window + QUIT_GRACE - elapsed, detail=why)
-    return _kill(process, memory, intent, why)
-
-
-def _answer_window(process: ProcessObservation, timeout: timedelta, now: datetime) -> tuple[timedelta, str]:
-    """How long the guest gets to power off after the power button, and why it is short.
-
-    A paused guest runs no code, so it cannot answer: `quit` at once. A guest that has not
-    booted yet ignores the button: it gets BOOT_PROBE to answer anyway, then `quit`.
-    """
-    if process.qmp in (QmpState.PAUSED, QmpState.PRELAUNCH):
-        return timedelta(0), "the guest is paused and cannot answer the power button: quit"
-    booting = not process.guest_booted and now - process.started_at < BOOT_ASSUMED_AFTER
-    if booting and timeout > BOOT_PROBE:
-        probe = BOOT_PROBE.total_seconds()
-        return (
-            BOOT_PROBE,
-            f"the guest has not booted (no network card up): quit unless it powers off within {probe:g} s",
-        )
-    return timeout, ""
-
-
-def _kill(process: ProcessObservation, memory: Memory, intent: Intent, why: str) -> Plan:
-    """SIGKILL, then look again shortly: the pidfd records the exit when it comes."""
-    return Plan(intent, memory, (Kill(process.pid),), requeue_after=STOP_RECHECK, detail=why)

@@ -24,8 +24,8 @@ from typing import Any, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.instancetypes import COMMON_INSTANCE_TYPES, cluster_types, cluster_types_from_text
+from api.spec_fields import CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND, describe_validation_error
 from api.store.urls import check_database_url
-from api.types import CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND, describe_validation_error
 
 ENV_PREFIX = "TOFU_QEMU_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"

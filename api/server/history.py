@@ -16,7 +16,7 @@ from api.server.backend import project_of, read_body
 from api.server.errors import BadRequest
 from api.server.events import record_project_event
 from api.server.keys import STATES
-from api.types import describe_validation_error
+from api.spec_fields import describe_validation_error
 
 log = structlog.get_logger(__name__)
 

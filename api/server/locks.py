@@ -22,9 +22,9 @@ from api.server.backend import project_of, read_body
 from api.server.errors import BadRequest, status_response
 from api.server.events import record_project_event
 from api.server.keys import DATABASE, STATES
+from api.spec_fields import describe_validation_error
 from api.store import LockMismatch
 from api.store.states import HeldLock
-from api.types import describe_validation_error
 
 log = structlog.get_logger(__name__)
 

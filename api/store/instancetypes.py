@@ -18,9 +18,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from api.instancetypes import CLUSTER_KIND_OF, DeclaredType, Found, Ref, refs_of, revision_of
+from api.spec_fields import CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND, INSTANCE_TYPE_KIND
 from api.store.db import Database, Transaction
 from api.store.vms import ADDRESS_ANNOTATION, next_resource_versions
-from api.types import API_VERSION, CLUSTER_INSTANCE_TYPE_KIND, CLUSTER_PREFERENCE_KIND, INSTANCE_TYPE_KIND
+from api.types import API_VERSION
 
 if TYPE_CHECKING:  # api.infra.settings imports the store's URL check
     from api.infra.settings import ProcessSettings

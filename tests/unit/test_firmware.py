@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from api.types import Accel, QemuVMSpec, QemuVMStatus, ReclaimPolicy, describe_validation_error
+from api.spec_fields import describe_validation_error
+from api.types import Accel, QemuVMSpec, QemuVMStatus, ReclaimPolicy
 from controller.actions import (
     Action,
     AttachTpm,

@@ -22,8 +22,9 @@ from pydantic import ValidationError
 
 from api import names
 from api.quantity import parse_mebibytes, parse_seconds
+from api.spec_fields import describe_validation_error
 from api.tfstate import StateFormatError, extract_vms, parse_state
-from api.types import Accel, QemuVMManifest, QemuVMSpec, describe_validation_error
+from api.types import Accel, QemuVMManifest, QemuVMSpec
 from controller.qemu.argv import LaunchInputs, RuntimePaths, build_argv
 
 FUZZ_EXAMPLES_ENV = "TOFU_QEMU_FUZZ_EXAMPLES"

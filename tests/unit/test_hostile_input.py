@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from api import tfstate
+from api.spec_fields import describe_validation_error
 from api.testing.tfstate import encode, instance, manifest, resource, state
 from api.tfstate import DeclaredVM, ExtractionProblem, StateFormatError, extract_vms, parse_state
-from api.types import QemuVMSpec, describe_validation_error
+from api.types import QemuVMSpec
 from controller.qemu.argv import build_argv
 from tests.unit.test_fuzz_models import DATA_DIR, HOSTILE_CHARS, fuzz_settings, launch_inputs
 

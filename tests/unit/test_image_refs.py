@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from api.images import CachedImage, LocalImage, RemoteImage, parse_sidecar
-from api.types import DiskSpec, QemuVMSpec, describe_validation_error
+from api.spec_fields import describe_validation_error
+from api.types import DiskSpec, QemuVMSpec
 
 DIGEST = "0123456789abcdef" * 4
 

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from api.types import QemuVMManifest, QemuVMSpec, canonical_spec, describe_validation_error
+from api.spec_fields import describe_validation_error
+from api.types import QemuVMManifest, QemuVMSpec, canonical_spec
 
 KERNEL = {"kernel": "tiny-guest/vmlinuz"}
 
