@@ -152,10 +152,13 @@ class Scheduler:
     async def schedule_once(self) -> int:
         """One placement pass over every live VM; returns how many were placed. VMs of a host
         lost for host_lost_grace_seconds get HostReady=False (they are not moved yet)."""
-        vms = await self._hosts.placed()
         hosts = await self._hosts.all()
         now = await self._db.database_now()
-        notes = lost_notes(vms, lost_hosts(hosts, now, self._lost_grace))
+        lost = lost_hosts(hosts, now, self._lost_grace)
+        if not lost and not await self._hosts.anything_to_schedule():
+            return 0  # every VM placed on a live host, no note to clear: nothing to read
+        vms = await self._hosts.placed()
+        notes = lost_notes(vms, lost)
         if notes:
             await self._hosts.note_placed(notes)
         if all(vm.host is not None for vm in vms):

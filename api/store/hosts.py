@@ -124,6 +124,15 @@ class Hosts:
             await notify_placed(conn, self._db.dialect, ((name, uid) for uid in moved))
         return moved, kept
 
+    async def anything_to_schedule(self) -> bool:
+        """Whether a live VM waits for a host, or a placed one carries a note to clear: an index
+        probe, so that a pass with nothing to do reads no VM (the scheduler runs at every commit)."""
+        rows = await self._db.read(
+            "SELECT 1 FROM vms WHERE deleted_at IS NULL AND ((host IS NULL AND spec_error IS NULL)"
+            " OR (host IS NOT NULL AND scheduling IS NOT NULL)) LIMIT 1"
+        )
+        return bool(rows)
+
     async def placed(self) -> list[PlacedVM]:
         """Every live VM with its host (None: not placed) and what it asks of it."""
         rows = await self._db.read(
