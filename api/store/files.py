@@ -88,12 +88,9 @@ def make_store_files_private(database: Path) -> None:
     Only before SQLite opens the store in this process: see keep_open_store_files_private.
     """
     create_private_file(database)
-    for suffix in STORE_SIDECARS:
+    for sidecar in _sidecars(database):
         try:
-            fd = os.open(
-                database.with_name(database.name + suffix),
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-            )
+            fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
         try:
@@ -110,13 +107,17 @@ def keep_open_store_files_private(database: Path) -> None:
     it, drops them all. Another process would then take itself for the store's only user, reset
     the -shm under the server's mapping and kill it with SIGBUS (tests/component/test_store_locks.py).
     """
-    for path in (database, *(database.with_name(database.name + suffix) for suffix in STORE_SIDECARS)):
+    for path in (database, *_sidecars(database)):
         try:
             status = path.lstat()
         except FileNotFoundError:
             continue
         if stat.S_ISREG(status.st_mode) and stat.S_IMODE(status.st_mode) != PRIVATE_FILE_MODE:
             os.chmod(path, PRIVATE_FILE_MODE)
+
+
+def _sidecars(database: Path) -> list[Path]:
+    return [database.with_name(database.name + suffix) for suffix in STORE_SIDECARS]
 
 
 def _make_private(fd: int) -> None:
