@@ -65,8 +65,6 @@ log = structlog.get_logger(__name__)
 RECONCILE_DEADLINE_SECONDS = 300.0
 # On shutdown, reconciles in progress get this long to finish before they are cancelled.
 DRAIN_SECONDS = 10.0
-HEARTBEAT_SECONDS = 1.0
-HEARTBEAT_STALE_SECONDS = 5.0
 # After the shutdown timeout's SIGKILLs, how long their exits get to be recorded.
 SHUTDOWN_KILL_WAIT_SECONDS = 2.0
 # /readyz fails when no full resync has finished within this many resync periods (and at least
@@ -88,7 +86,8 @@ class Controller:
         self._clock = clock or LoopClock()
         self._metrics = metrics or Metrics()
         # Loop times (asyncio clock) of the last heartbeat and the last finished resync.
-        self._heartbeat_at: float | None = None
+        # True while the controller's task group runs (its `running` task is alive).
+        self._running = False
         self._resynced_at: float | None = None
         self._shutting_down = False
         self._layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
@@ -237,7 +236,7 @@ class Controller:
             ),
             self._start_source(tasks, "resync", resync),
             self._start_source(tasks, "liveness", liveness),
-            tasks.create_task(self._beat(), name="heartbeat"),
+            tasks.create_task(self._mark_running(), name="running"),
             self._start_source(
                 tasks,
                 "image-gc",
@@ -341,10 +340,7 @@ class Controller:
         return {"controller": self._check_alive, "resync": self._check_resync, "qemu": self._check_qemu}
 
     async def _check_alive(self) -> str | None:
-        now = asyncio.get_running_loop().time()
-        if self._heartbeat_at is None or now - self._heartbeat_at > HEARTBEAT_STALE_SECONDS:
-            return "the controller loop is not running"
-        return None
+        return None if self._running else "the controller loop is not running"
 
     async def _check_resync(self) -> str | None:
         now = asyncio.get_running_loop().time()
@@ -363,11 +359,14 @@ class Controller:
         self._metrics.resync_duration_seconds.observe(seconds)
         log.debug("resync_finished", seconds=round(seconds, 3))
 
-    async def _beat(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._heartbeat_at = loop.time()
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+    async def _mark_running(self) -> None:
+        """Say the controller runs for as long as its task group does: cancelled with the
+        others when it ends or fails. No timer: an idle controller wakes for nothing."""
+        self._running = True
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._running = False
 
     async def _work(self, reconciler: Reconciler) -> None:
         while True:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +33,9 @@ DB_FILE_NAME = "tofu-qemu.sqlite3"
 BUSY_TIMEOUT_MS = 10_000
 # FULL: an acknowledged state write survives power loss, not only a process kill.
 DURABLE_SYNCHRONOUS = "FULL"
+# data_version() asks SQLite at least this often even while the WAL file looks unchanged
+# (see SQLiteDatabase.data_version).
+DATA_VERSION_RECHECK_SECONDS = 10.0
 
 
 class SQLiteTransaction:
@@ -60,7 +65,14 @@ class SQLiteDatabase:
 
     dialect = Dialect.SQLITE
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, *, clock: Clock) -> None:
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        clock: Clock,
+        path: Path | None = None,
+    ) -> None:
         self._writer = writer
         self._writer.row_factory = sqlite3.Row
         self._transaction = SQLiteTransaction(writer)
@@ -68,6 +80,11 @@ class SQLiteDatabase:
         self.clock = clock
         self._write_lock = asyncio.Lock()
         self._subscribers: list[Callable[[], None]] = []
+        # The WAL file's (inode, size, mtime) when data_version last asked SQLite, and its answer.
+        self._wal_path = None if path is None else Path(f"{path}-wal")
+        self._wal_seen: tuple[int, int, int] | None = None
+        self._version = 0
+        self._version_asked_at = float("-inf")
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every committed write of this process.
@@ -86,25 +103,52 @@ class SQLiteDatabase:
         return list(await self.reader.execute_fetchall(query, params))
 
     async def data_version(self) -> int:
-        """SQLite's counter of commits made by *other* connections (PRAGMA data_version)."""
+        """SQLite's counter of commits made by *other* connections (PRAGMA data_version).
+
+        Pollers ask every second. Every commit writes the WAL, so while the WAL file's inode,
+        size and mtime are as they were at the last PRAGMA, the answer is the same and is given
+        from a stat, without a query on the reader's thread. A commit within the mtime's
+        granularity of the previous one, into a WAL restarted from its beginning, could look
+        unchanged: the PRAGMA is asked every DATA_VERSION_RECHECK_SECONDS all the same.
+        """
+        wal = self._wal_signature()
+        now = time.monotonic()
+        fresh = now - self._version_asked_at < DATA_VERSION_RECHECK_SECONDS
+        if wal is not None and wal == self._wal_seen and fresh:
+            return self._version
         rows = await self.read("PRAGMA data_version")
-        return int(rows[0][0]) if rows else 0
+        self._version = int(rows[0][0]) if rows else 0
+        self._wal_seen, self._version_asked_at = wal, now
+        return self._version
+
+    def _wal_signature(self) -> tuple[int, int, int] | None:
+        if self._wal_path is None:
+            return None
+        try:
+            found = os.stat(self._wal_path)
+        except OSError:
+            return None
+        return found.st_ino, found.st_size, found.st_mtime_ns
 
     async def database_now(self) -> datetime:
         """One machine holds the file, so the store clock is the database's."""
         return self.clock()
 
     @contextlib.asynccontextmanager
-    async def write(self, *, durable: bool = True) -> AsyncIterator[Transaction]:
+    async def write(self, *, durable: bool = True, notify: bool = True) -> AsyncIterator[Transaction]:
         """Run the block in one IMMEDIATE transaction; commit on success, roll back otherwise.
 
         `durable=False` skips the fsync at commit (synchronous=NORMAL for this transaction):
         the write survives a process crash but may be lost with the machine. Only for data
         that is recomputed anyway, such as VM status; the next durable commit syncs it too.
 
+        Subscribers are called after a commit that changed rows, unless `notify` is False (a
+        write no watcher acts on, such as usage records).
+
         :raise StorageFull: when SQLite reports a full disk; the transaction is rolled back.
         """
         async with self._write_lock:
+            changes_before = self._writer.total_changes
             try:
                 if not durable:
                     await self._writer.execute("PRAGMA synchronous = NORMAL")
@@ -122,8 +166,10 @@ class SQLiteDatabase:
             finally:
                 if not durable:
                     await self._writer.execute(f"PRAGMA synchronous = {DURABLE_SYNCHRONOUS}")
-        for callback in self._subscribers:
-            callback()
+            changed = self._writer.total_changes != changes_before
+        if notify and changed:
+            for callback in self._subscribers:
+                callback()
 
     async def probe_writable(self) -> None:
         """Take SQLite's write lock and let go of it, changing nothing and waking no subscriber.
@@ -184,7 +230,7 @@ async def open_database(data_dir: Path, *, clock: Clock = utc_now) -> SQLiteData
         await reader.close()
         await writer.close()
         raise
-    return SQLiteDatabase(writer, reader, clock=clock)
+    return SQLiteDatabase(writer, reader, clock=clock, path=path)
 
 
 def _prepare_private_store(data_dir: Path, path: Path) -> None:

@@ -85,7 +85,9 @@ class Hosts:
     async def renew(self, name: str) -> bool:
         """Stamp the host's lease with the database's clock. False: the host is not registered."""
         now = (await self._db.database_now()).isoformat()
-        async with self._db.write(durable=False) as conn:
+        # Quiet: a renewal changes nothing a watcher acts on (the scheduler looks at leases on
+        # its own period), and every process would otherwise wake for it every few seconds.
+        async with self._db.write(durable=False, notify=False) as conn:
             return await conn.execute("UPDATE hosts SET lease_renewed_at = ? WHERE name = ?", (now, name)) > 0
 
     async def all(self) -> list[Host]:
@@ -285,7 +287,7 @@ class Leases:
     async def hold(self, name: str, holder: str, seconds: float) -> bool:
         """Take or renew lease `name` for `holder`. False: another holder's lease still runs."""
         now = await self._db.database_now()
-        async with self._db.write(durable=False) as conn:
+        async with self._db.write(durable=False, notify=False) as conn:  # quiet, as renew()
             row = await conn.fetchone(
                 "SELECT holder, renewed_at, lease_seconds FROM leases WHERE name = ?", (name,)
             )

@@ -157,25 +157,26 @@ class PostgresDatabase:
         return value
 
     @contextlib.asynccontextmanager
-    async def write(self, *, durable: bool = True) -> AsyncIterator[Transaction]:
+    async def write(self, *, durable: bool = True, notify: bool = True) -> AsyncIterator[Transaction]:
         begin = "BEGIN; " + ("" if durable else "SET LOCAL synchronous_commit = off; ")
         begin += f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
         with _unavailable_on_connection_errors():
             async with self._write_lock, self._begun(begin) as connection:
                 try:
                     yield PostgresTransaction(connection)
-                    notify = sql.SQL("NOTIFY {}, {}; COMMIT").format(
+                    commit = sql.SQL("NOTIFY {}, {}; COMMIT").format(
                         sql.Identifier(CHANGES_CHANNEL), sql.Literal(self._instance)
                     )
-                    await connection.execute(notify)
+                    await connection.execute(commit if notify else "COMMIT")
                 except BaseException as err:
                     with contextlib.suppress(psycopg.Error):
                         await connection.execute("ROLLBACK")
                     if isinstance(err, psycopg.OperationalError) and err.sqlstate == _DISK_FULL:
                         raise StorageFull("the database's disk is full; the write was not stored") from err
                     raise
-        for callback in self._subscribers:
-            callback()
+        if notify:
+            for callback in self._subscribers:
+                callback()
 
     @contextlib.asynccontextmanager
     async def _begun(self, begin: str) -> AsyncIterator[psycopg.AsyncConnection[PgRow]]:

@@ -81,7 +81,8 @@ class Database(Protocol):
     dialect: Dialect
 
     def subscribe(self, callback: Callable[[], None]) -> None:
-        """Call `callback` after every committed write of this process."""
+        """Call `callback` after committed writes of this process: those with `notify`, and in
+        SQLite only those that changed a row."""
 
     async def data_version(self) -> int:
         """A number that changes when another process commits (poll it to see their writes);
@@ -90,11 +91,13 @@ class Database(Protocol):
     async def read(self, query: str, params: Sequence[object] = ()) -> list[Row]:
         """Run one read-only statement to completion; it sees only committed data."""
 
-    def write(self, *, durable: bool = True) -> AbstractAsyncContextManager[Transaction]:
+    def write(self, *, durable: bool = True, notify: bool = True) -> AbstractAsyncContextManager[Transaction]:
         """One write transaction, serialised with every other writer; commit on success.
 
         `durable=False`: the commit may be lost with the machine (never with the process);
         only for data recomputed anyway, such as VM status and events.
+        `notify=False`: no subscriber (`subscribe`) and no other process is woken by this
+        commit; for data no watcher acts on, such as usage records.
 
         :raise StorageFull: the store's disk is full; nothing was changed.
         :raise StoreUnavailable: the database server cannot be reached; nothing was changed.

@@ -71,7 +71,7 @@ class UsageStore:
 
         :raise StorageFull, StoreUnavailable, sql.DatabaseError: nothing was changed.
         """
-        async with self._db.write(durable=False) as conn:
+        async with self._db.write(durable=False, notify=False) as conn:
             if hours:
                 await conn.executemany(
                     "INSERT INTO vm_usage (uid, hour, project, vm_name, cpu_seconds, memory_mib_seconds,"
@@ -137,7 +137,7 @@ class UsageStore:
     async def prune(self, before: datetime) -> int:
         """Delete the hours that started before `before`; returns how many."""
         cutoff = before.astimezone(UTC).replace(minute=0, second=0, microsecond=0).isoformat()
-        async with self._db.write(durable=False) as conn:
+        async with self._db.write(durable=False, notify=False) as conn:
             return await conn.execute("DELETE FROM vm_usage WHERE hour < ?", (cutoff,))
 
 

@@ -4,7 +4,7 @@ processes' commits seen through `data_version`, and the database clock."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,7 +12,8 @@ import pytest
 
 from api.store import Database, LockConflict, LockInfo, StateStore, open_store
 from api.store.allocations import Allocations, PortTaken
-from api.store.sql import Dialect
+from api.store.db import DATA_VERSION_RECHECK_SECONDS, SQLiteDatabase, open_database
+from api.store.sql import Dialect, Row
 from api.types import Protocol
 from tests.component.conftest import FakeClock
 
@@ -77,6 +78,19 @@ async def test_subscribers_hear_this_process_commits(db: Database) -> None:
     assert heard == [1]
 
 
+async def test_a_quiet_write_wakes_no_subscriber(db: Database) -> None:
+    """Usage records and the like: committed, and no watcher wakes for them."""
+    heard: list[int] = []
+    db.subscribe(lambda: heard.append(1))
+    async with db.write(notify=False) as conn:
+        await conn.execute(
+            "INSERT INTO vm_usage_cursors (uid, pid, start_ticks, cpu_ticks, rss_bytes, sampled_at)"
+            " VALUES ('u', 1, 2, 3, 4, '0')"
+        )
+    assert heard == []
+    assert await db.read("SELECT uid FROM vm_usage_cursors") != []
+
+
 async def test_database_now_is_the_database_clock(db: Database, clock: FakeClock) -> None:
     """SQLite: the store clock (one machine). PostgreSQL: the server's now(), which hosts share."""
     now = await db.database_now()
@@ -98,3 +112,60 @@ async def test_a_write_waits_while_another_process_holds_the_write_lock(
     release()
     async with asyncio.timeout(5):
         await writing
+
+
+@pytest.fixture
+async def sqlite_pair(
+    tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[tuple[SQLiteDatabase, SQLiteDatabase]]:
+    """Two SQLite stores on one data dir, as `tofu-qemu api` and `tofu-qemu controller` open it."""
+    first = await open_database(tmp_path / "sqlite", clock=clock)
+    second = await open_database(tmp_path / "sqlite", clock=clock)
+    yield first, second
+    await second.close()
+    await first.close()
+
+
+async def test_sqlite_a_write_that_changed_no_row_wakes_no_subscriber(
+    sqlite_pair: tuple[SQLiteDatabase, SQLiteDatabase],
+) -> None:
+    """PostgreSQL notifies every commit with `notify`; SQLite knows whether rows changed."""
+    db, _ = sqlite_pair
+    heard: list[int] = []
+    db.subscribe(lambda: heard.append(1))
+    async with db.write() as conn:
+        await conn.fetchall("SELECT name FROM projects")
+    assert heard == []
+    await StateStore(db).lock("lab", LockInfo.parse(b'{"ID": "a"}'))
+    assert heard == [1]
+
+
+async def test_sqlite_data_version_asks_sqlite_only_when_the_wal_changed_or_every_recheck_period(
+    sqlite_pair: tuple[SQLiteDatabase, SQLiteDatabase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pollers ask every second; an unchanged WAL answers from a stat, and SQLite is asked
+    again at least every DATA_VERSION_RECHECK_SECONDS. (PostgreSQL counts NOTIFYs: no query.)"""
+    db, other = sqlite_pair
+    assert DATA_VERSION_RECHECK_SECONDS == 10.0
+    now = [1000.0]
+    monkeypatch.setattr("api.store.db.time.monotonic", lambda: now[0])
+    asked: list[str] = []
+    read = db.read
+
+    async def counting_read(query: str, params: Sequence[object] = ()) -> list[Row]:
+        asked.append(query)
+        return await read(query, params)
+
+    monkeypatch.setattr(db, "read", counting_read)
+    first = await db.data_version()
+    assert await db.data_version() == first
+    assert len(asked) == 1, "an unchanged WAL needs no query"
+    await StateStore(other).lock("theirs", LockInfo.parse(b'{"ID": "b"}'))
+    assert await db.data_version() != first, "the other process's commit changed the WAL"
+    assert len(asked) == 2
+    now[0] += DATA_VERSION_RECHECK_SECONDS - 0.1
+    await db.data_version()
+    assert len(asked) == 2
+    now[0] += 0.2
+    await db.data_version()
+    assert len(asked) == 3, "asked again once the recheck period passed"
