@@ -187,8 +187,7 @@ def step_chart(
         f'<line class="grid" x1="0" y1="0.5" x2="{CHART_WIDTH}" y2="0.5"/>'
         f'<text class="tick" x="{CHART_WIDTH - 2}" y="12" text-anchor="end">'
         f"{esc(_fmt(top))} {esc(unit)}</text>"
-        f'<text class="tick" x="0" y="{h + 14}">{esc(clock(start))}</text>'
-        f'<text class="tick" x="{CHART_WIDTH}" y="{h + 14}" text-anchor="end">{esc(clock(end))}</text>'
+        f"{axis_ends(start, end, h + 14)}"
     )
     return (
         f'<svg class="chart" role="img" viewBox="0 0 {CHART_WIDTH} {h + 18}" width="{CHART_WIDTH}"'
@@ -201,5 +200,16 @@ def _fmt(value: float) -> str:
     return f"{value:g}"
 
 
-def clock(at: datetime) -> str:
-    return at.strftime("%H:%M UTC")
+def clock(at: datetime, *, day: bool = False) -> str:
+    """A time as a chart's axis says it: "16:10 UTC", or with `day` "Thu 16:10 UTC"."""
+    return at.strftime("%a %H:%M UTC" if day else "%H:%M UTC")
+
+
+def axis_ends(start: datetime, end: datetime, y: float) -> str:
+    """The window's two ends written under a chart; with the weekday when it spans over an hour."""
+    day = (end - start).total_seconds() > 3600
+    return (
+        f'<text class="tick" x="0" y="{_n(y)}">{esc(clock(start, day=day))}</text>'
+        f'<text class="tick" x="{CHART_WIDTH}" y="{_n(y)}" text-anchor="end">'
+        f"{esc(clock(end, day=day))}</text>"
+    )

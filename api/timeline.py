@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from api.charts import CHART_WIDTH, Interval, Rect, clock, esc, patterned_rect, step_rects
+from api.charts import CHART_WIDTH, Interval, Rect, axis_ends, clock, esc, patterned_rect, step_rects
 
 # The phase each event reason starts; other reasons (PortsAllocated, Killing …) change none.
 PHASE_OF_REASON = {
@@ -127,10 +127,7 @@ def timeline_svg(label: str, line: Timeline, start: datetime, end: datetime) -> 
             f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{h + 4}"/>'
             f'<path d="M{x - 5:.1f},-8 L{x + 5:.1f},-8 L{x:.1f},0 Z"/></g>'
         )
-    axis = (
-        f'<text class="tick" x="0" y="{h + 18}">{clock(start)}</text>'
-        f'<text class="tick" x="{CHART_WIDTH}" y="{h + 18}" text-anchor="end">{clock(end)}</text>'
-    )
+    axis = axis_ends(start, end, h + 18)
     return (
         f'<svg class="timeline" role="img" viewBox="0 -10 {CHART_WIDTH} {h + 32}" width="{CHART_WIDTH}"'
         f' height="{h + 32}" data-restarts="{len(line.restarts)}">'
