@@ -64,12 +64,12 @@ class Timeline:
 
 
 def timeline(entries: Sequence[LogEntry], start: datetime, end: datetime) -> Timeline:
-    """The phases and restarts of `entries` (oldest first) within [start, end): a phase that
+    """The phases and restarts of `entries` (oldest first) within [start, end]: a phase that
     began before `start` is cut there; one that repeats (Running, then Running) is one segment."""
     changes: list[tuple[datetime, str]] = []
     for entry in entries:
         phase = PHASE_OF_REASON.get(entry.reason)
-        if phase is not None and entry.time < end and (not changes or changes[-1][1] != phase):
+        if phase is not None and entry.time <= end and (not changes or changes[-1][1] != phase):
             changes.append((entry.time, phase))
     segments = []
     for index, (began, phase) in enumerate(changes):
@@ -77,7 +77,7 @@ def timeline(entries: Sequence[LogEntry], start: datetime, end: datetime) -> Tim
         if until > start:
             segments.append(Segment(phase, max(began, start), until))
     restarts = tuple(
-        Restart(e.time, e.message) for e in entries if e.reason == RESTART_REASON and start <= e.time < end
+        Restart(e.time, e.message) for e in entries if e.reason == RESTART_REASON and start <= e.time <= end
     )
     return Timeline(tuple(segments), restarts)
 
