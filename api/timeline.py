@@ -127,7 +127,8 @@ def timeline_svg(label: str, line: Timeline, start: datetime, end: datetime) -> 
             f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="{h + 4}"/>'
             f'<path d="M{x - 5:.1f},-8 L{x + 5:.1f},-8 L{x:.1f},0 Z"/></g>'
         )
-    axis = axis_ends(start, end, h + 18)
+    axis = f'<rect class="meter-frame" x="0.5" y="0.5" width="{CHART_WIDTH - 1}" height="{h - 1}"/>'
+    axis += axis_ends(start, end, h + 18)
     return (
         f'<svg class="timeline" role="img" viewBox="0 -10 {CHART_WIDTH} {h + 32}" width="{CHART_WIDTH}"'
         f' height="{h + 32}" data-restarts="{len(line.restarts)}">'
