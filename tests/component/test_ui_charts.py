@@ -8,10 +8,13 @@ from __future__ import annotations
 import re
 import socket
 
+import pytest
+
 from api.hosts import Resources
 from api.server.keys import DATABASE, VMS
 from api.server.ui import SECURITY_HEADERS
 from api.server.ui_charts import FRAGMENT_REFRESH_MS, OVERVIEW_URL, TIMELINE_EVENTS
+from api.store import usage_recent
 from api.store.events import EventLog, NewEvent
 from api.store.hosts import Hosts, Registration
 from api.store.usage import UsageStore
@@ -91,6 +94,18 @@ async def test_the_fragments_are_the_sections_alone_with_the_ui_headers_and_auth
     missing = await ui.get("/ui/projects/lab/vms/nope/charts", headers={"Authorization": "Bearer tok-1"})
     assert missing.status == 404
     assert (await missing.json())["kind"] == "Status"
+
+
+async def test_too_many_usage_rows_leave_the_cpu_list_empty_not_the_page_broken(
+    ui: Client,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await _measure_web(ui)
+    monkeypatch.setattr(usage_recent, "ROWS_MAX", 0)
+    text = await page(ui, "/ui")
+    top_cpu = text[text.index('id="top-cpu"') : text.index('id="top-memory"')]
+    assert "Nothing measured yet." in top_cpu
+    assert "150 MiB" in text[text.index('id="top-memory"') :], "memory comes from the sampler's cursor"
 
 
 def test_a_timeline_reads_at_most_500_events() -> None:
