@@ -102,11 +102,13 @@ def summary(line: Timeline) -> str:
 def timeline_svg(label: str, line: Timeline, start: datetime, end: datetime) -> str:
     """The segments as a band (pattern and label per phase), the restarts as ticks above it."""
     h = TIMELINE_HEIGHT
-    intervals = [Interval(s.start, s.end, 1.0) for s in line.segments]
     parts = []
-    for segment, rect in zip(
-        line.segments, step_rects(intervals, start, end, top=1.0, height=h), strict=True
-    ):
+    for segment in line.segments:
+        # A phase that lasted no time (two events at one instant) has no bar, only its words.
+        drawn = step_rects([Interval(segment.start, segment.end, 1.0)], start, end, top=1.0, height=h)
+        if not drawn:
+            continue
+        rect = drawn[0]
         pattern = PHASE_PATTERNS.get(segment.phase, "hatch")
         text = (
             f'<text class="part-label" x="{rect.x + 3:.1f}" y="{h - 8}">{esc(segment.phase)}</text>'

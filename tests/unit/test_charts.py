@@ -166,6 +166,16 @@ def test_the_timeline_svg_marks_each_restart_and_labels_wide_segments() -> None:
     assert "2 restarts, the last at 14:30 UTC" in svg
 
 
+def test_phases_of_no_duration_have_no_bar_but_the_last_still_names_the_phase() -> None:
+    """Events at one instant (a fast stop, or a phase that began just now) draw no bar."""
+    entries = [entry(10, "Started"), entry(30, "Stopping"), entry(30, "Stopped"), entry(60, "Started")]
+    line = timeline(entries, at(0), at(60))
+    assert [s.phase for s in line.segments] == ["Running", "Stopping", "Stopped", "Running"]
+    svg = timeline_svg("Timeline", line, at(0), at(60))
+    assert re.findall(r'data-phase="(\w+)"', svg) == ["Running", "Stopped"]
+    assert summary(line).startswith("Running since 15:00 UTC")
+
+
 # ---- A VM's usage series --------------------------------------------------------------------
 
 
