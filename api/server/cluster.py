@@ -39,7 +39,7 @@ DRAIN = Op(
 )
 
 
-async def _documents(hosts: Hosts, request: web.Request) -> dict[str, dict[str, Any]]:
+async def host_documents(hosts: Hosts, request: web.Request) -> dict[str, dict[str, Any]]:
     now = await request.app[DATABASE].database_now()
     placed: dict[str, list[Demand]] = defaultdict(list)
     for vm in await hosts.placed():
@@ -50,7 +50,7 @@ async def _documents(hosts: Hosts, request: web.Request) -> dict[str, dict[str, 
 
 async def list_hosts(request: web.Request) -> web.StreamResponse:
     hosts = Hosts(request.app[DATABASE])
-    return web.json_response({"items": list((await _documents(hosts, request)).values())})
+    return web.json_response({"items": list((await host_documents(hosts, request)).values())})
 
 
 def _host_name(request: web.Request) -> str | web.Response:
@@ -74,7 +74,7 @@ async def _set_cordoned(request: web.Request, cordoned: bool) -> web.StreamRespo
     hosts = Hosts(request.app[DATABASE])
     await hosts.set_cordoned(name, cordoned)
     log.info("host_cordoned" if cordoned else "host_uncordoned", host=name, by=principal_of(request))
-    return web.json_response((await _documents(hosts, request))[name])
+    return web.json_response((await host_documents(hosts, request))[name])
 
 
 async def drain(request: web.Request) -> web.StreamResponse:
@@ -84,4 +84,6 @@ async def drain(request: web.Request) -> web.StreamResponse:
     hosts = Hosts(request.app[DATABASE])
     moved, kept = await hosts.drain(name)
     log.info("host_drained", host=name, moved=len(moved), kept=len(kept), by=principal_of(request))
-    return web.json_response({"host": (await _documents(hosts, request))[name], "moved": moved, "kept": kept})
+    return web.json_response(
+        {"host": (await host_documents(hosts, request))[name], "moved": moved, "kept": kept}
+    )

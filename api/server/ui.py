@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from api.server import ui_pages
+from api.server import ui_charts, ui_pages
 from api.server.backend import project_of
 from api.server.console import NoConsoleLog, read_chunk, serial_log_path
 from api.server.events import event_log_of
@@ -67,7 +67,18 @@ def _page(text: str) -> web.Response:
 async def vm_list(request: web.Request) -> web.StreamResponse:
     records = await request.app[VMS].list_records()
     vms = [record.to_object() for record in records]
-    return _page(ui_pages.vm_list_page(vms, now=request.app[DATABASE].clock()))
+    overview = await ui_charts.overview_html(request, vms)
+    return _page(ui_pages.vm_list_page(vms, now=request.app[DATABASE].clock(), overview=overview))
+
+
+async def overview_fragment(request: web.Request) -> web.StreamResponse:
+    records = await request.app[VMS].list_records()
+    return _page(await ui_charts.overview_html(request, [record.to_object() for record in records]))
+
+
+async def vm_charts_fragment(request: web.Request) -> web.StreamResponse:
+    vm = (await request.app[VMS].get(project_of(request), request.match_info["name"])).to_object()
+    return _page(await ui_charts.vm_charts_html(request, vm))
 
 
 async def vm_detail(request: web.Request) -> web.StreamResponse:
@@ -76,7 +87,10 @@ async def vm_detail(request: web.Request) -> web.StreamResponse:
     events = await event_log_of(request.app).list(project=project, vm_name=name, limit=EVENTS_SHOWN)
     console = await _console_tail(request, vm.metadata.uid)
     now, template = request.app[DATABASE].clock(), request.app[SETTINGS].trace_url_template
-    return _page(ui_pages.vm_page(vm, events, console=console, now=now, trace_template=template))
+    charts = await ui_charts.vm_charts_html(request, vm)
+    return _page(
+        ui_pages.vm_page(vm, events, console=console, now=now, trace_template=template, charts=charts)
+    )
 
 
 async def _console_tail(request: web.Request, uid: str) -> str | None:
@@ -124,5 +138,7 @@ UI_ROUTES = [
     web.get("/ui/projects", project_list),
     web.get("/ui/projects/{project}", project_detail),
     web.get("/ui/projects/{project}/vms/{name}", vm_detail),
+    web.get("/ui/projects/{project}/vms/{name}/charts", vm_charts_fragment),
+    web.get(ui_charts.OVERVIEW_URL, overview_fragment),
     web.get("/ui/static/{name}", static_file),
 ]

@@ -168,7 +168,7 @@ def vm_row(vm: QemuVM, *, now: datetime) -> str:
     )
 
 
-def vm_list_page(vms: Sequence[QemuVM], *, now: datetime) -> str:
+def vm_list_page(vms: Sequence[QemuVM], *, now: datetime, overview: str = "") -> str:
     table = _table(
         "QemuVMs, live",
         (*VM_COLUMNS, "ACTIONS"),
@@ -177,7 +177,7 @@ def vm_list_page(vms: Sequence[QemuVM], *, now: datetime) -> str:
         empty="No VMs yet: apply a configuration that declares some.",
     )
     body = (
-        f"<h1>VMs</h1>{_status_line()}{_noscript()}{table}"
+        f"<h1>VMs</h1>{_status_line()}{_noscript()}{overview}{table}"
         '<p><output id="action-result" role="status"></output></p>'
     )
     return layout("VMs", body, page="vms")
@@ -310,6 +310,7 @@ def vm_page(
     console: str | None,
     now: datetime,
     trace_template: str | None = None,
+    charts: str = "",
 ) -> str:
     meta = vm.metadata
     console_shown = (
@@ -333,6 +334,7 @@ def vm_page(
 <p class="actions">{actions}</p>
 <p><output id="action-result" role="status"></output></p></section>
 <section aria-labelledby="h-status"><h2 id="h-status">Status</h2>{_vm_summary(vm, now=now)}</section>
+{charts}
 <section aria-labelledby="h-conditions"><h2 id="h-conditions">Conditions</h2>{conditions}</section>
 <section aria-labelledby="h-events"><h2 id="h-events">Events</h2>{events_table}</section>
 <section aria-labelledby="h-console"><h2 id="h-console">Serial console (tail)</h2>

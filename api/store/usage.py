@@ -17,11 +17,12 @@ from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 
 from api.store.db import Database
-from api.store.sql import JSON_STRINGS
+from api.store.sql import JSON_STRINGS, Row
 from api.usage import Cursor, HourUsage, Usage
 
 # The most hourly rows one query returns: ~1 year of one VM, or a week of 60.
 ROWS_MAX = 10_000
+HOUR_COLUMNS = "uid, hour, project, vm_name, cpu_seconds, memory_mib_seconds, uptime_seconds, disk_bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,23 +117,12 @@ class UsageStore:
         if vm_name is not None:
             where, params = f"{where} AND vm_name = ?", [*params, vm_name]
         rows = await self._db.read(
-            "SELECT uid, hour, project, vm_name, cpu_seconds, memory_mib_seconds, uptime_seconds, disk_bytes"  # noqa: S608
-            f" FROM vm_usage WHERE {where} ORDER BY uid, hour LIMIT ?",
+            f"SELECT {HOUR_COLUMNS} FROM vm_usage WHERE {where} ORDER BY uid, hour LIMIT ?",  # noqa: S608
             (*params, ROWS_MAX + 1),
         )
         if len(rows) > ROWS_MAX:
             raise TooManyRows(f"the range holds more than {ROWS_MAX} hourly rows")
-        return [
-            HourUsage(
-                uid=row[0],
-                hour=datetime.fromisoformat(row[1]),
-                project=row[2],
-                vm_name=row[3],
-                usage=Usage(float(row[4]), float(row[5]), float(row[6])),
-                disk_bytes=int(row[7]),
-            )
-            for row in rows
-        ]
+        return [hour_of_row(row) for row in rows]
 
     async def prune(self, before: datetime) -> int:
         """Delete the hours that started before `before`; returns how many."""
@@ -152,4 +142,16 @@ def _hour_row(row: HourUsage) -> tuple[object, ...]:
         usage.memory_mib_seconds,
         usage.uptime_seconds,
         row.disk_bytes,
+    )
+
+
+def hour_of_row(row: Row) -> HourUsage:
+    """An hourly row read as HOUR_COLUMNS."""
+    return HourUsage(
+        uid=row[0],
+        hour=datetime.fromisoformat(row[1]),
+        project=row[2],
+        vm_name=row[3],
+        usage=Usage(float(row[4]), float(row[5]), float(row[6])),
+        disk_bytes=int(row[7]),
     )

@@ -12,9 +12,11 @@
 // Every value is written with textContent, never as HTML. The row text here must match
 // api/server/ui_pages.py (vm_row): change both together.
 //
-// The parts are ES modules beside this one (dom, http, vm_table, vm_page, actions).
+// The parts are ES modules beside this one (dom, http, vm_table, vm_page, actions, fragments).
+// fragments.js refreshes the server-rendered overview and charts.
 
 import { AGE_TICK_MS, PAGE, tickAges } from "./dom.js";
+import { startFragments } from "./fragments.js";
 import "./actions.js"; // wires the action buttons
 import { startVMPage } from "./vm_page.js";
 import { startVMTable } from "./vm_table.js";
@@ -22,3 +24,4 @@ import { startVMTable } from "./vm_table.js";
 setInterval(tickAges, AGE_TICK_MS);
 if (PAGE === "vms" || PAGE === "project") startVMTable();
 if (PAGE === "vm") startVMPage();
+startFragments();

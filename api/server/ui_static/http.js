@@ -53,6 +53,7 @@ export async function listAndWatch(query, onList, onEvent) {
         const list = await getJSON(`/qemuvms${query ? `?${query}` : ""}`);
         version = list.metadata.resourceVersion;
         onList(list.items);
+        changed();
       }
       const params = new URLSearchParams(query);
       params.set("watch", "true");
@@ -69,7 +70,10 @@ export async function listAndWatch(query, onList, onEvent) {
       const expired = await readEvents(response, (event) => {
         const meta = event.object && event.object.metadata;
         if (meta && meta.resourceVersion) version = meta.resourceVersion;
-        if (event.type !== "BOOKMARK") onEvent(event.type, event.object);
+        if (event.type !== "BOOKMARK") {
+          onEvent(event.type, event.object);
+          changed();
+        }
       });
       if (expired) version = null;
       // The server ends a watch after its timeout: resume at once (a little later if it
@@ -81,6 +85,11 @@ export async function listAndWatch(query, onList, onEvent) {
       retry = Math.min(retry * 2, RETRY_MAX_MS);
     }
   }
+}
+
+// Tell the page's other parts (fragments.js) that the VMs changed.
+function changed() {
+  document.dispatchEvent(new CustomEvent("vms-changed"));
 }
 
 // Feed each NDJSON line of the response to `handle`. Returns true when the server said the
