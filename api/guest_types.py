@@ -6,6 +6,8 @@ reports more is cut to these sizes by the controller, never stored whole.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -13,6 +15,12 @@ from pydantic.alias_generators import to_camel
 GUEST_TEXT_MAX = 256
 GUEST_INTERFACES_MAX = 16
 GUEST_ADDRESSES_MAX = 16
+
+
+def no_schema_default(schema: dict[str, Any]) -> None:
+    """For `spec.guestAgent`: absent means off, as in the canonical form, so the CRD has no
+    default to write into stored objects."""
+    schema.pop("default", None)
 
 
 class _Model(BaseModel):

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from api import images, names
-from api.guest_types import GuestStatus
+from api.guest_types import GuestStatus, no_schema_default
 from api.spec_fields import (
     DISKS_MAX,
     FORWARDS_MAX,
@@ -257,6 +257,7 @@ class QemuVMSpec(_Model):
         default=False,
         description="A qemu-ga channel: guest info in status, shutdown",
         exclude_if=lambda on: not on,
+        json_schema_extra=no_schema_default,
     )
 
     @model_validator(mode="after")

@@ -72,7 +72,9 @@ def stop_process(
             return Plan(intent, memory, (RequestGuestShutdown(),), requeue_after=first, detail=why)
         return Plan(intent, memory, (RequestPowerdown(),), requeue_after=window, detail=why)
     elapsed = now - requested
-    if agent and _agent_window(window) <= elapsed < window and process.qmp is not QmpState.SHUTDOWN:
+    if agent and elapsed < _agent_window(window):
+        return Plan(intent, memory, requeue_after=_agent_window(window) - elapsed, detail=why)
+    if agent and elapsed < window and process.qmp is not QmpState.SHUTDOWN:
         # guest-shutdown did not end it (or was never sent): the power button, then the rest.
         return Plan(intent, memory, (RequestPowerdown(),), requeue_after=window - elapsed, detail=why)
     if elapsed < window:
