@@ -72,7 +72,7 @@ def _connected(vm: dict[str, Any]) -> bool:
 
 
 def _run_dir(host: VmHost, vm: dict[str, Any]) -> Path:
-    return host.data_dir / "run" / vm["metadata"]["uid"]
+    return host.data_dir / "run" / str(vm["metadata"]["uid"])
 
 
 def test_the_guests_addresses_reach_status(host: VmHost) -> None:
