@@ -6,15 +6,26 @@ reports more is cut to these sizes by the controller, never stored whole.
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 # Bounds on what a guest may put into status.
 GUEST_TEXT_MAX = 256
 GUEST_INTERFACES_MAX = 16
 GUEST_ADDRESSES_MAX = 16
+# C0 and C1 controls and DEL: a guest's host name must not carry terminal escapes into
+# `tofu-qemu describe` or a log line.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROLS.sub("?", text)
+
+
+GuestText = Annotated[str, AfterValidator(_printable), Field(max_length=GUEST_TEXT_MAX)]
 
 
 def no_schema_default(schema: dict[str, Any]) -> None:
@@ -30,20 +41,20 @@ class _Model(BaseModel):
 class GuestOsInfo(_Model):
     """guest-get-osinfo: the guest's os-release and uname."""
 
-    id: str = Field(default="", max_length=GUEST_TEXT_MAX)
-    name: str = Field(default="", max_length=GUEST_TEXT_MAX)
-    pretty_name: str = Field(default="", max_length=GUEST_TEXT_MAX)
-    version_id: str = Field(default="", max_length=GUEST_TEXT_MAX)
-    kernel_release: str = Field(default="", max_length=GUEST_TEXT_MAX)
-    machine: str = Field(default="", max_length=GUEST_TEXT_MAX)
+    id: GuestText = ""
+    name: GuestText = ""
+    pretty_name: GuestText = ""
+    version_id: GuestText = ""
+    kernel_release: GuestText = ""
+    machine: GuestText = ""
 
 
 class GuestInterface(_Model):
     """One network interface as the guest sees it; addresses are ADDRESS/PREFIX."""
 
-    name: str = Field(max_length=GUEST_TEXT_MAX)
-    mac: str = Field(default="", max_length=GUEST_TEXT_MAX)
-    addresses: tuple[str, ...] = Field(default=(), max_length=GUEST_ADDRESSES_MAX)
+    name: GuestText
+    mac: GuestText = ""
+    addresses: tuple[GuestText, ...] = Field(default=(), max_length=GUEST_ADDRESSES_MAX)
 
 
 class GuestStatus(_Model):
@@ -51,5 +62,5 @@ class GuestStatus(_Model):
 
     agent_connected: bool = False
     os_info: GuestOsInfo | None = None
-    hostname: str = Field(default="", max_length=GUEST_TEXT_MAX)
+    hostname: GuestText = ""
     interfaces: tuple[GuestInterface, ...] = Field(default=(), max_length=GUEST_INTERFACES_MAX)
