@@ -153,7 +153,7 @@ class Executor:
             case RequestPowerdown():
                 await self._qmp(uid, "system_powerdown")
             case RequestGuestShutdown():
-                await self._guest_shutdown(paths)
+                await self._guest_shutdown(uid, paths)
             case Quit():
                 await self._qmp(uid, "quit")
             case Kill(pid=pid, signal=signal):
@@ -213,13 +213,16 @@ class Executor:
         self._boots.started(uid, pid=spawned.pid, argv_digest=digest, since=since)
         self._boots.event(uid, "qmp ready" if spawned.monitor_ready else "qmp unavailable")
 
-    async def _guest_shutdown(self, paths: RuntimePaths) -> None:
-        if self._agents is None:
-            raise TerminalError("this controller talks to no guest agents")
+    async def _guest_shutdown(self, uid: str, paths: RuntimePaths) -> None:
+        """guest-shutdown; the power button instead when the agent no longer answers (it
+        answered the last ask, but a guest can stop its agent at any time)."""
         try:
+            if self._agents is None:
+                raise AgentUnavailable("this controller talks to no guest agents")
             await self._agents.shutdown(Path(paths.directory))
         except AgentUnavailable as err:
-            raise TransientError(str(err)) from err
+            log.info("guest_shutdown_unavailable", uid=uid, error=str(err))
+            await self._qmp(uid, "system_powerdown")
 
     async def _qmp(self, uid: str, command: str) -> None:
         try:

@@ -29,30 +29,31 @@ NOT_CONNECTED = GuestStatus(agent_connected=False)
 
 
 class GuestAgents:
-    """`targets()` lists (uid, runtime dir) of every watched QEMU; those whose runtime dir has
-    the agent socket are asked. `wake(uid)` queues a reconcile."""
+    """`targets()` lists (uid, pid, runtime dir) of every watched QEMU; those whose runtime dir
+    has the agent socket are asked. `wake(uid)` queues a reconcile."""
 
     def __init__(
         self,
         *,
-        targets: Callable[[], list[tuple[str, Path]]],
+        targets: Callable[[], list[tuple[str, int, Path]]],
         wake: Callable[[str], None],
         connect: Callable[[Path], Awaitable[GuestAgent]] = GuestAgent.in_runtime_dir,
     ) -> None:
         self._targets = targets
         self._wake = wake
         self._connect = connect
-        self._last: dict[str, GuestStatus] = {}
+        self._last: dict[str, tuple[int, GuestStatus]] = {}
 
-    def observed(self, uid: str) -> GuestStatus | None:
-        """What the agent of `uid` said last (NOT_CONNECTED when it did not answer), None when
-        it was never asked."""
-        return self._last.get(uid)
+    def observed(self, uid: str, pid: int) -> GuestStatus | None:
+        """What the agent in QEMU `pid` of `uid` said last (NOT_CONNECTED when it did not
+        answer), None when it was never asked (a QEMU started since the last pass)."""
+        pid_and_status = self._last.get(uid)
+        return pid_and_status[1] if pid_and_status is not None and pid_and_status[0] == pid else None
 
     async def poll(self) -> list[str]:
         """Ask every agent once; wake and return the uids whose answer changed."""
-        targets = [(uid, d) for uid, d in self._targets() if (d / AGENT_SOCKET_NAME).exists()]
-        for gone in self._last.keys() - {uid for uid, _ in targets}:
+        targets = [(uid, pid, d) for uid, pid, d in self._targets() if (d / AGENT_SOCKET_NAME).exists()]
+        for gone in self._last.keys() - {uid for uid, _, _ in targets}:
             del self._last[gone]
         limit = asyncio.Semaphore(POLL_CONCURRENCY)
 
@@ -61,12 +62,14 @@ class GuestAgents:
                 return await self.ask(directory)
 
         async with asyncio.TaskGroup() as tasks:
-            asked = {uid: tasks.create_task(ask(directory)) for uid, directory in targets}
-        changed = [uid for uid, task in asked.items() if self._last.get(uid) != task.result()]
-        for uid in changed:
-            self._last[uid] = asked[uid].result()
+            asked = {(uid, pid): tasks.create_task(ask(directory)) for uid, pid, directory in targets}
+        changed = [
+            (uid, pid) for (uid, pid), task in asked.items() if self._last.get(uid) != (pid, task.result())
+        ]
+        for uid, pid in changed:
+            self._last[uid] = (pid, asked[uid, pid].result())
             self._wake(uid)
-        return changed
+        return [uid for uid, _ in changed]
 
     async def ask(self, directory: Path) -> GuestStatus:
         """The guest's report, or NOT_CONNECTED when its agent does not answer."""
@@ -89,7 +92,8 @@ class GuestAgents:
 def of_runtime(runtime: Watched, wake: Callable[[str], None]) -> GuestAgents:
     """The agents of the QEMUs `runtime` watches (their runtime dir holds the agent socket)."""
     return GuestAgents(
-        targets=lambda: [(t.uid, Path(t.qmp_socket).parent) for t in runtime.liveness_targets()], wake=wake
+        targets=lambda: [(t.uid, t.pid, Path(t.qmp_socket).parent) for t in runtime.liveness_targets()],
+        wake=wake,
     )
 
 

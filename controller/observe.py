@@ -26,7 +26,7 @@ from controller.resources.disks import filesystem_space
 class GuestReports(Protocol):
     """The guest agents' last answers (controller/guest_agents.py): reading them does no I/O."""
 
-    def observed(self, uid: str) -> GuestStatus | None: ...
+    def observed(self, uid: str, pid: int) -> GuestStatus | None: ...
 
 
 class ImageLookups(Protocol):
@@ -76,7 +76,7 @@ async def observe(
         else None,
         tpm=await tpms.inspect(uid, paths) if tpms is not None else None,
         missing_firmware=_missing_firmware(spec) if idle else (),
-        guest=guests.observed(uid) if guests is not None and spec is not None and spec.guest_agent else None,
+        guest=_guest(uid, view, spec, guests),
     )
     return with_process(ledger, view)
 
@@ -94,6 +94,14 @@ def with_process(observed: Observed, view: ProcessView) -> Observed:
         lost_pid=view.lost_pid,
         unrecorded_exit_pid=view.unrecorded_exit_pid,
     )
+
+
+def _guest(
+    uid: str, view: ProcessView, spec: QemuVMSpec | None, guests: GuestReports | None
+) -> GuestStatus | None:
+    if guests is None or spec is None or not spec.guest_agent or view.process is None:
+        return None
+    return guests.observed(uid, view.process.pid)
 
 
 def _with_agent(process: ProcessObservation | None, guest: GuestStatus | None) -> ProcessObservation | None:

@@ -201,16 +201,20 @@ async def test_the_poll_wakes_only_vms_whose_report_changed(
     directory, fake = agent_dir
     without_channel = tmp_path_factory.mktemp("plain")
     woken: list[str] = []
-    agents = GuestAgents(targets=lambda: [("a", directory), ("b", without_channel)], wake=woken.append)
+    targets = [("a", 10, directory), ("b", 11, without_channel)]
+    agents = GuestAgents(targets=lambda: targets, wake=woken.append)
     assert await agents.poll() == ["a"]
     assert await agents.poll() == []
-    observed = agents.observed("a")
+    observed = agents.observed("a", 10)
     assert observed is not None
     assert observed.hostname == "vm-a"
-    assert agents.observed("b") is None  # no channel: never asked
+    assert agents.observed("a", 12) is None  # another QEMU of the VM: not asked yet
+    assert agents.observed("b", 11) is None  # no channel: never asked
     fake.replies["guest-get-host-name"] = {"host-name": "renamed"}
     assert await agents.poll() == ["a"]
     fake.silent = True
     assert await agents.poll() == ["a"]
-    assert agents.observed("a") == NOT_CONNECTED
+    assert agents.observed("a", 10) == NOT_CONNECTED
     assert woken == ["a", "a", "a"]
+    targets[0] = ("a", 12, directory)  # a new QEMU of the VM: asked, and woken though the answer is the same
+    assert await agents.poll() == ["a"]
