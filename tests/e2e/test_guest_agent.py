@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from api.testing.waiting import wait_until
 from controller.guest_agents import freeze, thaw
+from controller.qemu.agent_channel import AGENT_SOCKET_NAME
 from controller.qemu.argv import mac_address
 from controller.qemu.guest_agent import GuestAgent
 from tests.e2e.conftest import open_vm_host, report_host_on_failure
@@ -87,6 +89,13 @@ def test_the_guests_addresses_reach_status(host: VmHost) -> None:
     assert eth0["mac"] == mac_address(vm["metadata"]["uid"])  # the MAC the controller gave it
     assert "10.0.2.15/24" in eth0["addresses"], json.dumps(guest)
     assert any(a.startswith("fe80::") for a in eth0["addresses"]), json.dumps(guest)
+    # The Kubernetes-shaped API shows the same; the channel's socket is the server's user's only.
+    kube = host.request("GET", f"/apis/tofu-qemu.dev/v1alpha1/namespaces/{PROJECT}/qemuvms/{NAME}")
+    assert kube.status == 200
+    assert kube.json()["status"]["guest"]["hostname"] == NAME
+    run_dir = _run_dir(host, vm)
+    assert stat.S_ISSOCK((run_dir / AGENT_SOCKET_NAME).stat().st_mode)
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
 
 
 def test_a_freeze_round_trip_freezes_the_root_filesystem(host: VmHost) -> None:
