@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from api.guest_types import GUEST_ADDRESSES_MAX, GUEST_INTERFACES_MAX, GuestInterface
+from api.guest_types import (
+    GUEST_ADDRESSES_MAX,
+    GUEST_INTERFACES_MAX,
+    GUEST_TEXT_MAX,
+    GuestInterface,
+    GuestStatus,
+)
+from controller import guest_agents
 from controller.guest_agents import NOT_CONNECTED, GuestAgents
 from controller.qemu import guest_agent
 from controller.qemu.agent_channel import AGENT_SOCKET_NAME
@@ -218,3 +225,55 @@ async def test_the_poll_wakes_only_vms_whose_report_changed(
     assert woken == ["a", "a", "a"]
     targets[0] = ("a", 12, directory)  # a new QEMU of the VM: asked, and woken though the answer is the same
     assert await agents.poll() == ["a"]
+
+
+def test_the_documented_limits() -> None:
+    """docs/guest-agent.md names these; a change must change the docs too."""
+    assert guest_agent.REPLY_BYTES_MAX == 64 * 1024
+    assert guest_agent.CALL_SECONDS == 2.0
+    assert guest_agent.SYNC_SECONDS == 1.0
+    assert guest_agent._STALE_LINES_MAX == 8
+    assert guest_agents.POLL_CONCURRENCY == 8
+    assert GUEST_TEXT_MAX == 256
+
+
+@pytest.mark.parametrize(("length", "accepted"), [(256, True), (257, False)])
+async def test_a_host_name_of_up_to_256_characters_is_shown(
+    agent_dir: tuple[Path, FakeAgent], length: int, accepted: bool
+) -> None:
+    directory, fake = agent_dir
+    fake.replies["guest-get-host-name"] = {"host-name": "h" * length}
+    async with await GuestAgent.in_runtime_dir(directory) as agent:
+        if accepted:
+            assert (await agent.status()).hostname == "h" * length
+        else:
+            with pytest.raises(AgentUnavailable):
+                await agent.status()
+
+
+async def test_one_pass_asks_at_most_eight_agents_at_once(tmp_path: Path) -> None:
+    (tmp_path / AGENT_SOCKET_NAME).touch()
+    busy, most = 0, 0
+
+    class SlowAgent:
+        async def __aenter__(self) -> SlowAgent:
+            return self
+
+        async def __aexit__(self, *_exc: object) -> None:
+            pass
+
+        async def status(self) -> GuestStatus:
+            nonlocal busy, most
+            busy += 1
+            most = max(most, busy)
+            await asyncio.sleep(0.01)
+            busy -= 1
+            return GuestStatus(agent_connected=True)
+
+    async def connect(_directory: Path) -> Any:
+        return SlowAgent()
+
+    targets = [(f"vm-{i}", i, tmp_path) for i in range(20)]
+    agents = GuestAgents(targets=lambda: targets, wake=lambda _uid: None, connect=connect)
+    assert len(await agents.poll()) == 20
+    assert most == guest_agents.POLL_CONCURRENCY == 8
