@@ -91,3 +91,35 @@ def test_depends_take_the_first_alternative_and_drop_versions(agent: ModuleType)
         "Depends": "libc6 (>= 2.34), libglib2.0-0 (>= 2.63.3), libfoo1:any | libbar1",
     }
     assert agent.depends_names(fields) == ["init-system-helpers", "libc6", "libglib2.0-0", "libfoo1"]
+
+
+def test_resolution_follows_only_the_libraries_section(
+    agent: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qemu-guest-agent's Pre-Depends (init-system-helpers, which pulls perl) are not followed;
+    the libraries' own dependencies are."""
+    stanzas = {
+        "qemu-guest-agent": {
+            "Version": "1:7.2",
+            "Section": "admin",
+            "Pre-Depends": "init-system-helpers",
+            "Depends": "libc6, libglib2.0-0",
+        },
+        "init-system-helpers": {"Version": "1.65", "Section": "admin", "Depends": "perl-base"},
+        "perl-base": {"Version": "5.36", "Section": "perl"},
+        "libc6": {"Version": "2.36", "Section": "libs", "Depends": "libgcc-s1"},
+        "libgcc-s1": {"Version": "12.2", "Section": "libs"},
+        "libglib2.0-0": {"Version": "2.74", "Section": "libs", "Depends": "libc6, libpcre2-8-0 | libpcre3"},
+        "libpcre2-8-0": {"Version": "10.42", "Section": "libs"},
+    }
+    monkeypatch.setattr(agent, "reachable", lambda _package: list(stanzas))
+    monkeypatch.setattr(agent, "show", lambda names: {n: {"Package": n, **stanzas[n]} for n in names})
+    assert agent.resolve_agent() == [
+        ("libc6", "2.36"),
+        ("libgcc-s1", "12.2"),
+        ("libglib2.0-0", "2.74"),
+        ("libpcre2-8-0", "10.42"),
+        ("qemu-guest-agent", "1:7.2"),
+    ]
+    monkeypatch.setattr(agent, "show", lambda _names: {})
+    assert agent.resolve_agent() is None  # apt knows no qemu-guest-agent
