@@ -222,8 +222,8 @@ class Controller:
         agents: guest_agents.GuestAgents,
     ) -> list[asyncio.Task[None]]:
         """What runs beside the workers: the sources that queue keys (store commits, the resync,
-        the liveness pass, the guest agents' poll, placements), the heartbeat /readyz watches, the image cache's garbage
-        collection, the usage sampler, this host's lease and the scheduler."""
+        the liveness pass, the guest agents' poll, placements), the heartbeat /readyz watches, the
+        image cache's garbage collection, the usage sampler, this host's lease and the scheduler."""
         grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
 
         def resync() -> Coroutine[Any, Any, None]:
