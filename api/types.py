@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from api import images, names
+from api.guest_types import GuestStatus, no_schema_default
 from api.spec_fields import (
     DISKS_MAX,
     FORWARDS_MAX,
@@ -251,6 +252,13 @@ class QemuVMSpec(_Model):
         description="Labels a host must have to run this VM (docs/multi-host.md)",
         exclude_if=lambda selector: not selector,
     )
+    # Guest agent (docs/guest-agent.md); left out of the canonical form when off, like nodeSelector.
+    guest_agent: bool = Field(
+        default=False,
+        description="A qemu-ga channel: guest info in status, shutdown",
+        exclude_if=lambda on: not on,
+        json_schema_extra=no_schema_default,
+    )
 
     @model_validator(mode="after")
     def _bootable_and_unique_disks(self) -> QemuVMSpec:
@@ -441,6 +449,7 @@ class QemuVMStatus(_Model):
     preference: FrozenRevision | None = None
     # Shown by the API from the store's host column (docs/multi-host.md); set by the scheduler.
     host: str | None = Field(default=None, description="The host the VM is placed on, for its whole life")
+    guest: GuestStatus | None = None  # what qemu-ga reports (docs/guest-agent.md)
 
 
 class ObjectMeta(_Model):

@@ -141,6 +141,12 @@ class RequestPowerdown:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestGuestShutdown:
+    """guest-shutdown through the guest agent (docs/guest-agent.md): the guest's own orderly
+    power-off. Legal when the agent answered its last ask."""
+
+
+@dataclass(frozen=True, slots=True)
 class Quit:
     """QMP `quit`: end QEMU at once, after the guest ignored the power button."""
 
@@ -212,6 +218,7 @@ Action = (
     | Pause
     | Unpause
     | RequestPowerdown
+    | RequestGuestShutdown
     | Quit
     | Kill
     | KillLost

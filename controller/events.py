@@ -34,6 +34,7 @@ from controller.actions import (
     KillLost,
     PrepareNvram,
     Quit,
+    RequestGuestShutdown,
     RequestPowerdown,
     Spawn,
     Unpause,
@@ -125,6 +126,10 @@ def _action_event(action: Action, after: QemuVMStatus) -> VMEvent | None:
             return VMEvent("Started", f"QEMU started{started}")
         case RequestPowerdown():
             return VMEvent("Stopping", f"power button pressed: {_ready_message(after) or 'stopping'}")
+        case RequestGuestShutdown():
+            return VMEvent(
+                "Stopping", f"guest-shutdown sent to the guest agent: {_ready_message(after) or 'stopping'}"
+            )
         case Quit():
             return VMEvent("Stopping", f"QEMU told to quit: {_ready_message(after) or 'stopping'}")
         case Kill(pid=pid, signal=number):

@@ -36,6 +36,7 @@ from controller.actions import (
     RecordExit,
     ReleasePorts,
     RemoveRuntimeDir,
+    RequestGuestShutdown,
     RequestPowerdown,
     Spawn,
     StartTpm,
@@ -49,12 +50,19 @@ from controller.faults import CrashPoint, crash_point
 from controller.firmware import TpmEmulators, TpmFailed
 from controller.hypervisor import AlreadyRunning, CommandRefused, CommandUnanswered, Hypervisor
 from controller.qemu.argv import RuntimePaths
+from controller.qemu.guest_agent import AgentUnavailable
 from controller.resources.disks import DiskBusy, DiskError, DiskManager
 from controller.resources.nvram import NvramManager
 from controller.resources.ports import PortAllocator, PortUnavailable
 from controller.telemetry import TRACER, BootSpans
 
 log = structlog.get_logger(__name__)
+
+
+class GuestShutdowns(Protocol):
+    """The guest agents, as the executor uses them (controller/guest_agents.py)."""
+
+    async def shutdown(self, directory: Path) -> None: ...
 
 
 class ImageFetcher(Protocol):
@@ -74,7 +82,9 @@ class Executor:
         images: ImageFetcher | None = None,
         nvram: NvramManager | None = None,
         tpms: TpmEmulators | None = None,
+        agents: GuestShutdowns | None = None,
     ) -> None:
+        self._agents = agents
         self._nvram = nvram
         self._tpms = tpms
         self._images = images
@@ -142,6 +152,8 @@ class Executor:
                 await self._qmp(uid, "stop")
             case RequestPowerdown():
                 await self._qmp(uid, "system_powerdown")
+            case RequestGuestShutdown():
+                await self._guest_shutdown(uid, paths)
             case Quit():
                 await self._qmp(uid, "quit")
             case Kill(pid=pid, signal=signal):
@@ -201,6 +213,17 @@ class Executor:
         self._boots.started(uid, pid=spawned.pid, argv_digest=digest, since=since)
         self._boots.event(uid, "qmp ready" if spawned.monitor_ready else "qmp unavailable")
 
+    async def _guest_shutdown(self, uid: str, paths: RuntimePaths) -> None:
+        """guest-shutdown; the power button instead when the agent no longer answers (it
+        answered the last ask, but a guest can stop its agent at any time)."""
+        try:
+            if self._agents is None:
+                raise AgentUnavailable("this controller talks to no guest agents")
+            await self._agents.shutdown(Path(paths.directory))
+        except AgentUnavailable as err:
+            log.info("guest_shutdown_unavailable", uid=uid, error=str(err))
+            await self._qmp(uid, "system_powerdown")
+
     async def _qmp(self, uid: str, command: str) -> None:
         try:
             await self._hypervisor.command(uid, command)
@@ -218,6 +241,7 @@ _CRASH_POINTS: dict[type[Action], CrashPoint] = {
     CreateDisk: CrashPoint.AFTER_DISK_CREATION,
     Spawn: CrashPoint.AFTER_SPAWN,
     RequestPowerdown: CrashPoint.MID_STOP,
+    RequestGuestShutdown: CrashPoint.MID_STOP,
     ReleasePorts: CrashPoint.AFTER_PORT_RELEASE,
     DeleteDisk: CrashPoint.AFTER_DISK_DELETION,
 }

@@ -29,6 +29,7 @@ from api.store.image_sources import ImageSources
 from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
+from controller import guest_agents
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
 from controller.host_agent import HostAgent, HostMetrics, Scheduler
@@ -140,8 +141,9 @@ class Controller:
                 egress=self._settings.image_egress,
             )
             await images.load()
-            reconciler = self._reconciler(runtime, images, tpms, ports=(first, last))
-            sources = self._start_sources(tasks, runtime, images, scheduler)
+            agents = guest_agents.of_runtime(runtime, wake=self.queue.add)
+            reconciler = self._reconciler(runtime, images, tpms, agents, ports=(first, last))
+            sources = self._start_sources(tasks, runtime, images, scheduler, agents)
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
                 for index in range(self._settings.workers)
@@ -152,7 +154,13 @@ class Controller:
             await self._shut_down(runtime, images, tpms, workers, sources)
 
     def _reconciler(
-        self, runtime: Runtime, images: ImageCache, tpms: Swtpm, *, ports: tuple[int, int]
+        self,
+        runtime: Runtime,
+        images: ImageCache,
+        tpms: Swtpm,
+        agents: guest_agents.GuestAgents,
+        *,
+        ports: tuple[int, int],
     ) -> Reconciler:
         """The reconcile pass and its executor, on this controller's store, runtime and images."""
         boots = BootSpans(self._metrics)
@@ -169,6 +177,7 @@ class Controller:
             images=images,
             nvram=NvramManager(self._allocations),
             tpms=tpms,
+            agents=agents,
         )
         instance_types = InstanceTypeCatalog.of(self._db, self._settings)
         quotas = QuotaGate(
@@ -200,14 +209,20 @@ class Controller:
             restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
             instance_types=instance_types,
             tpms=tpms,
+            guests=agents,
         )
 
     def _start_sources(
-        self, tasks: asyncio.TaskGroup, runtime: Runtime, images: ImageCache, scheduler: Scheduler
+        self,
+        tasks: asyncio.TaskGroup,
+        runtime: Runtime,
+        images: ImageCache,
+        scheduler: Scheduler,
+        agents: guest_agents.GuestAgents,
     ) -> list[asyncio.Task[None]]:
         """What runs beside the workers: the sources that queue keys (store commits, the resync,
-        the liveness pass, placements), the heartbeat /readyz watches, the image cache's garbage
-        collection, the usage sampler, this host's lease and the scheduler."""
+        the liveness pass, the guest agents' poll, placements), the heartbeat /readyz watches, the
+        image cache's garbage collection, the usage sampler, this host's lease and the scheduler."""
         grace = timedelta(seconds=self._settings.image_cache_grace_seconds)
 
         def resync() -> Coroutine[Any, Any, None]:
@@ -236,6 +251,11 @@ class Controller:
             ),
             self._start_source(tasks, "resync", resync),
             self._start_source(tasks, "liveness", liveness),
+            self._start_source(
+                tasks,
+                "guest-agents",
+                lambda: guest_agents.watch_guest_agents(agents, period=self._settings.liveness_seconds),
+            ),
             tasks.create_task(self._mark_running(), name="running"),
             self._start_source(
                 tasks,

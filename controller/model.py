@@ -11,6 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import PurePath
 
+from api.guest_types import GuestStatus
 from api.types import LastExit, Protocol, QemuVMSpec, ReclaimPolicy, RunOverride
 from controller.admission import ADMITTED, Admission
 
@@ -81,6 +82,8 @@ class ProcessObservation:
     # The hypervisor watches it (its exit and events): false for a process found after a
     # controller restart, until it is attached.
     watched: bool = True
+    # Its guest agent answered the last ask (docs/guest-agent.md): guest-shutdown can work.
+    agent_connected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,8 @@ class Observed:
     # (looked at only when no process runs).
     tpm: TpmObservation | None = None
     missing_firmware: tuple[str, ...] = ()
+    # What the guest agent last reported (controller/guest_agents.py), for a running process.
+    guest: GuestStatus | None = None
 
 
 @dataclass(frozen=True, slots=True)

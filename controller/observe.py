@@ -11,15 +11,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
+from api.guest_types import GuestStatus
 from api.images import CachedImage, LocalImage, RemoteImage
 from api.store.contracts import AllocationLedger
 from api.types import QemuVMSpec
 from controller import firmware, host_memory
 from controller.hypervisor import Hypervisor, ProcessView
 from controller.layout import image_problem
-from controller.model import DiskRecord, ImageLookup, ImageState, Observed
+from controller.model import DiskRecord, ImageLookup, ImageState, Observed, ProcessObservation
 from controller.qemu.argv import RuntimePaths
 from controller.resources.disks import filesystem_space
+
+
+class GuestReports(Protocol):
+    """The guest agents' last answers (controller/guest_agents.py): reading them does no I/O."""
+
+    def observed(self, uid: str, pid: int) -> GuestStatus | None: ...
 
 
 class ImageLookups(Protocol):
@@ -40,6 +47,7 @@ async def observe(
     expect_process: bool = False,
     disks_root: Path | None = None,
     tpms: firmware.TpmEmulators | None = None,
+    guests: GuestReports | None = None,
 ) -> Observed:
     """`expect_process`: status names a pid, so a process missing from the records is looked for.
     `disks_root`: where disks are made, whose free space is read when the spec sizes disks.
@@ -68,6 +76,7 @@ async def observe(
         else None,
         tpm=await tpms.inspect(uid, paths) if tpms is not None else None,
         missing_firmware=_missing_firmware(spec) if idle else (),
+        guest=_guest(uid, view, spec, guests),
     )
     return with_process(ledger, view)
 
@@ -77,7 +86,7 @@ def with_process(observed: Observed, view: ProcessView) -> Observed:
     What a reconcile sees after actions that touched only the process (spawn, `cont`, a signal)."""
     return replace(
         observed,
-        process=view.process,
+        process=_with_agent(view.process, observed.guest),
         exit=view.exit,
         has_runtime_dir=view.has_runtime_dir,
         has_stale_runtime=view.has_stale_runtime,
@@ -85,6 +94,20 @@ def with_process(observed: Observed, view: ProcessView) -> Observed:
         lost_pid=view.lost_pid,
         unrecorded_exit_pid=view.unrecorded_exit_pid,
     )
+
+
+def _guest(
+    uid: str, view: ProcessView, spec: QemuVMSpec | None, guests: GuestReports | None
+) -> GuestStatus | None:
+    if guests is None or spec is None or not spec.guest_agent or view.process is None:
+        return None
+    return guests.observed(uid, view.process.pid)
+
+
+def _with_agent(process: ProcessObservation | None, guest: GuestStatus | None) -> ProcessObservation | None:
+    if process is None or guest is None or not guest.agent_connected:
+        return process
+    return replace(process, agent_connected=True)
 
 
 def _bases(

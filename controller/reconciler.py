@@ -61,7 +61,7 @@ from controller.instancetypes import (
 )
 from controller.layout import DataLayout
 from controller.model import Desired, Memory, Observed
-from controller.observe import ImageLookups, observe, with_process
+from controller.observe import GuestReports, ImageLookups, observe, with_process
 from controller.plan import LaunchContext, Plan, plan
 from controller.status import compute_status
 from controller.telemetry import BootSpans
@@ -157,12 +157,14 @@ class Reconciler:
         restarted: Callable[[str], None] = lambda _reason: None,
         instance_types: InstanceTypeSource | None = None,
         tpms: TpmEmulators | None = None,
+        guests: GuestReports | None = None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it;
         `shutting_down()` says whether the controller is stopping every VM before it exits.
         What each reconcile did goes to `objects` as the VM's events, with its status."""
         self._instance_types: InstanceTypeSource = instance_types or NoInstanceTypes()
         self._tpms = tpms
+        self._guests = guests
         self._forward_address = forward_address
         self._images = images
         self._shutting_down = shutting_down
@@ -318,6 +320,7 @@ class Reconciler:
             expect_process=expect_process,
             disks_root=self._layout.disks_root,
             tpms=self._tpms,
+            guests=self._guests,
         )
 
     async def _write_status(self, uid: str, status: QemuVMStatus, events: Sequence[NewEvent]) -> None:

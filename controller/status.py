@@ -98,6 +98,7 @@ def compute_status(
         next_retry_at=memory.next_retry_at if result.intent is Intent.BACKING_OFF else None,
         stop_requested_at=memory.stop_requested_at,
         paused_since=memory.paused_since if process else None,
+        guest=observed.guest if process else None,
     )
 
 

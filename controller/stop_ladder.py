@@ -1,5 +1,7 @@
 """The stop ladder (pure): power button, then `quit` after stopTimeout, then SIGKILL, with a
-shorter wait for a guest that cannot answer the button (docs/controller.md#stopping-a-guest)."""
+shorter wait for a guest that cannot answer the button (docs/controller.md#stopping-a-guest).
+A VM with a connected guest agent gets `guest-shutdown` first and the power button only after
+AGENT_SHUTDOWN_WINDOW (docs/guest-agent.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from api.types import QemuVMSpec
-from controller.actions import Kill, Quit, RequestPowerdown
+from controller.actions import Kill, Quit, RequestGuestShutdown, RequestPowerdown
 from controller.model import Memory, ProcessObservation, QmpState
 from controller.plan_types import Intent, Plan
 
@@ -23,12 +25,15 @@ BOOT_ASSUMED_AFTER = timedelta(seconds=120)
 # QMP may not listen yet just after spawn (the pidfile comes first): wait before calling it hung.
 QMP_STARTUP_GRACE = timedelta(seconds=10)
 STOP_RECHECK = timedelta(seconds=1)
+# guest-shutdown gets this long (at most half of stopTimeout) before the power button is pressed.
+AGENT_SHUTDOWN_WINDOW = timedelta(seconds=10)
 
 
 def stop(
     process: ProcessObservation, memory: Memory, spec: QemuVMSpec, now: datetime, intent: Intent, why: str
 ) -> Plan:
-    return stop_process(process, memory, timedelta(seconds=spec.stop_timeout), now, intent, why)
+    timeout = timedelta(seconds=spec.stop_timeout)
+    return stop_process(process, memory, timeout, now, intent, why, agent=spec.guest_agent)
 
 
 def stop_process(
@@ -38,6 +43,8 @@ def stop_process(
     now: datetime,
     intent: Intent,
     why: str,
+    *,
+    agent: bool = False,
 ) -> Plan:
     """Graceful stop across reconciles: power button, then `quit` after stopTimeout, then SIGKILL.
 
@@ -60,8 +67,16 @@ def stop_process(
         memory = replace(memory, stop_requested_at=now)
         if not window:
             return Plan(intent, memory, (Quit(),), requeue_after=QUIT_GRACE, detail=why)
+        if agent and process.agent_connected:
+            first = _agent_window(window)
+            return Plan(intent, memory, (RequestGuestShutdown(),), requeue_after=first, detail=why)
         return Plan(intent, memory, (RequestPowerdown(),), requeue_after=window, detail=why)
     elapsed = now - requested
+    if agent and elapsed < _agent_window(window):
+        return Plan(intent, memory, requeue_after=_agent_window(window) - elapsed, detail=why)
+    if agent and elapsed < window and process.qmp is not QmpState.SHUTDOWN:
+        # guest-shutdown did not end it (or was never sent): the power button, then the rest.
+        return Plan(intent, memory, (RequestPowerdown(),), requeue_after=window - elapsed, detail=why)
     if elapsed < window:
         return Plan(intent, memory, requeue_after=window - elapsed, detail=why)
     if elapsed < window + QUIT_GRACE:
@@ -71,6 +86,10 @@ def stop_process(
             return Plan(intent, memory, requeue_after=window + QUIT_GRACE - elapsed, detail=why)
         return Plan(intent, memory, (Quit(),), requeue_after=window + QUIT_GRACE - elapsed, detail=why)
     return kill(process, memory, intent, why)
+
+
+def _agent_window(window: timedelta) -> timedelta:
+    return min(AGENT_SHUTDOWN_WINDOW, window / 2)
 
 
 def _answer_window(process: ProcessObservation, timeout: timedelta, now: datetime) -> tuple[timedelta, str]:

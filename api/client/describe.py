@@ -32,6 +32,7 @@ def describe_vm(vm: Mapping[str, Any], events: Sequence[Mapping[str, Any]], now:
     )
     lines += ["Spec:", *_indent(_spec_lines(_with_types(spec, status)))]
     lines += ["Status:", *_indent(_status_lines(status, now))]
+    lines += _guest_lines(status.get("guest"))
     lines.append("Conditions:")
     conditions = [
         [c["type"], c["status"], c["reason"], age(c.get("lastTransitionTime"), now), c.get("message") or ""]
@@ -165,3 +166,25 @@ def _when(timestamp: str | None, now: datetime) -> str:
 
 def _indent(lines: Sequence[str]) -> list[str]:
     return [f"  {line}" for line in lines]
+
+
+def _guest_lines(guest: Mapping[str, Any] | None) -> list[str]:
+    """What the guest agent reports (docs/guest-agent.md); nothing for a VM without one."""
+    if not guest:
+        return []
+    os_info = guest.get("osInfo") or {}
+    system = os_info.get("prettyName") or os_info.get("name") or NONE
+    if os_info.get("kernelRelease"):
+        system += f" (kernel {os_info['kernelRelease']})"
+    lines = [
+        _field("Agent", "connected" if guest.get("agentConnected") else "not connected"),
+        _field("OS", system),
+        _field("Hostname", guest.get("hostname") or NONE),
+    ]
+    rows = [
+        [i["name"], i.get("mac") or NONE, ", ".join(i.get("addresses", ())) or NONE]
+        for i in guest.get("interfaces", ())
+    ]
+    if rows:
+        lines += ["Interfaces:", *_indent(table(("NAME", "MAC", "ADDRESSES"), rows).splitlines())]
+    return ["Guest:", *_indent(lines)]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from api.types import Accel, Machine, Protocol, QemuVMSpec
+from controller.qemu.agent_channel import agent_channel_argv
 
 QEMU_BINARY = "qemu-system-x86_64"
 # QEMU's own OUI for locally run guests; the rest comes from the uid.
@@ -188,6 +189,7 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
     argv += ["-netdev", ",".join(["user", "id=net0", "restrict=on", *forwards])]
     net_device = "virtio-net-device" if microvm else "virtio-net-pci"
     argv += ["-device", f"{net_device},netdev=net0,mac={mac_address(inputs.uid)}"]
+    argv += agent_channel_argv(spec)
     return tuple(argv)
 
 

@@ -31,6 +31,7 @@ ROOT_MODULES = (
     "isofs",
     "button",
     "evdev",
+    "virtio_console",  # the guest agent's virtio-serial port (docs/guest-agent.md)
 )
 KNOWN_ORDER = (
     "failover",
@@ -51,6 +52,7 @@ KNOWN_ORDER = (
     "isofs",
     "button",
     "evdev",
+    "virtio_console",
 )
 OUTPUTS = ("vmlinuz", "initramfs.cpio.gz", "rootfs.raw")
 ROOTFS_SIZE = "32M"

@@ -15,7 +15,9 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from guestlib.agent import AGENT_PACKAGE, resolve_agent
 from guestlib.common import (
     APT_CONFIG,
     APT_LISTS,
@@ -51,16 +53,27 @@ class Package:
 class Packages:
     kernel: Package
     busybox: Package
+    # qemu-guest-agent first, then the library packages it may load (guestlib/agent.py).
+    agent: tuple[Package, ...] = ()
 
-    def as_json(self) -> dict[str, dict[str, str]]:
-        return {"kernel": self.kernel.as_json(), "busybox": self.busybox.as_json()}
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel.as_json(),
+            "busybox": self.busybox.as_json(),
+            "agent": [p.as_json() for p in self.agent],
+        }
 
     @classmethod
-    def from_json(cls, data: dict[str, dict[str, str]]) -> Packages:
+    def from_json(cls, data: dict[str, Any]) -> Packages:
         return cls(
             kernel=Package(data["kernel"]["package"], data["kernel"]["version"]),
             busybox=Package(data["busybox"]["package"], data["busybox"]["version"]),
+            agent=tuple(Package(p["package"], p["version"]) for p in data.get("agent", ())),
         )
+
+    @property
+    def every(self) -> list[Package]:
+        return [self.kernel, self.busybox, *self.agent]
 
 
 def apt_fingerprint() -> str:
@@ -107,8 +120,18 @@ def resolve_packages() -> Packages | None:
         match = re.fullmatch(r"\s*(linux-image-[^\s(]+)\s*(?:\(=\s*([^)\s]+)\s*\))?\s*", dependency)
         if match:
             kernel = Package(match[1], match[2] or meta["Version"])
-            return Packages(kernel=kernel, busybox=Package(BUSYBOX_PACKAGE, busybox["Version"]))
+            busybox_package = Package(BUSYBOX_PACKAGE, busybox["Version"])
+            return Packages(kernel=kernel, busybox=busybox_package, agent=agent_packages())
     raise BuildError(f"{KERNEL_METAPACKAGE} {meta['Version']} depends on no linux-image package")
+
+
+def agent_packages() -> tuple[Package, ...]:
+    """qemu-guest-agent first, then its library packages in name order."""
+    resolved = resolve_agent()
+    if resolved is None:
+        raise BuildError(f"apt knows no {AGENT_PACKAGE}")
+    packages = [Package(name, version) for name, version in resolved]
+    return tuple(sorted(packages, key=lambda p: (p.name != AGENT_PACKAGE, p.name)))
 
 
 def download(packages: Iterable[Package], debs: Path) -> None:

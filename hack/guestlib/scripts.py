@@ -59,6 +59,23 @@ mount_seed() {  # the cloud-init NoCloud seed, when the VM has one: served as ht
         say "cannot mount the cloud-init seed $seed"
     fi
 }
+has_agent_port() {  # the virtio-serial port QEMU names org.qemu.guest_agent.0, as $agent_port
+    for port in /sys/class/virtio-ports/*; do
+        [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+        agent_port=/dev/${port##*/}
+        [ -c "$agent_port" ] && return 0
+    done
+    return 1
+}
+start_guest_agent() {  # qemu-ga, when the VM has the channel (docs/guest-agent.md)
+    # virtio id 3 is the console/serial device; without one there is no port to wait for. The
+    # port's name comes from QEMU a moment after virtio_console binds: wait up to 5 s for it.
+    grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null || return 0
+    if ! wait_for 50 has_agent_port; then say "no guest agent port"; return 0; fi
+    mkdir -p /run/qemu-ga
+    qemu-ga -m virtio-serial -p "$agent_port" -t /run/qemu-ga -f /run/qemu-ga/qemu-ga.pid &
+    say "guest agent on $agent_port"
+}
 find_root() {
     case $1 in
         LABEL=* | UUID=*) root_dev=$(findfs "$1" 2>/dev/null) ;;
@@ -134,6 +151,7 @@ done
 boot_id=$(cat /proc/sys/kernel/random/boot_id)
 mkdir -p /run/www
 mount_seed
+start_guest_agent
 printf 'name=%s\nboot_id=%s\nkernel=%s\n' "$name" "$boot_id" "$(uname -r)" >/run/www/info.txt
 printf '<!doctype html>\n<title>%s</title>\n<h1>%s</h1>\n<p>tofu-qemu tiny guest, boot %s</p>\n' \
     "$name" "$name" "$boot_id" >/run/www/index.html

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from api.store.memory import MemoryStore
 from api.store.records import DiskOwner, DiskRow, VMRecord
@@ -17,9 +17,10 @@ from api.types import Accel, QemuVMStatus, ReclaimPolicy, RunOverride, RunStrate
 from controller.actions import Action
 from controller.admission import ADMITTED, Admission, Claim, Quota, Quotas, admit
 from controller.clock import ManualClock
-from controller.executor import Executor
+from controller.executor import Executor, GuestShutdowns
 from controller.hypervisor_fake import FakeHypervisor
 from controller.layout import DataLayout
+from controller.observe import GuestReports
 from controller.qemu.argv import RuntimePaths
 from controller.reconciler import Outcome, Reconciler, Result
 from controller.resources.disks import DiskManager
@@ -65,6 +66,10 @@ def spec(**fields: Any) -> dict[str, Any]:
 WEB = spec(network={"forwards": [{"guestPort": 80}]})
 
 
+class GuestAgentsLike(GuestShutdowns, GuestReports, Protocol):
+    """The guest agents as the executor and observe use them (controller/guest_agents.py)."""
+
+
 class RecordingExecutor(Executor):
     """The real executor, remembering the actions of the current pass."""
 
@@ -76,7 +81,7 @@ class RecordingExecutor(Executor):
 
 
 class World:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, *, agents: GuestAgentsLike | None = None) -> None:
         self.clock = ManualClock()
         self.store = MemoryStore()
         self.woken: list[str] = []
@@ -96,6 +101,7 @@ class World:
             objects=self.store,
             clock=self.clock,
             boots=boots,
+            agents=agents,
         )
         executor.performed = []
         self.reconciler = Reconciler(
@@ -111,6 +117,7 @@ class World:
             liveness_period=LIVENESS,
             shutting_down=lambda: self.shutting_down,
             restarted=self.restarts.append,
+            guests=agents,
         )
         self._created = 0
 

@@ -38,6 +38,7 @@ from controller.actions import (
     Quit,
     ReleasePorts,
     RemoveRuntimeDir,
+    RequestGuestShutdown,
     RequestPowerdown,
     Spawn,
     Unpause,
@@ -129,6 +130,9 @@ def test_a_first_start_is_scheduled_ports_allocated_started_in_order() -> None:
         pytest.param(DeleteDisk("root", PurePath("/d/root.qcow2")), "DiskDeleted", "disk 'root' deleted"),
         pytest.param(Kill(4242), "Killing", "SIGKILL sent to pid 4242", id="kill"),
         pytest.param(RequestPowerdown(), "Stopping", "power button pressed: stopping", id="powerdown"),
+        pytest.param(
+            RequestGuestShutdown(), "Stopping", "guest-shutdown sent to the guest agent: stopping", id="agent"
+        ),
         pytest.param(Quit(), "Stopping", "QEMU told to quit: stopping", id="quit"),
     ],
 )

@@ -55,6 +55,7 @@ locals {
         reclaimPolicy = var.firmware.reclaim_policy
       }
       tpm         = var.tpm == null ? null : { persistent = var.tpm.persistent }
+      guestAgent  = var.guest_agent
       stopTimeout = var.stop_timeout
       # docs/instancetypes.md: cpus and memory from a type, defaults from a preference.
       instanceType = var.instance_type

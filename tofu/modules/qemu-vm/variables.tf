@@ -378,6 +378,13 @@ variable "firmware" {
   }
 }
 
+variable "guest_agent" {
+  description = "spec.guestAgent (docs/guest-agent.md): a qemu-ga channel; the guest's addresses in status, guest-shutdown before the power button."
+  type        = bool
+  default     = false
+  nullable    = false
+}
+
 variable "tpm" {
   description = "spec.tpm: a TPM 2.0 from a per-VM swtpm (q35 only); persistent keeps its state across restarts. Null: no TPM."
   type = object({
