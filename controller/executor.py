@@ -20,6 +20,7 @@ from controller.actions import (
     Action,
     AllocatePorts,
     Attach,
+    AttachPasst,
     AttachTpm,
     CleanRuntime,
     Continue,
@@ -38,7 +39,9 @@ from controller.actions import (
     RemoveRuntimeDir,
     RequestPowerdown,
     Spawn,
+    StartPasst,
     StartTpm,
+    StopPasst,
     StopTpm,
     Unpause,
     WriteSeed,
@@ -48,6 +51,7 @@ from controller.errors import TerminalError, TransientError
 from controller.faults import CrashPoint, crash_point
 from controller.firmware import TpmEmulators, TpmFailed
 from controller.hypervisor import AlreadyRunning, CommandRefused, CommandUnanswered, Hypervisor
+from controller.network import PasstFailed, PasstNetworks
 from controller.qemu.argv import RuntimePaths
 from controller.resources.disks import DiskBusy, DiskError, DiskManager
 from controller.resources.nvram import NvramManager
@@ -74,7 +78,9 @@ class Executor:
         images: ImageFetcher | None = None,
         nvram: NvramManager | None = None,
         tpms: TpmEmulators | None = None,
+        passts: PasstNetworks | None = None,
     ) -> None:
+        self._passts = passts
         self._nvram = nvram
         self._tpms = tpms
         self._images = images
@@ -134,6 +140,8 @@ class Executor:
                 await self._hypervisor.write_seed(path, dict(files))
             case PrepareNvram() | StartTpm() | AttachTpm() | StopTpm():
                 await self._firmware(uid, paths, action)
+            case StartPasst() | AttachPasst() | StopPasst():
+                await self._network(uid, paths, action)
             case Spawn(argv=argv, digest=digest):
                 await self._spawn(uid, paths, argv, digest)
             case Continue() | Unpause():
@@ -188,6 +196,23 @@ class Executor:
             case StopTpm():
                 await self._tpms.stop(uid, paths)
 
+    async def _network(
+        self, uid: str, paths: RuntimePaths, action: StartPasst | AttachPasst | StopPasst
+    ) -> None:
+        """The VM's passt (docs/networking.md)."""
+        if self._passts is None:
+            raise TerminalError("this controller runs no passt")
+        match action:
+            case StartPasst(argv=argv):
+                try:
+                    await self._passts.start(uid, paths, argv)
+                except PasstFailed as err:
+                    raise TransientError(str(err)) from err
+            case AttachPasst(pid=pid):
+                await self._passts.attach(uid, paths, pid)
+            case StopPasst():
+                await self._passts.stop(uid, paths)
+
     async def _spawn(self, uid: str, paths: RuntimePaths, argv: tuple[str, ...], digest: str) -> None:
         """Start QEMU and return once it is watched; an early exit is recorded, not raised."""
         since = (time.time_ns(), time.monotonic())
@@ -233,6 +258,9 @@ _SPAN_NAMES: dict[type[Action], str] = {
     StartTpm: "tpm start",
     AttachTpm: "tpm attach",
     StopTpm: "tpm stop",
+    StartPasst: "passt start",
+    AttachPasst: "passt attach",
+    StopPasst: "passt stop",
     Spawn: "spawn",
     Kill: "kill",
     KillLost: "kill",

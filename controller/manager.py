@@ -36,10 +36,13 @@ from controller.image_gc import collect_images_forever
 from controller.images.cache import ImageCache
 from controller.layout import DataLayout
 from controller.liveness_watch import watch_liveness
+from controller.network import NetworkPolicy
 from controller.project_index import ProjectIndex
 from controller.qemu import process
 from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
+from controller.qemu.passt import Passt
+from controller.qemu.passt import probe as passt_probe
 from controller.qemu.runtime import Runtime
 from controller.qemu.swtpm import Swtpm
 from controller.queue import Backoff, QueueShutDown, WorkQueue
@@ -130,6 +133,7 @@ class Controller:
                 exit_detected=self._metrics.vm_exit_detect_seconds.observe,
             )
             tpms = Swtpm(clock=self._clock, wake=self.queue.add)
+            passts = Passt(clock=self._clock, wake=self.queue.add)
             images = ImageCache(
                 images_dir=self._layout.images_dir,
                 sources=ImageSources(self._db),
@@ -140,7 +144,13 @@ class Controller:
                 egress=self._settings.image_egress,
             )
             await images.load()
-            reconciler = self._reconciler(runtime, images, tpms, ports=(first, last))
+            network = NetworkPolicy(
+                self._settings.guest_egress,
+                await asyncio.to_thread(passt_probe) if self._settings.guest_egress else "",
+            )
+            reconciler = self._reconciler(
+                runtime, images, (tpms, passts), ports=(first, last), network=network
+            )
             sources = self._start_sources(tasks, runtime, images, scheduler)
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -149,12 +159,19 @@ class Controller:
             log.info("controller_started", workers=len(workers), data_dir=str(self._settings.data_dir))
             await stop.wait()
             log.info("controller_stopping")
-            await self._shut_down(runtime, images, tpms, workers, sources)
+            await self._shut_down(runtime, images, (tpms, passts), workers, sources)
 
     def _reconciler(
-        self, runtime: Runtime, images: ImageCache, tpms: Swtpm, *, ports: tuple[int, int]
+        self,
+        runtime: Runtime,
+        images: ImageCache,
+        helpers: tuple[Swtpm, Passt],
+        *,
+        ports: tuple[int, int],
+        network: NetworkPolicy,
     ) -> Reconciler:
-        """The reconcile pass and its executor, on this controller's store, runtime and images."""
+        """The reconcile pass and its executor; `helpers`: the VMs' swtpm and passt processes."""
+        tpms, passts = helpers
         boots = BootSpans(self._metrics)
         first, last = ports
         executor = Executor(
@@ -169,6 +186,7 @@ class Controller:
             images=images,
             nvram=NvramManager(self._allocations),
             tpms=tpms,
+            passts=passts,
         )
         instance_types = InstanceTypeCatalog.of(self._db, self._settings)
         quotas = QuotaGate(
@@ -177,6 +195,7 @@ class Controller:
             port_range=self._settings.ports,
             clock=self._clock,
             sizes=instance_types,
+            network=network,
         )
         return Reconciler(
             objects=self._objects,
@@ -200,6 +219,7 @@ class Controller:
             restarted=lambda reason: self._metrics.vm_restarts_total.labels(reason=reason).inc(),
             instance_types=instance_types,
             tpms=tpms,
+            passts=passts,
         )
 
     def _start_sources(
@@ -252,7 +272,7 @@ class Controller:
         self,
         runtime: Runtime,
         images: ImageCache,
-        tpms: Swtpm,
+        helpers: tuple[Swtpm, Passt],
         workers: list[asyncio.Task[None]],
         sources: list[asyncio.Task[None]],
     ) -> None:
@@ -265,7 +285,8 @@ class Controller:
             task.cancel()
         await images.close()
         await runtime.close()
-        await tpms.close()
+        for helper in helpers:
+            await helper.close()
 
     def _usage_sampler(self, runtime: Runtime) -> UsageSampler:
         def running() -> dict[str, int]:
