@@ -81,9 +81,9 @@ def mode_egress_problem(mode: NetworkMode, egress: bool | None) -> str:
     127.0.0.1 with no way to turn that off, and passt 2023.03 has no way to deny egress."""
     if mode is NetworkMode.USER and egress:
         return (
-            "network.egress needs network.mode passt: in mode user (SLIRP) the guest would reach "
+            "egress needs mode passt: in mode user (SLIRP) the guest would reach "
             "the host's own 127.0.0.1 at 10.0.2.2"
         )
     if mode is NetworkMode.PASST and egress is False:
-        return "network.mode passt always gives the guest egress: use mode user for a guest without it"
+        return "mode passt always gives the guest egress: use mode user for a guest without it"
     return ""
