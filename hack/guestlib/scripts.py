@@ -3,7 +3,7 @@
 INIT = r"""#!/bin/sh
 # PID 1 of the tofu-qemu tiny guest; the initramfs and rootfs.raw share it (docs/guest.md).
 # PID 1 must never exit: the kernel panics when it does.
-# Kernel command line knobs: tofu.name= tofu.ip= tofu.gw= tofu.shell= tofu.fetch= root= rootfstype=
+# Kernel command line knobs: tofu.name= tofu.ip= tofu.gw= tofu.shell= tofu.fetch= tofu.bigfile= root= rootfstype=
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
 [ -e /proc/self ] || mount -t proc proc /proc
@@ -152,6 +152,8 @@ mount_seed
 printf 'name=%s\nboot_id=%s\nkernel=%s\n' "$name" "$boot_id" "$(uname -r)" >/run/www/info.txt
 printf '<!doctype html>\n<title>%s</title>\n<h1>%s</h1>\n<p>tofu-qemu tiny guest, boot %s</p>\n' \
     "$name" "$name" "$boot_id" >/run/www/index.html
+bigfile=$(param tofu.bigfile 0)
+[ "$bigfile" = 0 ] || dd if=/dev/zero of=/run/www/big.bin bs=1M count="$bigfile" 2>/dev/null
 httpd -p 80 -h /run/www || fail "httpd did not start"
 fetch_loop &
 
