@@ -3,7 +3,8 @@
 INIT = r"""#!/bin/sh
 # PID 1 of the tofu-qemu tiny guest; the initramfs and rootfs.raw share it (docs/guest.md).
 # PID 1 must never exit: the kernel panics when it does.
-# Kernel command line knobs: tofu.name= tofu.ip= tofu.gw= tofu.shell= tofu.fetch= tofu.bigfile= root= rootfstype=
+# Kernel command line knobs: tofu.name= tofu.ip= tofu.gw= tofu.shell= tofu.fetch= tofu.bigfile=
+# root= rootfstype=
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
 [ -e /proc/self ] || mount -t proc proc /proc
@@ -59,14 +60,15 @@ mount_seed() {  # the cloud-init NoCloud seed, when the VM has one: served as ht
         say "cannot mount the cloud-init seed $seed"
     fi
 }
-fetch_loop() {  # tofu.fetch=HOST/PORT,...: GET / from each every 2 s; results and eth0's addresses in /fetch.txt
+fetch_loop() {  # tofu.fetch=HOST/PORT,...: GET / from each every 2 s, results in /fetch.txt
     # busybox nc, not wget: Debian's static busybox 1.35 wget segfaults. timeout: nc's -w does
     # not bound every connect, and one hung target must not stall the others.
     targets=$(param tofu.fetch "" | tr ',' ' ')
     [ -n "$targets" ] || return 0
     while :; do
         for target in $targets; do
-            body=$(printf 'GET / HTTP/1.0\r\n\r\n' | timeout 5 nc -w 3 "${target%/*}" "${target##*/}" 2>/dev/null | tail -n 1)
+            body=$(printf 'GET / HTTP/1.0\r\n\r\n' | timeout 5 nc -w 3 "${target%/*}" "${target##*/}" \
+                2>/dev/null | tail -n 1)
             if [ -n "$body" ]; then echo "ok $target $body"; else echo "failed $target"; fi
         done >/run/www/fetch.tmp
         ip -o addr show dev eth0 | sed 's/^/addr /' >>/run/www/fetch.tmp
