@@ -428,3 +428,27 @@ def test_a_uefi_guest_on_passt_answers_through_the_published_forward(
     assert (status, info.splitlines()[0]) == (200, f"name={VM_NAME}")
     serial = container.exec("cat", f"/var/lib/tofu-qemu/run/{vm['metadata']['uid']}/serial.log")
     assert "efi: EFI v2.70 by EDK II" in serial
+
+
+def test_where_passt_cannot_unshare_mode_passt_is_refused_with_the_reason(
+    containers: Callable[..., Container], data_dir: Path, tmp_path: Path
+) -> None:
+    """Docker's default seccomp profile refuses `unshare`; this profile refuses only that. The
+    start-up probe finds passt unusable, and a passt VM is Valid=False naming why, running nothing."""
+    profile = tmp_path / "no-unshare.json"
+    rules = {"names": ["unshare"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [rules]}))
+    container = containers(
+        data_dir, "--env", "TOFU_QEMU_GUEST_EGRESS=true", "--security-opt", f"seccomp={profile}"
+    )
+    container.wait_ready()
+    spec = {"boot": {"kernel": "tiny-guest/vmlinuz"}, "network": {"mode": "passt"}}
+    answer = container.request("POST", f"/state/{PROJECT}", body=encode(vm_state(1, {VM_NAME: spec})))
+    assert answer.status == 200, answer.body[:500]
+    vm = container.wait_vm(lambda vm: vm["status"]["phase"] == "Invalid", what="Invalid", timeout=60)
+    valid = next(item for item in vm["status"]["conditions"] if item["type"] == "Valid")
+    assert valid["status"] == "False"
+    reason = "spec.network.mode passt cannot run on this host: passt does not start"
+    assert valid["message"].startswith(reason), valid
+    assert "in a container it needs unshare" in valid["message"]
+    assert vm["status"]["pid"] is None

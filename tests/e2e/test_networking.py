@@ -121,7 +121,7 @@ def test_egress_through_passt_never_reaches_the_hosts_loopback_and_user_mode_has
     server = host.start("serve", extra_args=["--guest-egress"])
     server.declare_vms(PROJECT, 1, SPECS)
 
-    refused = host.wait_vm(PROJECT, "refused", lambda vm: vm["status"]["conditions"] != [], what="conditions")
+    refused = host.wait_vm(PROJECT, "refused", lambda vm: vm["status"]["phase"] == "Invalid", what="Invalid")
     valid = condition(refused, "Valid")
     assert valid["status"] == "False"
     assert "egress needs mode passt" in valid["message"]
