@@ -6,7 +6,8 @@ The guest sends `GET /` to given addresses itself every 2 s (`tofu.fetch=`, docs
 publishes the results at /fetch.txt, which the test reads through the VM's forward. What each VM
 shows:
 - "out", mode passt, egress by the server's default: it reaches the TEST-NET server over IPv4,
-  configures an IPv6 address from passt's router advertisement, and its forward answers through
+  and over IPv6 with the address it configures from passt's router advertisement (the server
+  sees the host's address: passt's sockets are the host's), and its forward answers through
   passt. Its request to the gateway's address reaches the real gateway (the net namespace's
   server), never the server on the host's 127.0.0.1 on the same port: that is `--no-map-gw`.
   Without it passt would map the gateway to the host's loopback, and the answer would name
@@ -34,7 +35,9 @@ from tests.e2e.harness import VmHost, condition, get_guest_page, host_port, is_r
 from tests.e2e.netns_support import (
     GATEWAY4,
     HOST4,
+    HOST6,
     SERVER4,
+    SERVER6,
     SERVER_PORT,
     entered,
     http_server,
@@ -52,6 +55,7 @@ PAGE_TIMEOUT = 10.0
 TESTNET = f"{SERVER4}/{SERVER_PORT}"
 GATEWAY = f"{GATEWAY4}/{SERVER_PORT}"
 SLIRP_HOST = f"10.0.2.2/{SERVER_PORT}"
+TESTNET6 = f"{SERVER6}/{SERVER_PORT}"
 KERNEL, INITRD = "tiny-guest/vmlinuz", "tiny-guest/initramfs.cpio.gz"
 
 
@@ -67,7 +71,7 @@ def vm_spec(network: dict[str, Any], *fetch: str, ip: str = "") -> dict[str, Any
 
 
 SPECS = {
-    "out": vm_spec({"mode": "passt"}, TESTNET, GATEWAY, ip="tofu.ip=dhcp"),
+    "out": vm_spec({"mode": "passt"}, TESTNET, GATEWAY, TESTNET6, ip="tofu.ip=dhcp"),
     "shut": vm_spec({}, TESTNET, SLIRP_HOST),
     "refused": vm_spec({"egress": True}, TESTNET),
 }
@@ -131,11 +135,16 @@ def test_egress_through_passt_never_reaches_the_hosts_loopback_and_user_mode_has
     argv = read_cmdline(out["status"]["pid"]) or ()
     assert any(arg.startswith("stream,id=net0,server=off,addr.type=unix,addr.path=passt/") for arg in argv)
 
-    text = fetched(host, out, f"ok {TESTNET} testnet from ::ffff:{HOST4}", f"ok {GATEWAY} testnet from")
+    text = fetched(
+        host,
+        out,
+        f"ok {TESTNET} testnet from ::ffff:{HOST4}",
+        f"ok {GATEWAY} testnet from",
+        f"ok {TESTNET6} testnet from {HOST6}",
+    )
     # The gateway's address is the gateway, not the host: never the server on 127.0.0.1.
     assert "host-loopback" not in text
     # IPv6: the guest configures a global address from passt's router advertisement (SLAAC).
-    # (TCP over it does not get through this passt, 2023.03, yet: docs/networking.md.)
     assert "inet6 2001:db8:18:" in text
 
     blocked = fetched(host, shut, f"failed {TESTNET}", f"failed {SLIRP_HOST}")
