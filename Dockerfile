@@ -30,7 +30,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 # pick up Debian's security updates rather than fail on a version the mirror dropped.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install --yes --no-install-recommends qemu-system-x86 qemu-utils ovmf swtpm \
+    && apt-get install --yes --no-install-recommends qemu-system-x86 qemu-utils ovmf swtpm passt \
     && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 

@@ -17,18 +17,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     model_validator,
 )
-from pydantic.alias_generators import to_camel
 
 from api import images, names
 from api.guest_types import GuestStatus, no_schema_default
+from api.network_spec import NetworkMode as NetworkMode
+from api.network_spec import NetworkSpec as NetworkSpec
+from api.network_spec import PortForward as PortForward
+from api.network_spec import Protocol as Protocol
 from api.spec_fields import (
     DISKS_MAX,
-    FORWARDS_MAX,
     SSH_KEYS_MAX,
     CloudInitObject,
     CloudInitText,
@@ -39,27 +39,17 @@ from api.spec_fields import (
     ImageRef,
     KernelCmdline,
     MemoryMiB,
-    Port,
     Seconds,
     Sha256Digest,
     SshAuthorizedKey,
     TypeName,
-    UnprivilegedPort,
     at_most,
 )
+from api.spec_model import SpecModel as _Model
 
 API_GROUP = "tofu-qemu.dev"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 KIND = "QemuVM"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=True,
-    )
 
 
 class Machine(StrEnum):
@@ -90,11 +80,6 @@ class StartStrategy(StrEnum):
 class ReclaimPolicy(StrEnum):
     DELETE = "Delete"
     RETAIN = "Retain"
-
-
-class Protocol(StrEnum):
-    TCP = "tcp"
-    UDP = "udp"
 
 
 class BootSpec(_Model):
@@ -131,36 +116,6 @@ class DiskSpec(_Model):
     @property
     def source(self) -> images.ImageSource | None:
         return images.image_source(self.image, self.sha256) if self.image is not None else None
-
-
-class PortForward(_Model):
-    """A user-mode (SLIRP) host forward to a guest port; hostPort is allocated when omitted."""
-
-    protocol: Protocol = Protocol.TCP
-    guest_port: Port
-    host_port: UnprivilegedPort | None = None
-
-
-class NetworkSpec(_Model):
-    forwards: Annotated[tuple[PortForward, ...], at_most(FORWARDS_MAX, "forwards")] = Field(
-        default=(), max_length=FORWARDS_MAX
-    )
-
-    @model_validator(mode="after")
-    def _unique_ports(self) -> NetworkSpec:
-        guest_seen: set[tuple[Protocol, int]] = set()
-        host_seen: set[tuple[Protocol, int]] = set()
-        for forward in self.forwards:
-            guest_key = (forward.protocol, forward.guest_port)
-            if guest_key in guest_seen:
-                raise ValueError(f"guest port {forward.protocol}/{forward.guest_port} is forwarded twice")
-            guest_seen.add(guest_key)
-            if forward.host_port is not None:
-                host_key = (forward.protocol, forward.host_port)
-                if host_key in host_seen:
-                    raise ValueError(f"host port {forward.protocol}/{forward.host_port} is used twice")
-                host_seen.add(host_key)
-        return self
 
 
 class FirmwareType(StrEnum):

@@ -111,6 +111,26 @@ class StopTpm:
 
 
 @dataclass(frozen=True, slots=True)
+class StartPasst:
+    """Start the VM's passt with `argv` (ending one left over first), and return once its socket
+    exists (docs/networking.md). Legal only when no QEMU of it runs."""
+
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AttachPasst:
+    """Watch `pid`, the VM's live passt nobody watches yet (found after a controller restart)."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopPasst:
+    """End the VM's passt. Legal only when no QEMU of it runs."""
+
+
+@dataclass(frozen=True, slots=True)
 class Spawn:
     """Start QEMU paused with `argv`. Legal only when no process of this VM exists."""
 
@@ -213,6 +233,9 @@ Action = (
     | StartTpm
     | AttachTpm
     | StopTpm
+    | StartPasst
+    | AttachPasst
+    | StopPasst
     | Spawn
     | Continue
     | Pause

@@ -20,6 +20,7 @@ from controller.actions import (
     Action,
     AllocatePorts,
     Attach,
+    AttachPasst,
     AttachTpm,
     CleanRuntime,
     Continue,
@@ -39,7 +40,9 @@ from controller.actions import (
     RequestGuestShutdown,
     RequestPowerdown,
     Spawn,
+    StartPasst,
     StartTpm,
+    StopPasst,
     StopTpm,
     Unpause,
     WriteSeed,
@@ -49,6 +52,7 @@ from controller.errors import TerminalError, TransientError
 from controller.faults import CrashPoint, crash_point
 from controller.firmware import TpmEmulators, TpmFailed
 from controller.hypervisor import AlreadyRunning, CommandRefused, CommandUnanswered, Hypervisor
+from controller.network import PasstFailed, PasstNetworks
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.guest_agent import AgentUnavailable
 from controller.resources.disks import DiskBusy, DiskError, DiskManager
@@ -83,8 +87,10 @@ class Executor:
         nvram: NvramManager | None = None,
         tpms: TpmEmulators | None = None,
         agents: GuestShutdowns | None = None,
+        passts: PasstNetworks | None = None,
     ) -> None:
         self._agents = agents
+        self._passts = passts
         self._nvram = nvram
         self._tpms = tpms
         self._images = images
@@ -125,25 +131,14 @@ class Executor:
                 if self._images is None:
                     raise TerminalError("this controller has no image cache to download into")
                 self._images.fetch(source, waiter=uid)
-            case CreateDisk(disk=disk, base=base, project=project, vm_name=vm_name):
-                try:
-                    owner = DiskOwner(project, vm_name)
-                    await self._disks.create(uid, owner, disk, Path(base) if base else None)
-                except DiskBusy as err:
-                    raise TransientError(str(err)) from err
-                except DiskError as err:
-                    raise TerminalError(str(err)) from err
-            case GrowDisk(name=name, path=path, size_mib=size_mib):
-                try:
-                    await self._disks.grow(uid, name, Path(path), size_mib)
-                except DiskError as err:
-                    raise TerminalError(str(err)) from err
-            case DeleteDisk(name=name, path=path):
-                await self._disks.delete(uid, name, Path(path))
+            case CreateDisk() | GrowDisk() | DeleteDisk():
+                await self._disk(uid, action)
             case WriteSeed(path=path, files=files):
                 await self._hypervisor.write_seed(path, dict(files))
             case PrepareNvram() | StartTpm() | AttachTpm() | StopTpm():
                 await self._firmware(uid, paths, action)
+            case StartPasst() | AttachPasst() | StopPasst():
+                await self._network(uid, paths, action)
             case Spawn(argv=argv, digest=digest):
                 await self._spawn(uid, paths, argv, digest)
             case Continue() | Unpause():
@@ -173,6 +168,24 @@ class Executor:
             case _:
                 assert_never(action)
 
+    async def _disk(self, uid: str, action: CreateDisk | GrowDisk | DeleteDisk) -> None:
+        match action:
+            case CreateDisk(disk=disk, base=base, project=project, vm_name=vm_name):
+                try:
+                    owner = DiskOwner(project, vm_name)
+                    await self._disks.create(uid, owner, disk, Path(base) if base else None)
+                except DiskBusy as err:
+                    raise TransientError(str(err)) from err
+                except DiskError as err:
+                    raise TerminalError(str(err)) from err
+            case GrowDisk(name=name, path=path, size_mib=size_mib):
+                try:
+                    await self._disks.grow(uid, name, Path(path), size_mib)
+                except DiskError as err:
+                    raise TerminalError(str(err)) from err
+            case DeleteDisk(name=name, path=path):
+                await self._disks.delete(uid, name, Path(path))
+
     async def _firmware(
         self, uid: str, paths: RuntimePaths, action: PrepareNvram | StartTpm | AttachTpm | StopTpm
     ) -> None:
@@ -199,6 +212,23 @@ class Executor:
                 await self._tpms.attach(uid, paths, pid)
             case StopTpm():
                 await self._tpms.stop(uid, paths)
+
+    async def _network(
+        self, uid: str, paths: RuntimePaths, action: StartPasst | AttachPasst | StopPasst
+    ) -> None:
+        """The VM's passt (docs/networking.md)."""
+        if self._passts is None:
+            raise TerminalError("this controller runs no passt")
+        match action:
+            case StartPasst(argv=argv):
+                try:
+                    await self._passts.start(uid, paths, argv)
+                except PasstFailed as err:
+                    raise TransientError(str(err)) from err
+            case AttachPasst(pid=pid):
+                await self._passts.attach(uid, paths, pid)
+            case StopPasst():
+                await self._passts.stop(uid, paths)
 
     async def _spawn(self, uid: str, paths: RuntimePaths, argv: tuple[str, ...], digest: str) -> None:
         """Start QEMU and return once it is watched; an early exit is recorded, not raised."""
@@ -257,6 +287,9 @@ _SPAN_NAMES: dict[type[Action], str] = {
     StartTpm: "tpm start",
     AttachTpm: "tpm attach",
     StopTpm: "tpm stop",
+    StartPasst: "passt start",
+    AttachPasst: "passt attach",
+    StopPasst: "passt stop",
     Spawn: "spawn",
     Kill: "kill",
     KillLost: "kill",

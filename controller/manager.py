@@ -37,10 +37,13 @@ from controller.image_gc import collect_images_forever
 from controller.images.cache import ImageCache
 from controller.layout import DataLayout
 from controller.liveness_watch import watch_liveness
+from controller.network import NetworkPolicy
 from controller.project_index import ProjectIndex
 from controller.qemu import process
 from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
+from controller.qemu.passt import Passt
+from controller.qemu.passt import probe as passt_probe
 from controller.qemu.runtime import Runtime
 from controller.qemu.swtpm import Swtpm
 from controller.queue import Backoff, QueueShutDown, WorkQueue
@@ -131,6 +134,7 @@ class Controller:
                 exit_detected=self._metrics.vm_exit_detect_seconds.observe,
             )
             tpms = Swtpm(clock=self._clock, wake=self.queue.add)
+            passts = Passt(clock=self._clock, wake=self.queue.add)
             images = ImageCache(
                 images_dir=self._layout.images_dir,
                 sources=ImageSources(self._db),
@@ -142,7 +146,13 @@ class Controller:
             )
             await images.load()
             agents = guest_agents.of_runtime(runtime, wake=self.queue.add)
-            reconciler = self._reconciler(runtime, images, tpms, agents, ports=(first, last))
+            network = NetworkPolicy(
+                self._settings.guest_egress,
+                await asyncio.to_thread(passt_probe) if self._settings.guest_egress else "",
+            )
+            reconciler = self._reconciler(
+                runtime, images, (tpms, passts), agents, ports=(first, last), network=network
+            )
             sources = self._start_sources(tasks, runtime, images, scheduler, agents)
             workers = [
                 tasks.create_task(self._work(reconciler), name=f"worker-{index}")
@@ -151,18 +161,20 @@ class Controller:
             log.info("controller_started", workers=len(workers), data_dir=str(self._settings.data_dir))
             await stop.wait()
             log.info("controller_stopping")
-            await self._shut_down(runtime, images, tpms, workers, sources)
+            await self._shut_down(runtime, images, (tpms, passts), workers, sources)
 
     def _reconciler(
         self,
         runtime: Runtime,
         images: ImageCache,
-        tpms: Swtpm,
+        helpers: tuple[Swtpm, Passt],
         agents: guest_agents.GuestAgents,
         *,
         ports: tuple[int, int],
+        network: NetworkPolicy,
     ) -> Reconciler:
-        """The reconcile pass and its executor, on this controller's store, runtime and images."""
+        """The reconcile pass and its executor; `helpers`: the VMs' swtpm and passt processes."""
+        tpms, passts = helpers
         boots = BootSpans(self._metrics)
         first, last = ports
         executor = Executor(
@@ -178,15 +190,10 @@ class Controller:
             nvram=NvramManager(self._allocations),
             tpms=tpms,
             agents=agents,
+            passts=passts,
         )
         instance_types = InstanceTypeCatalog.of(self._db, self._settings)
-        quotas = QuotaGate(
-            self._db,
-            self._settings.quotas,
-            port_range=self._settings.ports,
-            clock=self._clock,
-            sizes=instance_types,
-        )
+        quotas = self._quota_gate(instance_types, network)
         return Reconciler(
             objects=self._objects,
             allocations=self._allocations,
@@ -210,6 +217,17 @@ class Controller:
             instance_types=instance_types,
             tpms=tpms,
             guests=agents,
+            passts=passts,
+        )
+
+    def _quota_gate(self, instance_types: InstanceTypeCatalog, network: NetworkPolicy) -> QuotaGate:
+        return QuotaGate(
+            self._db,
+            self._settings.quotas,
+            port_range=self._settings.ports,
+            clock=self._clock,
+            sizes=instance_types,
+            network=network,
         )
 
     def _start_sources(
@@ -272,7 +290,7 @@ class Controller:
         self,
         runtime: Runtime,
         images: ImageCache,
-        tpms: Swtpm,
+        helpers: tuple[Swtpm, Passt],
         workers: list[asyncio.Task[None]],
         sources: list[asyncio.Task[None]],
     ) -> None:
@@ -285,7 +303,8 @@ class Controller:
             task.cancel()
         await images.close()
         await runtime.close()
-        await tpms.close()
+        for helper in helpers:
+            await helper.close()
 
     def _usage_sampler(self, runtime: Runtime) -> UsageSampler:
         def running() -> dict[str, int]:

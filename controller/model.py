@@ -87,12 +87,16 @@ class ProcessObservation:
 
 
 @dataclass(frozen=True, slots=True)
-class TpmObservation:
-    """The VM's live swtpm, proven ours by its launch record and /proc (controller/qemu/swtpm.py)."""
+class SidecarObservation:
+    """A VM's live helper process (its swtpm, its passt), proven ours by its launch record and
+    /proc (controller/qemu/sidecar.py)."""
 
     pid: int
     # Its exit wakes the VM: false for one found after a controller restart, until attached.
     watched: bool = True
+
+
+TpmObservation = SidecarObservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +184,8 @@ class Observed:
     missing_firmware: tuple[str, ...] = ()
     # What the guest agent last reported (controller/guest_agents.py), for a running process.
     guest: GuestStatus | None = None
+    # The VM's passt, in network mode passt (docs/networking.md).
+    passt: SidecarObservation | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from api.guest_types import GuestStatus
 from api.images import CachedImage, LocalImage, RemoteImage
 from api.store.contracts import AllocationLedger
 from api.types import QemuVMSpec
-from controller import firmware, host_memory
+from controller import firmware, host_memory, network
 from controller.hypervisor import Hypervisor, ProcessView
 from controller.layout import image_problem
 from controller.model import DiskRecord, ImageLookup, ImageState, Observed, ProcessObservation
@@ -48,10 +48,12 @@ async def observe(
     disks_root: Path | None = None,
     tpms: firmware.TpmEmulators | None = None,
     guests: GuestReports | None = None,
+    passts: network.PasstNetworks | None = None,
 ) -> Observed:
     """`expect_process`: status names a pid, so a process missing from the records is looked for.
     `disks_root`: where disks are made, whose free space is read when the spec sizes disks.
-    `tpms`: the swtpm processes, looked at for every VM (a stray one is ended)."""
+    `tpms`: the swtpm processes, looked at for every VM (a stray one is ended); `passts` the same
+    for passt."""
     view = await hypervisor.inspect(uid, paths, expect_process=expect_process)
     ports, disk_rows = await allocations.held_by(uid)
     disks = {
@@ -77,6 +79,7 @@ async def observe(
         tpm=await tpms.inspect(uid, paths) if tpms is not None else None,
         missing_firmware=_missing_firmware(spec) if idle else (),
         guest=_guest(uid, view, spec, guests),
+        passt=await passts.inspect(uid, paths) if passts is not None else None,
     )
     return with_process(ledger, view)
 

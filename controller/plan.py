@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from api.images import RemoteImage
 from api.types import QemuVMSpec, ReclaimPolicy, RunStrategy
-from controller import firmware
+from controller import firmware, network
 from controller.actions import (
     Action,
     AllocatePorts,
@@ -97,7 +97,11 @@ def plan(
             why = f"restart requested by {desired.override.requested_by if desired.override else '?'}"
             return stop(process, memory, spec, now, Intent.RESTARTING, why)
         return _keep_running(desired, process, digest, memory, spec, observed, now, context)
-    return _start(desired, spec, observed, memory, now, argv, seed)
+    helpers = (
+        *firmware.tpm_before_spawn(spec, observed),
+        *network.passt_before_spawn(spec, observed, context.forward_address),
+    )
+    return _start(desired, spec, observed, memory, now, argv, (seed, helpers))
 
 
 def _bookkeeping(observed: Observed, memory: Memory) -> Plan | None:
@@ -196,8 +200,8 @@ def _look_after(observed: Observed, memory: Memory) -> Plan | None:
         return Plan(Intent.ADOPTING, memory, (Attach(observed.process.pid),), again=True)
     if observed.unrecorded_exit_pid is not None:
         return Plan(Intent.ADOPTING, memory, (RecordExit(observed.unrecorded_exit_pid),), again=True)
-    if adopt_tpm := firmware.adopt_tpm(observed):
-        return Plan(Intent.ADOPTING, memory, adopt_tpm, again=True)
+    if adopt_helpers := firmware.adopt_tpm(observed) + network.adopt_passt(observed):
+        return Plan(Intent.ADOPTING, memory, adopt_helpers, again=True)
     return None
 
 
@@ -249,7 +253,7 @@ def _tear_down(desired: Desired | None, observed: Observed, memory: Memory, now:
     if observed.process is not None:
         stop_timeout = timedelta(seconds=desired.spec.stop_timeout) if desired and desired.spec else None
         return stop_process(observed.process, memory, stop_timeout, now, Intent.DELETING, "deleting")
-    actions: list[Action] = [*firmware.stray_tpm(observed)]
+    actions: list[Action] = [*firmware.stray_tpm(observed), *network.stray_passt(observed)]
     if observed.ports:
         actions.append(ReleasePorts(tuple(sorted(observed.ports))))
     actions += [
@@ -396,9 +400,9 @@ def _keep_running(
     if not process.runtime_intact and now - process.started_at >= QMP_STARTUP_GRACE:
         # QEMU creates its socket at start; one removed later cannot come back.
         return kill(process, memory, Intent.RESTARTING, "its runtime dir or QMP socket was removed")
-    lost_tpm = firmware.lost_tpm(spec, observed)
-    if lost_tpm and process.qmp in (QmpState.RUNNING, QmpState.PAUSED):
-        return stop(process, memory, spec, now, Intent.RESTARTING, lost_tpm)
+    lost_helper = firmware.lost_tpm(spec, observed) or network.lost_passt(spec, observed)
+    if lost_helper and process.qmp in (QmpState.RUNNING, QmpState.PAUSED):
+        return stop(process, memory, spec, now, Intent.RESTARTING, lost_helper)
     step = run_state_step(desired, spec, process, memory, now=now)
     if step is not None:
         requeue = None if step.again else context.liveness_period
@@ -425,10 +429,11 @@ def _start(
     memory: Memory,
     now: datetime,
     argv: tuple[str, ...],
-    seed: WriteSeed | None,
+    before: tuple[WriteSeed | None, tuple[Action, ...]],
 ) -> Plan:
-    """Start QEMU with `argv` (and `seed`, computed once by `plan`), unless the last exit, a
-    backoff or a missing boot file says to wait."""
+    """Start QEMU with `argv` (after `before`: the seed and the helper processes, computed once by
+    `plan`), unless the last exit, a backoff or a missing boot file says to wait."""
+    seed, helpers = before
     # Stale runtime files are left for Spawn to clear: until then the exit record they hold is
     # what tells this plan (and the next) that a restart is a restart.
     last_exit = memory.last_exit
@@ -453,7 +458,7 @@ def _start(
         *_release_unused(spec, observed),
         *grow,
         *((seed,) if seed is not None else ()),
-        *firmware.tpm_before_spawn(spec, observed),
+        *helpers,
         Spawn(argv, argv_digest(argv)),
     )
     return Plan(Intent.STARTING, memory, actions, again=True)
@@ -474,7 +479,11 @@ def _release_unused(spec: QemuVMSpec, observed: Observed) -> tuple[Action, ...]:
 
 
 def _clean_if_stale(observed: Observed) -> tuple[Action, ...]:
-    return (*firmware.stray_tpm(observed), *((CleanRuntime(),) if observed.has_stale_runtime else ()))
+    return (
+        *firmware.stray_tpm(observed),
+        *network.stray_passt(observed),
+        *((CleanRuntime(),) if observed.has_stale_runtime else ()),
+    )
 
 
 def _hold_nothing(observed: Observed) -> tuple[Action, ...]:

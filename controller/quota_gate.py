@@ -24,6 +24,7 @@ from api.store.instancetypes import InstanceTypeSizes, Size
 from api.types import QemuVMSpec, RunStrategy
 from controller.admission import ADMITTED, INVALID_SPEC, Admission, Claim, Quotas, admit, host_port_problem
 from controller.clock import Clock
+from controller.network import NetworkPolicy, network_problem
 
 FRESH_SECONDS = 1.0
 
@@ -50,9 +51,12 @@ class QuotaGate:
         port_range: tuple[int, int],
         clock: Clock,
         sizes: InstanceTypeSizes | None = None,
+        network: NetworkPolicy | None = None,
     ) -> None:
         """`sizes`: the instance types' current sizes (docs/instancetypes.md); without it a VM
-        sized by a type claims nothing."""
+        sized by a type claims nothing. `network`: what the host allows guests' networks
+        (docs/networking.md; default: no egress)."""
+        self._network = network or NetworkPolicy()
         self._sizes = sizes
         self._db = db
         self._quotas = quotas
@@ -110,7 +114,7 @@ class QuotaGate:
             spec = QemuVMSpec.model_validate_json(text)
         except ValidationError:
             return _Parsed(generation, None)  # the reconciler reports it; an unreadable spec runs nothing
-        problem = host_port_problem(spec, self._port_range)
+        problem = host_port_problem(spec, self._port_range) or network_problem(spec, self._network)
         if spec.run_strategy is RunStrategy.HALTED:
             return _Parsed(generation, None, problem)
         sized_by = None

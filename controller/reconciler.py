@@ -33,6 +33,7 @@ from api.types import Accel, Phase, QemuVMSpec, QemuVMStatus
 from controller.actions import (
     Action,
     AllocatePorts,
+    AttachPasst,
     AttachTpm,
     CreateDisk,
     DeleteDisk,
@@ -41,7 +42,9 @@ from controller.actions import (
     PrepareNvram,
     ReleasePorts,
     Spawn,
+    StartPasst,
     StartTpm,
+    StopPasst,
     StopTpm,
 )
 from controller.admission import Admission
@@ -61,6 +64,7 @@ from controller.instancetypes import (
 )
 from controller.layout import DataLayout
 from controller.model import Desired, Memory, Observed
+from controller.network import PasstNetworks
 from controller.observe import GuestReports, ImageLookups, observe, with_process
 from controller.plan import LaunchContext, Plan, plan
 from controller.status import compute_status
@@ -71,6 +75,8 @@ log = structlog.get_logger(__name__)
 _LEDGER_ACTIONS = (AllocatePorts, ReleasePorts, CreateDisk, GrowDisk, DeleteDisk)
 # The NVRAM is in the ledger; the swtpm is observed with it.
 _FIRMWARE_ACTIONS = (PrepareNvram, StartTpm, AttachTpm, StopTpm)
+# passt is observed with the ledger too (docs/networking.md).
+_NETWORK_ACTIONS = (StartPasst, AttachPasst, StopPasst)
 
 
 class AccelSource(Protocol):
@@ -158,6 +164,7 @@ class Reconciler:
         instance_types: InstanceTypeSource | None = None,
         tpms: TpmEmulators | None = None,
         guests: GuestReports | None = None,
+        passts: PasstNetworks | None = None,
     ) -> None:
         """`restarted(reason)` is told of every restart, with the exit reason that caused it;
         `shutting_down()` says whether the controller is stopping every VM before it exits.
@@ -165,6 +172,7 @@ class Reconciler:
         self._instance_types: InstanceTypeSource = instance_types or NoInstanceTypes()
         self._tpms = tpms
         self._guests = guests
+        self._passts = passts
         self._forward_address = forward_address
         self._images = images
         self._shutting_down = shutting_down
@@ -301,7 +309,9 @@ class Reconciler:
         expect_process: bool,
     ) -> Observed:
         """Observe after acting: the ledger is read again only when an action changed it."""
-        if any(isinstance(action, _LEDGER_ACTIONS + _FIRMWARE_ACTIONS) for action in actions):
+        if any(
+            isinstance(action, _LEDGER_ACTIONS + _FIRMWARE_ACTIONS + _NETWORK_ACTIONS) for action in actions
+        ):
             return await self._observe(uid, spec, expect_process=expect_process)
         paths = self._layout.runtime(uid)
         return with_process(
@@ -321,6 +331,7 @@ class Reconciler:
             disks_root=self._layout.disks_root,
             tpms=self._tpms,
             guests=self._guests,
+            passts=self._passts,
         )
 
     async def _write_status(self, uid: str, status: QemuVMStatus, events: Sequence[NewEvent]) -> None:

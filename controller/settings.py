@@ -245,6 +245,13 @@ class ControllerSettings(ProcessSettings):
     def labels(self) -> dict[str, str]:
         return parse_host_labels(self.host_labels)
 
+    # Guest networking (docs/networking.md): egress for guests in network mode passt.
+    guest_egress: bool = Field(
+        default=False,
+        description="Whether guests may open connections out (network mode passt only; never to "
+        "the host's loopback): the default of spec.network.egress there, and whether a spec may set it",
+    )
+
 
 def default_host_name() -> str:
     """The machine's hostname, lower-cased, up to its first dot if the whole is not a valid name."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from api.types import Accel, Machine, Protocol, QemuVMSpec
+from controller.qemu import netargs
 from controller.qemu.agent_channel import agent_channel_argv
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -180,13 +181,7 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
         argv += ["-device", f"{block_device},drive={node},serial={disk_serial(inputs.uid, disk.name)}"]
     if inputs.seed_path is not None:
         argv += seed_drive(spec.machine, inputs.seed_path)
-    forwards = []
-    for forward in spec.network.forwards:
-        host_port = inputs.host_ports[(forward.protocol, forward.guest_port)]
-        forwards.append(
-            f"hostfwd={forward.protocol.value}:{inputs.forward_address}:{host_port}-:{forward.guest_port}"
-        )
-    argv += ["-netdev", ",".join(["user", "id=net0", "restrict=on", *forwards])]
+    argv += netargs.netdev_argv(spec.network, inputs.host_ports, inputs.forward_address)
     net_device = "virtio-net-device" if microvm else "virtio-net-pci"
     argv += ["-device", f"{net_device},netdev=net0,mac={mac_address(inputs.uid)}"]
     argv += agent_channel_argv(spec)

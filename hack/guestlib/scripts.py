@@ -3,7 +3,8 @@
 INIT = r"""#!/bin/sh
 # PID 1 of the tofu-qemu tiny guest; the initramfs and rootfs.raw share it (docs/guest.md).
 # PID 1 must never exit: the kernel panics when it does.
-# Kernel command line knobs: tofu.name= tofu.ip= tofu.gw= tofu.shell= root= rootfstype=
+# Kernel command line knobs: tofu.name= tofu.ip= tofu.gw= tofu.shell= tofu.fetch= tofu.bigfile=
+# root= rootfstype=
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
 [ -e /proc/self ] || mount -t proc proc /proc
@@ -75,6 +76,21 @@ start_guest_agent() {  # qemu-ga, when the VM has the channel (docs/guest-agent.
     mkdir -p /run/qemu-ga
     qemu-ga -m virtio-serial -p "$agent_port" -t /run/qemu-ga -f /run/qemu-ga/qemu-ga.pid &
     say "guest agent on $agent_port"
+fetch_loop() {  # tofu.fetch=HOST/PORT,...: GET / from each every 2 s, results in /fetch.txt
+    # busybox nc, not wget: Debian's static busybox 1.35 wget segfaults. timeout: nc's -w does
+    # not bound every connect, and one hung target must not stall the others.
+    targets=$(param tofu.fetch "" | tr ',' ' ')
+    [ -n "$targets" ] || return 0
+    while :; do
+        for target in $targets; do
+            body=$(printf 'GET / HTTP/1.0\r\n\r\n' | timeout 5 nc -w 3 "${target%/*}" "${target##*/}" \
+                2>/dev/null | tail -n 1)
+            if [ -n "$body" ]; then echo "ok $target $body"; else echo "failed $target"; fi
+        done >/run/www/fetch.tmp
+        ip -o addr show dev eth0 | sed 's/^/addr /' >>/run/www/fetch.tmp
+        mv /run/www/fetch.tmp /run/www/fetch.txt
+        sleep 2
+    done
 }
 find_root() {
     case $1 in
@@ -155,7 +171,10 @@ start_guest_agent
 printf 'name=%s\nboot_id=%s\nkernel=%s\n' "$name" "$boot_id" "$(uname -r)" >/run/www/info.txt
 printf '<!doctype html>\n<title>%s</title>\n<h1>%s</h1>\n<p>tofu-qemu tiny guest, boot %s</p>\n' \
     "$name" "$name" "$boot_id" >/run/www/index.html
+bigfile=$(param tofu.bigfile 0)
+[ "$bigfile" = 0 ] || dd if=/dev/zero of=/run/www/big.bin bs=1M count="$bigfile" 2>/dev/null
 httpd -p 80 -h /run/www || fail "httpd did not start"
+fetch_loop &
 
 echo "TOFU-GUEST-READY name=$name uptime=$(cut -d' ' -f1 /proc/uptime)"
 if [ "$(param tofu.shell 0)" = 1 ]; then shell_loop & fi
@@ -165,10 +184,11 @@ while :; do sleep 3600; done  # waiting in the foreground also reaps orphans ado
 UDHCPC_SCRIPT = r"""#!/bin/sh
 # udhcpc event hook for tofu.ip=dhcp: apply the lease to $interface.
 # shellcheck disable=SC2154 # udhcpc sets interface, ip, mask and router in the environment
+# IPv4 only: flushing every address would drop the IPv6 link-local one, and with it SLAAC.
 case $1 in
-    deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+    deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
     bound | renew)
-        ip addr flush dev "$interface"
+        ip -4 addr flush dev "$interface"
         ip addr add "$ip/${mask:-24}" dev "$interface"
         [ -z "$router" ] || ip route replace default via "${router%% *}" dev "$interface"
         ;;

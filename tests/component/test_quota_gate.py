@@ -11,6 +11,7 @@ from api.store import Database, StateStore, VMStore, fleet
 from api.testing.tfstate import vm_state
 from controller.admission import INVALID_SPEC, Quota, Quotas
 from controller.clock import ManualClock
+from controller.network import NetworkPolicy
 from controller.quota_gate import FRESH_SECONDS, QuotaGate
 from tests.component.conftest import FakeClock
 from tests.component.test_store_states import write
@@ -51,6 +52,22 @@ async def test_an_explicit_host_port_outside_the_range_is_an_invalid_spec(
     assert (await gate.admission(*found["ok"])).admitted
     halted = await gate.admission(*found["halted"])
     assert halted.invalid_spec, "a halted VM's spec is checked too, before it is started"
+
+
+async def test_a_network_the_host_does_not_allow_is_an_invalid_spec(
+    db: Database, states: StateStore, vms: VMStore
+) -> None:
+    """guest_egress off (the default): mode passt is refused; on: it runs (docs/networking.md)."""
+    await write(states, vm_state(1, {"out": {"network": {"mode": "passt"}}, "shut": {}}))
+    found = await uids(vms)
+    closed = QuotaGate(db, Quotas(), port_range=RANGE, clock=ManualClock())
+    out = await closed.admission(*found["out"])
+    assert (out.admitted, out.reason) == (False, INVALID_SPEC)
+    assert "setting guest_egress is off" in out.message
+    assert (await closed.admission(*found["shut"])).admitted
+    allowed = NetworkPolicy(guest_egress=True)
+    opened = QuotaGate(db, Quotas(), port_range=RANGE, clock=ManualClock(), network=allowed)
+    assert (await opened.admission(*found["out"])).admitted
 
 
 async def test_max_ports_and_the_default_disk_cap(

@@ -390,3 +390,65 @@ def spare_gid() -> int:
     """A gid no group on the host has, for the test's own /dev/kvm node."""
     taken = {group.gr_gid for group in grp.getgrall()}
     return next(gid for gid in range(64_000, 65_000) if gid not in taken)
+
+
+# OVMF under TCG costs about twice SeaBIOS's CPU (docs/firmware.md#cost).
+UEFI_VM_TIMEOUT = 600.0
+
+
+def test_a_uefi_guest_on_passt_answers_through_the_published_forward(
+    containers: Callable[..., Container], data_dir: Path
+) -> None:
+    """Network mode passt and a UEFI boot inside the image (docs/networking.md, docs/firmware.md):
+    with podman's default seccomp profile and capabilities, as the image's non-root user, one VM
+    boots OVMF and gets a passt of its own; its published forward answers, so passt started in
+    the container (its user namespace included) and QEMU reached it over `-netdev stream`."""
+    container = containers(data_dir, "--env", "TOFU_QEMU_GUEST_EGRESS=true")
+    container.wait_ready()
+    host_port = container.forward_first
+    spec = {
+        "memory": 256,
+        "accel": "tcg",
+        "boot": {
+            "kernel": "tiny-guest/vmlinuz",
+            "initrd": "tiny-guest/initramfs.cpio.gz",
+            "cmdline": "no_timer_check tofu.ip=dhcp",
+        },
+        "firmware": {"type": "uefi"},
+        "network": {"mode": "passt", "forwards": [{"guestPort": GUEST_PORT, "hostPort": host_port}]},
+        "stopTimeout": 20,
+    }
+    answer = container.request("POST", f"/state/{PROJECT}", body=encode(vm_state(1, {VM_NAME: spec})))
+    assert answer.status == 200, answer.body[:500]
+    vm = container.wait_vm(is_running_current, what="Running", timeout=UEFI_VM_TIMEOUT)
+    argv = container.exec("cat", f"/proc/{vm['status']['pid']}/cmdline").split("\0")
+    assert any(arg.startswith("stream,id=net0,server=off,addr.type=unix,addr.path=passt/") for arg in argv)
+    assert any("OVMF_CODE_4M.fd" in arg for arg in argv)
+    status, info = get_guest_page(host_port, "/info.txt", timeout=UEFI_VM_TIMEOUT)
+    assert (status, info.splitlines()[0]) == (200, f"name={VM_NAME}")
+    serial = container.exec("cat", f"/var/lib/tofu-qemu/run/{vm['metadata']['uid']}/serial.log")
+    assert "efi: EFI v2.70 by EDK II" in serial
+
+
+def test_where_passt_cannot_unshare_mode_passt_is_refused_with_the_reason(
+    containers: Callable[..., Container], data_dir: Path, tmp_path: Path
+) -> None:
+    """Docker's default seccomp profile refuses `unshare`; this profile refuses only that. The
+    start-up probe finds passt unusable, and a passt VM is Valid=False naming why, running nothing."""
+    profile = tmp_path / "no-unshare.json"
+    rules = {"names": ["unshare"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}
+    profile.write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [rules]}))
+    container = containers(
+        data_dir, "--env", "TOFU_QEMU_GUEST_EGRESS=true", "--security-opt", f"seccomp={profile}"
+    )
+    container.wait_ready()
+    spec = {"boot": {"kernel": "tiny-guest/vmlinuz"}, "network": {"mode": "passt"}}
+    answer = container.request("POST", f"/state/{PROJECT}", body=encode(vm_state(1, {VM_NAME: spec})))
+    assert answer.status == 200, answer.body[:500]
+    vm = container.wait_vm(lambda vm: vm["status"]["phase"] == "Invalid", what="Invalid", timeout=60)
+    valid = next(item for item in vm["status"]["conditions"] if item["type"] == "Valid")
+    assert valid["status"] == "False"
+    reason = "spec.network.mode passt cannot run on this host: passt does not start"
+    assert valid["message"].startswith(reason), valid
+    assert "in a container it needs unshare" in valid["message"]
+    assert vm["status"]["pid"] is None
