@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +54,27 @@ class HourUsage:
     hour: datetime
     usage: Usage
     disk_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteUsage:
+    """A VM's usage within one UTC minute (`minute` is its start): the fine series the VM page's
+    charts draw, kept usage_minutes_retention_hours (api/store/usage_minutes.py)."""
+
+    uid: str
+    project: str
+    vm_name: str
+    minute: datetime
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class SpanUsage:
+    """The usage of every uid of one VM name from `start` for `length` (a chart's bar)."""
+
+    start: datetime
+    length: timedelta
+    usage: Usage
 
 
 class _Model(BaseModel):

@@ -317,6 +317,7 @@ class Controller:
             self._usage_metrics,
             period=self._settings.usage_sample_seconds,
             retention=timedelta(days=self._settings.usage_retention_days),
+            minutes_retention=timedelta(hours=self._settings.usage_minutes_retention_hours),
         )
 
     def _incremental_resync(self, runtime: Runtime) -> IncrementalResync:

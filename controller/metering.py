@@ -1,4 +1,5 @@
-"""Usage metering math: from two looks at a VM's QEMU to the usage between them, per UTC hour.
+"""Usage metering math: from two looks at a VM's QEMU to the usage between them, per UTC hour
+and per UTC minute.
 
 Pure: the sampler (controller/usage_sampler.py) reads /proc and the disks and stores the result.
 
@@ -8,18 +9,20 @@ Counting is by deltas between consecutive samples of one process, never by total
 - a process the cursor does not name (QEMU restarted, or seen for the first time) is counted from
   its own start: its counters began at zero then. What a previous process used after its last
   sample is not visible any more once it exited, so at most one sample period of it is lost;
-- the usage of an interval is spread over the hours it overlaps, in proportion to the overlap.
+- the usage of an interval is spread over the hours it overlaps, in proportion to the overlap,
+  and the same way over the minutes of the fine series the VM page's charts draw.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from api.usage import Cursor, Usage
 
 MIB = 1024 * 1024
 HOUR_SECONDS = 3600.0
+MINUTE_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,22 +79,43 @@ def usage_since(
     return Interval(start, sample.at, Usage(cpu_ticks / ticks_per_second, memory, seconds))
 
 
+def period_of(epoch: float, seconds: float = HOUR_SECONDS) -> datetime:
+    """The start of the UTC period of `seconds` (an hour, a minute) holding `epoch`."""
+    return datetime.fromtimestamp(epoch - epoch % seconds, UTC)
+
+
 def hour_of(epoch: float) -> datetime:
     """The start of the UTC hour holding `epoch`."""
-    return datetime.fromtimestamp(epoch - epoch % HOUR_SECONDS, UTC)
+    return period_of(epoch, HOUR_SECONDS)
+
+
+def split_by(
+    interval: Interval, seconds: float, *, not_before: float = float("-inf")
+) -> list[tuple[datetime, Usage]]:
+    """`interval`'s usage spread over the UTC periods of `seconds` (hours, minutes) it overlaps,
+    in proportion to the overlap; an instant (start == end) falls wholly in its period. The parts
+    sum to the whole, less the parts of periods that end by `not_before` (epoch seconds): a
+    series kept for a short time needs no parts older than that, however long the interval."""
+    if interval.end <= interval.start:
+        period = period_of(interval.end, seconds)
+        return [] if period.timestamp() + seconds <= not_before else [(period, interval.usage)]
+    length = interval.end - interval.start
+    parts: list[tuple[datetime, Usage]] = []
+    begin = period_of(max(interval.start, not_before), seconds).timestamp()
+    while begin < interval.end:
+        overlap = min(interval.end, begin + seconds) - max(interval.start, begin)
+        if overlap > 0:
+            parts.append((datetime.fromtimestamp(begin, UTC), interval.usage.scaled(overlap / length)))
+        begin += seconds
+    return parts
 
 
 def split_by_hour(interval: Interval) -> list[tuple[datetime, Usage]]:
-    """`interval`'s usage spread over the UTC hours it overlaps, in proportion to the overlap;
-    an instant (start == end) falls wholly in its hour. The parts sum to the whole."""
-    if interval.end <= interval.start:
-        return [(hour_of(interval.end), interval.usage)]
-    length = interval.end - interval.start
-    parts: list[tuple[datetime, Usage]] = []
-    hour = hour_of(interval.start)
-    while (begin := hour.timestamp()) < interval.end:
-        overlap = min(interval.end, begin + HOUR_SECONDS) - max(interval.start, begin)
-        if overlap > 0:
-            parts.append((hour, interval.usage.scaled(overlap / length)))
-        hour += timedelta(hours=1)
-    return parts
+    """`interval`'s usage per UTC hour (`split_by`): what the hourly sums add."""
+    return split_by(interval, HOUR_SECONDS)
+
+
+def split_by_minute(interval: Interval, *, not_before: float) -> list[tuple[datetime, Usage]]:
+    """`interval`'s usage per UTC minute from the minute holding `not_before` on (`split_by`):
+    what the fine series, kept usage_minutes_retention_hours, adds."""
+    return split_by(interval, MINUTE_SECONDS, not_before=not_before)

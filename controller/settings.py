@@ -252,6 +252,14 @@ class ControllerSettings(ProcessSettings):
         "the host's loopback): the default of spec.network.egress there, and whether a spec may set it",
     )
 
+    # The VM page's minute-resolution charts: how long the per-minute usage is kept (docs/usage.md).
+    usage_minutes_retention_hours: int = Field(
+        default=48,
+        ge=24,
+        le=744,
+        description="How long the per-minute usage of VMs, which the VM page charts, is kept (hours)",
+    )
+
 
 def default_host_name() -> str:
     """The machine's hostname, lower-cased, up to its first dot if the whole is not a valid name."""

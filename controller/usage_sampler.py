@@ -1,5 +1,6 @@
 """The usage sampler: every `usage_sample_seconds`, one look at each running VM's QEMU from the
-host, its usage since the last look stored per hour and exported as metrics (docs/usage.md).
+host, its usage since the last look stored per hour (and per minute, for a shorter time) and
+exported as metrics (docs/usage.md).
 
 What it reads, per VM: `/proc/<pid>/stat` once (utime + stime, RSS, the start time that makes
 the process's identity) and `st_blocks` of the VM's disk files. One /proc read per VM and
@@ -25,8 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from api.store.sql import FAILURES
 from api.store.usage import UsageStore, VMIdentity
-from api.usage import Cursor, HourUsage, Usage
-from controller.metering import ProcessSample, split_by_hour, usage_since
+from api.usage import Cursor, HourUsage, MinuteUsage, Usage
+from controller.metering import ProcessSample, split_by_hour, split_by_minute, usage_since
 
 log = structlog.get_logger(__name__)
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -126,20 +127,24 @@ class UsageSampler:
         *,
         period: float,
         retention: timedelta,
+        minutes_retention: timedelta,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        """`running()`: the pid of each VM's watched QEMU, by uid (Runtime's attachments)."""
+        """`running()`: the pid of each VM's watched QEMU, by uid (Runtime's attachments).
+        `retention` is the hourly sums', `minutes_retention` the per-minute series'."""
         self._store = store
         self._running = running
         self._metrics = metrics
         self.period = period
         self.retention = retention
+        self.minutes_retention = minutes_retention
         self._wall = wall
         self._cursors: dict[str, Cursor] | None = None
         self._pruned_at = float("-inf")
 
     async def run(self) -> None:
-        """Sample every period until cancelled; prune the hours past retention every hour.
+        """Sample every period until cancelled; prune the hours and minutes past their retention
+        every hour.
         A failed round raises (keep_running retries it, from the cursors in the store)."""
         self._cursors = None
         while True:
@@ -159,6 +164,7 @@ class UsageSampler:
         identities = await self._store.identities(pids) if pids else {}
         look = await asyncio.to_thread(self._look, pids, identities, dict(self._cursors))
         hours: list[HourUsage] = []
+        minutes: list[MinuteUsage] = []
         cursors: dict[str, Cursor] = {}
         added: dict[tuple[str, str, str], tuple[Usage, int]] = {}
         for uid, (sample, disk_bytes) in look.samples.items():
@@ -173,10 +179,16 @@ class UsageSampler:
                 HourUsage(uid, identity.project, identity.name, hour, usage, disk_bytes)
                 for hour, usage in split_by_hour(interval)
             ]
+            minutes += [
+                MinuteUsage(uid, identity.project, identity.name, minute, usage)
+                for minute, usage in split_by_minute(
+                    interval, not_before=sample.at - self.minutes_retention.total_seconds()
+                )
+            ]
             cursors[uid] = sample.cursor()
             added[(identity.project, identity.name, uid)] = (interval.usage, disk_bytes)
         if hours or cursors or look.gone:  # an idle host writes nothing
-            await self._store.record(hours, cursors, look.gone)
+            await self._store.record(hours, cursors, look.gone, minutes)
         for uid in look.gone:
             self._cursors.pop(uid, None)
         self._cursors.update(cursors)
@@ -211,8 +223,10 @@ class UsageSampler:
         if now - self._pruned_at < PRUNE_PERIOD_SECONDS:
             return
         self._pruned_at = now
+        at = datetime.fromtimestamp(now, UTC)
         try:
-            deleted = await self._store.prune(datetime.fromtimestamp(now, UTC) - self.retention)
+            deleted = await self._store.prune(at - self.retention)
+            deleted += await self._store.prune_minutes(at - self.minutes_retention)
         except FAILURES as err:
             log.warning("usage_prune_failed", error=str(err))
             return

@@ -26,11 +26,12 @@ from api.server.keys import DATABASE, SETTINGS
 from api.server.ui_pages import vm_href
 from api.store.hosts import Hosts
 from api.store.usage import TooManyRows, UsageStore
+from api.store.usage_minutes import spans
 from api.store.usage_recent import recent_hours
 from api.timeline import LogEntry
 from api.types import QemuVM
 from api.usage import HourUsage
-from api.vm_charts import charts_section
+from api.vm_charts import WINDOWS, charts_section
 
 log = structlog.get_logger(__name__)
 # Usage is sampled every usage_sample_seconds (15 s by default): refreshing faster shows nothing new.
@@ -38,7 +39,6 @@ FRAGMENT_REFRESH_MS = 10_000
 OVERVIEW_URL = "/ui/fragments/overview"
 # The newest events a timeline reads: a day of an ordinary VM's life is far fewer.
 TIMELINE_EVENTS = 500
-DAY = timedelta(days=1)
 
 
 async def overview_html(request: web.Request, vms: Sequence[QemuVM]) -> str:
@@ -79,10 +79,14 @@ def _filesystem_size(path: object) -> int | None:
 
 
 async def vm_charts_html(request: web.Request, vm: QemuVM) -> str:
-    project, name = vm.metadata.project, vm.metadata.name
-    now = request.app[DATABASE].clock()
-    hours = await UsageStore(request.app[DATABASE]).hours(project, now - DAY, now, vm_name=name)
+    """The VM's charts: each window reads its bars, summed from the minutes (60 + 96 rows)."""
+    project, name, db = vm.metadata.project, vm.metadata.name, request.app[DATABASE]
+    now = db.clock()
+    usage = {
+        window.key: await spans(db, project, name, now, step=window.step, count=window.bars)
+        for window in WINDOWS
+    }
     events = await event_log_of(request.app).list(project=project, vm_name=name, limit=TIMELINE_EVENTS)
     entries = [LogEntry(e.time, e.reason, e.message) for e in events]
     url = f"{vm_href(project, name)}/charts"
-    return charts_section(hours, entries, now, fragment_url=url, refresh_ms=FRAGMENT_REFRESH_MS)
+    return charts_section(usage, entries, now, fragment_url=url, refresh_ms=FRAGMENT_REFRESH_MS)

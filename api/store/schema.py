@@ -228,6 +228,23 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE port_allocations_by_host RENAME TO port_allocations;
     ALTER TABLE disks ADD COLUMN host TEXT NOT NULL DEFAULT '';
     """,
+    """
+    -- The fine usage series (api/store/usage_minutes.py): per VM per UTC minute, written in the
+    -- sampler's round with vm_usage, kept usage_minutes_retention_hours. `minute` is the minute's
+    -- start in epoch seconds, not text, so both engines sum minutes into a chart's bars in SQL.
+    CREATE TABLE vm_usage_minutes (
+        uid                TEXT NOT NULL,
+        minute             INTEGER NOT NULL,
+        project            TEXT NOT NULL,
+        vm_name            TEXT NOT NULL,
+        cpu_seconds        DOUBLE PRECISION NOT NULL,
+        memory_mib_seconds DOUBLE PRECISION NOT NULL,
+        uptime_seconds     DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (uid, minute)
+    );
+    CREATE INDEX vm_usage_minutes_by_vm ON vm_usage_minutes(project, vm_name, minute);
+    CREATE INDEX vm_usage_minutes_by_minute ON vm_usage_minutes(minute);
+    """,
 )
 
 

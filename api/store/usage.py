@@ -1,4 +1,5 @@
-"""The usage store: per-VM per-hour sums (`vm_usage`) and the sampler's cursors.
+"""The usage store: per-VM per-hour sums (`vm_usage`), the sampler's cursors, and the writes of
+the per-minute series (`vm_usage_minutes`, api/store/usage_minutes.py) that commit with them.
 
 Invariants:
 - A sampler's round is one transaction: the hours' increments and the cursors that end them
@@ -18,7 +19,8 @@ from datetime import UTC, datetime
 
 from api.store.db import Database
 from api.store.sql import JSON_STRINGS, Row
-from api.usage import Cursor, HourUsage, Usage
+from api.store.usage_minutes import add_minutes, prune_minutes
+from api.usage import Cursor, HourUsage, MinuteUsage, Usage
 
 # The most hourly rows one query returns: ~1 year of one VM, or a week of 60.
 ROWS_MAX = 10_000
@@ -66,9 +68,14 @@ class UsageStore:
         return {row[0]: Cursor(row[1], row[2], row[3], row[4], float(row[5])) for row in rows}
 
     async def record(
-        self, hours: Sequence[HourUsage], cursors: Mapping[str, Cursor], forget: Iterable[str] = ()
+        self,
+        hours: Sequence[HourUsage],
+        cursors: Mapping[str, Cursor],
+        forget: Iterable[str] = (),
+        minutes: Sequence[MinuteUsage] = (),
     ) -> None:
-        """Add `hours` to the sums, set `cursors` and drop those of `forget`, in one transaction.
+        """Add `hours` and `minutes` to the sums, set `cursors` and drop those of `forget`, in
+        one transaction.
 
         :raise StorageFull, StoreUnavailable, sql.DatabaseError: nothing was changed.
         """
@@ -84,6 +91,7 @@ class UsageStore:
                     " disk_bytes = excluded.disk_bytes, vm_name = excluded.vm_name",
                     [_hour_row(row) for row in hours],
                 )
+            await add_minutes(conn, minutes)
             if cursors:
                 await conn.executemany(
                     "INSERT INTO vm_usage_cursors (uid, pid, start_ticks, cpu_ticks, rss_bytes, sampled_at)"
@@ -129,6 +137,10 @@ class UsageStore:
         cutoff = before.astimezone(UTC).replace(minute=0, second=0, microsecond=0).isoformat()
         async with self._db.write(durable=False, notify=False) as conn:
             return await conn.execute("DELETE FROM vm_usage WHERE hour < ?", (cutoff,))
+
+    async def prune_minutes(self, before: datetime) -> int:
+        """Delete the minutes of the fine series that started before `before`; returns how many."""
+        return await prune_minutes(self._db, before)
 
 
 def _hour_row(row: HourUsage) -> tuple[object, ...]:

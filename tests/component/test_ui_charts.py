@@ -1,12 +1,13 @@
 """The dashboard's pictures over HTTP (aiohttp test client, real store): the overview on /ui and
-its fragment route, a VM page's charts and their fragment route, from stored usage hours, the
-sampler's cursors, a registered host and the event log. Hostile event text stays text; the
-fragments carry the UI's security headers and need credentials like the pages."""
+its fragment route, a VM page's charts and their fragment route, from stored usage hours and
+minutes, the sampler's cursors, a registered host and the event log. Hostile event text stays
+text; the fragments carry the UI's security headers and need credentials like the pages."""
 
 from __future__ import annotations
 
 import re
 import socket
+from datetime import timedelta
 
 import pytest
 
@@ -18,7 +19,7 @@ from api.store import usage_recent
 from api.store.events import EventLog, NewEvent
 from api.store.hosts import Hosts, Registration
 from api.store.usage import UsageStore
-from api.usage import Cursor, HourUsage, Usage
+from api.usage import Cursor, HourUsage, MinuteUsage, Usage
 from tests.component.test_ui import SCRIPT, Client, assert_no_raw_markup, page, ui  # noqa: F401 - ui: fixture
 
 MIB = 1024 * 1024
@@ -26,13 +27,18 @@ CHARTS_URL = "/ui/projects/lab/vms/web/charts"
 
 
 async def _measure_web(client: Client) -> str:
-    """An hour of `web` at half a core and 100 MiB, its last sample at 150 MiB RSS, its restart
-    events (one with markup in its message), and this machine registered as its host."""
+    """An hour of `web` at half a core and 100 MiB (its two minutes before now, 12:00, at half a
+    core and 100 then 50 MiB), its last sample at 150 MiB RSS, its restart events (one with
+    markup in its message), and this machine registered as its host."""
     db = client.app[DATABASE]
     uid = (await client.app[VMS].get("lab", "web")).uid
     hour = db.clock().replace(minute=0, second=0, microsecond=0)
     row = HourUsage(uid, "lab", "web", hour, Usage(60.0, 100 * 120.0, 120.0), disk_bytes=20 * MIB)
-    await UsageStore(db).record([row], {uid: Cursor(4242, 1, 6000, 150 * MIB, 0.0)})
+    minutes = [
+        MinuteUsage(uid, "lab", "web", hour - timedelta(minutes=2), Usage(30.0, 100 * 60.0, 60.0)),
+        MinuteUsage(uid, "lab", "web", hour - timedelta(minutes=1), Usage(30.0, 50 * 60.0, 60.0)),
+    ]
+    await UsageStore(db).record([row], {uid: Cursor(4242, 1, 6000, 150 * MIB, 0.0)}, minutes=minutes)
     log = EventLog(db)
     for reason, message in (("Started", "QEMU started"), ("Restarted", f"restart 1 {SCRIPT}")):
         await log.record(NewEvent(uid, "lab", "web", reason, message))
@@ -67,13 +73,18 @@ async def test_the_vm_page_charts_an_hour_and_a_day_and_the_restart(ui: Client) 
     text = await page(ui, "/ui/projects/lab/vms/web")
     charts = text[text.index('<section id="charts"') :]
     assert f'data-fragment="{CHARTS_URL}"' in charts
-    for window in ("hour", "day"):
+    # The last hour: a bar a minute; the last day: both minutes in the quarter hour from 11:45.
+    for window, bars, latest, memory in (
+        ("hour", 2, "the minute from 11:59 UTC", 50),
+        ("day", 1, "the 15 minutes from 11:45 UTC", 75),
+    ):
         cpu = charts[charts.index(f'id="cpu-{window}"') :]
-        assert 'data-samples="1"' in cpu[: cpu.index("</figure>")]
-        assert "latest 0.50 cores (mean of the hour from 12:00 UTC)" in cpu[: cpu.index("</figure>")]
+        assert f'data-samples="{bars}"' in cpu[: cpu.index("</figure>")]
+        assert f"latest 0.50 cores (mean of {latest})" in cpu[: cpu.index("</figure>")]
+        mem = charts[charts.index(f'id="memory-{window}"') :]
+        assert f"latest {memory} MiB (mean of {latest})" in mem[: mem.index("</figure>")]
         line = charts[charts.index(f'id="timeline-{window}"') :]
         assert 'data-restarts="1"' in line[: line.index("</figure>")]
-    assert "latest 100 MiB" in charts
     assert "restart 1 &lt;script&gt;" in charts
     assert_no_raw_markup(text)
     assert (await page(ui, "/ui/projects/lab/vms/db")).count('data-samples="0"') == 4, "db has no usage"

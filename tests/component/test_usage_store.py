@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from api.store import Database, StateStore, StoreUnavailable, VMStore, open_store
 from api.store.usage import TooManyRows, UsageStore
+from api.store.usage_minutes import MINUTE, spans
 from api.testing.tfstate import vm_state
 from api.testing.waiting import wait_until_async
-from api.usage import Cursor, HourUsage, Usage
+from api.usage import Cursor, HourUsage, MinuteUsage, Usage
 from controller.usage_sampler import (
     PRUNE_PERIOD_SECONDS,
     TICKS_PER_SECOND,
@@ -34,6 +35,7 @@ from tests.component.conftest import FakeClock
 from tests.component.test_store_states import write
 
 HOUR = datetime(2026, 12, 3, 13, tzinfo=UTC)
+MINUTES_RETENTION = timedelta(hours=48)
 # A busy loop that stops counting CPU when it gets SIGUSR1 (it sleeps from then on).
 SPINNER = (
     "import signal, time\n"
@@ -158,7 +160,12 @@ async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_rest
             for _ in range(2):  # a "controller restart" between two samples of this process
                 db = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
                 sampler = UsageSampler(
-                    UsageStore(db), lambda: running, metrics, period=1, retention=timedelta(days=400)
+                    UsageStore(db),
+                    lambda: running,
+                    metrics,
+                    period=1,
+                    retention=timedelta(days=400),
+                    minutes_retention=MINUTES_RETENTION,
                 )
                 await add_disk(db, record.uid, disk)
                 await spin_for(process.pid, 0.1)
@@ -168,7 +175,12 @@ async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_rest
             charged += cpu_of(process.pid)
             db = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
             await UsageSampler(
-                UsageStore(db), lambda: running, metrics, period=1, retention=timedelta(days=1)
+                UsageStore(db),
+                lambda: running,
+                metrics,
+                period=1,
+                retention=timedelta(days=1),
+                minutes_retention=MINUTES_RETENTION,
             ).sample_once()
             await db.close()
         finally:
@@ -177,9 +189,12 @@ async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_rest
     db = await open_store(tmp_path / "data", database_url=database_url, clock=clock)
     now = datetime.now(UTC)
     hours = await UsageStore(db).hours("lab", now - timedelta(hours=2), now + timedelta(hours=1))
+    minutes = await spans(db, "lab", "web", now, step=MINUTE, count=120)
     await db.close()
     assert charged >= 0.4  # the spinners did burn CPU
     assert sum(h.usage.cpu_seconds for h in hours) == pytest.approx(charged, abs=0.011)
+    # The minutes were written in the same rounds: they add up to the same total.
+    assert sum(m.usage.cpu_seconds for m in minutes) == pytest.approx(charged, abs=0.011)
     assert hours[-1].disk_bytes >= 65536
     labels = {"project": "lab", "vm": "web", "uid": record.uid}
     assert registry.get_sample_value("tofu_qemu_vm_disk_bytes", labels) == hours[-1].disk_bytes
@@ -202,7 +217,12 @@ async def test_metrics_series_go_when_the_vm_stops_running(
     running = {record.uid: spinner.pid}
     registry = CollectorRegistry()
     sampler = UsageSampler(
-        UsageStore(db), lambda: running, UsageMetrics(registry), period=1, retention=timedelta(days=1)
+        UsageStore(db),
+        lambda: running,
+        UsageMetrics(registry),
+        period=1,
+        retention=timedelta(days=1),
+        minutes_retention=MINUTES_RETENTION,
     )
     await spin_for(spinner.pid, 0.05)
     await sampler.sample_once()
@@ -233,6 +253,7 @@ async def test_a_vm_without_an_object_is_not_sampled_and_nothing_is_written(
         UsageMetrics(CollectorRegistry()),
         period=1,
         retention=timedelta(days=1),
+        minutes_retention=MINUTES_RETENTION,
     )
     await sampler.sample_once()
     assert await UsageStore(db).cursors() == {}
@@ -241,20 +262,26 @@ async def test_a_vm_without_an_object_is_not_sampled_and_nothing_is_written(
 
 
 async def test_the_sampler_prunes_past_retention_at_start_and_then_hourly(db: Database) -> None:
-    """The sampler is the table's one owner of retention: at its start, then every hour."""
+    """The sampler is the table's one owner of retention: at its start, then every hour, of the
+    hours and of the minutes, each past its own retention."""
     usage = UsageStore(db)
     now = [HOUR.timestamp()]
     sampler = UsageSampler(
         usage, dict, UsageMetrics(CollectorRegistry()), period=0.01, retention=timedelta(days=400),
-        wall=lambda: now[0],
+        minutes_retention=MINUTES_RETENTION, wall=lambda: now[0],
     )  # fmt: skip
     old = HOUR - timedelta(days=401)
-    await usage.record([row("u1", old, 1), row("u1", HOUR, 2)], {})
+    old_minute, kept_minute = HOUR - MINUTES_RETENTION - MINUTE, HOUR - MINUTES_RETENTION
+    minutes = [MinuteUsage("u1", "lab", "web", at, Usage(1, 1, 60)) for at in (old_minute, kept_minute)]
+    await usage.record([row("u1", old, 1), row("u1", HOUR, 2)], {}, minutes=minutes)
     task = asyncio.create_task(sampler.run())
     try:
         await wait_until_async(
             lambda: usage.hours("lab", old, HOUR + timedelta(hours=1)), lambda rows: len(rows) == 1
         )
+        # Hour-long bars from 49 hours back: the pruned minute's bar would be the first.
+        left = await spans(db, "lab", "web", HOUR, step=timedelta(hours=1), count=50)
+        assert [(m.start, m.usage.cpu_seconds) for m in left] == [(kept_minute, 1)]
         await usage.record([row("u1", old, 1)], {})
         now[0] += PRUNE_PERIOD_SECONDS - 1
         await asyncio.sleep(0.2)
@@ -296,6 +323,7 @@ async def test_a_failed_round_loses_nothing(
         UsageMetrics(registry),
         period=1,
         retention=timedelta(days=1),
+        minutes_retention=MINUTES_RETENTION,
     )
     await sampler.sample_once()
     await spin_for(spinner.pid, 0.1)

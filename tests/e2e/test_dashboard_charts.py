@@ -4,8 +4,9 @@ on TCG) to a real `tofu-qemu serve` that samples usage every second, and headles
 
 1. the fleet overview on /ui counts the VMs by phase, and its memory bar for the host moves when
    a third VM starts, without a reload;
-2. after `tofu-qemu restart`, the VM page shows a CPU chart with samples and the restart on its
-   timeline; an event's trace id links to the URL of the server's trace_url_template;
+2. after `tofu-qemu restart`, the VM page shows a CPU chart with samples at minute resolution
+   (the last day's at 15 minutes) and the restart on its timeline; an event's trace id links
+   to the URL of the server's trace_url_template;
 3. the overview also renders in the dark colour scheme.
 
 Every wait is on the DOM or the API with a deadline. Screenshots (the whole pages and the
@@ -21,6 +22,7 @@ import sys
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from api.charts import CHART_WIDTH
 from tests.e2e.conftest import MakeVmHost
 from tests.e2e.harness import PASSWORD, USER, VM_WAIT_TIMEOUT, Fleet, GuestVM, is_running_current
 from tests.e2e.test_cli import Cli
@@ -117,6 +119,25 @@ def overview_follows_a_third_vm(page: Page, fleet: Fleet, shots: Pictures) -> No
     shots.section("#overview", "overview-section")
 
 
+def charts_at_minute_resolution(page: Page) -> None:
+    """The last hour is drawn a bar a minute and the last day a bar per 15 minutes: each window
+    says its bar's length, and no bar is wider than that length of its chart (a 60th of the
+    hour's, a 96th of the day's), where an hour's bar would be up to the whole chart. The test
+    is shorter than the two minutes that would show two bars; tests/component/test_ui_charts.py
+    checks several minute bars from stored minutes."""
+    for window, step, bars in (("hour", 60, 60), ("day", 900, 96)):
+        panel = page.locator(f"#charts .panel[data-window='{window}']")
+        expect(panel).to_have_attribute("data-step-seconds", str(step))
+        widths = [
+            float(width or "nan")
+            for width in panel.locator(f"#cpu-{window} svg.chart rect.bar").evaluate_all(
+                "rects => rects.map(r => r.getAttribute('width'))"
+            )
+        ]
+        assert widths, window
+        assert all(0 < width <= CHART_WIDTH / bars + 0.01 for width in widths), (window, widths)
+
+
 def vm_page_shows_cpu_and_a_restart(page: Page, fleet: Fleet, cli: Cli, shots: Pictures) -> None:
     """`tofu-qemu restart` a VM: its page shows CPU samples, the restart on the timeline of the
     last hour, and the RestartRequested event's trace id as a link made from the template."""
@@ -137,7 +158,10 @@ def vm_page_shows_cpu_and_a_restart(page: Page, fleet: Fleet, cli: Cli, shots: P
     cpu = page.locator("#cpu-hour svg.chart")
     expect(cpu).not_to_have_attribute("data-samples", "0", timeout=PICTURE_WAIT_MS)
     expect(cpu.locator("rect.bar").first).to_be_visible()
-    expect(page.locator("#cpu-hour figcaption")).to_contain_text(re.compile(r"latest \d+\.\d\d cores"))
+    expect(page.locator("#cpu-hour figcaption")).to_contain_text(
+        re.compile(r"latest \d+\.\d\d cores \(mean of the minute from \d\d:\d\d UTC\)")
+    )
+    charts_at_minute_resolution(page)
     expect(page.locator("#memory-day figcaption")).to_contain_text(re.compile(r"latest \d+ MiB"))
     link = page.locator("#events tbody tr", has_text="RestartRequested").first.locator("a.trace")
     expect(link).to_have_attribute("href", re.compile("^" + re.escape(TRACE_URL_TEMPLATE.split("{")[0])))

@@ -128,6 +128,7 @@ async def sample_now(database: Path, pid: int, uid: str) -> None:
             UsageMetrics(CollectorRegistry()),
             period=1,
             retention=RETENTION,
+            minutes_retention=timedelta(hours=48),
         )
         await sampler.sample_once()
     finally:

@@ -35,11 +35,12 @@ from api.overview import (
 )
 from api.timeline import LogEntry, Restart, Segment, summary, timeline, timeline_svg
 from api.types import ObjectMeta, Phase, QemuVM, QemuVMStatus
-from api.usage import HourUsage, Usage
+from api.usage import HourUsage, SpanUsage, Usage
 from api.vm_charts import WINDOWS, charts_section, latest_text, series
 
 T0 = datetime(2026, 12, 3, 14, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)
+SEC = timedelta(seconds=1)
 HOUR = timedelta(hours=1)
 
 
@@ -183,26 +184,40 @@ def hour_row(uid: str, hour: datetime, cpu: float, mem: float, up: float, name: 
     return HourUsage(uid, "lab", name, hour, Usage(cpu, mem, up), disk_bytes=0)
 
 
-def test_series_are_means_while_up_per_hour_summed_over_uids() -> None:
-    now = T0 + HOUR + 30 * MIN
-    rows = [
-        hour_row("u1", T0, cpu=1800, mem=100 * 3600, up=3600),
-        hour_row("u2", T0, cpu=0, mem=0, up=0),  # a re-created VM, not up that hour: adds nothing
-        hour_row("u2", T0 + HOUR, cpu=900, mem=50 * 1800, up=1800),
-        hour_row("u3", T0 + 2 * HOUR, cpu=0, mem=0, up=0),
+def span(start: datetime, cpu: float, mem: float, up: float, length: timedelta = MIN) -> SpanUsage:
+    return SpanUsage(start, length, Usage(cpu, mem, up))
+
+
+def test_series_are_means_while_up_per_bar_the_current_one_ending_now() -> None:
+    now = T0 + 2 * MIN + 30 * SEC
+    bars = [
+        span(T0 + 2 * MIN, cpu=15, mem=50 * 30, up=30),  # the current minute, out of order
+        span(T0, cpu=30, mem=100 * 60, up=60),
+        span(T0 + MIN, cpu=0, mem=0, up=0),  # not up that minute: no bar
     ]
-    data = series(rows, now)
-    assert data.cpu_cores == (Interval(T0, T0 + HOUR, 0.5), Interval(T0 + HOUR, now, 0.5))
-    assert data.memory_mib == (Interval(T0, T0 + HOUR, 100.0), Interval(T0 + HOUR, now, 50.0))
-    assert latest_text(data.cpu_cores, "cores", 2) == "latest 0.50 cores (mean of the hour from 15:00 UTC)"
-    assert latest_text((), "MiB", 0) == "no samples in this window"
+    data = series(bars, now)
+    assert data.cpu_cores == (Interval(T0, T0 + MIN, 0.5), Interval(T0 + 2 * MIN, now, 0.5))
+    assert data.memory_mib == (Interval(T0, T0 + MIN, 100.0), Interval(T0 + 2 * MIN, now, 50.0))
+    assert (
+        latest_text(data.cpu_cores, "cores", 2, MIN)
+        == "latest 0.50 cores (mean of the minute from 14:02 UTC)"
+    )
+    quarter = latest_text(data.cpu_cores, "cores", 2, 15 * MIN)
+    assert quarter == "latest 0.50 cores (mean of the 15 minutes from 14:02 UTC)"
+    assert latest_text((), "MiB", 0, MIN) == "no samples in this window"
 
 
-def test_the_vm_charts_are_an_hour_and_a_day_each_with_cpu_memory_and_timeline() -> None:
-    assert [(key, span) for key, _, span in WINDOWS] == [("hour", HOUR), ("day", timedelta(days=1))]
+def test_the_vm_charts_are_an_hour_of_minutes_and_a_day_of_quarter_hours() -> None:
+    """60 + 96 bars: the most a VM page reads and draws."""
+    assert [(w.key, w.span, w.step, w.bars) for w in WINDOWS] == [
+        ("hour", HOUR, MIN, 60),
+        ("day", timedelta(days=1), 15 * MIN, 96),
+    ]
     now = T0 + 30 * MIN
+    minutes = [span(T0 + n * MIN, 30, 60 * 64, 60) for n in range(30)]
+    quarters = [span(T0 + n * 15 * MIN, 450, 900 * 64, 900, 15 * MIN) for n in range(2)]
     html = charts_section(
-        [hour_row("u1", T0, 900, 1800 * 64, 1800)],
+        {"hour": minutes, "day": quarters},
         [entry(1, "Started"), entry(2, "Restarted", "restart 1")],
         now,
         fragment_url="/ui/x/charts",
@@ -210,10 +225,22 @@ def test_the_vm_charts_are_an_hour_and_a_day_each_with_cpu_memory_and_timeline()
     )
     for figure in ("cpu-hour", "memory-hour", "timeline-hour", "cpu-day", "memory-day", "timeline-day"):
         assert f'id="{figure}"' in html
-    assert html.count('data-samples="1"') == 4
-    assert "latest 0.50 cores" in html
-    assert "latest 64 MiB" in html
+    assert html.count('data-samples="30"') == 2
+    assert html.count('data-samples="2"') == 2
+    assert 'data-window="hour" data-step-seconds="60"' in html
+    assert 'data-window="day" data-step-seconds="900"' in html
+    # A minute is a 60th of the hour chart's width; a quarter hour a 96th of the day chart's.
+    hour_bars = re.findall(
+        r'<rect class="bar" x="[^"]*" y="[^"]*" width="([^"]*)"', html.split('id="cpu-day"')[0]
+    )
+    assert set(hour_bars) == {"10"}
+    assert "latest 0.50 cores (mean of the minute from 14:29 UTC)" in html
+    assert "latest 64 MiB (mean of the 15 minutes from 14:15 UTC)" in html
     assert 'data-fragment="/ui/x/charts" data-refresh-ms="10000"' in html
+    assert (
+        charts_section({}, [], now, fragment_url="/x", refresh_ms=1).count("no samples in this window")
+        == 4 * 2  # title and caption
+    )
 
 
 # ---- The fleet overview ---------------------------------------------------------------------

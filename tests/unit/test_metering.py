@@ -9,7 +9,16 @@ from datetime import UTC, datetime
 import pytest
 
 from api.usage import Cursor, HourUsage, Usage, build_report
-from controller.metering import MIB, Interval, ProcessSample, hour_of, split_by_hour, usage_since
+from controller.metering import (
+    MIB,
+    Interval,
+    ProcessSample,
+    hour_of,
+    period_of,
+    split_by_hour,
+    split_by_minute,
+    usage_since,
+)
 from controller.settings import ControllerSettings
 
 HZ = 100
@@ -122,6 +131,32 @@ def test_an_instant_falls_in_its_hour() -> None:
 def test_hour_of_is_the_utc_hour_start() -> None:
     assert hour_of(T0 + 3599.9) == datetime(2026, 12, 3, 13, tzinfo=UTC)
     assert hour_of(T0 + 3600) == datetime(2026, 12, 3, 14, tzinfo=UTC)
+    assert period_of(T0 + 119.9, 60) == datetime(2026, 12, 3, 13, 1, tzinfo=UTC)
+
+
+def test_minutes_split_by_overlap_as_hours_do_and_sum_to_the_whole() -> None:
+    """30 s before 13:01, a whole minute, 15 s after 13:02: 2/7, 4/7, 1/7 of 105 s."""
+    start, end = T0 + 30, T0 + 135
+    parts = split_by_minute(Interval(start, end, Usage(7, 70, end - start)), not_before=float("-inf"))
+    assert [(at.hour, at.minute) for at, _ in parts] == [(13, 0), (13, 1), (13, 2)]
+    assert [round(usage.cpu_seconds, 9) for _, usage in parts] == [2, 4, 1]
+    assert [round(usage.uptime_seconds) for _, usage in parts] == [30, 60, 15]
+    hours = split_by_hour(Interval(start, end, Usage(7, 70, end - start)))
+    assert hours == [(datetime(2026, 12, 3, 13, tzinfo=UTC), Usage(7, 70, 105))]
+
+
+def test_minutes_before_not_before_are_left_out_however_long_the_interval() -> None:
+    """A process first seen after a year (backfill): only the minutes from the one holding
+    `not_before` on, so a round writes no more minutes than the retention holds."""
+    year = 365 * 24 * 3600
+    parts = split_by_minute(Interval(T0 - year, T0 + 120, Usage(1, 1, year + 120)), not_before=T0 + 30)
+    assert [at.minute for at, _ in parts] == [0, 1]
+    assert sum(usage.uptime_seconds for _, usage in parts) == pytest.approx(120)
+    instant = Interval(T0 + 30, T0 + 30, Usage(0.5))
+    assert split_by_minute(instant, not_before=T0 + 60) == []
+    assert split_by_minute(instant, not_before=T0 + 59) == [
+        (datetime(2026, 12, 3, 13, tzinfo=UTC), Usage(0.5))
+    ]
 
 
 def hour_row(uid: str, name: str, hour: int, cpu: float, disk: int) -> HourUsage:
@@ -162,10 +197,18 @@ def test_the_report_totals_per_vm_and_project_with_hourly_points() -> None:
 
 
 def test_usage_settings_defaults() -> None:
-    """docs/usage.md: sampled every 15 s, kept 400 days."""
+    """docs/usage.md: sampled every 15 s, kept 400 days, the minutes 48 hours (at least a day,
+    the VM page's longest chart; at most 31 days)."""
     settings = ControllerSettings()
     assert settings.usage_sample_seconds == 15.0
     assert settings.usage_retention_days == 400
-    for bad in ({"usage_sample_seconds": 0.5}, {"usage_retention_days": 0}):
+    assert settings.usage_minutes_retention_hours == 48
+    with pytest.raises(ValueError, match="less than or equal to 744"):
+        ControllerSettings(usage_minutes_retention_hours=745)
+    for bad in (
+        {"usage_sample_seconds": 0.5},
+        {"usage_retention_days": 0},
+        {"usage_minutes_retention_hours": 23},
+    ):
         with pytest.raises(ValueError, match="greater than or equal"):
             ControllerSettings(**bad)
