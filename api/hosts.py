@@ -30,6 +30,10 @@ class Resources:
     def to_json(self) -> dict[str, int]:
         return {"cpus": self.cpus, "memoryMiB": self.memory_mib, "ports": self.ports}
 
+    def by_resource(self) -> dict[str, int]:
+        """The amounts by their metric label (tofu_qemu_host_capacity{resource})."""
+        return {"cpus": self.cpus, "memory_mib": self.memory_mib, "ports": self.ports}
+
 
 @dataclass(frozen=True, slots=True)
 class Demand:

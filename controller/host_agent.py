@@ -35,7 +35,7 @@ RENEWALS_PER_LEASE = 3
 
 
 class HostMetrics:
-    """tofu_qemu_hosts{ready} and each host's lease age, as this controller last read them."""
+    """tofu_qemu_hosts{ready}, each host's lease age and capacity, as this controller last read them."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.hosts = Gauge("tofu_qemu_hosts", "Registered hosts, Ready or not", ("ready",), registry=registry)
@@ -45,14 +45,23 @@ class HostMetrics:
             ("host",),
             registry=registry,
         )
+        self.capacity = Gauge(
+            "tofu_qemu_host_capacity",
+            "What each host offers VMs: cpus, memory_mib and ports (its port range)",
+            ("host", "resource"),
+            registry=registry,
+        )
 
     def update(self, hosts: list[Host], now: datetime) -> None:
         ready = sum(1 for host in hosts if host.ready(now))
         self.hosts.labels(ready="true").set(ready)
         self.hosts.labels(ready="false").set(len(hosts) - ready)
         self.lease_age.clear()
+        self.capacity.clear()
         for host in hosts:
             self.lease_age.labels(host=host.name).set(host.lease_age(now))
+            for resource, amount in host.capacity.by_resource().items():
+                self.capacity.labels(host=host.name, resource=resource).set(amount)
 
 
 def host_capacity(settings: ControllerSettings) -> Resources:

@@ -101,6 +101,11 @@ async def test_host_metrics_count_ready_hosts_and_lease_ages(db: Database) -> No
     age = registry.get_sample_value("tofu_qemu_host_lease_age_seconds", {"host": "a"})
     assert age is not None
     assert age >= 16
+    capacity = {
+        resource: registry.get_sample_value("tofu_qemu_host_capacity", {"host": "b", "resource": resource})
+        for resource in ("cpus", "memory_mib", "ports")
+    }
+    assert capacity == {"cpus": 2, "memory_mib": 4096, "ports": 10}
 
 
 async def test_vms_of_a_lost_host_get_host_ready_false_once_and_it_clears(

@@ -43,6 +43,10 @@ ASKED_FOR = {
     "tofu_qemu_http_connections",
     "tofu_qemu_http_connections_closed_total",
     "tofu_qemu_controller_source_errors_total",
+    "tofu_qemu_vm_cpu_seconds_total",
+    "tofu_qemu_vm_memory_mib_seconds_total",
+    "tofu_qemu_hosts",
+    "tofu_qemu_host_capacity",
 }
 
 
