@@ -12,7 +12,8 @@ Invariants:
 - Other processes' commits are seen through LISTEN/NOTIFY on one dedicated connection: every
   write transaction notifies CHANGES_CHANNEL with this process's id before COMMIT (delivered
   only if it commits), and the listener counts the others'. It reconnects with backoff and
-  counts a reconnect as a change, since notifications sent meanwhile are lost.
+  counts a reconnect as a change, since notifications sent meanwhile are lost
+  (`listen_forever`, which a controller's placement wake-ups use too).
 - A server that cannot be reached is StoreUnavailable (HTTP 503), never an unknown error. A
   statement that fails on a pooled connection the server closed (a restart) is retried once on
   a fresh one when nothing of it can have been committed: a read, or a write's BEGIN.
@@ -212,26 +213,47 @@ class PostgresDatabase:
 
     async def _listen_forever(self) -> None:
         """Count other processes' commits, reconnecting with backoff until cancelled."""
-        delay, max_delay = LISTEN_BACKOFF_SECONDS
-        first = True
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
-                ) as connection:
-                    await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANGES_CHANNEL)))
-                    if not first:  # notifications sent while we were away are lost: look again
-                        self._others_commits += 1
-                    first, delay = False, LISTEN_BACKOFF_SECONDS[0]
-                    self._listening.set()
-                    async for notice in connection.notifies():
-                        if notice.payload != self._instance:
-                            self._others_commits += 1
-            except psycopg.Error as err:
-                log.warning("postgres_listener_reconnecting", error=str(err), delay=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
-            first = False
+
+        def counted(payload: str) -> None:
+            if payload != self._instance:
+                self._others_commits += 1
+
+        def listening(again: bool) -> None:
+            if again:  # notifications sent while we were away are lost: look again
+                self._others_commits += 1
+            self._listening.set()
+
+        await listen_forever(self._url, CHANGES_CHANNEL, counted, listening=listening)
+
+
+async def listen_forever(
+    url: str,
+    channel: str,
+    notified: Callable[[str], None],
+    *,
+    listening: Callable[[bool], None] = lambda _again: None,
+) -> None:
+    """LISTEN on `channel` on a dedicated connection and call `notified(payload)` for each
+    notification, until cancelled. A lost connection (PostgreSQL restarted or unreachable) is
+    made again with backoff (LISTEN_BACKOFF_SECONDS, doubling); `listening(again)` is called each
+    time it listens, `again` True after a reconnect, whose gap may have lost notifications."""
+    delay, max_delay = LISTEN_BACKOFF_SECONDS
+    again = False
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
+            ) as connection:
+                await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                listening(again)
+                delay = LISTEN_BACKOFF_SECONDS[0]
+                async for notice in connection.notifies():
+                    notified(notice.payload)
+        except psycopg.Error as err:
+            log.warning("postgres_listener_reconnecting", channel=channel, error=str(err), delay=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)
+        again = True
 
 
 @contextlib.contextmanager
