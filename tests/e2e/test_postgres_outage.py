@@ -28,6 +28,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from api.infra.health import CHECK_TIMEOUT_SECONDS
+from api.server.health import STORE_DOWN
 from api.testing.waiting import wait_until
 from tests.e2e.conftest import open_vm_host
 from tests.e2e.harness import (
@@ -58,6 +60,9 @@ RECOVERY_SECONDS = 60.0
 # resync (30 s) would pick it up anyway. A change converged well before a resync proves the
 # listener came back; the margin is for a loaded machine.
 CONVERGE_AFTER_APPLY_SECONDS = 20.0
+# /readyz's reasons for a store that is down: the probe's, or its deadline's when the probe
+# waits longer for a connection than /readyz waits for it.
+NO_ANSWER = f"no answer within {CHECK_TIMEOUT_SECONDS:g}s"
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -237,6 +242,7 @@ def assert_unavailable(answer: HttpAnswer, what: str, *, database_port: int) -> 
     assert (body["kind"], body["code"]) == ("Status", 503), what
     if "failed" in body:
         assert "database" in body["failed"], (what, body)
+        assert body["failed"]["database"] in (STORE_DOWN, NO_ANSWER), body
         assert str(database_port) not in answer.body.decode(), (what, body)
     else:
         assert body["reason"] == "ServiceUnavailable", what
