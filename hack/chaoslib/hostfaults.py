@@ -116,7 +116,10 @@ class Scanner:
             self.scan()
 
 
-def placements(cluster: Cluster, project: str) -> dict[str, tuple[str | None, int | None, str]]:
+Placements = dict[str, tuple[str | None, int | None, str]]
+
+
+def placements(cluster: Cluster, project: str) -> Placements:
     """uid -> (host, pid, phase) as the API says."""
     return {
         vm["metadata"]["uid"]: (vm.get("status", {}).get("host"), pid_of(vm), phase_of(vm))
@@ -169,10 +172,7 @@ def restart_postgres(cluster: Cluster, project: str, count: int, args: argparse.
     restart_s = time.monotonic() - started
     store_back = seconds_until(cluster.api_ready, timeout=args.recover_timeout)
     running = seconds_until(lambda: all_running(cluster, project, count), timeout=args.recover_timeout)
-    after = placements(cluster, project)
-    restarted = sorted(
-        uid for uid, (_, pid, _) in before.items() if after.get(uid, (None, None, ""))[1] != pid
-    )
+    restarted = new_qemus(before, placements(cluster, project))
     return {
         "kind": "restart-postgres",
         "restart_s": rounded(restart_s, 2),
@@ -181,6 +181,11 @@ def restart_postgres(cluster: Cluster, project: str, count: int, args: argparse.
         "vms_restarted": restarted,
         "passed": running is not None and not restarted,
     }
+
+
+def new_qemus(before: Placements, after: Placements) -> list[str]:
+    """The VMs whose QEMU (pid) is not the one they had before."""
+    return sorted(uid for uid, (_, pid, _) in before.items() if uid not in after or after[uid][1] != pid)
 
 
 def moved_off(cluster: Cluster, project: str, victim: str, uids: set[str]) -> dict[str, str]:
@@ -220,7 +225,8 @@ def watch_moves(
 
 def freeze(cluster: Cluster, project: str, count: int, args: argparse.Namespace) -> dict[str, Any]:
     victim = busiest(cluster, project)
-    uids = {uid for uid, (host, _, _) in placements(cluster, project).items() if host == victim.name}
+    before = placements(cluster, project)
+    uids = {uid for uid, (host, _, _) in before.items() if host == victim.name}
     assert victim.pid is not None
     hold = HOST_LEASE_S + HOST_LOST_GRACE_S + FREEZE_EXTRA_S
     note(f"freeze: SIGSTOP the controller of {victim.name} ({len(uids)} VMs) for {hold:.0f} s")
@@ -239,6 +245,7 @@ def freeze(cluster: Cluster, project: str, count: int, args: argparse.Namespace)
     running = seconds_until(lambda: all_running(cluster, project, count), timeout=args.recover_timeout)
     return {
         "kind": "freeze",
+        "vms_restarted": new_qemus(before, placements(cluster, project)),
         "host": victim.name,
         "vms": len(uids),
         "frozen_s": rounded(hold, 1),
