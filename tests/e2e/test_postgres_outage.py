@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -82,7 +83,7 @@ class Split:
 
 @pytest.fixture(scope="module")
 def split(
-    tmp_path_factory: pytest.TempPathFactory, guest_images: Any, accel_cache: Any, terraform_bin: str
+    tmp_path_factory: pytest.TempPathFactory, guest_images: Path, accel_cache: Path, terraform_bin: str
 ) -> Iterator[Split]:
     cluster = PostgresCluster()
     host = open_vm_host(tmp_path_factory, guest_images, accel_cache)
