@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
@@ -52,6 +53,10 @@ POOL_MAX_SIZE = 10
 CONNECT_TIMEOUT_SECONDS = 5.0
 LISTEN_BACKOFF_SECONDS = (0.2, 5.0)
 _DISK_FULL = "53100"
+# Writers queue on one in-process lock, and each would wait its own CONNECT_TIMEOUT_SECONDS for a
+# server that is down: the k-th would answer after k times that. A writer that gets the lock
+# within this long of another's failed wait answers 503 at once instead.
+UNREACHABLE_MEMORY_SECONDS = 1.0
 
 
 class PgRow(tuple[Any, ...]):
@@ -120,6 +125,7 @@ class PostgresDatabase:
         # One writer per process at a time, as on SQLite: the others wait here, not on the
         # advisory lock, where each would hold a pooled connection that reads need.
         self._write_lock = asyncio.Lock()
+        self._unreachable_at = float("-inf")
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._subscribers.append(callback)
@@ -162,7 +168,7 @@ class PostgresDatabase:
         begin = "BEGIN; " + ("" if durable else "SET LOCAL synchronous_commit = off; ")
         begin += f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
         with _unavailable_on_connection_errors():
-            async with self._write_lock, self._begun(begin) as connection:
+            async with self._writer(), self._begun(begin) as connection:
                 try:
                     yield PostgresTransaction(connection)
                     commit = sql.SQL("NOTIFY {}, {}; COMMIT").format(
@@ -178,6 +184,21 @@ class PostgresDatabase:
         if notify:
             for callback in self._subscribers:
                 callback()
+
+    @contextlib.asynccontextmanager
+    async def _writer(self) -> AsyncIterator[None]:
+        """This process's turn to write. :raise StoreUnavailable: the writer before found the
+        server unreachable within UNREACHABLE_MEMORY_SECONDS."""
+        async with self._write_lock:
+            if time.monotonic() - self._unreachable_at < UNREACHABLE_MEMORY_SECONDS:
+                raise StoreUnavailable(
+                    "the PostgreSQL server cannot be reached (the write before this one found so)"
+                )
+            try:
+                yield
+            except PoolTimeout:
+                self._unreachable_at = time.monotonic()
+                raise
 
     @contextlib.asynccontextmanager
     async def _begun(self, begin: str) -> AsyncIterator[psycopg.AsyncConnection[PgRow]]:
@@ -197,7 +218,7 @@ class PostgresDatabase:
     async def probe_writable(self) -> None:
         begin = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
         with _unavailable_on_connection_errors():
-            async with self._write_lock, self._begun(begin) as connection:
+            async with self._writer(), self._begun(begin) as connection:
                 await connection.execute("ROLLBACK")
 
     async def truncate_wal(self) -> None:

@@ -66,6 +66,12 @@ async def test_an_outage_is_503_and_the_server_recovers_without_a_restart(
         assert "database cannot be reached" in body["message"], what
         assert response.headers["Retry-After"] == "5"
 
+    # Writers queue on one lock; the ones behind a failed wait answer at once, not in turn.
+    started = time.monotonic()
+    writes = [client.post("/state/lab", data=second, headers=AUTH) for _ in range(3)]
+    assert [response.status for response in await asyncio.gather(*writes)] == [503, 503, 503]
+    assert time.monotonic() - started < 2 * CONNECT_TIMEOUT_SECONDS, "queued writers waited in turn"
+
     # The probe waits for a connection longer than /readyz waits for it: either reason says the
     # store is down, and neither names the database's address (probes need no credentials).
     ready = await client.get("/readyz")
