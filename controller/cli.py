@@ -125,7 +125,8 @@ class ListenFailed(Exception):
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings_from(args, args.model)
-    configure_logging(settings.log_format, settings.log_level)
+    host_name = settings.resolved_host_name if isinstance(settings, ControllerSettings) else None
+    configure_logging(settings.log_format, settings.log_level, host_name=host_name)
     _check_data_dir(settings.data_dir)
     _warn_about_secrets_in_argv(args)
     log.info("open_file_limit", soft=raise_open_file_limit())
@@ -133,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         tracer_provider = configure_tracing(
             otlp_endpoint=settings.otlp_endpoint,
-            host_name=settings.resolved_host_name if isinstance(settings, ControllerSettings) else None,
+            host_name=host_name,
         )
     except TracingConfigError as err:
         raise SettingsError(str(err)) from err

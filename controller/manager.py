@@ -101,7 +101,7 @@ class Controller:
         self._allocations = Allocations(db, host=self.host.name)
         self.events = EventLog(db, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
         self._projects = ProjectIndex(db)
-        self._usage_metrics = UsageMetrics(self._metrics.registry)
+        self._usage_metrics = UsageMetrics(self._metrics.registry, host=self.host.name)
         self.queue: WorkQueue[str] = WorkQueue(
             clock=self._clock,
             backoff=Backoff(base=settings.backoff_base_seconds, cap=settings.backoff_cap_seconds),

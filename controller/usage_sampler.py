@@ -34,6 +34,8 @@ TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 PRUNE_PERIOD_SECONDS = 3600.0
 LABELS = ("project", "vm", "uid")
+# The host the VM runs on (docs/multi-host.md), after the VM's labels on every tofu_qemu_vm_*.
+HOST_LABEL = "host"
 
 
 def boot_time() -> float:
@@ -75,37 +77,43 @@ def allocated_bytes(paths: Iterable[str]) -> int:
 
 
 class UsageMetrics:
-    """tofu_qemu_vm_*: one series per running VM; a VM's series go when it stops running."""
+    """tofu_qemu_vm_*: one series per running VM; a VM's series go when it stops running.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    `host`: this controller's host, as the label `host` (empty, which Prometheus reads as no
+    label, where no host is given: unit tests).
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, host: str = "") -> None:
+        self._host = host
+        labels = (*LABELS, HOST_LABEL)
         self.cpu_seconds = Counter(
-            "tofu_qemu_vm_cpu_seconds", "CPU time of the VM's QEMU, all threads", LABELS, registry=registry
+            "tofu_qemu_vm_cpu_seconds", "CPU time of the VM's QEMU, all threads", labels, registry=registry
         )
         self.memory_mib_seconds = Counter(
             "tofu_qemu_vm_memory_mib_seconds",
             "Resident memory of the VM's QEMU integrated over time (MiB x seconds)",
-            LABELS,
+            labels,
             registry=registry,
         )
         self.uptime_seconds = Counter(
-            "tofu_qemu_vm_uptime_seconds", "Time the VM's QEMU process existed", LABELS, registry=registry
+            "tofu_qemu_vm_uptime_seconds", "Time the VM's QEMU process existed", labels, registry=registry
         )
         self.disk_bytes = Gauge(
-            "tofu_qemu_vm_disk_bytes", "Bytes allocated by the VM's disk files", LABELS, registry=registry
+            "tofu_qemu_vm_disk_bytes", "Bytes allocated by the VM's disk files", labels, registry=registry
         )
         self._series: set[tuple[str, str, str]] = set()
 
     def add(self, labels: tuple[str, str, str], usage: Usage, disk_bytes: int) -> None:
-        self.cpu_seconds.labels(*labels).inc(usage.cpu_seconds)
-        self.memory_mib_seconds.labels(*labels).inc(usage.memory_mib_seconds)
-        self.uptime_seconds.labels(*labels).inc(usage.uptime_seconds)
-        self.disk_bytes.labels(*labels).set(disk_bytes)
+        self.cpu_seconds.labels(*labels, self._host).inc(usage.cpu_seconds)
+        self.memory_mib_seconds.labels(*labels, self._host).inc(usage.memory_mib_seconds)
+        self.uptime_seconds.labels(*labels, self._host).inc(usage.uptime_seconds)
+        self.disk_bytes.labels(*labels, self._host).set(disk_bytes)
         self._series.add(labels)
 
     def keep_only(self, labels: set[tuple[str, str, str]]) -> None:
         for gone in self._series - labels:
             for metric in (self.cpu_seconds, self.memory_mib_seconds, self.uptime_seconds, self.disk_bytes):
-                metric.remove(*gone)
+                metric.remove(*gone, self._host)
         self._series &= labels
 
 

@@ -4,12 +4,16 @@ Every line written while a span is current (inside a reconcile, a request) carri
 `trace_id` and `span_id`, so a log search and a trace view meet. Lines from libraries that use
 the standard `logging` module (aiohttp, the OTLP exporter) are rendered the same way, so a JSON
 log stays JSON.
+
+A controller's lines also carry its `host` (docs/multi-host.md), every one of them from the
+first: several hosts' logs shipped to one place stay apart.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import TextIO, cast
 
 import structlog
@@ -18,7 +22,9 @@ from opentelemetry import trace
 from api.infra.settings import LogFormat
 
 
-def configure_logging(log_format: LogFormat, level: str) -> None:
+def configure_logging(log_format: LogFormat, level: str, *, host_name: str | None = None) -> None:
+    """`host_name`: a controller's host, as the field `host` of every line (when the line does
+    not set `host` itself)."""
     use_console = log_format is LogFormat.CONSOLE or (log_format is LogFormat.AUTO and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
@@ -30,6 +36,8 @@ def configure_logging(log_format: LogFormat, level: str) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         add_trace_context,
     ]
+    if host_name is not None:
+        shared.append(StaticFields({"host": host_name}))
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
@@ -58,6 +66,20 @@ def add_trace_context(
         event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
         event_dict.setdefault("span_id", format(context.span_id, "016x"))
     return event_dict
+
+
+class StaticFields:
+    """Fields every line carries, unless the line sets them itself."""
+
+    def __init__(self, fields: Mapping[str, str]) -> None:
+        self._fields = dict(fields)
+
+    def __call__(
+        self, _logger: object, _method: str, event_dict: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        for key, value in self._fields.items():
+            event_dict.setdefault(key, value)
+        return event_dict
 
 
 class _CurrentStderr:

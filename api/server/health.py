@@ -18,7 +18,7 @@ from aiohttp import web
 from api.infra.health import ReadinessCheck, run_checks
 from api.server.errors import status_response
 from api.server.keys import DATABASE, METRICS
-from api.store import Database
+from api.store import Database, StoreUnavailable
 from api.store.metrics import attach_store_metrics
 from api.store.sql import FAILURES
 
@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, ReadinessCheck])
 DATABASE_CHECK = "database"
+STORE_DOWN = "the store's database cannot be reached"
 
 
 async def healthz(_request: web.Request) -> web.StreamResponse:
@@ -70,6 +71,10 @@ class WritableProbe:
     async def _probe(self) -> str | None:
         try:
             await self._db.probe_writable()
+        except StoreUnavailable as err:
+            # The driver's text may name the database's address; probes need no credentials.
+            log.warning("readiness_store_unavailable", error=str(err))
+            return STORE_DOWN
         except (*FAILURES, ValueError) as err:
             # ValueError: aiosqlite's answer once the connection is closed.
             return f"not writable: {err}"

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-import psycopg
-from psycopg import sql
-
-from api.store.postgres import CONNECT_TIMEOUT_SECONDS
+from api.store.postgres import listen_forever
 from api.store.sql import Dialect, Transaction
 
 PLACEMENTS_CHANNEL = "tofu_qemu_placements"
@@ -31,16 +28,13 @@ async def notify_placed(conn: Transaction, dialect: Dialect, placed: Iterable[tu
 
 
 async def listen_for_placements(url: str, host: str, wake: Callable[[str], None]) -> None:
-    """Call `wake(uid)` for every VM placed on or drained from `host`, until cancelled.
+    """Call `wake(uid)` for every VM placed on or drained from `host`, until cancelled. A lost
+    connection is made again with the change feed's backoff (at most 5 s), not the slower one of
+    a failed event source: after an outage this listener is back as soon as the feed is."""
 
-    :raise psycopg.Error: the connection failed or was lost (the caller retries with backoff).
-    """
-    async with await psycopg.AsyncConnection.connect(
-        url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
-    ) as connection:
-        await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PLACEMENTS_CHANNEL)))
-        async for notice in connection.notifies():
-            target, _, uid = notice.payload.partition(" ")
-            if target == host and uid:
-                wake(uid)
-    raise psycopg.OperationalError("the placements listener's connection ended")
+    def placed(payload: str) -> None:
+        target, _, uid = payload.partition(" ")
+        if target == host and uid:
+            wake(uid)
+
+    await listen_forever(url, PLACEMENTS_CHANNEL, placed)

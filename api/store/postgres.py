@@ -12,7 +12,8 @@ Invariants:
 - Other processes' commits are seen through LISTEN/NOTIFY on one dedicated connection: every
   write transaction notifies CHANGES_CHANNEL with this process's id before COMMIT (delivered
   only if it commits), and the listener counts the others'. It reconnects with backoff and
-  counts a reconnect as a change, since notifications sent meanwhile are lost.
+  counts a reconnect as a change, since notifications sent meanwhile are lost
+  (`listen_forever`, which a controller's placement wake-ups use too).
 - A server that cannot be reached is StoreUnavailable (HTTP 503), never an unknown error. A
   statement that fails on a pooled connection the server closed (a restart) is retried once on
   a fresh one when nothing of it can have been committed: a read, or a write's BEGIN.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
@@ -51,6 +53,10 @@ POOL_MAX_SIZE = 10
 CONNECT_TIMEOUT_SECONDS = 5.0
 LISTEN_BACKOFF_SECONDS = (0.2, 5.0)
 _DISK_FULL = "53100"
+# Writers queue on one in-process lock, and each would wait its own CONNECT_TIMEOUT_SECONDS for a
+# server that is down: the k-th would answer after k times that. A writer that gets the lock
+# within this long of another's failed wait answers 503 at once instead.
+UNREACHABLE_MEMORY_SECONDS = 1.0
 
 
 class PgRow(tuple[Any, ...]):
@@ -119,6 +125,7 @@ class PostgresDatabase:
         # One writer per process at a time, as on SQLite: the others wait here, not on the
         # advisory lock, where each would hold a pooled connection that reads need.
         self._write_lock = asyncio.Lock()
+        self._unreachable_at = float("-inf")
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._subscribers.append(callback)
@@ -161,7 +168,7 @@ class PostgresDatabase:
         begin = "BEGIN; " + ("" if durable else "SET LOCAL synchronous_commit = off; ")
         begin += f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
         with _unavailable_on_connection_errors():
-            async with self._write_lock, self._begun(begin) as connection:
+            async with self._writer(), self._begun(begin) as connection:
                 try:
                     yield PostgresTransaction(connection)
                     commit = sql.SQL("NOTIFY {}, {}; COMMIT").format(
@@ -177,6 +184,21 @@ class PostgresDatabase:
         if notify:
             for callback in self._subscribers:
                 callback()
+
+    @contextlib.asynccontextmanager
+    async def _writer(self) -> AsyncIterator[None]:
+        """This process's turn to write. :raise StoreUnavailable: the writer before found the
+        server unreachable within UNREACHABLE_MEMORY_SECONDS."""
+        async with self._write_lock:
+            if time.monotonic() - self._unreachable_at < UNREACHABLE_MEMORY_SECONDS:
+                raise StoreUnavailable(
+                    "the PostgreSQL server cannot be reached (the write before this one found so)"
+                )
+            try:
+                yield
+            except PoolTimeout:
+                self._unreachable_at = time.monotonic()
+                raise
 
     @contextlib.asynccontextmanager
     async def _begun(self, begin: str) -> AsyncIterator[psycopg.AsyncConnection[PgRow]]:
@@ -196,7 +218,7 @@ class PostgresDatabase:
     async def probe_writable(self) -> None:
         begin = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})"
         with _unavailable_on_connection_errors():
-            async with self._write_lock, self._begun(begin) as connection:
+            async with self._writer(), self._begun(begin) as connection:
                 await connection.execute("ROLLBACK")
 
     async def truncate_wal(self) -> None:
@@ -212,26 +234,47 @@ class PostgresDatabase:
 
     async def _listen_forever(self) -> None:
         """Count other processes' commits, reconnecting with backoff until cancelled."""
-        delay, max_delay = LISTEN_BACKOFF_SECONDS
-        first = True
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
-                ) as connection:
-                    await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANGES_CHANNEL)))
-                    if not first:  # notifications sent while we were away are lost: look again
-                        self._others_commits += 1
-                    first, delay = False, LISTEN_BACKOFF_SECONDS[0]
-                    self._listening.set()
-                    async for notice in connection.notifies():
-                        if notice.payload != self._instance:
-                            self._others_commits += 1
-            except psycopg.Error as err:
-                log.warning("postgres_listener_reconnecting", error=str(err), delay=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
-            first = False
+
+        def counted(payload: str) -> None:
+            if payload != self._instance:
+                self._others_commits += 1
+
+        def listening(again: bool) -> None:
+            if again:  # notifications sent while we were away are lost: look again
+                self._others_commits += 1
+            self._listening.set()
+
+        await listen_forever(self._url, CHANGES_CHANNEL, counted, listening=listening)
+
+
+async def listen_forever(
+    url: str,
+    channel: str,
+    notified: Callable[[str], None],
+    *,
+    listening: Callable[[bool], None] = lambda _again: None,
+) -> None:
+    """LISTEN on `channel` on a dedicated connection and call `notified(payload)` for each
+    notification, until cancelled. A lost connection (PostgreSQL restarted or unreachable) is
+    made again with backoff (LISTEN_BACKOFF_SECONDS, doubling); `listening(again)` is called each
+    time it listens, `again` True after a reconnect, whose gap may have lost notifications."""
+    delay, max_delay = LISTEN_BACKOFF_SECONDS
+    again = False
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_SECONDS)
+            ) as connection:
+                await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                listening(again)
+                delay = LISTEN_BACKOFF_SECONDS[0]
+                async for notice in connection.notifies():
+                    notified(notice.payload)
+        except psycopg.Error as err:
+            log.warning("postgres_listener_reconnecting", channel=channel, error=str(err), delay=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, max_delay)
+        again = True
 
 
 @contextlib.contextmanager

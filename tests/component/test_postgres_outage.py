@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from api.infra.health import CHECK_TIMEOUT_SECONDS
+from api.server.health import STORE_DOWN
 from api.settings import ServerSettings
 from api.store import StoreUnavailable
 from api.store.postgres import CONNECT_TIMEOUT_SECONDS, open_postgres
@@ -22,6 +24,7 @@ from tests.postgres import PostgresCluster
 Client = TestClient[Any, Any]
 # The pool retries its connections with backoff: the server answers again within this.
 RECOVERY_SECONDS = 60.0
+NO_ANSWER = f"no answer within {CHECK_TIMEOUT_SECONDS:g}s"
 
 
 async def until_served(request: Callable[[], Awaitable[int]]) -> float:
@@ -63,6 +66,19 @@ async def test_an_outage_is_503_and_the_server_recovers_without_a_restart(
         assert "database cannot be reached" in body["message"], what
         assert response.headers["Retry-After"] == "5"
 
+    # Writers queue on one lock; the ones behind a failed wait answer at once, not in turn.
+    started = time.monotonic()
+    writes = [client.post("/state/lab", data=second, headers=AUTH) for _ in range(3)]
+    assert [response.status for response in await asyncio.gather(*writes)] == [503, 503, 503]
+    assert time.monotonic() - started < 2 * CONNECT_TIMEOUT_SECONDS, "queued writers waited in turn"
+
+    # The probe waits for a connection longer than /readyz waits for it: either reason says the
+    # store is down, and neither names the database's address (probes need no credentials).
+    ready = await client.get("/readyz")
+    report = await ready.json()
+    assert ready.status == 503
+    assert report["failed"] == {"database": STORE_DOWN} or report["failed"] == {"database": NO_ANSWER}
+
     own_postgres_cluster.start()
     await until_served(lambda: _status(client.get("/state/lab", headers=AUTH)))
     response = await client.get("/state/lab", headers=AUTH)
@@ -71,6 +87,7 @@ async def test_an_outage_is_503_and_the_server_recovers_without_a_restart(
     assert await (await client.get("/state/lab", headers=AUTH)).read() == second
     listed = await (await client.get("/api/v1/projects/lab/vms", headers=AUTH)).json()
     assert sorted(item["metadata"]["name"] for item in listed["items"]) == ["db", "web"]
+    assert (await client.get("/readyz")).status == 200
 
 
 async def test_a_server_that_cannot_be_reached_at_start_is_store_unavailable(

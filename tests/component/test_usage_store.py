@@ -151,7 +151,7 @@ async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_rest
     disk.write_bytes(b"x" * 65536)
     running: dict[str, int] = {}
     registry = CollectorRegistry()
-    metrics = UsageMetrics(registry)
+    metrics = UsageMetrics(registry, host="host-a")
     charged = 0.0
     for _ in range(2):  # a "QEMU restart": a second process for the same VM
         process = await asyncio.create_subprocess_exec(sys.executable, "-c", SPINNER)
@@ -196,7 +196,7 @@ async def test_the_sampler_counts_exactly_across_a_process_and_a_controller_rest
     # The minutes were written in the same rounds: they add up to the same total.
     assert sum(m.usage.cpu_seconds for m in minutes) == pytest.approx(charged, abs=0.011)
     assert hours[-1].disk_bytes >= 65536
-    labels = {"project": "lab", "vm": "web", "uid": record.uid}
+    labels = {"project": "lab", "vm": "web", "uid": record.uid, "host": "host-a"}
     assert registry.get_sample_value("tofu_qemu_vm_disk_bytes", labels) == hours[-1].disk_bytes
 
 
@@ -219,14 +219,14 @@ async def test_metrics_series_go_when_the_vm_stops_running(
     sampler = UsageSampler(
         UsageStore(db),
         lambda: running,
-        UsageMetrics(registry),
+        UsageMetrics(registry, host="host-a"),
         period=1,
         retention=timedelta(days=1),
         minutes_retention=MINUTES_RETENTION,
     )
     await spin_for(spinner.pid, 0.05)
     await sampler.sample_once()
-    labels = {"project": "lab", "vm": "web", "uid": record.uid}
+    labels = {"project": "lab", "vm": "web", "uid": record.uid, "host": "host-a"}
     assert (registry.get_sample_value("tofu_qemu_vm_cpu_seconds_total", labels) or 0) > 0
     assert (registry.get_sample_value("tofu_qemu_vm_uptime_seconds_total", labels) or 0) > 0
     assert (registry.get_sample_value("tofu_qemu_vm_memory_mib_seconds_total", labels) or 0) > 0
@@ -320,7 +320,7 @@ async def test_a_failed_round_loses_nothing(
     sampler = UsageSampler(
         store,
         lambda: {record.uid: spinner.pid},
-        UsageMetrics(registry),
+        UsageMetrics(registry, host="host-a"),
         period=1,
         retention=timedelta(days=1),
         minutes_retention=MINUTES_RETENTION,
@@ -330,7 +330,7 @@ async def test_a_failed_round_loses_nothing(
     store.fail = True
     with pytest.raises(StoreUnavailable):
         await sampler.sample_once()
-    labels = {"project": "lab", "vm": "web", "uid": record.uid}
+    labels = {"project": "lab", "vm": "web", "uid": record.uid, "host": "host-a"}
     await stop_spinning(spinner)
     await sampler.sample_once()
     now = datetime.now(UTC)

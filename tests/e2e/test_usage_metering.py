@@ -198,7 +198,7 @@ module "spin" {
 """
 # guest-nice 0: on this shared machine a niced guest in its own autogroup may get almost no CPU.
 SERVER_ARGS = ("--usage-sample-seconds", "1", "--liveness-seconds", "600", "--guest-nice", "0")
-_SERIES = r'tofu_qemu_vm_cpu_seconds_total\{{project="lab",uid="{uid}",vm="spin"\}} ([0-9.e+]+)'
+_SERIES = r'tofu_qemu_vm_cpu_seconds_total\{{host="[^"]+",project="lab",uid="{uid}",vm="spin"\}} ([0-9.e+]+)'
 
 
 def cpu_ticks(pid: int) -> int:
