@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from api.hosts import Resources
+from api.hosts import Host, Resources
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
-from api.store.hosts import Host, Hosts, Registration
+from api.store.hosts import Hosts, Registration
 from api.store.vms import VMStore
 from api.types import Protocol
 from controller.host_agent import HostAgent, HostMetrics, Scheduler
