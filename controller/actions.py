@@ -132,10 +132,16 @@ class StopPasst:
 
 @dataclass(frozen=True, slots=True)
 class Spawn:
-    """Start QEMU paused with `argv`. Legal only when no process of this VM exists."""
+    """Start QEMU paused with `argv`. Legal only when no process of this VM exists.
+
+    With `resume`, `cont` it as soon as QMP is connected: what the next pass would plan at
+    once, done without that pass (the bare spawn-connect-cont that hack/bench/converge
+    compares with). A `cont` that fails is left to the next pass, which sees the guest still
+    in prelaunch and plans Continue."""
 
     argv: tuple[str, ...]
     digest: str
+    resume: bool = False
 
 
 @dataclass(frozen=True, slots=True)

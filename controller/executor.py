@@ -139,8 +139,8 @@ class Executor:
                 await self._firmware(uid, paths, action)
             case StartPasst() | AttachPasst() | StopPasst():
                 await self._network(uid, paths, action)
-            case Spawn(argv=argv, digest=digest):
-                await self._spawn(uid, paths, argv, digest)
+            case Spawn():
+                await self._spawn(uid, paths, action)
             case Continue() | Unpause():
                 await self._qmp(uid, "cont")
             case Pause():
@@ -230,18 +230,27 @@ class Executor:
             case StopPasst():
                 await self._passts.stop(uid, paths)
 
-    async def _spawn(self, uid: str, paths: RuntimePaths, argv: tuple[str, ...], digest: str) -> None:
-        """Start QEMU and return once it is watched; an early exit is recorded, not raised."""
+    async def _spawn(self, uid: str, paths: RuntimePaths, action: Spawn) -> None:
+        """Start QEMU and return once it is watched (and continued, with `resume`); an early
+        exit is recorded, not raised."""
         since = (time.time_ns(), time.monotonic())
         try:
-            spawned = await self._hypervisor.spawn(uid, paths, argv, digest)
+            spawned = await self._hypervisor.spawn(uid, paths, action.argv, action.digest)
         except AlreadyRunning as err:
             raise TransientError(str(err)) from err
+        # Before any `cont`: a controller killed here finds its guest still in prelaunch.
+        crash_point(CrashPoint.AFTER_SPAWN)
         if spawned is None:
             return
         trace.get_current_span().set_attribute("process.pid", spawned.pid)
-        self._boots.started(uid, pid=spawned.pid, argv_digest=digest, since=since)
+        self._boots.started(uid, pid=spawned.pid, argv_digest=action.digest, since=since)
         self._boots.event(uid, "qmp ready" if spawned.monitor_ready else "qmp unavailable")
+        if action.resume and spawned.monitor_ready:
+            try:
+                await self._hypervisor.command(uid, "cont")
+            except (CommandUnanswered, CommandRefused) as err:
+                # Not this pass's failure: the next one sees the guest in prelaunch and retries.
+                log.info("cont_deferred", uid=uid, pid=spawned.pid, error=str(err))
 
     async def _guest_shutdown(self, uid: str, paths: RuntimePaths) -> None:
         """guest-shutdown; the power button instead when the agent no longer answers (it
@@ -265,11 +274,11 @@ class Executor:
             raise TransientError(str(err)) from err
 
 
-# Where crash-consistency tests kill the controller: right after each step that changes the world.
+# Where crash-consistency tests kill the controller: right after each step that changes the world
+# (AFTER_SPAWN is inside `_spawn`, before its `cont`).
 _CRASH_POINTS: dict[type[Action], CrashPoint] = {
     AllocatePorts: CrashPoint.AFTER_PORT_ALLOCATION,
     CreateDisk: CrashPoint.AFTER_DISK_CREATION,
-    Spawn: CrashPoint.AFTER_SPAWN,
     RequestPowerdown: CrashPoint.MID_STOP,
     RequestGuestShutdown: CrashPoint.MID_STOP,
     ReleasePorts: CrashPoint.AFTER_PORT_RELEASE,

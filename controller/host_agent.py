@@ -135,10 +135,11 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         renew_every = self._lease_seconds / RENEWALS_PER_LEASE
         last_version: int | None = None
-        leased_at = passed_at = -renew_every
+        leased_at = passed_at = looked_at = -renew_every
         leader = False
         while True:
-            version = await self._db.data_version()
+            # Woken by a commit of this process, the pass runs anyway: no need to ask SQLite.
+            version = last_version if changed.is_set() else await self._db.data_version()
             if loop.time() - leased_at >= renew_every:
                 leader = await self._take_lease(leader)
                 leased_at = loop.time()
@@ -147,7 +148,11 @@ class Scheduler:
             if leader and due:
                 changed.clear()
                 last_version, passed_at = version, loop.time()
-                await self.schedule_once()
+                # Most commits are status writes, which free or take no room: such a pass reads
+                # no host unless a VM waits. Lost hosts are looked for every lease / 3 all the same.
+                look_for_lost = passed_at - looked_at >= renew_every
+                looked_at = passed_at if look_for_lost else looked_at
+                await self.schedule_once(look_for_lost=look_for_lost)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(SCHEDULER_POLL_SECONDS, renew_every)):
                     await changed.wait()
@@ -158,9 +163,12 @@ class Scheduler:
             log.info("scheduler_lease", holder=self._holder, held=leader)
         return leader
 
-    async def schedule_once(self) -> int:
+    async def schedule_once(self, *, look_for_lost: bool = True) -> int:
         """One placement pass over every live VM; returns how many were placed. VMs of a host
-        lost for host_lost_grace_seconds get HostReady=False (they are not moved yet)."""
+        lost for host_lost_grace_seconds get HostReady=False (they are not moved yet); without
+        `look_for_lost`, only when some VM waits for a host or a note."""
+        if not look_for_lost and not await self._hosts.anything_to_schedule():
+            return 0
         hosts = await self._hosts.all()
         now = await self._db.database_now()
         lost = lost_hosts(hosts, now, self._lost_grace)

@@ -57,6 +57,8 @@ class FakeHypervisor:
     signals: list[tuple[str, int, int]] = field(default_factory=list)
     # The next spawn of these uids fails with this stderr (a bad kernel, a busy port).
     failing_spawns: dict[str, str] = field(default_factory=dict)
+    # The next spawn of these uids gives a QEMU that connects but answers no command (hung).
+    silent_spawns: set[str] = field(default_factory=set)
     _pids: itertools.count[int] = field(default_factory=lambda: itertools.count(4000))
 
     # The Protocol.
@@ -101,7 +103,8 @@ class FakeHypervisor:
             self.processes.pop(uid, None)
             self.exits[uid] = ExitObservation(now, 127, None, False, now, failure)
             return None
-        proc = FakeProcess(next(self._pids), argv, digest, now)
+        proc = FakeProcess(next(self._pids), argv, digest, now, hung=uid in self.silent_spawns)
+        self.silent_spawns.discard(uid)
         self.processes[uid] = proc
         return Spawned(proc.pid, monitor_ready=True)
 

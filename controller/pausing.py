@@ -44,6 +44,13 @@ class RunStateStep:
         return bool(self.actions)
 
 
+def resumes_at_spawn(spec: QemuVMSpec) -> bool:
+    """Whether a QEMU about to be spawned is to run at once. Neither a pause nor an unpause
+    asked before it started applies to it (`pause_wanted`, `held_at_start`), so only the
+    startStrategy decides."""
+    return spec.start_strategy is not StartStrategy.PAUSED
+
+
 def pause_wanted(desired: Desired, process: ProcessObservation) -> bool:
     """A pause was asked for after this QEMU started (and not lifted since)."""
     asked = desired.pause_requested_at

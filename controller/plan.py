@@ -43,7 +43,7 @@ from controller.model import (
     ProcessObservation,
     QmpState,
 )
-from controller.pausing import run_state_step
+from controller.pausing import resumes_at_spawn, run_state_step
 from controller.plan_types import Intent as Intent
 from controller.plan_types import LaunchContext as LaunchContext
 from controller.plan_types import Plan as Plan
@@ -459,7 +459,7 @@ def _start(
         *grow,
         *((seed,) if seed is not None else ()),
         *helpers,
-        Spawn(argv, argv_digest(argv)),
+        Spawn(argv, argv_digest(argv), resume=resumes_at_spawn(spec)),
     )
     return Plan(Intent.STARTING, memory, actions, again=True)
 

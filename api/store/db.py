@@ -55,9 +55,10 @@ class SQLiteTransaction:
         return list(await self._connection.execute_fetchall(query, params))
 
     async def fetchone(self, query: str, params: Sequence[object] = ()) -> Row | None:
-        async with self._connection.execute(query, params) as cursor:
-            row: Row | None = await cursor.fetchone()
-            return row
+        # One aiosqlite job, not three (execute, fetch, close): each is a hop to its thread,
+        # and a status write makes several (hack/bench/converge counted them).
+        rows = await self._connection.execute_fetchall(query, params)
+        return next(iter(rows), None)
 
 
 class SQLiteDatabase:

@@ -61,6 +61,9 @@ SERVER_STOP_TIMEOUT_S = 15.0
 CLEANUP_STOP_GRACE_S = 3.0
 HTTP_TIMEOUT_S = 30.0
 QMP_CONNECT_TIMEOUT_S = 10.0
+# N QEMUs spawned at once share the CPUs while they start: the bare baseline's QMP window grows
+# by this much per QEMU (N = 200: 10 + 40 = 50 s), so a large N measures rather than times out.
+QMP_CONNECT_PER_VM_S = 0.2
 QMP_COMMAND_TIMEOUT_S = 5.0
 # The bare baseline retries a QMP connect this often (the socket appears ~25 ms after spawn).
 KILL_WAIT_S = 10.0
@@ -73,6 +76,11 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class BenchError(RuntimeError):
     """The benchmark could not measure what it set out to (a dead server, a VM that never ran)."""
+
+
+def qmp_connect_window(count: int) -> float:
+    """Seconds a bare QEMU, one of `count` spawned together, may take to answer QMP."""
+    return QMP_CONNECT_TIMEOUT_S + QMP_CONNECT_PER_VM_S * count
 
 
 def progress(message: str) -> None:

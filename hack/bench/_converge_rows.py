@@ -13,6 +13,13 @@ TARGET_RATIO = 1.10
 POSTGRES_TARGET_RATIO = 1.15
 
 
+def mode_order(repeat: int, modes: tuple[str, ...]) -> tuple[str, ...]:
+    """The modes in the order repeat number `repeat` runs them: each goes first in turn.
+    Repeat 0 runs `modes[0]` (the controller) first, which bare needs for its argvs."""
+    shift = repeat % len(modes)
+    return modes[shift:] + modes[:shift]
+
+
 @dataclass(frozen=True, slots=True)
 class ControllerSample:
     seconds: float
@@ -53,6 +60,20 @@ class Row:
     bare: list[BareSample] = field(default_factory=list)
     # With --database-url: the same controller runs, on PostgreSQL.
     postgres: list[ControllerSample] = field(default_factory=list)
+    # With --baseline-tree: the same runs, by a server running another checkout's code.
+    baseline: list[ControllerSample] = field(default_factory=list)
+
+    @property
+    def baseline_s(self) -> float:
+        return statistics.median(s.seconds for s in self.baseline)
+
+    @property
+    def baseline_ratio(self) -> float:
+        """Median this tree / median baseline."""
+        return self.controller_s / self.baseline_s
+
+    def cpu_ms_per_vm(self, samples: list[ControllerSample]) -> float:
+        return statistics.median(s.server_cpu_s for s in samples) * 1000 / self.count
 
     @property
     def postgres_s(self) -> float:
@@ -84,7 +105,8 @@ class Row:
 
     @property
     def foreign_max(self) -> float:
-        return max([s.foreign_cores for s in self.controller] + [s.foreign_cores for s in self.bare])
+        samples = [*self.controller, *self.bare, *self.baseline]
+        return max(s.foreign_cores for s in samples)
 
     def to_json(self) -> dict[str, Any]:
         if self.postgres:
@@ -98,7 +120,16 @@ class Row:
                 "target_ratio_max": POSTGRES_TARGET_RATIO,
                 "pass": self.postgres_ratio <= POSTGRES_TARGET_RATIO,
             }
-        return {
+        baseline = (
+            {
+                "baseline": [s.to_json() for s in self.baseline],
+                "baseline_median_s": self.baseline_s,
+                "ratio_vs_baseline": self.baseline_ratio,
+            }
+            if self.baseline
+            else {}
+        )
+        return baseline | {
             "count": self.count,
             "controller": [s.to_json() for s in self.controller],
             "bare_s": [s.seconds for s in self.bare],

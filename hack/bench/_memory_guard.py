@@ -16,6 +16,8 @@ from _procfs import kill_qemus, qemu_processes, rss_bytes
 MEMORY_GUARD_PERIOD_S = 0.2
 GIB = 1024**3
 MIB = 1024**2
+# The machine has 24 GiB; the QEMUs of one run keep to half of it (--memory-cap).
+DEFAULT_MEMORY_CAP_GIB = 12.0
 
 
 def mem_available() -> int:
@@ -30,13 +32,15 @@ def mem_available() -> int:
 class MemoryGuard:
     """Watches the machine's free memory while this run's QEMUs (those naming `root`) live.
 
-    Below `floor` bytes available it kills them and interrupts the main thread, which turns
-    the interrupt into a BenchError (`check`). `peak` is the most RSS they held at once.
+    Below `floor` bytes available, or once they hold more than `cap` bytes of RSS together, it
+    kills them and interrupts the main thread, which turns the interrupt into a BenchError
+    (`watching`). `peak` is the most RSS they held at once.
     """
 
-    def __init__(self, root: Path, *, floor: int) -> None:
+    def __init__(self, root: Path, *, floor: int, cap: int | None = None) -> None:
         self.root = root
         self.floor = floor
+        self.cap = cap
         self.peak = 0
         self.tripped: str | None = None
         self._stop = threading.Event()
@@ -44,15 +48,25 @@ class MemoryGuard:
 
     def _watch(self) -> None:
         while not self._stop.wait(MEMORY_GUARD_PERIOD_S):
-            self.peak = max(self.peak, sum(rss_bytes(pid) for pid in qemu_processes(self.root)))
+            held = sum(rss_bytes(pid) for pid in qemu_processes(self.root))
+            self.peak = max(self.peak, held)
             available = mem_available()
-            if available < self.floor and self.tripped is None:
+            if self.tripped is not None:
+                continue
+            if available < self.floor:
                 self.tripped = (
                     f"MemAvailable fell to {available / GIB:.1f} GiB (floor {self.floor / GIB:.1f} GiB)"
                     f" with this run's QEMUs at {self.peak / GIB:.1f} GiB RSS; they were killed"
                 )
-                kill_qemus(self.root)
-                _thread.interrupt_main()
+            elif self.cap is not None and held > self.cap:
+                self.tripped = (
+                    f"this run's QEMUs held {held / GIB:.1f} GiB RSS, over the {self.cap / GIB:.1f} GiB"
+                    " cap; they were killed"
+                )
+            else:
+                continue
+            kill_qemus(self.root)
+            _thread.interrupt_main()
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[MemoryGuard]:
@@ -69,8 +83,15 @@ class MemoryGuard:
 
 
 def memory_room(count: int, args: argparse.Namespace) -> str | None:
-    """Why N = `count` does not fit in this machine's free memory now (None: it fits)."""
-    needed = count * args.rss_estimate * MIB + int(args.memory_floor * GIB)
+    """Why N = `count` does not fit in this machine's free memory now, or under the cap on
+    the QEMUs' memory (None: it fits)."""
+    qemus = count * args.rss_estimate * MIB
+    if qemus > args.memory_cap * GIB:
+        return (
+            f"N={count} needs ~{qemus / GIB:.1f} GiB of QEMUs ({count} x {args.rss_estimate} MiB),"
+            f" over the {args.memory_cap:g} GiB cap (--memory-cap)"
+        )
+    needed = qemus + int(args.memory_floor * GIB)
     available = mem_available()
     if available >= needed:
         return None

@@ -69,6 +69,8 @@ class BareVM:
 
     argv: tuple[str, ...]
     paths: RuntimePaths
+    # How long QMP may take to answer after the spawn (hack/bench/converge scales it with N).
+    connect_within: float = QMP_CONNECT_TIMEOUT_S
     process: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
     client: Monitor | None = None
@@ -109,7 +111,7 @@ class BareVM:
             return await Monitor.connect(
                 Path(self.paths.qmp_socket),
                 name=self.paths.directory.name,
-                within=QMP_CONNECT_TIMEOUT_S,
+                within=self.connect_within,
                 while_=lambda: process is not None and process.poll() is None,
             )
         except MonitorUnavailable as err:

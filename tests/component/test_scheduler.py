@@ -7,9 +7,10 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
-from api.hosts import Resources
+from api.hosts import Host, Resources
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
@@ -135,6 +136,37 @@ async def test_vms_of_a_lost_host_get_host_ready_false_once_and_it_clears(
     await hosts.register(Registration("a", {}, Resources(2, 4096, 10), lease_seconds=15.0))
     await scheduler.schedule_once()
     assert [vm.scheduling for vm in await hosts.placed()] == [None]
+
+
+async def test_a_pass_at_a_commit_reads_no_host_unless_a_vm_waits_and_lost_hosts_wait_for_their_look(
+    db: Database, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Most commits are status writes: such a pass is one index probe. Lost hosts are looked
+    for by the pass that run_forever makes every lease / 3 (`look_for_lost`)."""
+    hosts = Hosts(db)
+    await hosts.register(Registration("a", {}, Resources(2, 4096, 10), lease_seconds=0.2))
+    await add_vm(db, "vm1", host="a")
+    scheduler = Scheduler(db, holder="a", lease_seconds=15.0, lost_grace=timedelta(seconds=0.2))
+    reads: list[int] = []
+    read_hosts = Hosts.all
+
+    async def counted(self: Hosts) -> list[Host]:
+        reads.append(1)
+        return await read_hosts(self)
+
+    monkeypatch.setattr(Hosts, "all", counted)
+    if db.dialect == "sqlite":
+        clock.advance(0.5)
+    else:
+        await asyncio.sleep(0.5)
+    assert await scheduler.schedule_once(look_for_lost=False) == 0
+    assert (len(reads), [vm.scheduling for vm in await hosts.placed()]) == (0, [None])
+    await scheduler.schedule_once()
+    assert len(reads) == 1
+    assert [vm.scheduling is not None for vm in await hosts.placed()] == [True]
+    await add_vm(db, "vm2")
+    assert await scheduler.schedule_once(look_for_lost=False) == 0, "the only host is lost"
+    assert len(reads) == 2, "a VM waits for a host: the pass reads them"
 
 
 async def test_on_sqlite_a_renamed_machine_keeps_its_vms(db: Database, tmp_path: Path) -> None:

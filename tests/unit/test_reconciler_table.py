@@ -33,15 +33,16 @@ async def running(world: World, name: str = "web", vm_spec: dict[str, object] | 
     return uid
 
 
-async def test_a_new_vm_runs_after_four_passes_each_writing_status_at_most_once(world: World) -> None:
+async def test_a_new_vm_runs_after_three_passes_each_writing_status_at_most_once(world: World) -> None:
+    """Ports, then the spawn that continues the guest itself, then the pass that sees it run."""
     uid = world.add("web")
     intents = []
-    for _ in range(4):
+    for _ in range(3):
         writes = len(world.store.status_writes)
         result = await world.step(uid)
         assert len(world.store.status_writes) - writes <= 1
         intents.append(result.requeue_after)
-    assert intents == [timedelta(0), timedelta(0), timedelta(0), LIVENESS]
+    assert intents == [timedelta(0), timedelta(0), LIVENESS]
     status = world.status(uid)
     assert (status.phase, status.pid, status.restarts) == (Phase.RUNNING, world.hv.pid_of(uid), 0)
     assert [(p.guest_port, 21500 <= p.host_port <= 21599) for p in status.ports] == [(80, True)]
@@ -300,6 +301,29 @@ async def test_a_qemu_that_does_not_answer_right_after_spawn_is_waited_for(world
     result = await world.step(uid)
     assert (result.requeue_after, world.hv.signals) == (timedelta(milliseconds=200), [])
     assert world.status(uid).phase is Phase.STARTING
+
+
+async def test_the_spawn_pass_continues_the_guest_itself(world: World) -> None:
+    """No pass of its own for `cont`: the one that spawns sends it once QMP is connected."""
+    uid = world.add("web", spec())
+    result = await world.step(uid)
+    assert (world.last_actions, world.hv.commands) == (["Spawn"], [(uid, "cont")])
+    assert result.requeue_after == timedelta(0)
+    await world.step(uid)
+    assert (world.last_actions, world.status(uid).phase) == ([], Phase.RUNNING)
+
+
+async def test_a_cont_unanswered_right_after_spawn_is_sent_again_by_the_next_pass(world: World) -> None:
+    """Not an error of the spawn pass: the guest waits in prelaunch, and a later pass continues it."""
+    uid = world.add("web", spec())
+    world.hv.silent_spawns.add(uid)
+    result = await world.step(uid)
+    assert (result.outcome, world.last_actions, world.hv.commands) == (Outcome.REQUEUE, ["Spawn"], [])
+    assert world.status(uid).phase is Phase.STARTING
+    world.hv.processes[uid].hung = False
+    await world.settle(uid)
+    assert (world.status(uid).phase, world.hv.commands) == (Phase.RUNNING, [(uid, "cont")])
+    assert "ReconcileError" not in world.events(uid)
 
 
 async def test_an_invalid_spec_keeps_the_running_vm(world: World) -> None:
