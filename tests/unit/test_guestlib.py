@@ -3,6 +3,8 @@ name the repository, so the default cache stays .cache/guest/ (git-ignored) at i
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,3 +18,23 @@ def test_the_guest_builder_caches_under_the_repository_root() -> None:
     finally:
         sys.path.remove(str(REPO_ROOT / "hack"))
     assert REPO == REPO_ROOT
+
+
+def test_the_guest_scripts_parse_as_shell() -> None:
+    """A script the guest cannot parse stops it at /init with a syntax error, long after the
+    build: check the syntax here (POSIX sh; the guest's busybox ash reads the same)."""
+    sys.path.insert(0, str(REPO_ROOT / "hack"))
+    try:
+        from guestlib import scripts
+    finally:
+        sys.path.remove(str(REPO_ROOT / "hack"))
+    for name in ("INIT", "UDHCPC_SCRIPT"):
+        checked = subprocess.run(
+            [shutil.which("sh") or "/bin/sh", "-n"],
+            input=getattr(scripts, name),
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        assert checked.returncode == 0, f"{name}: {checked.stderr}"
