@@ -105,12 +105,10 @@ class Controller:
             qemus=HostQemus(self._layout),
             wake=lambda uid: self.queue.add(uid),
         )
-        # Host-side writes go through the host's fence: refused once its epoch moved on.
-        self._objects = VMStatusWriter(self.host.store, host=self.host.name)
-        self._allocations = Allocations(self.host.store, host=self.host.name)
-        self.events = EventLog(
-            self.host.store, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age
-        )
+        store = self.host.store  # host-side writes: refused once the host's epoch moved on
+        self._objects = VMStatusWriter(store, host=self.host.name)
+        self._allocations = Allocations(store, host=self.host.name)
+        self.events = EventLog(store, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
         self._projects = ProjectIndex(db)
         self._usage_metrics = UsageMetrics(self._metrics.registry, host=self.host.name)
         self.queue: WorkQueue[str] = WorkQueue(
@@ -296,7 +294,7 @@ class Controller:
             self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
             self._start_source(tasks, "host-lease", self.host.renew_forever),
             self._start_source(tasks, "host-fence", self.host.fence_forever),
-            *self._watchdog(tasks),
+            *watchdog.start_pinging(tasks),
             self._start_source(tasks, "scheduler", scheduler.run_forever),
             *self._placement_wakeups(tasks),
         ]
@@ -343,11 +341,6 @@ class Controller:
             clock=self._clock,
             metrics=self._metrics,
         )
-
-    def _watchdog(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
-        """Under systemd's WatchdogSec: pings from the event loop (controller/watchdog.py)."""
-        period = watchdog.ping_period()
-        return [] if period is None else [tasks.create_task(watchdog.ping_forever(period), name="watchdog")]
 
     def _placement_wakeups(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         """On PostgreSQL: queue a VM as soon as the scheduler places it here (or a drain takes

@@ -56,3 +56,9 @@ async def ping_forever(period: float) -> None:
     while True:
         notify("WATCHDOG=1")
         await asyncio.sleep(period)
+
+
+def start_pinging(tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+    """The pinging task in `tasks`, when systemd asked for pings (none otherwise)."""
+    period = ping_period()
+    return [] if period is None else [tasks.create_task(ping_forever(period), name="watchdog")]
