@@ -74,6 +74,8 @@ class PlacedVM:
     host: str | None
     demand: Demand
     scheduling: str | None = None
+    # A disk of its own is retained (reclaimPolicy: Retain): it stays on its host when its host is lost.
+    holds_data: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ It reaches the world through Protocols only: the Hypervisor (processes, runtime 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, assert_never
 
@@ -88,7 +89,10 @@ class Executor:
         tpms: TpmEmulators | None = None,
         agents: GuestShutdowns | None = None,
         passts: PasstNetworks | None = None,
+        may_spawn: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`may_spawn()`: False while this host is fenced (controller/host_agent.py)."""
+        self._may_spawn = may_spawn
         self._agents = agents
         self._passts = passts
         self._nvram = nvram
@@ -233,6 +237,10 @@ class Executor:
     async def _spawn(self, uid: str, paths: RuntimePaths, action: Spawn) -> None:
         """Start QEMU and return once it is watched (and continued, with `resume`); an early
         exit is recorded, not raised."""
+        if not self._may_spawn():
+            raise TransientError(
+                "this host's lease may have run out (fenced): no QEMU starts until it is renewed"
+            )
         since = (time.time_ns(), time.monotonic())
         try:
             spawned = await self._hypervisor.spawn(uid, paths, action.argv, action.digest)

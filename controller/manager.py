@@ -24,12 +24,13 @@ from api.infra.metrics import CONTROLLER_NAME, Metrics
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
+from api.store.fencing import StaleEpoch
 from api.store.host_wakeups import listen_for_placements
 from api.store.image_sources import ImageSources
 from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
-from controller import guest_agents
+from controller import guest_agents, watchdog
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
 from controller.host_agent import HostAgent, HostMetrics, Scheduler
@@ -53,6 +54,7 @@ from controller.resources.disks import DiskManager
 from controller.resources.nvram import NvramManager
 from controller.resources.ports import PortAllocator
 from controller.resync_inputs import IncrementalResync
+from controller.self_fence import HostQemus
 from controller.settings import ControllerSettings
 from controller.sources import (
     RESYNC_WAIT_FLOOR_SECONDS,
@@ -96,10 +98,17 @@ class Controller:
         self._shutting_down = False
         self._layout = DataLayout(settings.data_dir, settings.resolved_images_dir)
         # This host's VMs and ledger only: several controllers may share the store.
-        self.host = HostAgent(settings, db, HostMetrics(self._metrics.registry))
-        self._objects = VMStatusWriter(db, host=self.host.name)
-        self._allocations = Allocations(db, host=self.host.name)
-        self.events = EventLog(db, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
+        self.host = HostAgent(
+            settings,
+            db,
+            HostMetrics(self._metrics.registry),
+            qemus=HostQemus(self._layout),
+            wake=lambda uid: self.queue.add(uid),
+        )
+        store = self.host.store  # host-side writes: refused once the host's epoch moved on
+        self._objects = VMStatusWriter(store, host=self.host.name)
+        self._allocations = Allocations(store, host=self.host.name)
+        self.events = EventLog(store, per_vm_limit=settings.events_per_vm, max_age=settings.events_max_age)
         self._projects = ProjectIndex(db)
         self._usage_metrics = UsageMetrics(self._metrics.registry, host=self.host.name)
         self.queue: WorkQueue[str] = WorkQueue(
@@ -159,6 +168,7 @@ class Controller:
                 for index in range(self._settings.workers)
             ]
             log.info("controller_started", workers=len(workers), data_dir=str(self._settings.data_dir))
+            watchdog.notify("READY=1")
             await stop.wait()
             log.info("controller_stopping")
             await self._shut_down(runtime, images, (tpms, passts), workers, sources)
@@ -191,6 +201,7 @@ class Controller:
             tpms=tpms,
             agents=agents,
             passts=passts,
+            may_spawn=self.host.may_spawn,
         )
         instance_types = InstanceTypeCatalog.of(self._db, self._settings)
         quotas = self._quota_gate(instance_types, network)
@@ -282,6 +293,8 @@ class Controller:
             ),
             self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
             self._start_source(tasks, "host-lease", self.host.renew_forever),
+            self._start_source(tasks, "host-fence", self.host.fence_forever),
+            *watchdog.start_pinging(tasks),
             self._start_source(tasks, "scheduler", scheduler.run_forever),
             *self._placement_wakeups(tasks),
         ]
@@ -441,6 +454,10 @@ class Controller:
         try:
             async with asyncio.timeout(RECONCILE_DEADLINE_SECONDS):
                 return await reconciler.reconcile(uid)
+        except StaleEpoch as err:
+            # Not a bug: this host was fenced; the host agent recovers, then the retry succeeds.
+            log.warning("reconcile_fenced", error=str(err))
+            return None
         except Exception as err:
             span = trace.get_current_span()
             span.record_exception(err)

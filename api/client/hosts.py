@@ -31,7 +31,14 @@ def add_host_commands(commands: Any, client_parser: ClientParser) -> None:
     ):
         parser = client_parser(commands, action, help_text, project=False)
         parser.add_argument("host", metavar="HOST")
-        parser.set_defaults(client=_host_action, action=action)
+        if action == "drain":
+            parser.add_argument(
+                "--force",
+                action="store_true",
+                help="also move the VMs whose retained disks are on HOST: they start on another host "
+                "with new disks; HOST is fenced (docs/multi-host.md)",
+            )
+        parser.set_defaults(client=_host_action, action=action, force=False)
 
 
 def host_status(host: Mapping[str, Any]) -> str:
@@ -85,14 +92,14 @@ def get_hosts(
 def _host_action(
     connection: Connection, args: argparse.Namespace, out: TextIO, now: Callable[[], datetime]
 ) -> None:
-    answer = connection.post_json(f"{HOSTS_PATH}/{quote(args.host, safe='')}/{args.action}")
+    query = "?force=true" if args.force else ""
+    answer = connection.post_json(f"{HOSTS_PATH}/{quote(args.host, safe='')}/{args.action}{query}")
     if args.action != "drain":
         out.write(f"host/{args.host} {args.action}ed\n")
         return
-    out.write(f"host/{args.host} drained: {len(answer['moved'])} VM(s) moved")
+    forced = " (forced: the host is fenced)" if args.force else ""
+    out.write(f"host/{args.host} drained{forced}: {len(answer['moved'])} VM(s) moved")
     kept = answer["kept"]
     out.write(
-        f"; {len(kept)} kept because they retain disks here (drain --force is not available yet)\n"
-        if kept
-        else "\n"
+        f"; {len(kept)} kept because they retain disks here (drain --force moves them)\n" if kept else "\n"
     )

@@ -33,9 +33,19 @@ CORDON = host_action("Cordon: the scheduler places no new VM on the host; its VM
 UNCORDON = host_action("Uncordon: the host takes new VMs again")
 DRAIN = Op(
     "Drain: cordon, and unplace the host's VMs that hold no data (no Retain disk) so the "
-    "scheduler moves them; VMs with retained disks stay",
+    "scheduler moves them; VMs with retained disks stay. `?force=true`: move every VM, "
+    "retained disks left behind, and fence the host (epoch + 1)",
     ok="{host, moved: [uid], kept: [uid]}",
     errors=(400, 404, 503, 507),
+    query=(
+        {
+            "name": "force",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["true", "false"], "default": "false"},
+            "description": "true: also move the VMs with retained disks (their data stays on the host)",
+        },
+    ),
 )
 
 
@@ -81,9 +91,19 @@ async def drain(request: web.Request) -> web.StreamResponse:
     name = _host_name(request)
     if isinstance(name, web.Response):
         return name
+    force = request.query.get("force", "false")
+    if force not in ("true", "false"):
+        return status_response(400, f"force must be true or false, not {force[:20]!r}")
     hosts = Hosts(request.app[DATABASE])
-    moved, kept = await hosts.drain(name)
-    log.info("host_drained", host=name, moved=len(moved), kept=len(kept), by=principal_of(request))
+    moved, kept = await hosts.drain(name, force=force == "true")
+    log.info(
+        "host_drained",
+        host=name,
+        moved=len(moved),
+        kept=len(kept),
+        force=force == "true",
+        by=principal_of(request),
+    )
     return web.json_response(
         {"host": (await host_documents(hosts, request))[name], "moved": moved, "kept": kept}
     )

@@ -82,13 +82,19 @@ class Hosts:
         assert row is not None
         return _host(tuple(row))
 
-    async def renew(self, name: str) -> bool:
-        """Stamp the host's lease with the database's clock. False: the host is not registered."""
+    async def renew(self, name: str, epoch: int) -> bool:
+        """Stamp the host's lease with the database's clock. False: the host is not registered,
+        or no longer at `epoch` (registered again, or its VMs moved away: it is fenced)."""
         now = (await self._db.database_now()).isoformat()
         # Quiet: a renewal changes nothing a watcher acts on (the scheduler looks at leases on
         # its own period), and every process would otherwise wake for it every few seconds.
         async with self._db.write(durable=False, notify=False) as conn:
-            return await conn.execute("UPDATE hosts SET lease_renewed_at = ? WHERE name = ?", (now, name)) > 0
+            return (
+                await conn.execute(
+                    "UPDATE hosts SET lease_renewed_at = ? WHERE name = ? AND epoch = ?", (now, name, epoch)
+                )
+                > 0
+            )
 
     async def all(self) -> list[Host]:
         rows = await self._db.read(f"SELECT {_HOST_COLUMNS} FROM hosts ORDER BY name")  # noqa: S608
@@ -105,8 +111,10 @@ class Hosts:
             raise NotFound(f"no host named {name!r}")
         return _host(tuple(row))
 
-    async def drain(self, name: str) -> tuple[list[str], list[str]]:
-        """Cordon the host and unplace its VMs that hold no data, so the scheduler moves them.
+    async def drain(self, name: str, *, force: bool = False) -> tuple[list[str], list[str]]:
+        """Cordon the host and unplace its VMs that hold no data, so the scheduler moves them;
+        `force`: every VM, also those whose retained disk stays behind on this host, and the
+        host is fenced (epoch + 1): its controller kills what moved before it writes again.
 
         Returns (moved, kept): the uids unplaced and those left because a disk of theirs is
         retained (`reclaimPolicy: Retain`) and lives on this host.
@@ -117,8 +125,10 @@ class Hosts:
             rows = await conn.fetchall(
                 "SELECT uid, spec FROM vms WHERE host = ? AND deleted_at IS NULL ORDER BY uid", (name,)
             )
-            kept = [str(uid) for uid, spec in rows if _holds_data(json.loads(spec))]
-            note = f"drained from host {name}"
+            kept = [] if force else [str(uid) for uid, spec in rows if _holds_data(json.loads(spec))]
+            if force:
+                await conn.execute("UPDATE hosts SET epoch = epoch + 1 WHERE name = ?", (name,))
+            note = f"{'force-' if force else ''}drained from host {name}"
             moved = await self._set(
                 conn, {str(uid): (None, note) for uid, _spec in rows if str(uid) not in kept}
             )
@@ -143,17 +153,21 @@ class Hosts:
             " WHERE deleted_at IS NULL AND (host IS NOT NULL OR spec_error IS NULL)"
             " ORDER BY created_at, uid"
         )
-        return [
-            PlacedVM(
-                uid=str(uid),
-                project=str(project),
-                name=str(name),
-                host=host,
-                demand=demand_of(None if error else json.loads(spec)),
-                scheduling=scheduling,
+        placed = []
+        for uid, project, name, host, spec, error, scheduling in rows:
+            decoded = None if error else json.loads(spec)
+            placed.append(
+                PlacedVM(
+                    uid=str(uid),
+                    project=str(project),
+                    name=str(name),
+                    host=host,
+                    demand=demand_of(decoded),
+                    scheduling=scheduling,
+                    holds_data=decoded is not None and _holds_data(decoded),
+                )
             )
-            for uid, project, name, host, spec, error, scheduling in rows
-        ]
+        return placed
 
     async def place(self, assignments: dict[str, str], unschedulable: dict[str, str]) -> list[str]:
         """Place each VM of `assignments` on its host, unless it was placed meanwhile or is being
@@ -188,6 +202,44 @@ class Hosts:
             lost = {uid: notes[uid] or "" for uid in changed if notes[uid]}
             await self._record(conn, lost, "HostLost", EventType.WARNING)
         return changed
+
+    async def reschedule(self, moves: dict[str, tuple[str, str]], why: dict[str, str]) -> list[str]:
+        """Move each VM of `moves` (uid -> (lost host, new host)) that is still on its lost host,
+        with a `Rescheduled` event, and fence the lost hosts (epoch + 1) in the same
+        transaction: a controller of theirs that wakes cannot write for them any more.
+        `why`: lost host -> the reason, for the events. Returns the uids moved."""
+        if not moves:
+            return []
+        async with self._db.write() as conn:
+            rows = await conn.fetchall(
+                f"SELECT uid, host FROM vms WHERE uid IN ({self._uids}) AND deleted_at IS NULL",  # noqa: S608
+                (json.dumps(list(moves)),),
+            )
+            still = {str(uid) for uid, host in rows if host == moves[str(uid)][0]}
+            moved = await self._set(
+                conn, {uid: (new, None) for uid, (_old, new) in moves.items() if uid in still}
+            )
+            lost = sorted({moves[uid][0] for uid in moved})
+            await conn.executemany(
+                "UPDATE hosts SET epoch = epoch + 1 WHERE name = ?", [(host,) for host in lost]
+            )
+            messages = {
+                uid: f"from host {moves[uid][0]} to host {moves[uid][1]}: {why[moves[uid][0]]}"
+                for uid in moved
+            }
+            await self._record(conn, messages, "Rescheduled", EventType.WARNING)
+            await notify_placed(conn, self._db.dialect, ((moves[uid][1], uid) for uid in moved))
+        return moved
+
+    async def placed_on(self, name: str) -> list[str]:
+        """The uids of the VMs placed on host `name`, deleted or not."""
+        rows = await self._db.read("SELECT uid FROM vms WHERE host = ? ORDER BY uid", (name,))
+        return [str(row[0]) for row in rows]
+
+    async def record(self, messages: dict[str, str], reason: str, kind: EventType = EventType.NORMAL) -> None:
+        """Events of `reason` for the VMs of `messages` (uid -> message), in one transaction."""
+        async with self._db.write() as conn:
+            await self._record(conn, messages, reason, kind)
 
     @property
     def _uids(self) -> str:

@@ -56,10 +56,13 @@ async def test_a_host_is_ready_until_its_lease_runs_out(db: Database) -> None:
     renewed = host.lease_renewed_at
     assert host.ready(renewed + timedelta(seconds=14.9))
     assert not host.ready(renewed + timedelta(seconds=15))
-    assert await hosts.renew("a")
+    assert await hosts.renew("a", host.epoch)
     (after,) = await hosts.all()
     assert after.lease_renewed_at >= renewed
-    assert not await hosts.renew("missing")
+    assert not await hosts.renew("missing", 1)
+    # A renewal at an older epoch is refused: the host registered again since (fencing).
+    await hosts.register(registration("a", lease=15.0))
+    assert not await hosts.renew("a", host.epoch)
 
 
 async def test_lease_times_are_the_database_clock(db: Database, clock: FakeClock) -> None:
