@@ -27,6 +27,7 @@ from api.client.connection import (
     NotFoundError,
     connect,
 )
+from api.client.console import add_console_command
 from api.client.describe import describe_vm
 from api.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
 from api.client.instancetypes import TYPE_WORDS, get_types
@@ -101,6 +102,9 @@ def add_client_commands(commands: Any) -> None:
     unlock.set_defaults(client=_force_unlock)
     add_usage_command(commands, _client_parser, _print_document)
     add_host_commands(commands, _client_parser)
+    add_console_command(
+        commands, _client_parser, lambda c, name, project: _vm_path(_find_vm(c, name, project), "console")
+    )
 
 
 def run_client(

@@ -1,0 +1,180 @@
+"""The interactive console with real QEMU and the tiny guest's shell on ttyS0 (tofu.shell=1).
+
+`tofu-qemu console vm NAME` runs on a real pseudo-terminal (os.openpty): it types a command the
+guest's shell must evaluate (arithmetic, so the answer is not the echo of what was typed),
+reads the answer back, detaches with Ctrl-], and leaves the terminal as it found it (also when
+ended by SIGTERM). A second CLI attached meanwhile is a reader. The serial log keeps recording,
+and attach/detach are events naming the user. One VM serves the whole module.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import open_vm_host, report_host_on_failure
+from tests.e2e.harness import PASSWORD, REPO_ROOT, USER, ServerProcess, VmHost, is_running_current
+
+pytestmark = pytest.mark.e2e
+
+PROJECT = "console"
+NAME = "shell"
+SPEC = {
+    "memory": 128,
+    "accel": "tcg",
+    "stopTimeout": 10,
+    "boot": {
+        "kernel": "tiny-guest/vmlinuz",
+        "initrd": "tiny-guest/initramfs.cpio.gz",
+        "cmdline": "tofu.shell=1",
+    },
+}
+READY_MARKER = b"TOFU-GUEST-READY"
+GUEST_TIMEOUT = 120.0
+READ_TIMEOUT = 30.0
+CTRL_RBRACKET = b"\x1d"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleVM:
+    host: VmHost
+    server: ServerProcess
+    serial_log: Path
+
+
+@pytest.fixture(scope="module")
+def console_vm(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    guest_images: Path,
+    accel_cache: Path,
+) -> Iterator[ConsoleVM]:
+    host = open_vm_host(tmp_path_factory, guest_images, accel_cache)
+    try:
+        server = host.start("serve")
+        server.declare_vms(PROJECT, 1, {NAME: SPEC})
+        vm = host.wait_vm(PROJECT, NAME, is_running_current, what="shell VM Running")
+        serial_log = host.data_dir / "run" / vm["metadata"]["uid"] / "serial.log"
+        deadline = time.monotonic() + GUEST_TIMEOUT
+        while READY_MARKER not in serial_log.read_bytes():
+            assert time.monotonic() < deadline, f"the guest did not boot:\n{serial_log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        yield ConsoleVM(host, server, serial_log)
+    finally:
+        host.close()
+
+
+@pytest.fixture(autouse=True)
+def _report(request: pytest.FixtureRequest, console_vm: ConsoleVM) -> None:
+    report_host_on_failure(request, console_vm.host)
+
+
+class Terminal:
+    """The CLI on a fresh pseudo-terminal, read and typed into as a person would."""
+
+    def __init__(self, server: ServerProcess, *args: str) -> None:
+        self.master, self.slave = os.openpty()
+        self.cooked = termios.tcgetattr(self.slave)
+        env = {
+            **os.environ,
+            "TOFU_QEMU_SERVER": f"http://127.0.0.1:{server.port}",
+            "TOFU_QEMU_USERNAME": USER,
+            "TOFU_QEMU_PASSWORD": PASSWORD,
+            "NO_PROXY": "127.0.0.1",
+            "no_proxy": "127.0.0.1",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "controller.cli", "console", "vm", NAME, "-p", PROJECT, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=self.slave,
+            stdout=self.slave,
+            stderr=self.slave,
+            start_new_session=True,
+        )
+        self.seen = b""
+
+    def read_until(self, marker: bytes, timeout: float = READ_TIMEOUT) -> bytes:
+        deadline = time.monotonic() + timeout
+        while marker not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{marker!r} not seen; the terminal shows:\n{self.seen[-2000:]!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                self.seen += os.read(self.master, 65536)
+        return self.seen
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def is_raw(self) -> bool:
+        lflag = termios.tcgetattr(self.slave)[3]
+        return not lflag & (termios.ICANON | termios.ECHO | termios.ISIG)
+
+    def wait(self) -> int:
+        return self.process.wait(timeout=READ_TIMEOUT)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_a_round_trip_from_the_cli(console_vm: ConsoleVM) -> None:
+    terminal = Terminal(console_vm.server)
+    reader = Terminal(console_vm.server)
+    try:
+        terminal.read_until(b"as writer")
+        assert terminal.is_raw(), "the console puts the terminal in raw mode"
+        reader.read_until(b"as reader: another session holds the input")
+        number = random.randrange(1000, 9999)
+        terminal.type(f"echo hello-$(( {number} + 1 ))\r".encode())
+        answer = f"hello-{number + 1}".encode()
+        terminal.read_until(answer)
+        reader.read_until(answer)  # readers see what the guest writes
+        reader.type(b"echo from-the-reader\r")
+        reader.read_until(b"read-only")
+        terminal.type(CTRL_RBRACKET)
+        assert terminal.wait() == 0
+        terminal.read_until(b"Disconnected from VM shell: detached (^])")
+        assert termios.tcgetattr(terminal.slave) == terminal.cooked, "the terminal is restored"
+        assert answer in console_vm.serial_log.read_bytes(), "the log keeps recording"
+        assert b"from-the-reader" not in console_vm.serial_log.read_bytes()
+    finally:
+        terminal.close()
+        reader.close()
+    events = console_vm.server.get_json(
+        f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/{NAME}/events"
+    )["items"]
+    messages = [event["message"] for event in events if event["reason"] == "ConsoleAttached"]
+    assert f"{USER} attached to the serial console as writer" in messages
+    assert any(
+        event["reason"] == "ConsoleDetached" and event["message"].startswith(f"{USER} detached")
+        for event in events
+    )
+
+
+def test_sigterm_restores_the_terminal(console_vm: ConsoleVM) -> None:
+    terminal = Terminal(console_vm.server)
+    try:
+        terminal.read_until(b"as writer")
+        assert terminal.is_raw()
+        terminal.process.send_signal(signal.SIGTERM)
+        assert terminal.wait() == 0
+        terminal.read_until(b"signal SIGTERM")
+        assert termios.tcgetattr(terminal.slave) == terminal.cooked
+    finally:
+        terminal.close()
