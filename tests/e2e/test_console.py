@@ -22,11 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, expect
 
 from tests.e2e.conftest import open_vm_host, report_host_on_failure
-from tests.e2e.harness import PASSWORD, REPO_ROOT, USER, ServerProcess, VmHost, is_running_current
+from tests.e2e.harness import (
+    PASSWORD,
+    REPO_ROOT,
+    USER,
+    ServerProcess,
+    VmHost,
+    is_running_current,
+    run_setup_step,
+)
+from tests.e2e.test_dashboard import PageProblems, Screenshots, chromium
 
 pytestmark = pytest.mark.e2e
+__all__ = ["chromium"]  # a fixture
 
 PROJECT = "console"
 NAME = "shell"
@@ -41,9 +52,10 @@ SPEC = {
     },
 }
 READY_MARKER = b"TOFU-GUEST-READY"
-GUEST_TIMEOUT = 120.0
+GUEST_TIMEOUT = 300.0  # an upper bound for a very busy machine; 5-10 s when idle
 READ_TIMEOUT = 30.0
 CTRL_RBRACKET = b"\x1d"
+BROWSER_TIMEOUT_MS = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +72,7 @@ def console_vm(
     guest_images: Path,
     accel_cache: Path,
 ) -> Iterator[ConsoleVM]:
+    run_setup_step("install-xterm")  # before the server starts: it reads its static files once
     host = open_vm_host(tmp_path_factory, guest_images, accel_cache)
     try:
         server = host.start("serve")
@@ -178,3 +191,42 @@ def test_sigterm_restores_the_terminal(console_vm: ConsoleVM) -> None:
         assert termios.tcgetattr(terminal.slave) == terminal.cooked
     finally:
         terminal.close()
+
+
+def test_a_round_trip_from_the_browser(console_vm: ConsoleVM, chromium: Browser) -> None:
+    """The VM page's terminal (xterm.js, served by the server) connects, takes keys and shows
+    the guest shell's answer; no script or console error on the way (CSP included)."""
+    server = console_vm.server
+    context = chromium.new_context(
+        base_url=server.url,
+        http_credentials={"username": USER, "password": PASSWORD},
+        viewport={"width": 1280, "height": 1000},
+    )
+    try:
+        page = context.new_page()
+        problems = PageProblems(page)
+        shots = Screenshots(page)
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(f"/ui/projects/{PROJECT}/vms/{NAME}")
+        page.locator("#terminal-connect").click()
+        status = page.locator("#terminal-status")
+        expect(status).to_have_text(
+            f"{USER} attached to the serial console as writer", timeout=BROWSER_TIMEOUT_MS
+        )
+        number = random.randrange(1000, 9999)
+        page.locator("#terminal .xterm-helper-textarea").focus()
+        page.keyboard.type(f"echo browser-$(( {number} * 2 ))")
+        page.keyboard.press("Enter")
+        rows = page.locator("#terminal .xterm-rows")
+        expect(rows).to_contain_text(f"browser-{number * 2}", timeout=BROWSER_TIMEOUT_MS)
+        shots.take("console-terminal")
+        page.locator("#terminal-disconnect").click()
+        expect(status).to_contain_text("Disconnected", timeout=BROWSER_TIMEOUT_MS)
+        assert problems.errors == []
+        origin = server.url.rstrip("/")
+        assert all(url.startswith(origin) or url.startswith("ws://127.0.0.1") for url in requests), requests
+        assert any(url.endswith("/ui/static/xterm.mjs") for url in requests)
+    finally:
+        context.close()
+    assert f"browser-{number * 2}".encode() in console_vm.serial_log.read_bytes()
