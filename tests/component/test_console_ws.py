@@ -326,3 +326,19 @@ def test_the_documented_defaults() -> None:
     assert INPUT_FRAME_MAX_BYTES == 4096
     assert (QUEUE_CHUNKS, READ_CHUNK_BYTES) == (256, 4096)
     assert (WRITE_TIMEOUT_SECONDS, SEND_TIMEOUT_SECONDS, HEARTBEAT_SECONDS) == (10.0, 30.0, 30.0)
+
+
+async def test_only_the_vm_page_allows_inline_styles(api: Client) -> None:
+    """xterm.js styles itself with <style> elements: the VM page's CSP allows inline styles,
+    never inline scripts, and the other pages keep `default-src 'self'` alone."""
+    await declare_lab(api)
+    vm_page = await api.get("/ui/projects/lab/vms/web", headers=AUTH)
+    csp = vm_page.headers["Content-Security-Policy"]
+    assert csp.startswith("default-src 'self';")
+    assert csp.endswith("; style-src 'self' 'unsafe-inline'")
+    assert "script-src" not in csp
+    for page in ("/ui", "/ui/projects/lab"):
+        other = await api.get(page, headers=AUTH)
+        assert "unsafe-inline" not in other.headers["Content-Security-Policy"]
+    terminal = await api.get("/ui/static/terminal.js", headers=AUTH)
+    assert (terminal.status, terminal.content_type) == (200, "text/javascript")

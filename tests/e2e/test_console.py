@@ -148,10 +148,11 @@ class Terminal:
 
 def test_a_round_trip_from_the_cli(console_vm: ConsoleVM) -> None:
     terminal = Terminal(console_vm.server)
-    reader = Terminal(console_vm.server)
+    reader: Terminal | None = None
     try:
         terminal.read_until(b"as writer")
         assert terminal.is_raw(), "the console puts the terminal in raw mode"
+        reader = Terminal(console_vm.server)  # only now: the first to attach gets the input
         reader.read_until(b"as reader: another session holds the input")
         number = random.randrange(1000, 9999)
         terminal.type(f"echo hello-$(( {number} + 1 ))\r".encode())
@@ -168,7 +169,8 @@ def test_a_round_trip_from_the_cli(console_vm: ConsoleVM) -> None:
         assert b"from-the-reader" not in console_vm.serial_log.read_bytes()
     finally:
         terminal.close()
-        reader.close()
+        if reader is not None:
+            reader.close()
     events = console_vm.server.get_json(
         f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/{NAME}/events"
     )["items"]
