@@ -49,9 +49,8 @@ def add_console_command(
 def _console(connection: Connection, args: argparse.Namespace, locate: Locate) -> None:
     path = locate(connection, args.name, args.project)
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
-    _say(f"Connected to VM {args.name} (escape character is {ESCAPE_NAME})")
     with raw_terminal(stdin):
-        reason = asyncio.run(_session(connection, path, args.read_only, stdin, stdout))
+        reason = asyncio.run(_session(connection, path, args.read_only, stdin, stdout, name=args.name))
     _say(f"\nDisconnected from VM {args.name}: {reason}")
 
 
@@ -76,7 +75,9 @@ def _say(text: str, stream: TextIO = sys.stderr) -> None:
     stream.flush()
 
 
-async def _session(connection: Connection, path: str, read_only: bool, stdin: int, stdout: int) -> str:
+async def _session(
+    connection: Connection, path: str, read_only: bool, stdin: int, stdout: int, *, name: str
+) -> str:
     """Run the session until the escape, the server's end or a signal. :return: why it ended."""
     url = connection.server.rstrip("/") + path
     headers = {"Authorization": connection.authorization} if connection.authorization else {}
@@ -93,6 +94,7 @@ async def _session(connection: Connection, path: str, read_only: bool, stdin: in
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise ClientError(f"cannot reach {connection.server}: {err or type(err).__name__}") from None
         async with socket:
+            _say(f"Connected to VM {name} (escape character is {ESCAPE_NAME})")
             return await _pump(socket, stdin, stdout)
 
 
