@@ -20,6 +20,7 @@ that cannot keep up with the guest's output is detached (api/server/serial_line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import weakref
@@ -187,8 +188,10 @@ async def _receive_input(
 
 
 async def _notice(socket: web.WebSocketResponse, notice: dict[str, str]) -> None:
+    """Best effort: a client that already left needs no notice."""
     if not socket.closed:
-        await socket.send_str(json.dumps(notice))
+        with contextlib.suppress(ConnectionError):
+            await socket.send_str(json.dumps(notice))
 
 
 async def _attached(request: web.Request, record: VMRecord, attachment: Attachment, want_write: bool) -> str:
