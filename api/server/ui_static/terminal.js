@@ -21,16 +21,35 @@ function consoleSocketURL(project, name) {
   return `${scheme}//${location.host}${path}`;
 }
 
-function section() {
-  const el = document.createElement("section");
-  el.setAttribute("aria-labelledby", "h-terminal");
-  el.innerHTML = `<h2 id="h-terminal">Terminal</h2>
-<p><button type="button" id="terminal-connect">Connect</button>
-<button type="button" id="terminal-disconnect" disabled>Disconnect</button>
-<label><input type="checkbox" id="terminal-read-only"> read-only</label>
-<output id="terminal-status" role="status"></output></p>
-<div id="terminal" class="terminal" aria-label="Serial console terminal"></div>`;
+function element(tag, attributes = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) el.setAttribute(key, value);
+  el.append(...children);
   return el;
+}
+
+function section() {
+  const button = (id, text) => element("button", { type: "button", id }, text);
+  const disconnect = button("terminal-disconnect", "Disconnect");
+  disconnect.disabled = true;
+  const readOnly = element("label", {}, element("input", { type: "checkbox", id: "terminal-read-only" }), " read-only");
+  return element(
+    "section",
+    { "aria-labelledby": "h-terminal" },
+    element("h2", { id: "h-terminal" }, "Terminal"),
+    element(
+      "p",
+      {},
+      button("terminal-connect", "Connect"),
+      " ",
+      disconnect,
+      " ",
+      readOnly,
+      " ",
+      element("output", { id: "terminal-status", role: "status" }),
+    ),
+    element("div", { id: "terminal", class: "terminal", "aria-label": "Serial console terminal" }),
+  );
 }
 
 async function loadXterm() {
