@@ -48,9 +48,7 @@ def add_console_command(
 
 def _console(connection: Connection, args: argparse.Namespace, locate: Locate) -> None:
     path = locate(connection, args.name, args.project)
-    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
-    with raw_terminal(stdin):
-        reason = asyncio.run(_session(connection, path, args.read_only, stdin, stdout, name=args.name))
+    reason = asyncio.run(_session(connection, path, args.read_only, name=args.name))
     _say(f"\nDisconnected from VM {args.name}: {reason}")
 
 
@@ -75,10 +73,9 @@ def _say(text: str, stream: TextIO = sys.stderr) -> None:
     stream.flush()
 
 
-async def _session(
-    connection: Connection, path: str, read_only: bool, stdin: int, stdout: int, *, name: str
-) -> str:
-    """Run the session until the escape, the server's end or a signal. :return: why it ended."""
+async def _session(connection: Connection, path: str, read_only: bool, *, name: str) -> str:
+    """Attach, then run the session in raw mode until the escape, the server's end or a signal.
+    A refused attach leaves the terminal untouched. :return: why it ended."""
     url = connection.server.rstrip("/") + path
     headers = {"Authorization": connection.authorization} if connection.authorization else {}
     params = {"interactive": "true", **({"readOnly": "true"} if read_only else {})}
@@ -94,8 +91,10 @@ async def _session(
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise ClientError(f"cannot reach {connection.server}: {err or type(err).__name__}") from None
         async with socket:
+            stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
             _say(f"Connected to VM {name} (escape character is {ESCAPE_NAME})")
-            return await _pump(socket, stdin, stdout)
+            with raw_terminal(stdin):
+                return await _pump(socket, stdin, stdout)
 
 
 def _refusal(status: int) -> str:

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType
 
+from api.client.commands import run_client
 from api.server.console_ws import (
     HEARTBEAT_SECONDS,
     INPUT_FRAME_MAX_BYTES,
@@ -33,6 +34,7 @@ from api.server.serial_line import (
     serial_socket_dir,
 )
 from api.settings import ServerSettings
+from controller.cli import build_parser
 from tests.component.conftest import AUTH
 from tests.component.k8s_support import APIS, Client, Serve, api, serve
 from tests.component.test_k8s_api import declare_lab, uid_of
@@ -342,3 +344,16 @@ async def test_only_the_vm_page_allows_inline_styles(api: Client) -> None:
         assert "unsafe-inline" not in other.headers["Content-Security-Policy"]
     terminal = await api.get("/ui/static/terminal.js", headers=AUTH)
     assert (terminal.status, terminal.content_type) == (200, "text/javascript")
+
+
+async def test_the_cli_says_why_a_console_is_refused(api: Client, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tofu-qemu console vm NAME` on a VM with no serial port here: exit 1, the reason on stderr,
+    no "Connected" line (the terminal is never put in raw mode: stdin is no terminal here)."""
+    await declare_lab(api)
+    args = build_parser().parse_args(["console", "vm", "web", "-p", "lab"])
+    env = {"TOFU_QEMU_SERVER": f"http://{api.host}:{api.port}", "TOFU_QEMU_TOKEN": "tok-1"}
+    status = await asyncio.to_thread(run_client, args, env=env)
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "409 the VM is not running here" in err
+    assert "Connected" not in err
