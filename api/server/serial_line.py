@@ -132,7 +132,9 @@ class SerialLine:
     async def send(self, attachment: Attachment, data: bytes) -> None:
         """Hand `data` to the guest. :raise PermissionError: `attachment` is not the writer.
         :raise ConnectionError: QEMU took none of it within WRITE_TIMEOUT_SECONDS, or is gone."""
-        if not attachment.writer or attachment.ended is not None:
+        if attachment.ended is not None:
+            return  # the session is leaving: its last keys go nowhere
+        if not attachment.writer:
             raise PermissionError("this session is read-only")
         async with self._write_lock:
             self._writer.write(data)
