@@ -148,6 +148,24 @@ class Terminal:
         os.close(self.slave)
 
 
+def console_events(server: ServerProcess) -> list[dict[str, str]]:
+    path = f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/{NAME}/events"
+    return [event for event in server.get_json(path)["items"] if event["reason"].startswith("Console")]
+
+
+def wait_all_detached(server: ServerProcess) -> list[dict[str, str]]:
+    """The server has let every session go (a client that left may be ahead of its detach), so
+    that the next test's session is the writer."""
+    deadline = time.monotonic() + READ_TIMEOUT
+    while True:
+        events = console_events(server)
+        reasons = [event["reason"] for event in events]
+        if reasons.count("ConsoleAttached") == reasons.count("ConsoleDetached"):
+            return events
+        assert time.monotonic() < deadline, f"sessions still attached: {events}"
+        time.sleep(0.1)
+
+
 def test_a_round_trip_from_the_cli(console_vm: ConsoleVM) -> None:
     terminal = Terminal(console_vm.server)
     reader: Terminal | None = None
@@ -173,9 +191,7 @@ def test_a_round_trip_from_the_cli(console_vm: ConsoleVM) -> None:
         terminal.close()
         if reader is not None:
             reader.close()
-    events = console_vm.server.get_json(
-        f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/{NAME}/events"
-    )["items"]
+    events = wait_all_detached(console_vm.server)
     messages = [event["message"] for event in events if event["reason"] == "ConsoleAttached"]
     assert f"{USER} attached to the serial console as writer" in messages
     assert any(
@@ -195,6 +211,7 @@ def test_sigterm_restores_the_terminal(console_vm: ConsoleVM) -> None:
         assert termios.tcgetattr(terminal.slave) == terminal.cooked
     finally:
         terminal.close()
+    wait_all_detached(console_vm.server)
 
 
 def test_a_round_trip_from_the_browser(console_vm: ConsoleVM, chromium: Browser) -> None:
