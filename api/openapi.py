@@ -122,6 +122,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Bad request: a parameter, name or body is invalid",
         401: "Authentication required",
         404: "Not found",
+        403: "Forbidden: a request from a page of another origin",
         409: "Conflict",
         410: "Expired: the resourceVersion is older than the kept history; list again",
         413: "The body is larger than max_body_bytes",
@@ -331,10 +332,13 @@ CONSOLE = Op(
             {"type": "integer", "minimum": 1, "maximum": 86400},
             "Follow: end after this long (default: the server's follow_timeout_seconds, 3600)",
         ),
+        _query("interactive", BOOLEAN, "A WebSocket attached to the serial port instead (docs/console.md)"),
+        _query("readOnly", BOOLEAN, "Interactive: attach as a reader even when nobody writes"),
     ),
     responses={
+        "101": {"description": "Interactive: switching to the WebSocket"},
         "200": {"description": "The log's tail, then (follow) what is appended", **_TEXT},
-        **_errors(400, 404, 429, 503),
+        **_errors(400, 403, 404, 409, 429, 503),
     },
 )
 _EVENTS_QUERY = (

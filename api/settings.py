@@ -91,6 +91,18 @@ class ServerSettings(ProcessSettings):
         "(http(s), {trace_id} its only placeholder)",
     )
 
+    # The interactive console (api/server/console_ws.py, docs/console.md).
+    max_consoles: int = Field(default=16, ge=1, description="Interactive console sessions open at once")
+    max_consoles_per_principal: int = Field(
+        default=4, ge=1, description="Interactive console sessions open at once per user or token"
+    )
+    console_idle_seconds: int = Field(
+        default=900,
+        ge=10,
+        le=86400,
+        description="An interactive console's writer is detached after this long without a keystroke",
+    )
+
     @field_validator("trace_url_template")
     @classmethod
     def _valid_trace_url_template(cls, value: str | None) -> str | None:

@@ -27,7 +27,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel
 
-from api.client.commands import add_client_commands
+from api.client.commands import add_client_commands, add_console
 from api.client.kubeconfig import add_kubeconfig_command
 from api.infra.credentials import Credentials, CredentialsError, hash_password, load_credentials
 from api.infra.logs import configure_logging
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restorer.set_defaults(run=_restore)
     add_client_commands(commands)
+    add_console(commands)
     add_kubeconfig_command(commands)
     return parser
 

@@ -27,6 +27,7 @@ from api.client.connection import (
     NotFoundError,
     connect,
 )
+from api.client.console import add_console_command
 from api.client.describe import describe_vm
 from api.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
 from api.client.instancetypes import TYPE_WORDS, get_types
@@ -101,6 +102,11 @@ def add_client_commands(commands: Any) -> None:
     unlock.set_defaults(client=_force_unlock)
     add_usage_command(commands, _client_parser, _print_document)
     add_host_commands(commands, _client_parser)
+
+
+def add_console(commands: Any) -> None:
+    """`console` (api/client/console.py), with this module's parser flags and VM lookup."""
+    add_console_command(commands, _client_parser, _console_path)
 
 
 def run_client(
@@ -303,6 +309,10 @@ def _find_vm(connection: Connection, name: str, project: str | None) -> dict[str
 
 def _vm_url(project: str, name: str) -> str:
     return f"{API}/projects/{quote(project, safe='')}/qemuvms/{quote(name, safe='')}"
+
+
+def _console_path(connection: Connection, name: str, project: str | None) -> str:
+    return _vm_path(_find_vm(connection, name, project), "console")
 
 
 def _vm_path(vm: Mapping[str, Any], sub: str) -> str:

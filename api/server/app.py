@@ -15,6 +15,7 @@ from api.infra.health import ReadinessCheck
 from api.infra.metrics import Metrics
 from api.server.auth import auth_middleware
 from api.server.connections import CONNECTION_GUARD, ConnectionGuard, ConnectionLimits, body_deadline
+from api.server.console_ws import install_consoles
 from api.server.errors import error_middleware
 from api.server.health import database_check_context
 from api.server.hosts import allowed_host_names, host_middleware
@@ -80,6 +81,7 @@ def create_app(
     app.add_routes(ROUTES)
     # Watches and console follows end at once on shutdown instead of holding it up.
     install_streams(app)
+    install_consoles(app)
 
     app.cleanup_ctx.append(_store_context(settings, database, clock))
     app.cleanup_ctx.append(database_check_context)

@@ -9,6 +9,8 @@ sees the file shrink, or replaced by another inode, reads it again from the star
 
 Bytes are served as they are (control characters included: it is a terminal's output), decoded
 as UTF-8 with invalid sequences replaced, so the text/plain; charset=utf-8 body is honest.
+
+With `?interactive=true` the request is a WebSocket to the serial port instead: console_ws.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import web
 from api.server import params
 from api.server.auth import PRINCIPAL
 from api.server.backend import project_of
+from api.server.console_ws import interactive_console
 from api.server.keys import SETTINGS, VMS
 from api.server.streams import StreamHub, StreamKind, hub_of
 from api.store import NotFound
@@ -79,6 +82,8 @@ def read_chunk(path: Path, *, start: int | None, tail: int, limit: int, inode: i
 
 
 async def console(request: web.Request) -> web.StreamResponse:
+    if params.flag(request, "interactive"):
+        return await interactive_console(request)
     project = project_of(request)
     tail = params.integer(request, "tailBytes", default=TAIL_DEFAULT_BYTES, minimum=0, maximum=TAIL_MAX_BYTES)
     follow = params.flag(request, "follow")

@@ -41,9 +41,21 @@ SECURITY_HEADERS = {
 }
 # Pages show live data to an authenticated user: never cached by anyone.
 PAGE_HEADERS = {**SECURITY_HEADERS, "Cache-Control": "no-store"}
+# The VM page's terminal (xterm.js, ui_static/terminal.js) sizes and colours itself with <style>
+# elements it creates: inline styles are allowed there, and there only. Scripts stay 'self'.
+VM_PAGE_HEADERS = {
+    **PAGE_HEADERS,
+    "Content-Security-Policy": SECURITY_HEADERS["Content-Security-Policy"]
+    + "; style-src 'self' 'unsafe-inline'",
+}
 EVENTS_SHOWN = 50
 CONSOLE_TAIL_BYTES = 16 * 1024
-_CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+_CONTENT_TYPES = {
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+}
 
 
 def _load_static() -> dict[str, tuple[bytes, str]]:
@@ -60,8 +72,8 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
 STATIC_FILES = _load_static()
 
 
-def _page(text: str) -> web.Response:
-    return web.Response(text=text, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+def _page(text: str, headers: dict[str, str] = PAGE_HEADERS) -> web.Response:
+    return web.Response(text=text, content_type="text/html", charset="utf-8", headers=headers)
 
 
 async def vm_list(request: web.Request) -> web.StreamResponse:
@@ -89,7 +101,8 @@ async def vm_detail(request: web.Request) -> web.StreamResponse:
     now, template = request.app[DATABASE].clock(), request.app[SETTINGS].trace_url_template
     charts = await ui_charts.vm_charts_html(request, vm)
     return _page(
-        ui_pages.vm_page(vm, events, console=console, now=now, trace_template=template, charts=charts)
+        ui_pages.vm_page(vm, events, console=console, now=now, trace_template=template, charts=charts),
+        VM_PAGE_HEADERS,
     )
 
 

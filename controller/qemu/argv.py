@@ -33,6 +33,9 @@ MAC_PREFIX = "52:54:00"
 DISK_SERIAL_LENGTH = 20
 PROCESS_NAME_PREFIX = "tq-"
 QMP_SOCKET_NAME = "qmp.sock"
+# ttyS0's chardev: a socket the API's interactive console attaches to, which also logs every
+# byte the guest writes to serial.log (docs/console.md).
+SERIAL_SOCKET_NAME = "serial.sock"
 
 
 class UnsafeValue(ValueError):
@@ -77,6 +80,10 @@ class RuntimePaths:
     @property
     def serial_log(self) -> PurePath:
         return self.directory / "serial.log"
+
+    @property
+    def serial_socket(self) -> PurePath:
+        return self.directory / SERIAL_SOCKET_NAME
 
     @property
     def stderr_log(self) -> PurePath:
@@ -164,7 +171,7 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
     argv += ["-display", "none", "-pidfile", free_argument(str(runtime.pidfile))]
     argv += ["-chardev", f"socket,id=qmp,path={QMP_SOCKET_NAME},server=on,wait=off"]
     argv += ["-mon", "chardev=qmp,mode=control"]
-    argv += ["-chardev", f"file,id=serial0,path={option_value(str(runtime.serial_log))}"]
+    argv += ["-chardev", serial_chardev(runtime)]
     argv += ["-serial", "chardev:serial0"]
     argv += inputs.platform
     if spec.boot is not None:
@@ -186,6 +193,15 @@ def build_argv(spec: QemuVMSpec, inputs: LaunchInputs) -> tuple[str, ...]:
     argv += ["-device", f"{net_device},netdev=net0,mac={mac_address(inputs.uid)}"]
     argv += agent_channel_argv(spec)
     return tuple(argv)
+
+
+def serial_chardev(runtime: RuntimePaths) -> str:
+    """ttyS0 as a UNIX socket server (relative, as the QMP socket: a short path) that one client
+    at a time may attach to, logging the guest's output to serial.log whether or not one is.
+    QEMU drops output while no client is attached (the log still gets it) and truncates the log
+    at each start (logappend defaults to off), which the console tail relies on."""
+    log_path = option_value(str(runtime.serial_log))
+    return f"socket,id=serial0,path={SERIAL_SOCKET_NAME},server=on,wait=off,logfile={log_path}"
 
 
 def seed_drive(machine: Machine, path: PurePath) -> list[str]:

@@ -62,7 +62,7 @@ def test_argv_has_the_expected_shape() -> None:
     assert "-machine q35 -accel tcg" in joined
     assert f"-pidfile /data/run/{UID}/qemu.pid" in joined
     assert "socket,id=qmp,path=qmp.sock,server=on,wait=off" in argv
-    assert f"file,id=serial0,path=/data/run/{UID}/serial.log" in argv
+    assert f"socket,id=serial0,path=serial.sock,server=on,wait=off,logfile=/data/run/{UID}/serial.log" in argv
     assert "-kernel /data/images/tiny/vmlinuz -initrd /data/images/tiny/initrd.gz" in joined
     assert argv[argv.index("-append") + 1] == "console=ttyS0 tofu.name=web quiet"
     assert (
@@ -119,8 +119,8 @@ def test_hostile_data_dir_never_adds_an_option(data_dir: str) -> None:
     """Commas in operator paths are doubled, and no value becomes an extra option or key."""
     argv = build_argv(spec(), inputs(data_dir))
     assert options(argv) == options(build_argv(spec(), inputs()))
-    serial = next(arg for arg in argv if arg.startswith("file,id=serial0"))
-    assert serial.replace(",,", "").count(",") == 2
+    serial = next(arg for arg in argv if arg.startswith("socket,id=serial0"))
+    assert serial.replace(",,", "").count(",") == 5
     if "," in data_dir:
         assert data_dir.replace(",", ",,") in serial
 

@@ -17,6 +17,7 @@ import {
   timeElement,
 } from "./dom.js";
 import { errorOf, getJSON, listAndWatch } from "./http.js";
+import { startTerminal } from "./terminal.js";
 
 function setField(name, node) {
   const el = document.querySelector(`[data-field="${name}"]`);
@@ -239,4 +240,5 @@ export function startVMPage() {
   const pre = document.getElementById("console");
   pre.scrollTop = pre.scrollHeight;
   poll();
+  startTerminal(project, name);
 }
