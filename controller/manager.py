@@ -54,6 +54,7 @@ from controller.resources.nvram import NvramManager
 from controller.resources.ports import PortAllocator
 from controller.resync_inputs import IncrementalResync
 from controller.settings import ControllerSettings
+from controller.snapshots import SnapshotController
 from controller.sources import (
     RESYNC_WAIT_FLOOR_SECONDS,
     all_keys,
@@ -283,6 +284,8 @@ class Controller:
             self._start_source(tasks, "usage-sampler", self._usage_sampler(runtime).run),
             self._start_source(tasks, "host-lease", self.host.renew_forever),
             self._start_source(tasks, "scheduler", scheduler.run_forever),
+            # snapshots: QemuVMSnapshot and QemuVMRestore (docs/snapshots.md).
+            self._start_source(tasks, "snapshots", self._snapshots(runtime).run_forever),
             *self._placement_wakeups(tasks),
         ]
 
@@ -319,6 +322,9 @@ class Controller:
             retention=timedelta(days=self._settings.usage_retention_days),
             minutes_retention=timedelta(hours=self._settings.usage_minutes_retention_hours),
         )
+
+    def _snapshots(self, runtime: Runtime) -> SnapshotController:
+        return SnapshotController(self._db, host=self.host.name, runtime=runtime, now=self._clock.now)
 
     def _incremental_resync(self, runtime: Runtime) -> IncrementalResync:
         return IncrementalResync(

@@ -7,12 +7,13 @@ API (/api/v1/projects/{project}/snapshots, .../restores) and the Kubernetes-shap
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from api import kube, openapi
-from api.kube import Json, TableColumn
+from api.kube import TableColumn
 from api.openapi import Op
 from api.server.backend import project_of
 from api.server.errors import Handler
@@ -32,7 +33,7 @@ _RESOURCES = (
 )
 
 
-def _status(obj: Json) -> Any:
+def _status(obj: Mapping[str, Any]) -> Any:
     return obj.get("status", {})
 
 

@@ -56,7 +56,7 @@ class SnapshotStore:
     async def list(self, kind: str, *, project: str | None = None) -> list[SnapshotRecord]:
         """The declared `kind` objects of one project or all, by project and name."""
         where, params = ("AND t.project = ?", (kind, project)) if project else ("", (kind,))
-        query = f"{_SELECT} WHERE t.kind = ? {where} ORDER BY t.project, t.name"  # noqa: S608
+        query = f"{_SELECT} WHERE t.kind = ? {where} ORDER BY t.project, t.name"
         rows = await self._db.read(query, params)
         return [
             SnapshotRecord(
