@@ -1,0 +1,238 @@
+"""Snapshots and restores end to end (docs/snapshots.md): real Terraform declares a QemuVM whose
+root disk is an overlay on the tiny guest's rootfs.raw, then QemuVMSnapshots and QemuVMRestores
+of it; real QEMU runs it on TCG. The guest's marker CGI writes a file on its root disk: a marker
+written before a snapshot is read back after the restore, over one written after it, for a
+snapshot of the running VM (QMP) and one of the stopped VM (qemu-img). Deleting the snapshot
+resources deletes their data from the disk file, which `qemu-img check` finds clean.
+
+One VM for the whole module: every step is a further apply of the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.testing.waiting import wait_until
+from tests.e2e.conftest import open_vm_host
+from tests.e2e.harness import (
+    GUEST_BOOT_TIMEOUT,
+    ServerProcess,
+    Terraform,
+    VmHost,
+    get_guest_page,
+    host_port,
+    is_running_current,
+    terraform_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.e2e
+
+PROJECT = "snaps"
+QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
+SNAPSHOT_WAIT = 60.0
+CONFIG = """
+variable "snapshots" {
+  type    = map(string)   # snapshot name -> VM name
+  default = {}
+}
+
+variable "restores" {
+  type    = map(string)   # restore name -> snapshot name
+  default = {}
+}
+
+resource "terraform_data" "web" {
+  input = {
+    apiVersion = "tofu-qemu.dev/v1alpha1"
+    kind       = "QemuVM"
+    metadata   = { name = "web" }
+    spec = {
+      memory      = 256
+      accel       = "tcg"
+      stopTimeout = 10
+      runStrategy = "RerunOnFailure"
+      boot = {
+        kernel  = "tiny-guest/vmlinuz"
+        initrd  = "tiny-guest/initramfs.cpio.gz"
+        cmdline = "root=/dev/vda no_timer_check" # a starved vCPU fails the IO-APIC timer check
+      }
+      disks       = [{ name = "root", image = "tiny-guest/rootfs.raw" }]
+      network     = { forwards = [{ guestPort = 80 }] }
+    }
+  }
+}
+
+resource "terraform_data" "snapshot" {
+  for_each = var.snapshots
+  input = {
+    apiVersion = "tofu-qemu.dev/v1alpha1"
+    kind       = "QemuVMSnapshot"
+    metadata   = { name = each.key }
+    spec       = { source = { name = each.value } }
+  }
+}
+
+resource "terraform_data" "restore" {
+  for_each = var.restores
+  input = {
+    apiVersion = "tofu-qemu.dev/v1alpha1"
+    kind       = "QemuVMRestore"
+    metadata   = { name = each.key }
+    spec       = { target = { name = "web" }, snapshot = each.value }
+  }
+}
+"""
+
+
+@dataclass
+class World:
+    host: VmHost
+    server: ServerProcess
+    terraform: Terraform
+    tfvars: Path
+
+    def apply(self, *, snapshots: dict[str, str], restores: dict[str, str]) -> None:
+        self.tfvars.write_text(json.dumps({"snapshots": snapshots, "restores": restores}), encoding="utf-8")
+        self.terraform.run("apply", "-auto-approve")
+
+    def running(self, *, other_than: int | None = None) -> dict[str, Any]:
+        return self.host.wait_vm(
+            PROJECT,
+            "web",
+            lambda vm: is_running_current(vm) and vm["status"]["pid"] != other_than,
+            what="Running",
+            timeout=GUEST_BOOT_TIMEOUT,
+        )
+
+    def marker(self, vm: dict[str, Any], value: str = "") -> str:
+        path = "/cgi-bin/marker" + (f"?{value}" if value else "")
+        status, body = get_guest_page(host_port(vm), path, timeout=GUEST_BOOT_TIMEOUT)
+        assert status == 200, body
+        return body.strip()
+
+    def object(self, plural: str, name: str, accept: Any, what: str) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            answer = self.server.request("GET", f"/api/v1/projects/{PROJECT}/{plural}/{name}")
+            found = answer.json() if answer.status == 200 else None
+            return found if found is not None and accept(found) else None
+
+        return wait_until(check, timeout=SNAPSHOT_WAIT, what=f"{plural}/{name}: {what}")
+
+    def vm_action(self, verb: str) -> None:
+        answer = self.server.request(
+            "POST", f"/apis/tofu-qemu.dev/v1alpha1/projects/{PROJECT}/qemuvms/web/{verb}"
+        )
+        assert answer.status == 200, answer.body
+
+    def root_disk(self) -> Path:
+        uid: str = self.host.vm(PROJECT, "web")["metadata"]["uid"]
+        return self.host.data_dir / "disks" / uid / "root.qcow2"
+
+
+def _ready(snapshot: dict[str, Any]) -> bool:
+    return bool(snapshot["status"]["readyToUse"])
+
+
+def _complete(restore: dict[str, Any]) -> bool:
+    return bool(restore["status"]["complete"])
+
+
+def tags(disk: Path) -> list[str]:
+    listed = subprocess.run(
+        [QEMU_IMG, "info", "-U", "--output=json", str(disk)], check=True, capture_output=True, text=True
+    )
+    return [snapshot["name"] for snapshot in json.loads(listed.stdout).get("snapshots", [])]
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, guest_images: Path, accel_cache: Path, terraform_bin: str
+) -> Iterator[World]:
+    host = open_vm_host(tmp_path_factory, guest_images, accel_cache)
+    try:
+        yield _world(host, terraform_bin)
+    finally:
+        host.close()
+
+
+def _world(host: VmHost, terraform_bin: str) -> World:
+    server = host.start("serve")
+    workdir = write_config(host.root / "config", CONFIG)
+    terraform = terraform_for(
+        terraform_bin, workdir, state_url=host.state_url(PROJECT), scratch=host.root / "tf"
+    )
+    terraform.run("init")
+    world = World(host, server, terraform, workdir / "terraform.tfvars.json")
+    world.apply(snapshots={}, restores={})
+    return world
+
+
+def test_a_snapshot_of_the_running_vm_restores_the_marker(world: World) -> None:
+    vm = world.running()
+    assert world.marker(vm, "before-online") == "before-online"
+
+    world.apply(snapshots={"online": "web"}, restores={})
+    snapshot = world.object("snapshots", "online", _ready, "readyToUse")
+    status = snapshot["status"]
+    assert status["indications"] == ["Online", "NoGuestAgent"]
+    assert status["sourceSpec"]["runStrategy"] == "RerunOnFailure"
+    assert status["disks"] == ["root"]
+    assert status["pauseMs"] is not None
+    assert world.host.vm(PROJECT, "web")["status"]["pid"] == vm["status"]["pid"], (
+        "a snapshot restarts nothing"
+    )
+    disks = world.server.get_json(f"/api/v1/projects/{PROJECT}/disks")["items"]
+    assert [d["sizeMiB"] for d in disks if d.get("snapshot") == "online"] == [32]
+
+    assert world.marker(vm, "after-online") == "after-online"
+    world.apply(snapshots={"online": "web"}, restores={"undo-online": "online"})
+    world.object("restores", "undo-online", _complete, "complete")
+    again = world.running(other_than=vm["status"]["pid"])
+    assert world.marker(again) == "before-online"
+
+
+def test_a_snapshot_of_the_stopped_vm_restores_the_marker(world: World) -> None:
+    vm = world.running()
+    assert world.marker(vm, "before-offline") == "before-offline"
+    world.vm_action("stop")
+    world.host.wait_vm(PROJECT, "web", lambda vm: vm["status"]["pid"] is None, what="stopped")
+
+    snapshots = {"online": "web", "offline": "web"}
+    world.apply(snapshots=snapshots, restores={"undo-online": "online"})
+    snapshot = world.object("snapshots", "offline", _ready, "readyToUse")
+    assert snapshot["status"]["indications"] == ["Offline", "NoGuestAgent"]
+
+    world.vm_action("start")
+    running = world.running()
+    assert world.marker(running, "after-offline") == "after-offline"
+    world.vm_action("stop")
+    world.host.wait_vm(PROJECT, "web", lambda vm: vm["status"]["pid"] is None, what="stopped")
+    world.apply(snapshots=snapshots, restores={"undo-online": "online", "undo-offline": "offline"})
+    restore = world.object("restores", "undo-offline", _complete, "complete")
+    assert restore["status"]["stoppedVm"] is False, "a stopped VM stays stopped"
+    world.vm_action("start")
+    assert world.marker(world.running()) == "before-offline"
+
+
+def test_deleting_a_snapshot_deletes_its_data(world: World) -> None:
+    disk = world.root_disk()
+    assert sorted(tag.split(":")[1] for tag in tags(disk)) == ["offline", "online"]
+    world.apply(snapshots={"offline": "web"}, restores={})
+    wait_until(
+        lambda: [tag for tag in tags(disk) if ":online:" in tag] == [] or None,
+        timeout=SNAPSHOT_WAIT,
+        what="the online snapshot's data deleted",
+    )
+    assert [tag.split(":")[1] for tag in tags(disk)] == ["offline"]
+    assert world.server.request("GET", f"/api/v1/projects/{PROJECT}/snapshots/online").status == 404
+    checked = subprocess.run([QEMU_IMG, "check", "-U", str(disk)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -1,0 +1,143 @@
+"""Table tests of the snapshot and restore decisions (controller/snapshot_plan.py): every picture a
+crash can leave has one way on, and a restore never acts on a VM its snapshot was not taken of."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from api.snapshots import parse_tag, snapshot_tag
+from api.types import RunStrategy
+from controller.snapshot_plan import (
+    Declared,
+    Step,
+    VMView,
+    orphan_tags,
+    plan_restore,
+    plan_snapshot,
+    restore_owner,
+)
+
+REV = "0123456789abcdef"
+TAG = snapshot_tag("snap", REV)
+OTHER_TAG = snapshot_tag("old", "fedcba9876543210")
+
+
+def vm(
+    *,
+    running: bool = True,
+    tags: dict[str, frozenset[str]] | None = None,
+    uid: str = "uid-a",
+    strategy: RunStrategy = RunStrategy.RERUN_ON_FAILURE,
+    stopped_by: str | None = None,
+) -> VMView:
+    found = tags if tags is not None else {"root": frozenset(), "data": frozenset()}
+    return VMView(uid, running, strategy, stopped_by, found, {"memory": 256})
+
+
+def snapshot(status: dict[str, Any] | None = None, *, error: str | None = None) -> Declared:
+    return Declared("snap", REV, {"source": {"name": "web"}}, error, status)
+
+
+def restore(status: dict[str, Any] | None = None) -> Declared:
+    return Declared("undo", "1111222233334444", {"target": {"name": "web"}, "snapshot": "snap"}, None, status)
+
+
+READY = {"readyToUse": True, "sourceUid": "uid-a", "disks": ["data", "root"], "revision": REV}
+BOTH = {"root": frozenset({TAG}), "data": frozenset({TAG})}
+HALF = {"root": frozenset({TAG}), "data": frozenset[str]()}
+
+
+@pytest.mark.parametrize(
+    ("declared", "view", "step", "online"),
+    [
+        (snapshot(), vm(), Step.TAKE, True),
+        (snapshot(), vm(running=False), Step.TAKE, False),
+        # A crash between two disks of a stopped VM: the half is deleted, then it is taken again.
+        (snapshot(), vm(running=False, tags=HALF), Step.DROP_PARTIAL, False),
+        # A crash after taking, before the status: it is there, only the status is written.
+        (snapshot(), vm(tags=BOTH), Step.FOUND, True),
+        (snapshot(READY), vm(tags=BOTH), Step.NOTHING, False),
+        (snapshot(READY), vm(tags={}), Step.NOTHING, False),
+        (snapshot(), None, Step.REPORT, False),
+        (snapshot(), vm(tags={}), Step.REPORT, False),
+        (snapshot(error="spec.source: Field required"), vm(), Step.REPORT, False),
+        # Taken before a crash of a VM that was then replaced by one of the same name.
+        (snapshot({"sourceUid": "uid-gone", "revision": REV}), vm(), Step.REPORT, False),
+    ],
+)  # fmt: skip
+def test_snapshot_decisions(declared: Declared, view: VMView | None, step: Step, online: bool) -> None:
+    decision = plan_snapshot(declared, view)
+    assert decision.step is step
+    if step in (Step.TAKE, Step.DROP_PARTIAL, Step.FOUND):
+        assert (decision.tag, decision.online) == (TAG, online)
+
+
+def test_a_reported_error_is_written_once() -> None:
+    first = plan_snapshot(snapshot(), None)
+    assert first.status is not None
+    assert first.status["error"] == "source VM 'web' not found in this project"
+    assert first.status["readyToUse"] is False
+    assert plan_snapshot(snapshot(first.status), None).step is Step.NOTHING
+
+
+@pytest.mark.parametrize(
+    ("view", "snap", "step", "message"),
+    [
+        # A running VM whose runStrategy lets it stop: stopped through the restore's own stop.
+        (vm(tags=BOTH), snapshot(READY), Step.STOP_VM, ""),
+        (vm(tags=BOTH, strategy=RunStrategy.ALWAYS), snapshot(READY), Step.REPORT, "runStrategy Always"),
+        # Stopping already (the restore's stop, or the user's): wait for the exit.
+        (vm(tags=BOTH, stopped_by="cli"), snapshot(READY), Step.NOTHING, ""),
+        (vm(running=False, tags=BOTH), snapshot(READY), Step.REVERT, ""),
+        (vm(running=False, tags=BOTH), snapshot({"revision": REV}), Step.REPORT, "not ready"),
+        (vm(running=False, tags=BOTH), None, Step.REPORT, "snapshot 'snap' not found"),
+        (None, snapshot(READY), Step.REPORT, "target VM 'web' not found"),
+        # Never another VM's disks: a snapshot of uid-a does not restore uid-b, even with the tag.
+        (vm(running=False, tags=BOTH, uid="uid-b"), snapshot(READY), Step.REPORT, "of another VM"),
+        (vm(running=False, tags=HALF), snapshot(READY), Step.REPORT, "no longer match"),
+        (vm(running=False, tags={"root": frozenset({TAG})}), snapshot(READY), Step.REPORT, "no longer match"),
+    ],
+)  # fmt: skip
+def test_restore_decisions(view: VMView | None, snap: Declared | None, step: Step, message: str) -> None:
+    decision = plan_restore(restore(), snap, view)
+    assert decision.step is step
+    if message:
+        assert decision.status is not None
+        assert message in decision.status["error"]
+    if step is Step.REVERT:
+        assert decision.tag == TAG
+        assert decision.status is not None
+        assert decision.status["complete"] is True
+
+
+def test_a_restore_that_stopped_its_vm_starts_it_again_once_complete() -> None:
+    stopped = plan_restore(restore(), snapshot(READY), vm(tags=BOTH))
+    assert stopped.status is not None
+    assert stopped.status["stoppedVm"] is True
+    ours = vm(running=False, tags=BOTH, stopped_by=restore_owner("undo"))
+    reverted = plan_restore(restore(stopped.status), snapshot(READY), ours)
+    assert reverted.step is Step.REVERT
+    assert reverted.status is not None
+    assert plan_restore(restore(reverted.status), snapshot(READY), ours).step is Step.START_VM
+    # Started (the stop lifted): done, for good.
+    assert plan_restore(restore(reverted.status), snapshot(READY), vm(tags=BOTH)).step is Step.NOTHING
+    # The user's own stop is not the restore's to lift.
+    users = vm(running=False, tags=BOTH, stopped_by="cli")
+    assert plan_restore(restore(reverted.status), snapshot(READY), users).step is Step.NOTHING
+
+
+def test_orphan_tags_are_tofu_tags_no_snapshot_declares() -> None:
+    found = {"root": frozenset({TAG, OTHER_TAG}), "data": frozenset({OTHER_TAG})}
+    assert orphan_tags(found, [snapshot()]) == {OTHER_TAG}
+    assert orphan_tags(found, []) == {TAG, OTHER_TAG}
+    # A changed spec is a new revision: the old revision's data is an orphan.
+    moved = Declared("snap", "aaaaaaaaaaaaaaaa", {"source": {"name": "web"}}, None, None)
+    assert orphan_tags({"root": frozenset({TAG})}, [moved]) == {TAG}
+
+
+def test_only_tags_of_tofu_qemus_shape_are_ever_taken_for_its_own() -> None:
+    assert parse_tag(TAG) == ("snap", REV)
+    for foreign in ("before-upgrade", "tofu:snap", "tofu:Snap:0123456789abcdef", "tofu:snap:0123"):
+        assert parse_tag(foreign) is None
