@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from api.snapshots import parse_tag
+from controller.faults import CrashPoint, crash_point
 from controller.resources.disks import QEMU_IMG, image_info, run_qemu_img
 
 # One transaction drains the guest's in-flight I/O and writes each disk's snapshot table: a
@@ -74,7 +75,9 @@ async def take_online(qmp: QmpRunner, uid: str, disks: Sequence[Disk], tag: str)
 
 
 async def take_offline(disks: Sequence[Disk], tag: str) -> None:
-    for disk in disks:
+    for index, disk in enumerate(disks):
+        if index == 1:
+            crash_point(CrashPoint.MID_SNAPSHOT)
         await run_qemu_img([QEMU_IMG, "snapshot", "-q", "-c", tag, str(disk.path)])
 
 

@@ -29,6 +29,7 @@ from api.store.snapshots import SnapshotRecord, SnapshotStore
 from api.store.vms import RunAction, VMStore
 from api.types import QemuVMSpec, RunStrategy
 from controller import snapshot_disks
+from controller.faults import CrashPoint, crash_point, kill_at
 from controller.hypervisor import CommandRefused, CommandUnanswered
 from controller.resources.disks import DiskError
 from controller.snapshot_disks import Disk, QmpRunner
@@ -77,8 +78,15 @@ class _Elsewhere(Exception):
     """The VM is placed on another host: that host's controller acts on it."""
 
 
+class _Launched(Protocol):
+    @property
+    def pid(self) -> int: ...
+
+
 class Running(QmpRunner, Protocol):
     def attached_uids(self) -> list[str]: ...
+
+    def attached_record(self, uid: str) -> _Launched | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,12 +172,13 @@ class SnapshotController:
             if agent:
                 await self._freezer.freeze(uid)
             try:
-                pause_ms = await snapshot_disks.take_online(self._runtime, uid, target.disks, decision.tag)
+                pause_ms = await self._take_online(target, decision.tag)
             finally:
                 if agent:
                     await self._freezer.thaw(uid)
         elif decision.step is Step.TAKE:
             await snapshot_disks.take_offline(target.disks, decision.tag)
+        crash_point(CrashPoint.AFTER_SNAPSHOT)
         status = QemuVMSnapshotStatus(
             ready_to_use=True,
             creation_time=self._now(),
@@ -193,6 +202,15 @@ class SnapshotController:
             vm=target.record.name,
             pause_ms=pause_ms,
         )
+
+    async def _take_online(self, target: _Target, tag: str) -> float:
+        uid = target.record.uid
+        taking = asyncio.ensure_future(snapshot_disks.take_online(self._runtime, uid, target.disks, tag))
+        await asyncio.sleep(0.001)  # the transaction is on its way to QEMU
+        launched = self._runtime.attached_record(uid)
+        if launched is not None:
+            kill_at(CrashPoint.QEMU_MID_SNAPSHOT, launched.pid)
+        return await taking
 
     async def _restore(self, record: SnapshotRecord, snapshots: list[SnapshotRecord]) -> None:
         target = await self._target(record.project, record.spec.get("target", {}).get("name"))
