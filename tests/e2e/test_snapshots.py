@@ -282,9 +282,9 @@ def test_a_kill_9_mid_snapshot_leaves_the_disks_sound_and_is_retried(world: Worl
         world.apply(snapshots=dict.fromkeys([*taken, name], "web"), restores={}, check=False)
         world.crashed()
         held = {disk: [tag.split(":")[1] for tag in tags(world.disk(disk))] for disk in ("root", "data")}
-        assert (name in held["data"], name in held["root"]) == (point is CrashPoint.AFTER_SNAPSHOT, True), (
-            held
-        )
+        # The disks are snapshotted in the order of their names: "data", then "root".
+        whole = point is CrashPoint.AFTER_SNAPSHOT
+        assert (name in held["data"], name in held["root"]) == (True, whole), held
         world.restart({})
         world.object("snapshots", name, _ready, "readyToUse")
         taken.append(name)
