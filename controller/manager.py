@@ -324,7 +324,9 @@ class Controller:
         )
 
     def _snapshots(self, runtime: Runtime) -> SnapshotController:
-        return SnapshotController(self._db, host=self.host.name, runtime=runtime, now=self._clock.now)
+        return SnapshotController(
+            self._db, host=self.host.name, runtime=runtime, now=self._clock.now, quotas=self._settings.quotas
+        )
 
     def _incremental_resync(self, runtime: Runtime) -> IncrementalResync:
         return IncrementalResync(

@@ -20,6 +20,7 @@ from typing import Any
 
 from api.snapshots import QemuVMRestoreStatus, QemuVMSnapshotStatus, parse_tag, snapshot_tag
 from api.types import RunStrategy
+from controller.admission import MIB_PER_GIB, Quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,3 +164,28 @@ def orphan_tags(tags: Mapping[str, frozenset[str]], declared: Iterable[Declared]
     wanted = {snapshot_tag(snapshot.name, snapshot.revision) for snapshot in declared}
     found = {tag for disk_tags in tags.values() for tag in disk_tags if parse_tag(tag) is not None}
     return found - wanted
+
+
+@dataclass(frozen=True, slots=True)
+class DiskUse:
+    """MiB held on disk: the VMs' disks (as created or grown) and the snapshots taken, server-wide
+    and in the snapshot's project."""
+
+    server_mib: int
+    project_mib: int
+
+
+def disk_quota_problem(quotas: Quotas, project: str, use: DiskUse, snapshot_mib: int) -> str | None:
+    """Why a snapshot of `snapshot_mib` does not fit max_disk_gib (the server's, then the
+    project's) on top of `use`; None when it fits. A snapshot may come to pin all of its disks'
+    space, so it counts as their size, like a disk."""
+    for scope, quota, used in (
+        ("server", quotas.server, use.server_mib),
+        (f"project {project}", quotas.project(project), use.project_mib),
+    ):
+        if quota.max_disk_gib is not None and used + snapshot_mib > quota.max_disk_gib * MIB_PER_GIB:
+            return (
+                f"max_disk_gib of the {scope} exceeded: {used} MiB held by disks and snapshots,"
+                f" this snapshot needs {snapshot_mib} MiB of {quota.max_disk_gib * MIB_PER_GIB} MiB"
+            )
+    return None

@@ -29,6 +29,7 @@ from api.store.snapshots import SnapshotRecord, SnapshotStore
 from api.store.vms import RunAction, VMStore
 from api.types import QemuVMSpec, RunStrategy
 from controller import snapshot_disks
+from controller.admission import Quotas
 from controller.faults import CrashPoint, crash_point, kill_at
 from controller.hypervisor import CommandRefused, CommandUnanswered
 from controller.resources.disks import DiskError
@@ -36,8 +37,10 @@ from controller.snapshot_disks import Disk, QmpRunner
 from controller.snapshot_plan import (
     Decision,
     Declared,
+    DiskUse,
     Step,
     VMView,
+    disk_quota_problem,
     orphan_tags,
     plan_restore,
     plan_snapshot,
@@ -104,11 +107,14 @@ class SnapshotController:
         host: str,
         runtime: Running,
         now: Callable[[], datetime],
+        quotas: Quotas | None = None,
         freezer: GuestFreezer | None = None,
     ) -> None:
         self._store = SnapshotStore(db)
         self._vms = VMStore(db)
         self._allocations = Allocations(db, host=host)
+        self._every_disk = Allocations(db, every_host=True)
+        self._quotas = quotas or Quotas()
         self._host = host
         self._runtime = runtime
         self._now = now
@@ -124,7 +130,7 @@ class SnapshotController:
     async def run_once(self) -> None:
         snapshots = await self._store.list(SNAPSHOT_KIND)
         for record in snapshots:
-            await self._guarded(record, self._snapshot(record))
+            await self._guarded(record, self._snapshot(record, snapshots))
         for record in await self._store.list(RESTORE_KIND):
             await self._guarded(record, self._restore(record, snapshots))
         declared = frozenset((s.project, s.name, s.revision) for s in snapshots)
@@ -154,7 +160,7 @@ class SnapshotController:
                     record, dict(record.status or {}) | {"error": error, "revision": record.revision}
                 )
 
-    async def _snapshot(self, record: SnapshotRecord) -> None:
+    async def _snapshot(self, record: SnapshotRecord, snapshots: list[SnapshotRecord]) -> None:
         target = await self._target(record.project, record.spec.get("source", {}).get("name"))
         decision = plan_snapshot(_declared(record), target.view if target else None)
         if decision.step is Step.REPORT and decision.status is not None:
@@ -162,7 +168,30 @@ class SnapshotController:
         elif target and decision.step is Step.DROP_PARTIAL:
             await snapshot_disks.delete(self._qmp(target), target.record.uid, target.disks, decision.tag)
         elif target and decision.step in (Step.TAKE, Step.FOUND):
-            await self._take(record, target, decision)
+            problem = (
+                await self._over_quota(record, target, snapshots) if decision.step is Step.TAKE else None
+            )
+            if problem is None:
+                await self._take(record, target, decision)
+            elif (record.status or {}).get("error") != problem:
+                await self._write(
+                    record, {"readyToUse": False, "error": problem, "revision": record.revision}
+                )
+
+    async def _over_quota(
+        self, record: SnapshotRecord, target: _Target, snapshots: list[SnapshotRecord]
+    ) -> str | None:
+        """Whether the snapshot would take the disk space held past max_disk_gib."""
+        held = [
+            (row.owner.project if row.owner else None, row.size_mib or 0)
+            for row in await self._every_disk.disks()
+        ]
+        held += [(s.project, _mib(int((s.status or {}).get("sizeBytes", 0)))) for s in snapshots if s.status]
+        use = DiskUse(
+            sum(mib for _, mib in held), sum(mib for project, mib in held if project == record.project)
+        )
+        needed = _mib(await snapshot_disks.virtual_bytes(target.disks))
+        return disk_quota_problem(self._quotas, record.project, use, needed)
 
     async def _take(self, record: SnapshotRecord, target: _Target, decision: Decision) -> None:
         uid = target.record.uid
@@ -287,6 +316,10 @@ class SnapshotController:
         await self._store.write_status(
             record.kind, record.project, record.name, record.revision, dict(status), self._now()
         )
+
+
+def _mib(size_bytes: int) -> int:
+    return -(-size_bytes // (1024 * 1024))
 
 
 def _declared(record: SnapshotRecord) -> Declared:

@@ -9,10 +9,13 @@ import pytest
 
 from api.snapshots import parse_tag, snapshot_tag
 from api.types import RunStrategy
+from controller.admission import Quota, Quotas
 from controller.snapshot_plan import (
     Declared,
+    DiskUse,
     Step,
     VMView,
+    disk_quota_problem,
     orphan_tags,
     plan_restore,
     plan_snapshot,
@@ -141,3 +144,24 @@ def test_only_tags_of_tofu_qemus_shape_are_ever_taken_for_its_own() -> None:
     assert parse_tag(TAG) == ("snap", REV)
     for foreign in ("before-upgrade", "tofu:snap", "tofu:Snap:0123456789abcdef", "tofu:snap:0123"):
         assert parse_tag(foreign) is None
+
+
+@pytest.mark.parametrize(
+    ("quotas", "use", "needed", "problem"),
+    [
+        (Quotas(), DiskUse(10**9, 10**9), 10**6, None),
+        # Exactly full fits; one MiB more does not.
+        (Quotas(server=Quota(max_disk_gib=1)), DiskUse(1000, 0), 24, None),
+        (Quotas(server=Quota(max_disk_gib=1)), DiskUse(1000, 0), 25, "max_disk_gib of the server exceeded"),
+        (Quotas(project_default=Quota(max_disk_gib=2)), DiskUse(10**6, 2000), 49, "project lab exceeded"),
+        (Quotas(project_default=Quota(max_disk_gib=2)), DiskUse(10**6, 2000), 48, None),
+    ],
+)
+def test_a_snapshot_counts_against_max_disk_gib(
+    quotas: Quotas, use: DiskUse, needed: int, problem: str | None
+) -> None:
+    found = disk_quota_problem(quotas, "lab", use, needed)
+    assert (found is None) == (problem is None), found
+    if problem is not None:
+        assert found is not None
+        assert problem in found
