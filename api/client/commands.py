@@ -30,6 +30,7 @@ from api.client.connection import (
 from api.client.describe import describe_vm
 from api.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
 from api.client.instancetypes import TYPE_WORDS, get_types
+from api.client.snapshots import SNAPSHOT_RESOURCE_WORDS, get_snapshots
 from api.client.usage import add_usage_command
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
@@ -46,9 +47,9 @@ def add_client_commands(commands: Any) -> None:
     get = _client_parser(commands, "get", "list VMs, hosts, instance types or preferences (kubectl get)")
     get.add_argument(
         "resource",
-        choices=(*VM_RESOURCES, *HOST_RESOURCES, *TYPE_WORDS),
+        choices=(*VM_RESOURCES, *HOST_RESOURCES, *TYPE_WORDS, *SNAPSHOT_RESOURCE_WORDS),
         metavar="vms",
-        help="vm, vms, qemuvm, qemuvms or qvm; hosts; instancetypes; preferences",
+        help="vm, vms, qemuvm, qemuvms or qvm; hosts; instancetypes; preferences; snapshots; restores",
     )
     get.add_argument("name", nargs="?", help="one VM or host (else all)")
     get.add_argument("-l", "--selector", help="label selector, e.g. tier=web,env!=prod")
@@ -146,6 +147,9 @@ def _client_parser(
 def _get(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:
     if args.resource in TYPE_WORDS:
         get_types(connection, args, out)
+        return
+    if args.resource in SNAPSHOT_RESOURCE_WORDS:
+        get_snapshots(connection, args, out, _print_document)
         return
     if args.resource in HOST_RESOURCES:
         get_hosts(connection, args, out, now(), _print_document)

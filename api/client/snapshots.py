@@ -1,0 +1,79 @@
+"""`tofu-qemu get snapshots|restores` (docs/snapshots.md#the-cli): every project's QemuVMSnapshots
+or QemuVMRestores (or those of `-p PROJECT`), as `kubectl get` would print them."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+from urllib.parse import quote
+
+from api.client.connection import Connection
+
+API = "/apis/tofu-qemu.dev/v1alpha1"
+SNAPSHOT_WORDS = ("snapshots", "snapshot", "qemuvmsnapshots", "vmsnap")
+RESTORE_WORDS = ("restores", "restore", "qemuvmrestores", "vmrestore")
+SNAPSHOT_RESOURCE_WORDS = SNAPSHOT_WORDS + RESTORE_WORDS
+PrintDocument = Callable[[Any, str, TextIO], None]
+
+
+def get_snapshots(connection: Connection, args: argparse.Namespace, out: TextIO, show: PrintDocument) -> None:
+    snapshots = args.resource in SNAPSHOT_WORDS
+    plural = "qemuvmsnapshots" if snapshots else "qemuvmrestores"
+    path = f"{API}/namespaces/{quote(args.project, safe='')}/{plural}" if args.project else f"{API}/{plural}"
+    items = connection.get_json(path)["items"]
+    if args.name is not None:
+        items = [item for item in items if item["metadata"]["name"] == args.name]
+    if args.output in ("json", "yaml"):
+        show({"apiVersion": "v1", "kind": "List", "items": items}, args.output, out)
+    elif args.output == "name":
+        out.write("".join(f"{item['kind'].lower()}/{item['metadata']['name']}\n" for item in items))
+    else:
+        out.write(snapshot_table(items) if snapshots else restore_table(items))
+
+
+def snapshot_table(items: Sequence[Mapping[str, Any]]) -> str:
+    rows = [["PROJECT", "NAME", "SOURCE", "READYTOUSE", "CREATIONTIME", "INDICATIONS", "ERROR"]]
+    for item in items:
+        status = item["status"]
+        rows.append(
+            [
+                item["metadata"]["namespace"],
+                item["metadata"]["name"],
+                str(item["spec"].get("source", {}).get("name", "<none>")),
+                str(status["readyToUse"]).lower(),
+                status["creationTime"] or "<none>",
+                ",".join(status["indications"]) or "<none>",
+                status["error"] or "<none>",
+            ]
+        )
+    return _aligned(rows)
+
+
+def restore_table(items: Sequence[Mapping[str, Any]]) -> str:
+    rows = [["PROJECT", "NAME", "TARGET", "SNAPSHOT", "COMPLETE", "RESTORETIME", "ERROR"]]
+    for item in items:
+        status, spec = item["status"], item["spec"]
+        rows.append(
+            [
+                item["metadata"]["namespace"],
+                item["metadata"]["name"],
+                str(spec.get("target", {}).get("name", "<none>")),
+                str(spec.get("snapshot", "<none>")),
+                str(status["complete"]).lower(),
+                status["restoreTime"] or "<none>",
+                status["error"] or "<none>",
+            ]
+        )
+    return _aligned(rows)
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "   "
+        + row[-1]
+        + "\n"
+        for row in rows
+    )
