@@ -95,7 +95,7 @@ class QemuVMSnapshotStatus(_Model):
     disks: tuple[str, ...] = ()
     source_uid: str = ""
     source_spec: dict[str, Any] | None = None
-    size_bytes: int = Field(default=0, description="The disk space the snapshot holds alone")
+    size_bytes: int = Field(default=0, description="Counted against max_disk_gib: its disks' virtual size")
     pause_ms: float | None = Field(default=None, description="How long the guest's I/O was held")
 
 
