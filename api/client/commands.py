@@ -30,7 +30,7 @@ from api.client.connection import (
 from api.client.describe import describe_vm
 from api.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
 from api.client.instancetypes import TYPE_WORDS, get_types
-from api.client.snapshots import SNAPSHOT_RESOURCE_WORDS, get_snapshots
+from api.client.snapshots import SNAPSHOT_RESOURCE_WORDS, add_snapshot_commands, get_snapshots
 from api.client.usage import add_usage_command
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
@@ -102,6 +102,7 @@ def add_client_commands(commands: Any) -> None:
     unlock.set_defaults(client=_force_unlock)
     add_usage_command(commands, _client_parser, _print_document)
     add_host_commands(commands, _client_parser)
+    add_snapshot_commands(commands, _client_parser)
 
 
 def run_client(

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from api.client.connection import Connection
+from api.client.connection import ClientError, Connection
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
 SNAPSHOT_WORDS = ("snapshots", "snapshot", "qemuvmsnapshots", "vmsnap")
@@ -77,3 +77,52 @@ def _aligned(rows: list[list[str]]) -> str:
         + "\n"
         for row in rows
     )
+
+
+def add_snapshot_commands(commands: Any, client_parser: Callable[..., argparse.ArgumentParser]) -> None:
+    """`snapshot vm NAME SNAP`, `restore vm NAME --snapshot SNAP`, `delete snapshot|restore NAME`."""
+    take = client_parser(commands, "snapshot", "take a snapshot of a VM's disks, once (a QemuVMSnapshot)")
+    take.add_argument("resource", choices=("vm", "vms", "qemuvm", "qemuvms", "qvm"), metavar="vm")
+    take.add_argument("name")
+    take.add_argument("snapshot", help="the snapshot's name")
+    take.set_defaults(client=_take)
+    revert = client_parser(commands, "restore", "restore a VM's disks to a snapshot, once (a QemuVMRestore)")
+    revert.add_argument("resource", choices=("vm", "vms", "qemuvm", "qemuvms", "qvm"), metavar="vm")
+    revert.add_argument("name")
+    revert.add_argument("--snapshot", required=True, help="the snapshot to restore")
+    revert.add_argument("--restore-name", help="the restore's name (default restore-EPOCHSECONDS)")
+    revert.set_defaults(client=_restore)
+    delete = client_parser(
+        commands, "delete", "delete a snapshot (and its data) or a restore made by the CLI"
+    )
+    delete.add_argument("resource", choices=SNAPSHOT_RESOURCE_WORDS, metavar="snapshot|restore")
+    delete.add_argument("name")
+    delete.set_defaults(client=_delete)
+
+
+def _project(args: argparse.Namespace) -> str:
+    if not args.project:
+        raise ClientError("pass -p PROJECT (or set TOFU_QEMU_PROJECT)")
+    return str(args.project)
+
+
+def _vm_path(args: argparse.Namespace, verb: str) -> str:
+    return f"{API}/projects/{quote(_project(args), safe='')}/qemuvms/{quote(args.name, safe='')}/{verb}"
+
+
+def _take(connection: Connection, args: argparse.Namespace, out: TextIO, now: object) -> None:
+    created = connection.post_json(_vm_path(args, "snapshot"), params={"snapshot": args.snapshot})
+    out.write(f"qemuvmsnapshot/{created['metadata']['name']} requested (project {_project(args)})\n")
+
+
+def _restore(connection: Connection, args: argparse.Namespace, out: TextIO, now: object) -> None:
+    params = {"snapshot": args.snapshot} | ({"restore": args.restore_name} if args.restore_name else {})
+    created = connection.post_json(_vm_path(args, "restore"), params=params)
+    out.write(f"qemuvmrestore/{created['metadata']['name']} requested (project {_project(args)})\n")
+
+
+def _delete(connection: Connection, args: argparse.Namespace, out: TextIO, now: object) -> None:
+    plural = "snapshots" if args.resource in SNAPSHOT_WORDS else "restores"
+    project = quote(_project(args), safe="")
+    connection.delete_json(f"/api/v1/projects/{project}/{plural}/{quote(args.name, safe='')}")
+    out.write(f"{plural.removesuffix('s')} {args.name} deleted (project {_project(args)})\n")

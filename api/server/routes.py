@@ -29,6 +29,7 @@ from api.server import (
     locks,
     metrics,
     resources,
+    snapshot_requests,
     usage,
 )
 from api.server import instancetypes as instancetype_routes
@@ -192,6 +193,7 @@ KUBERNETES_TABLE = (
     *(Route(*spec) for spec in instancetype_routes.route_specs()),
     # snapshots: QemuVMSnapshot and QemuVMRestore, read API and beside qemuvms (docs/snapshots.md).
     *(Route(*spec) for spec in snapshot_routes.route_specs()),
+    *(Route(*spec) for spec in snapshot_requests.route_specs()),
 )
 API_TABLE: tuple[Route, ...] = (*OPS_TABLE, *BACKEND_TABLE, *READ_API_TABLE, *K8S_TABLE, *KUBERNETES_TABLE)
 

@@ -257,6 +257,17 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL,
         PRIMARY KEY (project, kind, name)
     );
+    -- Snapshots and restores asked for through the API (`tofu-qemu snapshot`), not in any state.
+    CREATE TABLE requested_snapshots (
+        project      TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        spec         TEXT NOT NULL,
+        revision     TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        created_at   TEXT NOT NULL,
+        PRIMARY KEY (project, kind, name)
+    );
     """,
 )
 

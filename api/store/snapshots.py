@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from api.instancetypes import revision_of
 from api.snapshots import to_object
 from api.store.db import Database
+from api.store.errors import NotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,8 @@ class SnapshotRecord:
     revision: str
     created_at: datetime
     status: dict[str, Any] | None
+    # Asked for through the API (`tofu-qemu snapshot`), not declared in state.
+    requested: bool = False
 
     def to_object(self) -> dict[str, Any]:
         return to_object(
@@ -42,10 +46,16 @@ class SnapshotRecord:
         )
 
 
+# Declared ones (instance_types, replaced at each publish) first, then requested ones (the API's
+# POST .../snapshot and .../restore); a declared name hides a requested one of the same name.
 _SELECT = (
-    "SELECT t.project, t.name, t.spec, t.spec_error, t.revision, t.created_at, s.revision, s.status"
+    "SELECT t.project, t.name, t.spec, t.spec_error, t.revision, t.created_at, s.revision, s.status, 0"
     " FROM instance_types t LEFT JOIN snapshot_status s"
-    " ON s.project = t.project AND s.kind = t.kind AND s.name = t.name"
+    " ON s.project = t.project AND s.kind = t.kind AND s.name = t.name WHERE t.kind = ? {where}"
+    " UNION ALL SELECT t.project, t.name, t.spec, NULL, t.revision, t.created_at, s.revision, s.status, 1"
+    " FROM requested_snapshots t LEFT JOIN snapshot_status s"
+    " ON s.project = t.project AND s.kind = t.kind AND s.name = t.name WHERE t.kind = ? {where}"
+    " ORDER BY 1, 2, 9"
 )
 
 
@@ -54,23 +64,67 @@ class SnapshotStore:
         self._db = db
 
     async def list(self, kind: str, *, project: str | None = None) -> list[SnapshotRecord]:
-        """The declared `kind` objects of one project or all, by project and name."""
+        """The `kind` objects of one project or all, declared or requested, by project and name."""
         where, params = ("AND t.project = ?", (kind, project)) if project else ("", (kind,))
-        query = f"{_SELECT} WHERE t.kind = ? {where} ORDER BY t.project, t.name"
-        rows = await self._db.read(query, params)
-        return [
-            SnapshotRecord(
+        rows = await self._db.read(_SELECT.format(where=where), params * 2)
+        found: dict[tuple[str, str], SnapshotRecord] = {}
+        for row in rows:
+            key = (str(row[0]), str(row[1]))
+            if key in found:
+                continue  # declared in state: Terraform's wins over a request of the same name
+            found[key] = SnapshotRecord(
                 kind=kind,
-                project=str(row[0]),
-                name=str(row[1]),
+                project=key[0],
+                name=key[1],
                 spec=json.loads(row[2]),
                 error=row[3],
                 revision=str(row[4]),
                 created_at=datetime.fromisoformat(row[5]),
                 status=json.loads(row[7]) if row[6] == row[4] and row[7] is not None else None,
+                requested=bool(row[8]),
             )
-            for row in rows
-        ]
+        return list(found.values())
+
+    async def request(
+        self, kind: str, project: str, name: str, spec: dict[str, Any], *, by: str, now: datetime
+    ) -> None:
+        """Record a snapshot or restore asked for through the API.
+
+        :raise NameTaken: one of that kind and name exists in the project already.
+        """
+        async with self._db.write() as conn:
+            for table in ("instance_types", "requested_snapshots"):
+                taken = await conn.fetchone(
+                    f"SELECT 1 FROM {table} WHERE project = ? AND kind = ? AND name = ?",  # noqa: S608
+                    (project, kind, name),
+                )
+                if taken is not None:
+                    raise NameTaken(f"project {project!r} has a {kind} named {name!r} already")
+            await conn.execute(
+                "INSERT INTO requested_snapshots (project, kind, name, spec, revision, requested_by,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (project, kind, name, json.dumps(spec), revision_of(spec), by, now.isoformat()),
+            )
+
+    async def forget_requested(self, kind: str, project: str, name: str) -> None:
+        """Delete a requested snapshot or restore (the controller then deletes its data).
+
+        :raise NotFound: there is none of that name. :raise NameTaken: it is declared in state.
+        """
+        async with self._db.write() as conn:
+            deleted = await conn.execute(
+                "DELETE FROM requested_snapshots WHERE project = ? AND kind = ? AND name = ?",
+                (project, kind, name),
+            )
+            if deleted:
+                return
+            declared = await conn.fetchone(
+                "SELECT 1 FROM instance_types WHERE project = ? AND kind = ? AND name = ?",
+                (project, kind, name),
+            )
+        if declared is not None:
+            raise NameTaken(f"{kind} {name!r} is declared in project {project!r}'s state: remove it there")
+        raise NotFound(f"no {kind} named {name!r} in project {project!r}")
 
     async def get(self, kind: str, project: str, name: str) -> SnapshotRecord | None:
         found = [record for record in await self.list(kind, project=project) if record.name == name]
@@ -88,10 +142,16 @@ class SnapshotStore:
             )
 
     async def forget_undeclared(self) -> int:
-        """Drop the statuses of objects no state declares any more; returns how many."""
+        """Drop the statuses of objects neither declared nor requested any more; returns how many."""
         async with self._db.write() as conn:
             return await conn.execute(
                 "DELETE FROM snapshot_status WHERE NOT EXISTS (SELECT 1 FROM instance_types t"
                 " WHERE t.project = snapshot_status.project AND t.kind = snapshot_status.kind"
+                " AND t.name = snapshot_status.name) AND NOT EXISTS (SELECT 1 FROM requested_snapshots t"
+                " WHERE t.project = snapshot_status.project AND t.kind = snapshot_status.kind"
                 " AND t.name = snapshot_status.name)"
             )
+
+
+class NameTaken(Exception):
+    """A snapshot or restore of that name exists, or is Terraform's to change."""
