@@ -23,6 +23,7 @@ import pytest
 from api.testing.waiting import wait_until
 from controller.faults import CRASH_ENV, CrashPoint
 from tests.e2e.conftest import open_vm_host
+from tests.e2e.test_cli import Cli
 from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
     ServerProcess,
@@ -261,6 +262,20 @@ def test_deleting_a_snapshot_deletes_its_data(world: World) -> None:
     )
     world.assert_disks_sound(["offline"])
     assert world.server.request("GET", f"/api/v1/projects/{PROJECT}/snapshots/online").status == 404
+
+    # The same through the CLI: a snapshot asked for beside the declared ones, then deleted.
+    cli = Cli(world.server)
+    assert "requested" in cli.run("snapshot", "vm", "web", "by-hand", "-p", PROJECT)
+    world.object("snapshots", "by-hand", _ready, "readyToUse")
+    listed = cli.run("get", "snapshots", "-p", PROJECT)
+    assert any(line.split()[1:4] == ["by-hand", "web", "true"] for line in listed.splitlines()), listed
+    world.assert_disks_sound(["offline", "by-hand"])
+    assert "deleted" in cli.run("delete", "snapshot", "by-hand", "-p", PROJECT)
+    wait_until(
+        lambda: [tag for tag in tags(disk) if ":by-hand:" in tag] == [] or None,
+        timeout=SNAPSHOT_WAIT,
+        what="the CLI snapshot's data deleted",
+    )
 
 
 def test_a_kill_9_mid_snapshot_leaves_the_disks_sound_and_is_retried(world: World) -> None:
