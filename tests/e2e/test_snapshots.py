@@ -23,7 +23,6 @@ import pytest
 from api.testing.waiting import wait_until
 from controller.faults import CRASH_ENV, CrashPoint
 from tests.e2e.conftest import open_vm_host
-from tests.e2e.test_cli import Cli
 from tests.e2e.harness import (
     GUEST_BOOT_TIMEOUT,
     ServerProcess,
@@ -35,6 +34,7 @@ from tests.e2e.harness import (
     terraform_for,
     write_config,
 )
+from tests.e2e.test_cli import Cli
 
 pytestmark = pytest.mark.e2e
 
