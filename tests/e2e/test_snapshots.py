@@ -1,6 +1,6 @@
 """Snapshots and restores end to end (docs/snapshots.md): real Terraform declares a QemuVM whose
 root disk is an overlay on the tiny guest's rootfs.raw, then QemuVMSnapshots and QemuVMRestores
-of it; real QEMU runs it on TCG. The guest's marker CGI writes a file on its root disk: a marker
+of it through the qemu-snapshot module; real QEMU runs it on TCG. The guest's marker CGI writes a file on its root disk: a marker
 written before a snapshot is read back after the restore, over one written after it, for a
 snapshot of the running VM (QMP) and one of the stopped VM (qemu-img). Deleting the snapshot
 resources deletes their data from the disk file, which `qemu-img check` finds clean.
@@ -76,24 +76,20 @@ resource "terraform_data" "web" {
   }
 }
 
-resource "terraform_data" "snapshot" {
+module "snapshot" {
+  source   = "../tofu/modules/qemu-snapshot"
   for_each = var.snapshots
-  input = {
-    apiVersion = "tofu-qemu.dev/v1alpha1"
-    kind       = "QemuVMSnapshot"
-    metadata   = { name = each.key }
-    spec       = { source = { name = each.value } }
-  }
+  name     = each.key
+  vm       = each.value
 }
 
-resource "terraform_data" "restore" {
+module "restore" {
+  source   = "../tofu/modules/qemu-snapshot"
   for_each = var.restores
-  input = {
-    apiVersion = "tofu-qemu.dev/v1alpha1"
-    kind       = "QemuVMRestore"
-    metadata   = { name = each.key }
-    spec       = { target = { name = "web" }, snapshot = each.value }
-  }
+  name     = each.key
+  kind     = "QemuVMRestore"
+  vm       = "web"
+  snapshot = each.value
 }
 """
 
