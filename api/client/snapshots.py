@@ -14,6 +14,8 @@ API = "/apis/tofu-qemu.dev/v1alpha1"
 SNAPSHOT_WORDS = ("snapshots", "snapshot", "qemuvmsnapshots", "vmsnap")
 RESTORE_WORDS = ("restores", "restore", "qemuvmrestores", "vmrestore")
 SNAPSHOT_RESOURCE_WORDS = SNAPSHOT_WORDS + RESTORE_WORDS
+VM_WORDS = ("vm", "vms", "qemuvm", "qemuvms", "qvm")
+RESTORE_VM_COMMAND = "restore-vm"
 PrintDocument = Callable[[Any, str, TextIO], None]
 
 
@@ -82,12 +84,14 @@ def _aligned(rows: list[list[str]]) -> str:
 def add_snapshot_commands(commands: Any, client_parser: Callable[..., argparse.ArgumentParser]) -> None:
     """`snapshot vm NAME SNAP`, `restore vm NAME --snapshot SNAP`, `delete snapshot|restore NAME`."""
     take = client_parser(commands, "snapshot", "take a snapshot of a VM's disks, once (a QemuVMSnapshot)")
-    take.add_argument("resource", choices=("vm", "vms", "qemuvm", "qemuvms", "qvm"), metavar="vm")
+    take.add_argument("resource", choices=VM_WORDS, metavar="vm")
     take.add_argument("name")
     take.add_argument("snapshot", help="the snapshot's name")
     take.set_defaults(client=_take)
-    revert = client_parser(commands, "restore", "restore a VM's disks to a snapshot, once (a QemuVMRestore)")
-    revert.add_argument("resource", choices=("vm", "vms", "qemuvm", "qemuvms", "qvm"), metavar="vm")
+    revert = client_parser(
+        commands, RESTORE_VM_COMMAND, "restore a VM's disks to a snapshot, once (`restore vm NAME` too)"
+    )
+    revert.add_argument("resource", choices=VM_WORDS, metavar="vm")
     revert.add_argument("name")
     revert.add_argument("--snapshot", required=True, help="the snapshot to restore")
     revert.add_argument("--restore-name", help="the restore's name (default restore-EPOCHSECONDS)")
@@ -98,6 +102,14 @@ def add_snapshot_commands(commands: Any, client_parser: Callable[..., argparse.A
     delete.add_argument("resource", choices=SNAPSHOT_RESOURCE_WORDS, metavar="snapshot|restore")
     delete.add_argument("name")
     delete.set_defaults(client=_delete)
+
+
+def vm_restore_argv(argv: Sequence[str]) -> list[str]:
+    """`tofu-qemu restore vm NAME ...` as `restore-vm vm NAME ...`: `tofu-qemu restore FILE`
+    restores the store from a backup, and a VM is restored with the word `vm` after it."""
+    if len(argv) >= 2 and argv[0] == "restore" and argv[1] in VM_WORDS:
+        return [RESTORE_VM_COMMAND, *argv[1:]]
+    return list(argv)
 
 
 def _project(args: argparse.Namespace) -> str:

@@ -1,9 +1,10 @@
 """Snapshots and restores end to end (docs/snapshots.md): real Terraform declares a QemuVM whose
 root disk is an overlay on the tiny guest's rootfs.raw, then QemuVMSnapshots and QemuVMRestores
-of it through the qemu-snapshot module; real QEMU runs it on TCG. The guest's marker CGI writes a file on its root disk: a marker
-written before a snapshot is read back after the restore, over one written after it, for a
-snapshot of the running VM (QMP) and one of the stopped VM (qemu-img). Deleting the snapshot
-resources deletes their data from the disk file, which `qemu-img check` finds clean.
+of it through the qemu-snapshot module; real QEMU runs it on TCG. The guest's marker CGI writes
+a file on its root disk: a marker written before a snapshot is read back after the restore,
+over one written after it, for a snapshot of the running VM (QMP) and one of the stopped VM
+(qemu-img). Deleting a snapshot deletes its data; kill -9 of QEMU or of the controller in the
+middle of a snapshot leaves every disk clean for `qemu-img check`, and the snapshot is retried.
 
 One VM for the whole module: every step is a further apply of the same configuration.
 """
