@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from api import kube, snapshots_crd
+from api.client.snapshots import vm_restore_argv
 from api.server.snapshots import table_columns
 from api.snapshots import RESTORE_KIND, SNAPSHOT_KIND, to_object
 from api.tfstate import extract_vms
+from controller.cli import build_parser
 from tests.unit.test_crd import is_valid, structural_problems
 from tests.unit.test_instancetypes import BOOT, manifest, state
 
@@ -115,3 +117,15 @@ def test_committed_crds_are_what_the_models_generate(file_name: str) -> None:
 def test_the_schemas_refuse_what_the_models_refuse(file_name: str, spec: dict[str, Any], valid: bool) -> None:
     [version] = GENERATED[file_name]["spec"]["versions"]
     assert is_valid(spec, version["schema"]["openAPIV3Schema"]["properties"]["spec"]) is valid
+
+
+def test_restore_vm_is_told_apart_from_the_stores_restore() -> None:
+    parser = build_parser()
+    vm = parser.parse_args(vm_restore_argv(["restore", "vm", "web", "--snapshot", "before", "-p", "lab"]))
+    assert (vm.command, vm.name, vm.snapshot, vm.project) == ("restore-vm", "web", "before", "lab")
+    store = parser.parse_args(vm_restore_argv(["restore", "backup.db", "--force"]))
+    assert (store.command, str(store.file), store.force) == ("restore", "backup.db", True)
+    taken = parser.parse_args(["snapshot", "vm", "web", "before", "-p", "lab"])
+    assert (taken.command, taken.name, taken.snapshot) == ("snapshot", "web", "before")
+    deleted = parser.parse_args(["delete", "snapshot", "before", "-p", "lab"])
+    assert (deleted.resource, deleted.name) == ("snapshot", "before")
