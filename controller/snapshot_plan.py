@@ -76,7 +76,7 @@ def plan_snapshot(snapshot: Declared, vm: VMView | None) -> Decision:
         return _report_snapshot(status, snapshot, error=f"invalid spec: {snapshot.error}")
     tag = snapshot_tag(snapshot.name, snapshot.revision)
     if status.ready_to_use:
-        return Decision(Step.NOTHING)
+        return _still_there(snapshot, status, vm, tag)
     if status.source_uid and (vm is None or vm.uid != status.source_uid):
         # Taken of a VM that is gone now (or replaced by one of the same name): never of another.
         return _report_snapshot(
@@ -93,6 +93,20 @@ def plan_snapshot(snapshot: Declared, vm: VMView | None) -> Decision:
     if holding:
         return Decision(Step.DROP_PARTIAL, tag=tag, online=vm.running)
     return Decision(Step.TAKE, tag=tag, online=vm.running)
+
+
+def _still_there(snapshot: Declared, status: QemuVMSnapshotStatus, vm: VMView | None, tag: str) -> Decision:
+    """A ready snapshot stays ready while its VM and the tag in each of its disks do."""
+    if vm is None or vm.uid != status.source_uid:
+        return _report_snapshot(
+            status, snapshot, error="the source VM was deleted, and its disks with the snapshot"
+        )
+    gone = sorted(disk for disk in status.disks if tag not in vm.tags.get(disk, frozenset()))
+    if gone:
+        return _report_snapshot(
+            status, snapshot, error=f"the snapshot is gone from disk(s) {', '.join(gone)}"
+        )
+    return Decision(Step.NOTHING)
 
 
 def _report_snapshot(status: QemuVMSnapshotStatus, snapshot: Declared, *, error: str) -> Decision:

@@ -186,7 +186,7 @@ class SnapshotController:
             (row.owner.project if row.owner else None, row.size_mib or 0)
             for row in await self._every_disk.disks()
         ]
-        held += [(s.project, _mib(int((s.status or {}).get("sizeBytes", 0)))) for s in snapshots if s.status]
+        held += [(s.project, _mib(int((s.status or {}).get("sizeBytes", 0)))) for s in snapshots if _ready(s)]
         use = DiskUse(
             sum(mib for _, mib in held), sum(mib for project, mib in held if project == record.project)
         )
@@ -316,6 +316,10 @@ class SnapshotController:
         await self._store.write_status(
             record.kind, record.project, record.name, record.revision, dict(status), self._now()
         )
+
+
+def _ready(record: SnapshotRecord) -> bool:
+    return bool(record.status and record.status.get("readyToUse"))
 
 
 def _mib(size_bytes: int) -> int:

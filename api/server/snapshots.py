@@ -117,7 +117,7 @@ async def snapshot_disk_items(request: web.Request, project: str | None) -> list
     items = []
     for record in await SnapshotStore(request.app[DATABASE]).list(SNAPSHOT_KIND, project=project):
         status = record.status or {}
-        if not status.get("tag"):
+        if not status.get("readyToUse"):
             continue
         items.append(
             {

@@ -62,7 +62,10 @@ HALF = {"root": frozenset({TAG}), "data": frozenset[str]()}
         # A crash after taking, before the status: it is there, only the status is written.
         (snapshot(), vm(tags=BOTH), Step.FOUND, True),
         (snapshot(READY), vm(tags=BOTH), Step.NOTHING, False),
-        (snapshot(READY), vm(tags={}), Step.NOTHING, False),
+        # Ready, then its VM or its data went: no longer ready (and no longer counted).
+        (snapshot(READY), vm(tags=BOTH, uid="uid-new"), Step.REPORT, False),
+        (snapshot(READY), None, Step.REPORT, False),
+        (snapshot(READY), vm(tags=HALF), Step.REPORT, False),
         (snapshot(), None, Step.REPORT, False),
         (snapshot(), vm(tags={}), Step.REPORT, False),
         (snapshot(error="spec.source: Field required"), vm(), Step.REPORT, False),
