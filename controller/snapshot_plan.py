@@ -130,9 +130,11 @@ def plan_restore(restore: Declared, snapshot: Declared | None, vm: VMView | None
     assert vm is not None
     tag = snapshot_tag(snapshot.name, snapshot.revision)
     if vm.running:
-        if status.stopped_vm or vm.stopped_by is not None:
-            return Decision(Step.NOTHING)  # stopping: the VM's exit wakes this again
-        if vm.run_strategy is RunStrategy.ALWAYS:
+        if vm.stopped_by is not None:
+            return Decision(Step.NOTHING)  # stopping: a later pass sees it stopped
+        # Not held stopped: never asked, or asked (stoppedVm) by a pass that died before the
+        # request was stored, or lifted by a `start` since: asked (again).
+        if vm.run_strategy is RunStrategy.ALWAYS and not status.stopped_vm:
             return _report_restore(
                 status,
                 restore,

@@ -122,6 +122,10 @@ def test_a_restore_that_stopped_its_vm_starts_it_again_once_complete() -> None:
     stopped = plan_restore(restore(), snapshot(READY), vm(tags=BOTH))
     assert stopped.status is not None
     assert stopped.status["stoppedVm"] is True
+    # The stop asked, the pass killed before the request was stored: asked again.
+    assert plan_restore(restore(stopped.status), snapshot(READY), vm(tags=BOTH)).step is Step.STOP_VM
+    stopping = vm(tags=BOTH, stopped_by=restore_owner("undo"))
+    assert plan_restore(restore(stopped.status), snapshot(READY), stopping).step is Step.NOTHING
     ours = vm(running=False, tags=BOTH, stopped_by=restore_owner("undo"))
     reverted = plan_restore(restore(stopped.status), snapshot(READY), ours)
     assert reverted.step is Step.REVERT
