@@ -35,6 +35,9 @@ class VMView:
     # Disk name -> the tofu tags found in its file.
     tags: Mapping[str, frozenset[str]]
     spec: dict[str, Any]
+    # False: the files were not read this pass (`tags` are all empty): a ready snapshot's are
+    # read only now and then, as one qemu-img per disk is not worth a pass per second.
+    tags_read: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +105,7 @@ def _still_there(snapshot: Declared, status: QemuVMSnapshotStatus, vm: VMView | 
             status, snapshot, error="the source VM was deleted, and its disks with the snapshot"
         )
     gone = sorted(disk for disk in status.disks if tag not in vm.tags.get(disk, frozenset()))
-    if gone:
+    if gone and vm.tags_read:
         return _report_snapshot(
             status, snapshot, error=f"the snapshot is gone from disk(s) {', '.join(gone)}"
         )

@@ -129,13 +129,17 @@ class SnapshotController:
 
     async def run_once(self) -> None:
         snapshots = await self._store.list(SNAPSHOT_KIND)
-        for record in snapshots:
-            await self._guarded(record, self._snapshot(record, snapshots))
-        for record in await self._store.list(RESTORE_KIND):
-            await self._guarded(record, self._restore(record, snapshots))
         declared = frozenset((s.project, s.name, s.revision) for s in snapshots)
         loop = asyncio.get_running_loop()
-        if declared != self._declared_before or loop.time() - self._scanned_at > ORPHAN_SCAN_SECONDS:
+        scan = declared != self._declared_before or loop.time() - self._scanned_at > ORPHAN_SCAN_SECONDS
+        for record in snapshots:
+            await self._guarded(
+                record, self._snapshot(record, snapshots, read_tags=scan or not _ready(record))
+            )
+        for record in await self._store.list(RESTORE_KIND):
+            done = bool((record.status or {}).get("complete"))
+            await self._guarded(record, self._restore(record, snapshots, read_tags=not done))
+        if scan:
             await self._delete_orphans(snapshots)
             await self._store.forget_undeclared()
             self._declared_before, self._scanned_at = declared, loop.time()
@@ -160,8 +164,10 @@ class SnapshotController:
                     record, dict(record.status or {}) | {"error": error, "revision": record.revision}
                 )
 
-    async def _snapshot(self, record: SnapshotRecord, snapshots: list[SnapshotRecord]) -> None:
-        target = await self._target(record.project, record.spec.get("source", {}).get("name"))
+    async def _snapshot(
+        self, record: SnapshotRecord, snapshots: list[SnapshotRecord], *, read_tags: bool
+    ) -> None:
+        target = await self._target(record.project, record.spec.get("source", {}).get("name"), read_tags)
         decision = plan_snapshot(_declared(record), target.view if target else None)
         if decision.step is Step.REPORT and decision.status is not None:
             await self._write(record, decision.status)
@@ -241,8 +247,10 @@ class SnapshotController:
             kill_at(CrashPoint.QEMU_MID_SNAPSHOT, launched.pid)
         return await taking
 
-    async def _restore(self, record: SnapshotRecord, snapshots: list[SnapshotRecord]) -> None:
-        target = await self._target(record.project, record.spec.get("target", {}).get("name"))
+    async def _restore(
+        self, record: SnapshotRecord, snapshots: list[SnapshotRecord], *, read_tags: bool
+    ) -> None:
+        target = await self._target(record.project, record.spec.get("target", {}).get("name"), read_tags)
         name = record.spec.get("snapshot")
         snapshot = next((s for s in snapshots if s.project == record.project and s.name == name), None)
         decision = plan_restore(
@@ -264,7 +272,7 @@ class SnapshotController:
                 record.project, target.record.name, action, by=f"restore/{record.name}", now=self._now()
             )
 
-    async def _target(self, project: str, name: object) -> _Target | None:
+    async def _target(self, project: str, name: object, read_tags: bool) -> _Target | None:
         """The live VM of that name, None when there is none. :raise _Elsewhere: another host's."""
         if not isinstance(name, str):
             return None
@@ -278,7 +286,10 @@ class SnapshotController:
             raise _Elsewhere(record.host)
         _, rows = await self._allocations.held_by(record.uid)
         disks = tuple(Disk(row.name, Path(row.path)) for row in rows)
-        tags = {disk.name: await snapshot_disks.tofu_tags(disk) for disk in disks}
+        tags = {
+            disk.name: await snapshot_disks.tofu_tags(disk) if read_tags else frozenset[str]()
+            for disk in disks
+        }
         override = record.run_override
         view = VMView(
             uid=record.uid,
@@ -287,6 +298,7 @@ class SnapshotController:
             stopped_by=override.requested_by if override is not None and override.stopped else None,
             tags=tags,
             spec=record.spec,
+            tags_read=read_tags,
         )
         return _Target(record, view, disks)
 

@@ -3,6 +3,7 @@ crash can leave has one way on, and a restore never acts on a VM its snapshot wa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -66,6 +67,9 @@ HALF = {"root": frozenset({TAG}), "data": frozenset[str]()}
         (snapshot(READY), vm(tags=BOTH, uid="uid-new"), Step.REPORT, False),
         (snapshot(READY), None, Step.REPORT, False),
         (snapshot(READY), vm(tags=HALF), Step.REPORT, False),
+        # Its files not read this pass: nothing is concluded from their tags.
+        (snapshot(READY), replace(vm(tags={"root": frozenset(), "data": frozenset()}), tags_read=False),
+         Step.NOTHING, False),
         (snapshot(), None, Step.REPORT, False),
         (snapshot(), vm(tags={}), Step.REPORT, False),
         (snapshot(error="spec.source: Field required"), vm(), Step.REPORT, False),
