@@ -40,17 +40,14 @@ DEFAULT_TAIL_BYTES = 64 * 1024
 EVENTS_SHOWN = 20
 EXIT_FAILURE = 1
 Clock = Callable[[], datetime]
+GET_RESOURCES = (*VM_RESOURCES, *HOST_RESOURCES, *TYPE_WORDS, *SNAPSHOT_RESOURCE_WORDS)
+GET_HELP = "vm, vms, qemuvm, qemuvms or qvm; hosts; instancetypes; preferences; snapshots; restores"
 
 
 def add_client_commands(commands: Any) -> None:
     """Add the client subcommands to the `tofu-qemu` parser's subparsers."""
     get = _client_parser(commands, "get", "list VMs, hosts, instance types or preferences (kubectl get)")
-    get.add_argument(
-        "resource",
-        choices=(*VM_RESOURCES, *HOST_RESOURCES, *TYPE_WORDS, *SNAPSHOT_RESOURCE_WORDS),
-        metavar="vms",
-        help="vm, vms, qemuvm, qemuvms or qvm; hosts; instancetypes; preferences; snapshots; restores",
-    )
+    get.add_argument("resource", choices=GET_RESOURCES, metavar="vms", help=GET_HELP)
     get.add_argument("name", nargs="?", help="one VM or host (else all)")
     get.add_argument("-l", "--selector", help="label selector, e.g. tier=web,env!=prod")
     get.add_argument("-o", "--output", choices=OUTPUTS, default="table")
