@@ -41,10 +41,11 @@ pytestmark = pytest.mark.e2e
 
 PROJECT = "snaps"
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
-SNAPSHOT_WAIT = 60.0
-# A boot of the guest from its disk: twice the harness's, for a host as loaded as CI's can be
-# (at load 20 on 2 cores, a root-disk boot took 73 s of guest time).
-BOOT_WAIT = 2 * GUEST_BOOT_TIMEOUT
+# A snapshot, a restore (a graceful stop), a crashed server's restart: seconds on a quiet host.
+SNAPSHOT_WAIT = 120.0
+# A boot of the guest from its disk: 5-8 s on a quiet host, but TCG boots are CPU-bound, and at
+# load 30 on 2 cores one took over 3 minutes. These are waits for a condition, never sleeps.
+BOOT_WAIT = 4 * GUEST_BOOT_TIMEOUT
 CONFIG = """
 variable "snapshots" {
   type    = map(string)   # snapshot name -> VM name
