@@ -44,8 +44,8 @@ QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 # A snapshot, a restore (a graceful stop), a crashed server's restart: seconds on a quiet host.
 SNAPSHOT_WAIT = 120.0
 # A boot of the guest from its disk: 5-8 s on a quiet host, but TCG boots are CPU-bound, and at
-# load 30 on 2 cores one took over 3 minutes. These are waits for a condition, never sleeps.
-BOOT_WAIT = 4 * GUEST_BOOT_TIMEOUT
+# load 30-150 on 2 cores they took 3-6 minutes. These are waits for a condition, never sleeps.
+BOOT_WAIT = 6 * GUEST_BOOT_TIMEOUT
 CONFIG = """
 variable "snapshots" {
   type    = map(string)   # snapshot name -> VM name
@@ -281,16 +281,15 @@ def test_deleting_a_snapshot_deletes_its_data(world: World) -> None:
         timeout=SNAPSHOT_WAIT,
         what="the CLI snapshot's data deleted",
     )
-    world.stop_vm()
-    world.assert_disks_sound(["offline"])
+    world.assert_tags(["offline"])  # checked by `qemu-img check` once the VM is stopped, below
 
 
 def test_a_kill_9_mid_snapshot_leaves_the_disks_sound_and_is_retried(world: World) -> None:
     """QEMU killed with its snapshot transaction in flight; the controller killed between the
     disks of a stopped VM, and after taking but before the status: each time the snapshot ends
-    ready, in every disk once, and every disk passes `qemu-img check`."""
+    ready, in every disk once, and every disk passes `qemu-img check` (which also covers the
+    deletions of the test before, made through QMP while the VM ran)."""
     taken = ["offline"]
-    world.vm_action("start")
     vm = world.running()
     world.restart({CRASH_ENV: CrashPoint.QEMU_MID_SNAPSHOT.value})
     world.apply(snapshots=dict.fromkeys([*taken, "qemu-killed"], "web"), restores={})
