@@ -299,11 +299,12 @@ def test_a_kill_9_mid_snapshot_leaves_the_disks_sound_and_is_retried(world: Worl
     world.stop_vm()
     world.assert_disks_sound(taken)
 
+    files = {disk: world.disk(disk) for disk in ("root", "data")}  # asked while the server is up
     for point, name in ((CrashPoint.MID_SNAPSHOT, "mid"), (CrashPoint.AFTER_SNAPSHOT, "after")):
         world.restart({CRASH_ENV: point.value})
         world.apply(snapshots=dict.fromkeys([*taken, name], "web"), restores={}, check=False)
         world.crashed()
-        held = {disk: [tag.split(":")[1] for tag in tags(world.disk(disk))] for disk in ("root", "data")}
+        held = {disk: [tag.split(":")[1] for tag in tags(path)] for disk, path in files.items()}
         # The disks are snapshotted in the order of their names: "data", then "root".
         whole = point is CrashPoint.AFTER_SNAPSHOT
         assert (name in held["data"], name in held["root"]) == (True, whole), held
