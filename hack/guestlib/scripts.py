@@ -76,6 +76,7 @@ start_guest_agent() {  # qemu-ga, when the VM has the channel (docs/guest-agent.
     mkdir -p /run/qemu-ga
     qemu-ga -m virtio-serial -p "$agent_port" -t /run/qemu-ga -f /run/qemu-ga/qemu-ga.pid &
     say "guest agent on $agent_port"
+}
 fetch_loop() {  # tofu.fetch=HOST/PORT,...: GET / from each every 2 s, results in /fetch.txt
     # busybox nc, not wget: Debian's static busybox 1.35 wget segfaults. timeout: nc's -w does
     # not bound every connect, and one hung target must not stall the others.
