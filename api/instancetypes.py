@@ -21,6 +21,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
+from api import snapshots
 from api.json_body import drop_nulls, nesting_exceeds
 from api.spec_fields import (
     CLUSTER_INSTANCE_TYPE_KIND,
@@ -36,8 +37,9 @@ from api.spec_fields import (
 )
 from api.types import Accel, CloudInitSpec, FrozenRevision, Labels, Machine, QemuVMSpec, RunStrategy
 
-# The kinds a state may declare beside QemuVM.
-DECLARED_KINDS = (INSTANCE_TYPE_KIND, PREFERENCE_KIND)
+# The kinds a state may declare beside QemuVM; snapshots and restores (api/snapshots.py) travel
+# the same way, from extraction to the store.
+DECLARED_KINDS = (INSTANCE_TYPE_KIND, PREFERENCE_KIND, *snapshots.SNAPSHOT_KINDS)
 CLUSTER_KIND_OF = {INSTANCE_TYPE_KIND: CLUSTER_INSTANCE_TYPE_KIND, PREFERENCE_KIND: CLUSTER_PREFERENCE_KIND}
 # A type manifest is a handful of fields; cloud-init defaults make a preference the largest.
 TYPE_MANIFEST_MAX_BYTES = 256 * 1024
@@ -86,9 +88,10 @@ class QemuPreferenceManifest(_Model):
     spec: QemuPreferenceSpec
 
 
-_MANIFESTS: dict[str, type[QemuInstanceTypeManifest] | type[QemuPreferenceManifest]] = {
+_MANIFESTS: dict[str, type[BaseModel]] = {
     INSTANCE_TYPE_KIND: QemuInstanceTypeManifest,
     PREFERENCE_KIND: QemuPreferenceManifest,
+    **snapshots.MANIFESTS,
 }
 SPEC_MODELS: dict[str, type[QemuInstanceTypeSpec] | type[QemuPreferenceSpec]] = {
     INSTANCE_TYPE_KIND: QemuInstanceTypeSpec,
@@ -206,8 +209,8 @@ def declare_type(address: str, raw: dict[str, Any]) -> DeclaredType | str:
         manifest = _MANIFESTS[kind].model_validate(cleaned)
     except ValidationError as err:
         return DeclaredType(kind, name, address, {}, {}, describe_validation_error(err))
-    spec = manifest.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return DeclaredType(kind, name, address, dict(manifest.metadata.labels), spec, None)
+    dumped = manifest.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return DeclaredType(kind, name, address, dict(dumped["metadata"]["labels"]), dumped["spec"], None)
 
 
 def mark_duplicates(found: list[DeclaredType]) -> tuple[DeclaredType, ...]:

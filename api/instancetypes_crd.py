@@ -52,7 +52,17 @@ _STATUS: Schema = {
 }
 
 
-def _crd(kind: str, plural: str, short: str, namespaced: bool, model: type[BaseModel], about: str) -> Schema:
+def type_crd(
+    kind: str,
+    plural: str,
+    short: str,
+    namespaced: bool,
+    model: type[BaseModel],
+    about: str,
+    *,
+    status: Schema = _STATUS,
+) -> Schema:
+    """The CRD of a read-only kind whose spec is `model` (snapshots use it too, with their status)."""
     spec = crd.structural(crd.model_schema(model, "validation"), path="spec", keep_defaults=True)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -82,7 +92,7 @@ def _crd(kind: str, plural: str, short: str, namespaced: bool, model: type[BaseM
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
                                 "spec": spec,
-                                "status": _STATUS,
+                                "status": status,
                             },
                             "required": ["spec"],
                         }
@@ -97,6 +107,6 @@ def _crd(kind: str, plural: str, short: str, namespaced: bool, model: type[BaseM
 def generate() -> dict[str, Schema]:
     """Each CRD by the file name it is written to under crds/."""
     return {
-        f"{plural}.yaml": _crd(kind, plural, short, ns, model, about)
+        f"{plural}.yaml": type_crd(kind, plural, short, ns, model, about)
         for kind, plural, short, ns, model, about in _KINDS
     }

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from api import crd
+from api.snapshots import RESTORE_KIND, SNAPSHOT_KIND
 from api.spec_fields import (
     CLUSTER_INSTANCE_TYPE_KIND,
     CLUSTER_PREFERENCE_KIND,
@@ -82,7 +83,7 @@ def qemuvm_resources() -> Json:
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": API_VERSION,
-        "resources": [resource, *TYPE_RESOURCES],
+        "resources": [resource, *TYPE_RESOURCES, *SNAPSHOT_RESOURCES],
     }
 
 
@@ -95,6 +96,15 @@ TYPE_RESOURCES: tuple[Json, ...] = tuple(
         ("qemupreferences", "qpref", True, PREFERENCE_KIND),
         ("qemuclusterinstancetypes", "qcit", False, CLUSTER_INSTANCE_TYPE_KIND),
         ("qemuclusterpreferences", "qcpref", False, CLUSTER_PREFERENCE_KIND),
+    )
+)  # fmt: skip
+# snapshots: QemuVMSnapshot and QemuVMRestore (docs/snapshots.md#the-api), read-only.
+SNAPSHOT_RESOURCES: tuple[Json, ...] = tuple(
+    {"name": plural, "singularName": plural.removesuffix("s"), "namespaced": True, "kind": kind,
+     "verbs": ["get", "list"], "shortNames": [short], "categories": []}
+    for plural, short, kind in (
+        ("qemuvmsnapshots", "vmsnap", SNAPSHOT_KIND),
+        ("qemuvmrestores", "vmrestore", RESTORE_KIND),
     )
 )  # fmt: skip
 

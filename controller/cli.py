@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from api.client.commands import add_client_commands, add_console
 from api.client.kubeconfig import add_kubeconfig_command
+from api.client.snapshots import vm_restore_argv
 from api.infra.credentials import Credentials, CredentialsError, hash_password, load_credentials
 from api.infra.logs import configure_logging
 from api.infra.metrics import Metrics
@@ -55,7 +56,8 @@ EXIT_USAGE = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # snapshots: `restore vm NAME --snapshot SNAP` is `restore-vm`; `restore FILE` is the store's.
+    args = parser.parse_args(vm_restore_argv(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.run(args))
     except (SettingsError, CredentialsError, Refused) as err:

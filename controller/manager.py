@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
@@ -40,7 +39,6 @@ from controller.layout import DataLayout
 from controller.liveness_watch import watch_liveness
 from controller.network import NetworkPolicy
 from controller.project_index import ProjectIndex
-from controller.qemu import process
 from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
 from controller.qemu.passt import Passt
@@ -56,6 +54,7 @@ from controller.resources.ports import PortAllocator
 from controller.resync_inputs import IncrementalResync
 from controller.self_fence import HostQemus
 from controller.settings import ControllerSettings
+from controller.snapshots import SnapshotController
 from controller.sources import (
     RESYNC_WAIT_FLOOR_SECONDS,
     all_keys,
@@ -63,6 +62,7 @@ from controller.sources import (
     resync_forever,
     watch_store,
 )
+from controller.stop_all import wait_then_kill_the_rest
 from controller.telemetry import RECONCILE_SPAN, TRACER, BootSpans, QueueMetrics
 from controller.usage_sampler import UsageMetrics, UsageSampler
 
@@ -72,7 +72,6 @@ RECONCILE_DEADLINE_SECONDS = 300.0
 # On shutdown, reconciles in progress get this long to finish before they are cancelled.
 DRAIN_SECONDS = 10.0
 # After the shutdown timeout's SIGKILLs, how long their exits get to be recorded.
-SHUTDOWN_KILL_WAIT_SECONDS = 2.0
 # /readyz fails when no full resync has finished within this many resync periods (and at least
 # RESYNC_WAIT_FLOOR_SECONDS, which a short period could not honour).
 RESYNC_PERIODS_BEFORE_UNREADY = 3
@@ -296,6 +295,8 @@ class Controller:
             self._start_source(tasks, "host-fence", self.host.fence_forever),
             *watchdog.start_pinging(tasks),
             self._start_source(tasks, "scheduler", scheduler.run_forever),
+            # snapshots: QemuVMSnapshot and QemuVMRestore (docs/snapshots.md).
+            self._start_source(tasks, "snapshots", self._snapshots(runtime).run_forever),
             *self._placement_wakeups(tasks),
         ]
 
@@ -331,6 +332,11 @@ class Controller:
             period=self._settings.usage_sample_seconds,
             retention=timedelta(days=self._settings.usage_retention_days),
             minutes_retention=timedelta(hours=self._settings.usage_minutes_retention_hours),
+        )
+
+    def _snapshots(self, runtime: Runtime) -> SnapshotController:
+        return SnapshotController(
+            self._db, host=self.host.name, runtime=runtime, now=self._clock.now, quotas=self._settings.quotas
         )
 
     def _incremental_resync(self, runtime: Runtime) -> IncrementalResync:
@@ -376,17 +382,7 @@ class Controller:
             self.queue.add(uid)
         timeout = self._settings.shutdown_timeout_seconds
         log.info("stopping_vms", count=len(runtime.attached_uids()), timeout=timeout)
-        if not await _within(timeout, runtime.wait_none_attached()):
-            # Killed here, they count as the controller's stop; killed with the container by the
-            # runtime later, they would count as failures on the next start.
-            running = runtime.attached_uids()
-            log.warning("vms_killed_at_shutdown_timeout", count=len(running), uids=running[:20])
-            for uid in running:
-                record = runtime.attached_record(uid)
-                if record is not None:
-                    process.send_signal(record, signal.SIGKILL)
-            await _within(SHUTDOWN_KILL_WAIT_SECONDS, runtime.wait_none_attached())
-        log.info("vms_stopped", still_running=len(runtime.attached_uids()))
+        await wait_then_kill_the_rest(runtime, timeout)
 
     def readiness_checks(self) -> dict[str, ReadinessCheck]:
         """Checks for /readyz: each returns None when fine, else what is wrong."""
@@ -487,13 +483,3 @@ class Controller:
         self.queue.add_after(uid, delay)
         span.set_attributes({"tofu_qemu.result": "requeue", "tofu_qemu.requeue_after_seconds": delay})
         return "requeue_after" if delay > 0 else "requeue"
-
-
-async def _within(seconds: float, waiting: Coroutine[Any, Any, None]) -> bool:
-    """Whether `waiting` finished within `seconds` (it is cancelled if not)."""
-    try:
-        async with asyncio.timeout(seconds):
-            await waiting
-    except TimeoutError:
-        return False
-    return True

@@ -31,6 +31,7 @@ from api.client.console import add_console_command
 from api.client.describe import describe_vm
 from api.client.hosts import HOST_RESOURCES, add_host_commands, get_hosts
 from api.client.instancetypes import TYPE_WORDS, get_types
+from api.client.snapshots import SNAPSHOT_RESOURCE_WORDS, add_snapshot_commands, get_snapshots
 from api.client.usage import add_usage_command
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
@@ -40,17 +41,14 @@ DEFAULT_TAIL_BYTES = 64 * 1024
 EVENTS_SHOWN = 20
 EXIT_FAILURE = 1
 Clock = Callable[[], datetime]
+GET_RESOURCES = (*VM_RESOURCES, *HOST_RESOURCES, *TYPE_WORDS, *SNAPSHOT_RESOURCE_WORDS)
+GET_HELP = "vm, vms, qemuvm, qemuvms or qvm; hosts; instancetypes; preferences; snapshots; restores"
 
 
 def add_client_commands(commands: Any) -> None:
     """Add the client subcommands to the `tofu-qemu` parser's subparsers."""
     get = _client_parser(commands, "get", "list VMs, hosts, instance types or preferences (kubectl get)")
-    get.add_argument(
-        "resource",
-        choices=(*VM_RESOURCES, *HOST_RESOURCES, *TYPE_WORDS),
-        metavar="vms",
-        help="vm, vms, qemuvm, qemuvms or qvm; hosts; instancetypes; preferences",
-    )
+    get.add_argument("resource", choices=GET_RESOURCES, metavar="vms", help=GET_HELP)
     get.add_argument("name", nargs="?", help="one VM or host (else all)")
     get.add_argument("-l", "--selector", help="label selector, e.g. tier=web,env!=prod")
     get.add_argument("-o", "--output", choices=OUTPUTS, default="table")
@@ -102,6 +100,7 @@ def add_client_commands(commands: Any) -> None:
     unlock.set_defaults(client=_force_unlock)
     add_usage_command(commands, _client_parser, _print_document)
     add_host_commands(commands, _client_parser)
+    add_snapshot_commands(commands, _client_parser)
 
 
 def add_console(commands: Any) -> None:
@@ -152,6 +151,9 @@ def _client_parser(
 def _get(connection: Connection, args: argparse.Namespace, out: TextIO, now: Clock) -> None:
     if args.resource in TYPE_WORDS:
         get_types(connection, args, out)
+        return
+    if args.resource in SNAPSHOT_RESOURCE_WORDS:
+        get_snapshots(connection, args, out, _print_document)
         return
     if args.resource in HOST_RESOURCES:
         get_hosts(connection, args, out, now(), _print_document)

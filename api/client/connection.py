@@ -49,9 +49,13 @@ class Connection:
         with self._open("GET", path, params) as response:
             return json.load(response)
 
-    def post_json(self, path: str, body: Any = None) -> Any:
+    def post_json(self, path: str, body: Any = None, params: Mapping[str, str] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else b""
-        with self._open("POST", path, None, data=data) as response:
+        with self._open("POST", path, params, data=data) as response:
+            return json.load(response)
+
+    def delete_json(self, path: str) -> Any:
+        with self._open("DELETE", path, None) as response:
             return json.load(response)
 
     def stream_lines(self, path: str, params: Mapping[str, str] | None = None) -> Iterator[bytes]:

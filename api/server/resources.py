@@ -9,6 +9,7 @@ from aiohttp import web
 from api.server.backend import project_of
 from api.server.errors import BadRequest
 from api.server.keys import DATABASE, STATES, VMS
+from api.server.snapshots import snapshot_disk_items
 from api.store.allocations import Allocations, DiskRow
 from api.store.states import ProjectInfo, VersionInfo
 
@@ -101,4 +102,6 @@ async def list_disks(request: web.Request) -> web.StreamResponse:
         for row in await allocations.disks()
         if project is None or (row.owner is not None and row.owner.project == project)
     ]
+    # snapshots: their data counts as disk space (docs/snapshots.md#accounting).
+    items += await snapshot_disk_items(request, project)
     return web.json_response({"items": items})

@@ -29,9 +29,11 @@ from api.server import (
     locks,
     metrics,
     resources,
+    snapshot_requests,
     usage,
 )
 from api.server import instancetypes as instancetype_routes
+from api.server import snapshots as snapshot_routes
 from api.server.auth import METRICS_PATH
 from api.server.errors import Handler
 from api.server.ui import UI_ROUTES
@@ -189,6 +191,9 @@ KUBERNETES_TABLE = (
     _get("/openapi/v2", kube.openapi_v2, openapi.OPENAPI_V2),
     # instancetypes: instance types and preferences beside qemuvms (docs/instancetypes.md#the-api).
     *(Route(*spec) for spec in instancetype_routes.route_specs()),
+    # snapshots: QemuVMSnapshot and QemuVMRestore, read API and beside qemuvms (docs/snapshots.md).
+    *(Route(*spec) for spec in snapshot_routes.route_specs()),
+    *(Route(*spec) for spec in snapshot_requests.route_specs()),
 )
 API_TABLE: tuple[Route, ...] = (*OPS_TABLE, *BACKEND_TABLE, *READ_API_TABLE, *K8S_TABLE, *KUBERNETES_TABLE)
 

@@ -245,6 +245,30 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX vm_usage_minutes_by_vm ON vm_usage_minutes(project, vm_name, minute);
     CREATE INDEX vm_usage_minutes_by_minute ON vm_usage_minutes(minute);
     """,
+    """
+    -- snapshots: the controller's status of each QemuVMSnapshot and QemuVMRestore (declared in
+    -- instance_types, api/store/snapshots.py), for the declared revision it was written for.
+    CREATE TABLE snapshot_status (
+        project    TEXT NOT NULL,
+        kind       TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        revision   TEXT NOT NULL,
+        status     TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (project, kind, name)
+    );
+    -- Snapshots and restores asked for through the API (`tofu-qemu snapshot`), not in any state.
+    CREATE TABLE requested_snapshots (
+        project      TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        spec         TEXT NOT NULL,
+        revision     TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        created_at   TEXT NOT NULL,
+        PRIMARY KEY (project, kind, name)
+    );
+    """,
 )
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import Any
 
 import structlog
 
@@ -33,7 +34,7 @@ from controller.liveness import Target
 from controller.model import ProcessObservation, QmpState
 from controller.qemu import process
 from controller.qemu.argv import QMP_SOCKET_NAME, RuntimePaths
-from controller.qemu.monitor import Monitor, MonitorCommandFailed, MonitorUnavailable
+from controller.qemu.monitor import COMMAND_TIMEOUT_SECONDS, Monitor, MonitorCommandFailed, MonitorUnavailable
 from controller.qemu.priority import lower_priority
 from controller.resources.seed import write_seed
 from controller.telemetry import TRACER
@@ -326,27 +327,24 @@ class Runtime:
         return state
 
     async def command(self, uid: str, command: str) -> None:
+        await self.qmp(uid, command, within=COMMAND_TIMEOUT_SECONDS)
+
+    async def qmp(self, uid: str, name: str, args: dict[str, Any] | None = None, *, within: float) -> object:
+        """Run a QMP command on `uid`'s QEMU; its reply. :raise CommandUnanswered, CommandRefused."""
+        attachment = self._attached.get(uid)
         try:
-            await self._execute(uid, command)
+            with TRACER.start_as_current_span(f"qmp {name}") as span:
+                if attachment is None or attachment.monitor is None:
+                    raise MonitorUnavailable(f"no QMP connection to run {name}")
+                span.set_attribute("process.pid", attachment.record.pid)
+                reply = await attachment.monitor.execute(name, args, within=within)
         except MonitorUnavailable as err:
             raise CommandUnanswered(str(err)) from err
         except MonitorCommandFailed as err:
             raise CommandRefused(str(err)) from err
-
-    async def _execute(self, uid: str, command: str) -> None:
-        """Run a QMP command on `uid`'s QEMU.
-
-        :raise MonitorUnavailable: not connected, or no reply in time.
-        :raise MonitorCommandFailed: QEMU refused it.
-        """
-        attachment = self._attached.get(uid)
-        with TRACER.start_as_current_span(f"qmp {command}") as span:
-            if attachment is None or attachment.monitor is None:
-                raise MonitorUnavailable(f"no QMP connection to run {command}")
-            span.set_attribute("process.pid", attachment.record.pid)
-            await attachment.monitor.execute(command)
-        if command in _COMMAND_STATES:
-            self._learn(attachment, _COMMAND_STATES[command])
+        if name in _COMMAND_STATES:
+            self._learn(attachment, _COMMAND_STATES[name])
+        return reply
 
     def _learn(self, attachment: _Attachment, state: QmpState) -> None:
         attachment.known_state = state

@@ -173,3 +173,8 @@ async def _run(argv: list[str]) -> str:
     if process.returncode != 0:
         raise DiskError(f"{' '.join(argv[:2])} failed: {stderr.decode(errors='replace').strip()}")
     return stdout.decode()
+
+
+# snapshots: controller/snapshot_disks.py runs qemu-img the same way.
+run_qemu_img = _run
+image_info = _image_info

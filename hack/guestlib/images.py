@@ -23,7 +23,7 @@ from guestlib.common import (
     run,
     tool,
 )
-from guestlib.scripts import INIT, UDHCPC_SCRIPT
+from guestlib.scripts import INIT, MARKER_CGI, UDHCPC_SCRIPT
 
 
 def make_tree(tree: Path, *, kernel: Path, busybox: Path) -> None:
@@ -40,6 +40,8 @@ def make_tree(tree: Path, *, kernel: Path, busybox: Path) -> None:
     write(tree / "init", INIT, 0o755)
     (tree / "sbin" / "init").symlink_to("/init")  # what the kernel runs from a disk root
     write(tree / "etc" / "udhcpc.script", UDHCPC_SCRIPT, 0o755)
+    (tree / "usr" / "lib" / "tofu" / "cgi-bin").mkdir(parents=True)
+    write(tree / "usr" / "lib" / "tofu" / "cgi-bin" / "marker", MARKER_CGI, 0o755)
     write(tree / "etc" / "hostname", IMAGE_NAME + "\n", 0o644)
     write(tree / "etc" / "passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644)
     write(tree / "etc" / "group", "root:x:0:\n", 0o644)

@@ -174,6 +174,7 @@ printf '<!doctype html>\n<title>%s</title>\n<h1>%s</h1>\n<p>tofu-qemu tiny guest
     "$name" "$name" "$boot_id" >/run/www/index.html
 bigfile=$(param tofu.bigfile 0)
 [ "$bigfile" = 0 ] || dd if=/dev/zero of=/run/www/big.bin bs=1M count="$bigfile" 2>/dev/null
+ln -s /usr/lib/tofu/cgi-bin /run/www/cgi-bin  # the test marker (MARKER_CGI)
 httpd -p 80 -h /run/www || fail "httpd did not start"
 fetch_loop &
 
@@ -194,4 +195,18 @@ case $1 in
         [ -z "$router" ] || ip route replace default via "${router%% *}" dev "$interface"
         ;;
 esac
+"""
+
+MARKER_CGI = r"""#!/bin/sh
+# GET /cgi-bin/marker: the marker file on the root disk; /cgi-bin/marker?VALUE writes VALUE first
+# (letters, digits, '-' and '_') and syncs it to the disk. For the snapshot tests: their only way
+# into the guest's disk.
+marker=/root/marker
+printf 'Content-Type: text/plain\r\n\r\n'
+case $QUERY_STRING in
+    "") ;;
+    *[!A-Za-z0-9_-]*) echo "bad marker"; exit 0 ;;
+    *) printf '%s\n' "$QUERY_STRING" >"$marker.new" && sync && mv "$marker.new" "$marker" && sync ;;
+esac
+cat "$marker" 2>/dev/null
 """

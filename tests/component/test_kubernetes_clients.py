@@ -54,7 +54,9 @@ async def test_discovery_names_the_group_and_its_resource(api: Client) -> None:
         "qemupreferences",
         "qemuclusterinstancetypes",
         "qemuclusterpreferences",
-    ], "docs/instancetypes.md#the-api"
+        "qemuvmsnapshots",
+        "qemuvmrestores",
+    ], "docs/instancetypes.md#the-api, docs/snapshots.md#the-api"
     assert {
         k: resource[k] for k in ("name", "singularName", "namespaced", "kind", "verbs", "shortNames")
     } == {

@@ -83,6 +83,10 @@ def test_kubectl_reads_qemuvms_events_namespaces_and_schemas(
     assert re.search(
         r"qemuinstancetypes\s+qit\s+tofu-qemu.dev/v1alpha1\s+true\s+QemuInstanceType\s+get,list", resources
     )
+    # snapshots: beside qemuvms too (docs/snapshots.md#the-api).
+    assert re.search(
+        r"qemuvmsnapshots\s+vmsnap\s+tofu-qemu.dev/v1alpha1\s+true\s+QemuVMSnapshot\s+get,list", resources
+    )
     sizes = kubectl.out("get", "qcit")
     assert sizes.splitlines()[0].split() == ["NAME", "CPUS", "MEMORY", "REVISION"]
     assert [line.split()[:3] for line in sizes.splitlines()[1:]] == [
