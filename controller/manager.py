@@ -30,6 +30,7 @@ from api.store.instancetypes import InstanceTypeCatalog
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
 from controller import guest_agents, watchdog
+from controller.agent_freeze import freezer_of
 from controller.clock import Clock, LoopClock
 from controller.executor import Executor
 from controller.host_agent import HostAgent, HostMetrics, Scheduler
@@ -296,7 +297,7 @@ class Controller:
             *watchdog.start_pinging(tasks),
             self._start_source(tasks, "scheduler", scheduler.run_forever),
             # snapshots: QemuVMSnapshot and QemuVMRestore (docs/snapshots.md).
-            self._start_source(tasks, "snapshots", self._snapshots(runtime).run_forever),
+            self._start_source(tasks, "snapshots", self._snapshots(runtime, agents).run_forever),
             *self._placement_wakeups(tasks),
         ]
 
@@ -334,9 +335,14 @@ class Controller:
             minutes_retention=timedelta(hours=self._settings.usage_minutes_retention_hours),
         )
 
-    def _snapshots(self, runtime: Runtime) -> SnapshotController:
+    def _snapshots(self, runtime: Runtime, agents: guest_agents.GuestAgents) -> SnapshotController:
         return SnapshotController(
-            self._db, host=self.host.name, runtime=runtime, now=self._clock.now, quotas=self._settings.quotas
+            self._db,
+            host=self.host.name,
+            runtime=runtime,
+            now=self._clock.now,
+            quotas=self._settings.quotas,
+            freezer=freezer_of(agents, runtime, self._layout),
         )
 
     def _incremental_resync(self, runtime: Runtime) -> IncrementalResync:

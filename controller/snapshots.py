@@ -59,9 +59,13 @@ class GuestFreezer(Protocol):
 
     def connected(self, uid: str) -> bool: ...
 
-    async def freeze(self, uid: str) -> None: ...
+    async def freeze(self, uid: str) -> bool:
+        """Freeze the guest's filesystems; False when the agent did not (the snapshot is then
+        crash-consistent, and says NoGuestAgent)."""
 
-    async def thaw(self, uid: str) -> None: ...
+    async def thaw(self, uid: str) -> None:
+        """:raise OSError: the guest may still be frozen; the snapshot step fails and is tried
+        again, which thaws it."""
 
 
 class NoGuestAgent:
@@ -70,8 +74,8 @@ class NoGuestAgent:
     def connected(self, uid: str) -> bool:
         return False
 
-    async def freeze(self, uid: str) -> None:
-        return None
+    async def freeze(self, uid: str) -> bool:
+        return False
 
     async def thaw(self, uid: str) -> None:
         return None
@@ -202,10 +206,9 @@ class SnapshotController:
     async def _take(self, record: SnapshotRecord, target: _Target, decision: Decision) -> None:
         uid = target.record.uid
         pause_ms = None
-        agent = self._freezer.connected(uid) and decision.online
+        agent = False
         if decision.step is Step.TAKE and decision.online:
-            if agent:
-                await self._freezer.freeze(uid)
+            agent = self._freezer.connected(uid) and await self._freezer.freeze(uid)
             try:
                 pause_ms = await self._take_online(target, decision.tag)
             finally:

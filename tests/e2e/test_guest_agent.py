@@ -24,6 +24,7 @@ from controller.qemu.argv import mac_address
 from controller.qemu.guest_agent import GuestAgent
 from tests.e2e.conftest import open_vm_host, report_host_on_failure
 from tests.e2e.harness import GUEST_BOOT_TIMEOUT, VmHost, is_running_current
+from tests.e2e.test_cli import Cli
 
 pytestmark = pytest.mark.e2e
 
@@ -116,6 +117,31 @@ def test_a_freeze_round_trip_freezes_the_root_filesystem(host: VmHost) -> None:
 
     # The root ext4 on /dev/vda is the one block-device filesystem (the rest are tmpfs, proc...).
     assert asyncio.run(round_trip()) == (1, "frozen", 1, "thawed")
+
+
+def test_a_snapshot_of_a_vm_with_an_agent_freezes_its_filesystems(host: VmHost) -> None:
+    """The snapshot asked through the CLI freezes the guest's filesystems around its QMP
+    transaction (docs/snapshots.md): it says GuestAgent, and the guest is thawed after."""
+    vm = host.wait_vm(PROJECT, NAME, _connected, what="the agent connected", timeout=GUEST_BOOT_TIMEOUT)
+    server = host.servers["serve"]
+    assert "requested" in Cli(server).run("snapshot", "vm", NAME, "frozen", "-p", PROJECT)
+
+    def ready() -> dict[str, Any] | None:
+        answer = host.request("GET", f"/api/v1/projects/{PROJECT}/snapshots/frozen")
+        found: dict[str, Any] | None = answer.json() if answer.status == 200 else None
+        return found if found is not None and (found.get("status") or {}).get("readyToUse") else None
+
+    snapshot = wait_until(ready, timeout=GUEST_BOOT_TIMEOUT, what="the snapshot ready")
+    assert snapshot["status"]["indications"] == ["Online", "GuestAgent"], json.dumps(snapshot["status"])
+    log = server.log_since_last_start()
+    assert '"guest_frozen"' in log
+    assert '"guest_thawed"' in log
+
+    async def after() -> str:
+        async with await GuestAgent.in_runtime_dir(_run_dir(host, vm), sync_seconds=5.0) as agent:
+            return await agent.freeze_status()
+
+    assert asyncio.run(after()) == "thawed"
 
 
 def test_a_graceful_stop_goes_through_guest_shutdown(host: VmHost) -> None:
