@@ -13,6 +13,7 @@ from urllib.parse import quote
 import yaml
 
 from api.client.connection import Connection
+from api.client.format import table
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
 # The words `get` takes, by the pair of plurals (namespaced, cluster-wide) they list.
@@ -70,11 +71,4 @@ def type_table(items: Sequence[Mapping[str, Any]], *, instance_types: bool) -> s
                 valid["status"] if valid["status"] == "True" else f"False: {valid['message']}",
             ]
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "".join(
-        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-        + "   "
-        + row[-1]
-        + "\n"
-        for row in rows
-    )
+    return table(rows[0], rows[1:])

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from api.client.connection import ClientError, Connection
+from api.client.format import table
 
 API = "/apis/tofu-qemu.dev/v1alpha1"
 SNAPSHOT_WORDS = ("snapshots", "snapshot", "qemuvmsnapshots", "vmsnap")
@@ -49,7 +50,7 @@ def snapshot_table(items: Sequence[Mapping[str, Any]]) -> str:
                 status["error"] or "<none>",
             ]
         )
-    return _aligned(rows)
+    return table(rows[0], rows[1:])
 
 
 def restore_table(items: Sequence[Mapping[str, Any]]) -> str:
@@ -67,18 +68,7 @@ def restore_table(items: Sequence[Mapping[str, Any]]) -> str:
                 status["error"] or "<none>",
             ]
         )
-    return _aligned(rows)
-
-
-def _aligned(rows: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "".join(
-        "   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-        + "   "
-        + row[-1]
-        + "\n"
-        for row in rows
-    )
+    return table(rows[0], rows[1:])
 
 
 def add_snapshot_commands(commands: Any, client_parser: Callable[..., argparse.ArgumentParser]) -> None:

@@ -24,11 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.clock import Clock
-from controller.model import SidecarObservation
 from controller.network import PasstFailed
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.netargs import PASST_BINARY, passt_paths, socket_of
-from controller.qemu.sidecar import SidecarKind, Sidecars
+from controller.qemu.sidecar import SidecarKind, SidecarProgram
 
 PASST = SidecarKind("passt", "passt", passt_paths, PasstFailed)
 # The user passt changes to when started as root (its default, which it does not let us avoid).
@@ -38,15 +37,11 @@ PROBE_SECONDS = 5.0
 _PROBE_POLL_SECONDS = 0.02
 
 
-class Passt:
+class Passt(SidecarProgram):
     """Implements controller.network.PasstNetworks with the `passt` binary."""
 
     def __init__(self, *, clock: Clock, wake: Callable[[str], None]) -> None:
-        """`wake(uid)` queues a reconcile of the VM whose passt exited."""
-        self._processes = Sidecars(PASST, clock=clock, wake=wake)
-
-    async def inspect(self, uid: str, paths: RuntimePaths) -> SidecarObservation | None:
-        return await self._processes.inspect(uid, paths)
+        super().__init__(PASST, clock=clock, wake=wake)
 
     async def start(self, uid: str, paths: RuntimePaths, argv: tuple[str, ...]) -> None:
         await self.stop(uid, paths)
@@ -56,19 +51,6 @@ class Passt:
         except OSError as err:
             raise PasstFailed(f"passt's dir {directory}: {err.strerror}") from err
         await self._processes.launch(uid, paths, argv, socket_of(argv))
-
-    async def attach(self, uid: str, paths: RuntimePaths, pid: int) -> None:
-        await self._processes.attach(uid, paths, pid)
-
-    async def stop(self, uid: str, paths: RuntimePaths) -> None:
-        await self._processes.stop(uid, paths)
-
-    async def close(self) -> None:
-        """Stop watching (controller shutdown); the processes run on, to be adopted."""
-        await self._processes.close()
-
-    def watched_uids(self) -> list[str]:
-        return self._processes.watched_uids()
 
 
 def prepare_dir(directory: Path) -> None:

@@ -178,3 +178,28 @@ def _running(record: process.LaunchRecord) -> bool:
     """The helper, or its supervisor, which holds the helper dir's lock until it has recorded the
     exit: a new helper can start only once both are gone."""
     return process.is_alive_and_ours(record) or process.supervisor_alive(record)
+
+
+class SidecarProgram:
+    """What every supervised helper program (swtpm, passt) does alike: look at, adopt, stop and
+    let go of its processes. A subclass adds how one starts."""
+
+    def __init__(self, kind: SidecarKind, *, clock: Clock, wake: Callable[[str], None]) -> None:
+        """`wake(uid)` queues a reconcile of the VM whose process exited."""
+        self._processes = Sidecars(kind, clock=clock, wake=wake)
+
+    async def inspect(self, uid: str, paths: RuntimePaths) -> SidecarObservation | None:
+        return await self._processes.inspect(uid, paths)
+
+    async def attach(self, uid: str, paths: RuntimePaths, pid: int) -> None:
+        await self._processes.attach(uid, paths, pid)
+
+    async def stop(self, uid: str, paths: RuntimePaths) -> None:
+        await self._processes.stop(uid, paths)
+
+    async def close(self) -> None:
+        """Stop watching (controller shutdown); the processes run on, to be adopted."""
+        await self._processes.close()
+
+    def watched_uids(self) -> list[str]:
+        return self._processes.watched_uids()

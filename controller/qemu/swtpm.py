@@ -18,25 +18,20 @@ from pathlib import Path
 
 from controller.clock import Clock
 from controller.firmware import TpmFailed
-from controller.model import TpmObservation
 from controller.qemu.argv import RuntimePaths
 from controller.qemu.firmware import TPM_SOCKET_NAME, TPM_STATE_DIR_NAME, swtpm_argv, tpm_paths
-from controller.qemu.sidecar import LISTEN_SECONDS, STOP_SECONDS, SidecarKind, Sidecars
+from controller.qemu.sidecar import LISTEN_SECONDS, STOP_SECONDS, SidecarKind, SidecarProgram
 
 __all__ = ["LISTEN_SECONDS", "STOP_SECONDS", "Swtpm"]
 
 SWTPM = SidecarKind("swtpm", "tpm", tpm_paths, TpmFailed)
 
 
-class Swtpm:
+class Swtpm(SidecarProgram):
     """Implements controller.firmware.TpmEmulators with the `swtpm` binary."""
 
     def __init__(self, *, clock: Clock, wake: Callable[[str], None]) -> None:
-        """`wake(uid)` queues a reconcile of the VM whose swtpm exited."""
-        self._processes = Sidecars(SWTPM, clock=clock, wake=wake)
-
-    async def inspect(self, uid: str, paths: RuntimePaths) -> TpmObservation | None:
-        return await self._processes.inspect(uid, paths)
+        super().__init__(SWTPM, clock=clock, wake=wake)
 
     async def start(self, uid: str, paths: RuntimePaths, *, persistent: bool) -> None:
         await self.stop(uid, paths)
@@ -51,16 +46,3 @@ class Swtpm:
         except OSError as err:
             raise TpmFailed(f"the TPM state dir {state}: {err.strerror}") from err
         await self._processes.launch(uid, paths, swtpm_argv(), TPM_SOCKET_NAME)
-
-    async def attach(self, uid: str, paths: RuntimePaths, pid: int) -> None:
-        await self._processes.attach(uid, paths, pid)
-
-    async def stop(self, uid: str, paths: RuntimePaths) -> None:
-        await self._processes.stop(uid, paths)
-
-    async def close(self) -> None:
-        """Stop watching (controller shutdown); the processes run on, to be adopted."""
-        await self._processes.close()
-
-    def watched_uids(self) -> list[str]:
-        return self._processes.watched_uids()

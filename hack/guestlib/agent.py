@@ -34,7 +34,7 @@ _DT_NEEDED = 1
 _DT_STRTAB = 5
 
 
-def show(names: list[str]) -> dict[str, dict[str, str]]:
+def apt_show(names: list[str]) -> dict[str, dict[str, str]]:
     """The candidate stanza of each package apt knows, by name (one `apt-cache show` call)."""
     proc = subprocess.run(
         [tool("apt-cache"), "show", "--no-all-versions", *names],
@@ -66,7 +66,7 @@ def resolve_agent() -> list[tuple[str, str]] | None:
     """(package, version) of qemu-guest-agent and its shared-library dependencies, sorted; None
     when apt knows no qemu-guest-agent. Two apt calls (each takes seconds without apt's binary
     cache): every package reachable, then their stanzas; the closure is computed here."""
-    stanzas = show(reachable(AGENT_PACKAGE))
+    stanzas = apt_show(reachable(AGENT_PACKAGE))
     if AGENT_PACKAGE not in stanzas:
         return None
     found: dict[str, str] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guestlib.agent import AGENT_PACKAGE, resolve_agent
+from guestlib.agent import AGENT_PACKAGE, apt_show, resolve_agent
 from guestlib.common import (
     APT_CONFIG,
     APT_LISTS,
@@ -98,19 +98,7 @@ def apt_update() -> None:
 
 def resolve_packages() -> Packages | None:
     """The candidate versions apt knows, or None when apt knows nothing about the packages."""
-    proc = subprocess.run(
-        [tool("apt-cache"), "show", "--no-all-versions", KERNEL_METAPACKAGE, BUSYBOX_PACKAGE],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    stanzas: dict[str, dict[str, str]] = {}
-    for block in proc.stdout.split("\n\n"):
-        fields = dict(
-            line.split(": ", 1) for line in block.splitlines() if ": " in line and not line[0].isspace()
-        )
-        if "Package" in fields:
-            stanzas[fields["Package"]] = fields
+    stanzas = apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
     meta, busybox = stanzas.get(KERNEL_METAPACKAGE), stanzas.get(BUSYBOX_PACKAGE)
     if meta is None or busybox is None:
         return None

@@ -428,12 +428,15 @@ def new_api_get_routes() -> list[str]:
 
 
 def with_types_named_web(document: dict[str, Any]) -> dict[str, Any]:
-    """`document` with a QemuInstanceType and a QemuPreference named web (docs/instancetypes.md)."""
+    """`document` with a QemuInstanceType, a QemuPreference (docs/instancetypes.md), a
+    QemuVMSnapshot and a QemuVMRestore (docs/snapshots.md), each named web."""
     types = [
         {"apiVersion": "tofu-qemu.dev/v1alpha1", "kind": kind, "metadata": {"name": "web"}, "spec": spec}
         for kind, spec in (
             ("QemuInstanceType", {"cpus": 1, "memory": 64}),
             ("QemuPreference", {"stopTimeout": 5}),
+            ("QemuVMSnapshot", {"source": {"name": "web"}}),
+            ("QemuVMRestore", {"target": {"name": "web"}, "snapshot": "web"}),
         )
     ]
     return {
@@ -457,7 +460,7 @@ async def test_every_get_of_the_new_api_answers_what_the_document_says(
     await lock(api, "lab", LOCK_INFO)
     await api.post(f"{APIS}/projects/lab/qemuvms/web/restart", headers=AUTH)
     console_log(settings, await uid_of(api)).write_bytes(b"hello\n")
-    samples = {**SAMPLES, "project": "other"} if "qemuvms" not in template else SAMPLES
+    samples = SAMPLES if re.search(r"/qemuvms(/|$)", template) else {**SAMPLES, "project": "other"}
     response = await api.get(PLACEHOLDER.sub(lambda m: samples[m[1]], template), headers=AUTH)
     assert response.status == 200, await response.text()
     content_type = response.headers["Content-Type"].split(";")[0]

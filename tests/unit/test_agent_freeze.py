@@ -51,8 +51,8 @@ async def test_a_refused_freeze_leaves_the_snapshot_crash_consistent_and_the_gue
 
 
 async def test_an_unconfirmed_thaw_fails_the_step(
-    agent_dir: tuple[Path, FakeAgent],
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    agent_dir: tuple[Path, FakeAgent],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     directory, fake = agent_dir
     freezer = await freezer_on(directory)

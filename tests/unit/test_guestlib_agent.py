@@ -113,7 +113,7 @@ def test_resolution_follows_only_the_libraries_section(
         "libpcre2-8-0": {"Version": "10.42", "Section": "libs"},
     }
     monkeypatch.setattr(agent, "reachable", lambda _package: list(stanzas))
-    monkeypatch.setattr(agent, "show", lambda names: {n: {"Package": n, **stanzas[n]} for n in names})
+    monkeypatch.setattr(agent, "apt_show", lambda names: {n: {"Package": n, **stanzas[n]} for n in names})
     assert agent.resolve_agent() == [
         ("libc6", "2.36"),
         ("libgcc-s1", "12.2"),
@@ -121,5 +121,5 @@ def test_resolution_follows_only_the_libraries_section(
         ("libpcre2-8-0", "10.42"),
         ("qemu-guest-agent", "1:7.2"),
     ]
-    monkeypatch.setattr(agent, "show", lambda _names: {})
+    monkeypatch.setattr(agent, "apt_show", lambda _names: {})
     assert agent.resolve_agent() is None  # apt knows no qemu-guest-agent
