@@ -17,7 +17,7 @@ from api.server.errors import BadRequest, Handler, status_response
 from api.server.keys import DATABASE, VMS
 from api.snapshots import RESTORE_KIND, SNAPSHOT_KIND
 from api.spec_fields import TYPE_NAME_MAX, check_type_name
-from api.store.snapshots import NameTaken, SnapshotStore
+from api.store.snapshots import NameTaken, SnapshotStore, TooManyRequested
 
 QEMUVM = "/apis/tofu-qemu.dev/v1alpha1/projects/{project}/qemuvms/{name}"
 API = "/api/v1/projects/{project}"
@@ -44,6 +44,8 @@ async def _create(request: web.Request, kind: str, name: str, spec: dict[str, An
         await store.request(kind, project, name, spec, by=by, now=request.app[DATABASE].clock())
     except NameTaken as err:
         return status_response(409, str(err))
+    except TooManyRequested as err:
+        return status_response(403, str(err))
     created = await store.get(kind, project, name)
     assert created is not None
     return web.json_response(created.to_object())

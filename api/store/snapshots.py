@@ -18,6 +18,10 @@ from api.snapshots import to_object
 from api.store.db import Database
 from api.store.errors import NotFound
 
+# Snapshots and restores asked for through the API (not declared in state), per project: each
+# holds a row and, for a snapshot, a tag in every disk of its VM until it is deleted.
+REQUESTED_PER_PROJECT_MAX = 256
+
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRecord:
@@ -91,8 +95,17 @@ class SnapshotStore:
         """Record a snapshot or restore asked for through the API.
 
         :raise NameTaken: one of that kind and name exists in the project already.
+        :raise TooManyRequested: the project holds REQUESTED_PER_PROJECT_MAX of them already.
         """
         async with self._db.write() as conn:
+            held = await conn.fetchone(
+                "SELECT count(*) FROM requested_snapshots WHERE project = ?", (project,)
+            )
+            if held is not None and int(held[0]) >= REQUESTED_PER_PROJECT_MAX:
+                raise TooManyRequested(
+                    f"project {project!r} holds {REQUESTED_PER_PROJECT_MAX} snapshots and restores asked for"
+                    " through the API, the most it may: delete some first"
+                )
             for table in ("instance_types", "requested_snapshots"):
                 taken = await conn.fetchone(
                     f"SELECT 1 FROM {table} WHERE project = ? AND kind = ? AND name = ?",  # noqa: S608
@@ -155,3 +168,7 @@ class SnapshotStore:
 
 class NameTaken(Exception):
     """A snapshot or restore of that name exists, or is Terraform's to change."""
+
+
+class TooManyRequested(Exception):
+    """The project holds REQUESTED_PER_PROJECT_MAX requested snapshots and restores: delete some."""

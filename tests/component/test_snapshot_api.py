@@ -8,7 +8,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from api.store import Database
+from api.store import snapshots as snapshots_store
 from api.store.snapshots import SnapshotStore
 from api.testing.tfstate import instance, manifest, resource, state
 from tests.component.conftest import AUTH
@@ -101,3 +104,21 @@ async def test_requested_snapshots_stay_until_deleted_and_never_take_a_declared_
     assert (await api.delete("/api/v1/projects/lab/snapshots/manual", headers=AUTH)).status == 404
     assert (await api.delete("/api/v1/projects/lab/restores/undo", headers=AUTH)).status == 200
     assert (await api.post(f"{APIS}/projects/lab/qemuvms/web/snapshot?snapshot=x", headers={})).status == 401
+
+
+async def test_a_project_holds_at_most_its_share_of_requested_snapshots_and_restores(
+    api: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each requested snapshot holds a row and a tag in every disk until deleted: a bounded number."""
+    assert snapshots_store.REQUESTED_PER_PROJECT_MAX == 256
+    monkeypatch.setattr(snapshots_store, "REQUESTED_PER_PROJECT_MAX", 2)
+    await post_state(api, "lab", snapshot_state(1, {}))
+    for name in ("one", "two"):
+        taken = await api.post(f"{APIS}/projects/lab/qemuvms/web/snapshot?snapshot={name}", headers=AUTH)
+        assert taken.status == 200, await taken.text()
+    refused = await api.post(f"{APIS}/projects/lab/qemuvms/web/restore?snapshot=one", headers=AUTH)
+    assert refused.status == 403
+    assert "delete some first" in (await refused.json())["message"]
+    assert (await api.delete("/api/v1/projects/lab/snapshots/two", headers=AUTH)).status == 200
+    again = await api.post(f"{APIS}/projects/lab/qemuvms/web/restore?snapshot=one", headers=AUTH)
+    assert again.status == 200, await again.text()
