@@ -32,6 +32,9 @@ READ_CHUNK_BYTES = 4096
 # Output waiting for one session; beyond it the session is too slow and is detached.
 QUEUE_CHUNKS = 256
 CONNECT_TIMEOUT_SECONDS = 5.0
+# Closing the connection waits this long for what is buffered to reach QEMU; a guest whose UART
+# takes no input would hold it forever (and the WebSocket with it): the connection is then cut.
+CLOSE_TIMEOUT_SECONDS = 2.0
 # The guest reads its UART slowly (and not at all while paused): input that cannot be handed to
 # QEMU within this long ends the writer's session instead of blocking it forever.
 WRITE_TIMEOUT_SECONDS = 10.0
@@ -156,8 +159,13 @@ class SerialLine:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
         self._writer.close()
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await self._writer.wait_closed()
+        except TimeoutError:
+            self._writer.transport.abort()
+        except OSError:
+            pass
 
     async def _read_forever(self) -> None:
         reason = "the VM's serial port closed (the VM stopped or restarted)"
