@@ -4,6 +4,7 @@ snapshot's QMP transaction, and thawed right after (docs/snapshots.md, docs/gues
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +49,8 @@ class AgentFreezer:
         except (AgentUnavailable, AgentRefused) as err:
             log.warning("guest_freeze_failed", uid=uid, error=str(err))
             # A freeze that timed out may still complete in the guest: thaw to be sure.
-            await self._thaw_quietly(uid)
+            with contextlib.suppress(ThawFailed):
+                await self.thaw(uid)
             return False
         log.info("guest_frozen", uid=uid, filesystems=frozen)
         return True
@@ -59,12 +61,6 @@ class AgentFreezer:
         except (AgentUnavailable, AgentRefused) as err:
             raise ThawFailed(f"the guest agent did not thaw the filesystems: {err}") from err
         log.info("guest_thawed", uid=uid, filesystems=thawed)
-
-    async def _thaw_quietly(self, uid: str) -> None:
-        try:
-            await guest_agents.thaw(self._run_dir(uid), THAW_SECONDS)
-        except (AgentUnavailable, AgentRefused) as err:
-            log.debug("guest_thaw_after_failed_freeze", uid=uid, error=str(err))
 
 
 def freezer_of(agents: GuestAgents, runtime: Runtime, layout: DataLayout) -> AgentFreezer:
