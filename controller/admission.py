@@ -8,6 +8,10 @@ room (deleting or halting a VM, raising a limit) admits the next VM at its next 
 
 Admission gates starts only: a VM already running is never stopped because a limit went down.
 
+Ready snapshots hold disk space too (as much as their disks' virtual size): they count against
+max_disk_gib before any VM, so a VM whose disks would take its project past the limit does not
+start. Taking a snapshot past the limit is refused by the snapshot controller.
+
 Host ports are part of it too: a forward's explicit hostPort must lie in the controller's port
 range (the API process may not know that range, so the controller decides, and says which field
 is wrong), and the number of forwards counts against max_ports.
@@ -26,6 +30,8 @@ from api.types import QemuVMSpec
 
 MIB_PER_GIB = 1024
 _LIMIT_UNITS = {"max_memory_mib": " MiB", "max_disk_gib": " GiB"}
+# What holds each limit's units besides the VMs decided before this one.
+_HOLDERS = {"max_disk_gib": "older VMs and snapshots"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +117,16 @@ class Quotas:
         return self.projects.get(name, Quota()).over(self.project_default)
 
 
-def admit(claims: Iterable[Claim], quotas: Quotas) -> dict[str, Admission]:
-    """The verdict for every claim, oldest first. Claims not admitted consume nothing."""
-    server_usage = _Usage()
-    project_usage: dict[str, _Usage] = {}
+def admit(
+    claims: Iterable[Claim], quotas: Quotas, held_disk_mib: Mapping[str, int] | None = None
+) -> dict[str, Admission]:
+    """The verdict for every claim, oldest first. Claims not admitted consume nothing.
+
+    `held_disk_mib`: disk space already held per project by other things than VMs (snapshots),
+    counted against max_disk_gib before any VM."""
+    held = held_disk_mib or {}
+    server_usage = _Usage(disk_mib=sum(held.values()))
+    project_usage = {project: _Usage(disk_mib=mib) for project, mib in held.items()}
     verdicts: dict[str, Admission] = {}
     for claim in sorted(claims, key=lambda c: (c.created_at, c.uid)):
         usage = project_usage.setdefault(claim.project, _Usage())
@@ -148,7 +160,7 @@ def _over(scope: str, quota: Quota, usage: _Usage, claim: Claim) -> str:
     for name, limit, used, wanted, unit in checks:
         if limit is not None and used + wanted > limit:
             return (
-                f"{scope} {name}: {wanted}{unit} requested, {used}{unit} in use by older VMs, "
+                f"{scope} {name}: {wanted}{unit} requested, {used}{unit} in use by {_HOLDERS.get(name, 'older VMs')}, "
                 f"limit {getattr(quota, name)}{_LIMIT_UNITS.get(name, '')}"
             )
     return ""

@@ -27,6 +27,7 @@ from api.store.fencing import StaleEpoch
 from api.store.host_wakeups import listen_for_placements
 from api.store.image_sources import ImageSources
 from api.store.instancetypes import InstanceTypeCatalog
+from api.store.snapshots import SnapshotStore
 from api.store.status_writer import VMStatusWriter
 from api.store.usage import UsageStore
 from controller import guest_agents, watchdog
@@ -239,6 +240,7 @@ class Controller:
             clock=self._clock,
             sizes=instance_types,
             network=network,
+            snapshots=SnapshotStore(self._db),
         )
 
     def _start_sources(

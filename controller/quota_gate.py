@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -27,6 +28,14 @@ from controller.clock import Clock
 from controller.network import NetworkPolicy, network_problem
 
 FRESH_SECONDS = 1.0
+
+
+class SnapshotHoldings(Protocol):
+    """The disk space that snapshots hold, per project (api/store/snapshots.py)."""
+
+    async def held_mib(self) -> dict[str, int]: ...
+
+    async def status_version(self) -> tuple[object, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +61,13 @@ class QuotaGate:
         clock: Clock,
         sizes: InstanceTypeSizes | None = None,
         network: NetworkPolicy | None = None,
+        snapshots: SnapshotHoldings | None = None,
     ) -> None:
         """`sizes`: the instance types' current sizes (docs/instancetypes.md); without it a VM
         sized by a type claims nothing. `network`: what the host allows guests' networks
-        (docs/networking.md; default: no egress)."""
+        (docs/networking.md; default: no egress). `snapshots`: the space snapshots hold, which
+        counts against max_disk_gib before any VM (docs/snapshots.md)."""
+        self._snapshots = snapshots
         self._network = network or NetworkPolicy()
         self._sizes = sizes
         self._db = db
@@ -77,6 +89,8 @@ class QuotaGate:
         version: tuple[object, ...] = (await specs_version(self._db),)
         if self._sizes is not None:
             version += (await self._sizes.sizes_version(),)
+        if self._snapshots is not None:
+            version += (await self._snapshots.status_version(),)
         if version != self._version or not current:
             await self._decide_again()
             self._version = version
@@ -100,7 +114,8 @@ class QuotaGate:
         claims = (
             sized_claim(entry.claim, entry.sized_by, sizes) for entry in parsed.values() if not entry.problem
         )
-        self._verdicts = admit((claim for claim in claims if claim is not None), self._quotas)
+        held = await self._snapshots.held_mib() if self._snapshots is not None else None
+        self._verdicts = admit((claim for claim in claims if claim is not None), self._quotas, held)
         for uid, entry in parsed.items():
             if entry.problem:
                 self._verdicts[uid] = Admission(False, entry.problem, INVALID_SPEC)

@@ -25,7 +25,7 @@ from api.store.allocations import Allocations
 from api.store.db import Database
 from api.store.errors import NotFound
 from api.store.records import VMRecord
-from api.store.snapshots import SnapshotRecord, SnapshotStore
+from api.store.snapshots import SnapshotRecord, SnapshotStore, held_by_snapshots
 from api.store.vms import RunAction, VMStore
 from api.types import QemuVMSpec, RunStrategy
 from controller import snapshot_disks
@@ -196,7 +196,7 @@ class SnapshotController:
             (row.owner.project if row.owner else None, row.size_mib or 0)
             for row in await self._every_disk.disks()
         ]
-        held += [(s.project, _mib(int((s.status or {}).get("sizeBytes", 0)))) for s in snapshots if _ready(s)]
+        held += held_by_snapshots(snapshots).items()
         use = DiskUse(
             sum(mib for _, mib in held), sum(mib for project, mib in held if project == record.project)
         )

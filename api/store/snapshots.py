@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from api.instancetypes import revision_of
-from api.snapshots import to_object
+from api.snapshots import SNAPSHOT_KIND, to_object
 from api.store.db import Database
 from api.store.errors import NotFound
 
@@ -139,6 +139,15 @@ class SnapshotStore:
             raise NameTaken(f"{kind} {name!r} is declared in project {project!r}'s state: remove it there")
         raise NotFound(f"no {kind} named {name!r} in project {project!r}")
 
+    async def held_mib(self) -> dict[str, int]:
+        """MiB of disk that ready snapshots hold, per project (see held_by_snapshots)."""
+        return held_by_snapshots(await self.list(SNAPSHOT_KIND))
+
+    async def status_version(self) -> tuple[object, ...]:
+        """Changes whenever a snapshot's or restore's status is written or dropped."""
+        rows = await self._db.read("SELECT count(*), max(updated_at) FROM snapshot_status")
+        return tuple(rows[0]) if rows else ()
+
     async def get(self, kind: str, project: str, name: str) -> SnapshotRecord | None:
         found = [record for record in await self.list(kind, project=project) if record.name == name]
         return found[0] if found else None
@@ -164,6 +173,18 @@ class SnapshotStore:
                 " WHERE t.project = snapshot_status.project AND t.kind = snapshot_status.kind"
                 " AND t.name = snapshot_status.name)"
             )
+
+
+def held_by_snapshots(snapshots: list[SnapshotRecord]) -> dict[str, int]:
+    """MiB of disk the ready ones among `snapshots` hold, per project. A snapshot may come to pin
+    all of its disks' space, so it counts as their virtual size, like a disk, against max_disk_gib."""
+    held: dict[str, int] = {}
+    for snapshot in snapshots:
+        status = snapshot.status or {}
+        if status.get("readyToUse"):
+            size_mib = -(-int(status.get("sizeBytes", 0)) // (1024 * 1024))
+            held[snapshot.project] = held.get(snapshot.project, 0) + size_mib
+    return held
 
 
 class NameTaken(Exception):

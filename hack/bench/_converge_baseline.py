@@ -34,9 +34,10 @@ def start_baseline(workspace: Workspace, tree: Path) -> Server:
     )
 
 
-def report_baseline(rows: list[Row], tree: Path) -> None:
+def report_baseline(rows: list[Row], tree: Path, this: Path | None = None) -> None:
     print()
-    print(f"This tree vs the baseline (the code of {tree}), same repeats: state POST -> all N Running")
+    timed = f"The code of {this}" if this else "This tree"
+    print(f"{timed} vs the baseline (the code of {tree}), same repeats: state POST -> all N Running")
     header = (
         f"{'N':>4} {'this s':>8} {'base s':>8} {'ratio':>7} {'target':>7}  {'spread this':>15} "
         f"{'spread base':>15}  {'cpu ms/VM':>9} {'base':>6}  {'vs bare':>7} {'base':>6}  result"

@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 
+from api.instancetypes import revision_of
+from api.snapshots import SNAPSHOT_KIND
 from api.store import Database, StateStore, VMStore, fleet
+from api.store.snapshots import SnapshotStore
 from api.testing.tfstate import vm_state
 from controller.admission import INVALID_SPEC, Quota, Quotas
 from controller.clock import ManualClock
@@ -90,8 +93,34 @@ async def test_max_ports_and_the_default_disk_cap(
     disky = await gate.admission(*found["disky"])
     assert (
         disky.message
-        == "project lab max_disk_gib: 2048 MiB requested, 0 MiB in use by older VMs, limit 1 GiB"
+        == (
+            "project lab max_disk_gib: 2048 MiB requested, 0 MiB in use by older VMs and snapshots,"
+            " limit 1 GiB"
+        )
     )
+
+
+async def test_snapshots_count_against_the_disk_cap_when_a_vm_starts(
+    db: Database, states: StateStore, vms: VMStore, clock: FakeClock
+) -> None:
+    """A ready snapshot holds its disks' size: a VM that would take the project past max_disk_gib
+    does not start, and deleting the snapshot admits it (docs/snapshots.md)."""
+    await write(states, vm_state(1, {"disky": {"disks": [{"name": "data", "size": "1Gi"}]}}))
+    snapshots = SnapshotStore(db)
+    spec = {"source": {"name": "other"}}
+    await snapshots.request(SNAPSHOT_KIND, "lab", "kept", spec, by="ops", now=clock.now)
+    ready = {"readyToUse": True, "sizeBytes": 1024 * 1024 * 1024}
+    await snapshots.write_status(SNAPSHOT_KIND, "lab", "kept", revision_of(spec), ready, clock.now)
+    quotas = Quotas(project_default=Quota(max_disk_gib=1))
+    gate = QuotaGate(db, quotas, port_range=RANGE, clock=ManualClock(), snapshots=snapshots)
+    disky = await gate.admission(*(await uids(vms))["disky"])
+    assert disky.message == (
+        "project lab max_disk_gib: 1024 MiB requested, 1024 MiB in use by older VMs and snapshots,"
+        " limit 1 GiB"
+    )
+    await snapshots.forget_requested(SNAPSHOT_KIND, "lab", "kept")
+    assert await snapshots.forget_undeclared() == 1
+    assert (await gate.admission(*(await uids(vms))["disky"])).admitted, "seen at once: the version moved"
 
 
 async def test_specs_are_read_again_only_when_they_changed(

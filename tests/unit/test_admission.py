@@ -64,6 +64,21 @@ def test_disk_limits_count_sizes_in_gib() -> None:
     assert verdicts["b"].message.endswith("limit 2 GiB")
 
 
+def test_snapshots_hold_disk_space_before_any_vm() -> None:
+    """A project's snapshots count against max_disk_gib, server-wide and in their project only."""
+    claims = [claim("a", age_rank=0, disk=1024), claim("b", age_rank=1, project="ci", disk=1024)]
+    quotas = Quotas(projects={"lab": Quota(max_disk_gib=2)}, server=Quota(max_disk_gib=4))
+    verdicts = admit(claims, quotas, {"lab": 1536})
+    assert admitted(verdicts) == ["b"]
+    assert verdicts["a"].message == (
+        "project lab max_disk_gib: 1024 MiB requested, 1536 MiB in use by older VMs and snapshots,"
+        " limit 2 GiB"
+    )
+    server_full = admit(claims, quotas, {"other": 3 * 1024})
+    assert admitted(server_full) == ["a"], "the server's limit counts every project's snapshots"
+    assert admitted(admit(claims, quotas, {})) == ["a", "b"]
+
+
 def test_freeing_room_admits_the_next() -> None:
     claims = [claim("old", age_rank=0), claim("new", age_rank=1)]
     quotas = Quotas(server=Quota(max_vms=1))
