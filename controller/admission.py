@@ -160,8 +160,9 @@ def _over(scope: str, quota: Quota, usage: _Usage, claim: Claim) -> str:
     for name, limit, used, wanted, unit in checks:
         if limit is not None and used + wanted > limit:
             return (
-                f"{scope} {name}: {wanted}{unit} requested, {used}{unit} in use by {_HOLDERS.get(name, 'older VMs')}, "
-                f"limit {getattr(quota, name)}{_LIMIT_UNITS.get(name, '')}"
+                f"{scope} {name}: {wanted}{unit} requested, {used}{unit} in use by"
+                f" {_HOLDERS.get(name, 'older VMs')}, limit {getattr(quota, name)}"
+                f"{_LIMIT_UNITS.get(name, '')}"
             )
     return ""
 

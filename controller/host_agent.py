@@ -312,7 +312,8 @@ class Scheduler:
         """A pass at every commit of this process, at other processes' commits (polled), and
         at least every lease / 3, which also renews the lease."""
         changed = asyncio.Event()
-        self._db.subscribe(changed.set)
+        # Status and event writes (most commits) neither add a VM nor free room: not woken by them.
+        self._db.subscribe(changed.set, volatile=False)
         loop = asyncio.get_running_loop()
         renew_every = self._lease_seconds / RENEWALS_PER_LEASE
         last_version: int | None = None

@@ -4,8 +4,9 @@ What it costs, since every reconcile of a live VM asks (a default project quota 
 - a VM asking again at the generation it was decided at gets the kept verdict without a store
   read for FRESH_SECONDS, so other VMs' changes reach its verdict within that time (a new VM
   never changes an older one's verdict: admission is oldest first);
-- otherwise one aggregate read (`specs_version`); when it moved, the live VMs' generations are
-  read and only new or changed specs are fetched and parsed, then the fleet is decided again.
+- otherwise one aggregate read (`admission_version`: specs, instance types, snapshots); when
+  it moved, the live VMs' generations are read and only new or changed specs are fetched and
+  parsed, then the fleet is decided again.
 A VM's own new generation (an edit asking for more) is always decided fresh.
 """
 
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from api.instancetypes import CLUSTER_KIND_OF, Ref
 from api.store import Database
-from api.store.fleet import LiveSpecKey, live_spec_keys, specs_of, specs_version
+from api.store.fleet import LiveSpecKey, admission_version, live_spec_keys, specs_of
 from api.store.instancetypes import InstanceTypeSizes, Size
 from api.types import QemuVMSpec, RunStrategy
 from controller.admission import ADMITTED, INVALID_SPEC, Admission, Claim, Quotas, admit, host_port_problem
@@ -34,8 +35,6 @@ class SnapshotHoldings(Protocol):
     """The disk space that snapshots hold, per project (api/store/snapshots.py)."""
 
     async def held_mib(self) -> dict[str, int]: ...
-
-    async def status_version(self) -> tuple[object, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +85,7 @@ class QuotaGate:
         current = known is not None and known.generation == generation
         if current and now - self._checked_at < FRESH_SECONDS:
             return self._verdicts.get(uid, ADMITTED)
-        version: tuple[object, ...] = (await specs_version(self._db),)
-        if self._sizes is not None:
-            version += (await self._sizes.sizes_version(),)
-        if self._snapshots is not None:
-            version += (await self._snapshots.status_version(),)
+        version = await admission_version(self._db)
         if version != self._version or not current:
             await self._decide_again()
             self._version = version

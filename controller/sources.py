@@ -107,7 +107,8 @@ async def watch_store(
     writes (they change nothing the reconciler acts on). `projects` learns new uids' projects
     first, so the queue is fair across projects from a VM's first reconcile on."""
     changed = asyncio.Event()
-    db.subscribe(changed.set)
+    # Not woken by status and event writes (the controller's own): they change nothing it acts on.
+    db.subscribe(changed.set, volatile=False)
     seen: dict[str, int] = {}
     last_data_version = await db.data_version()
     while True:

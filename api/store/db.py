@@ -25,6 +25,7 @@ from api.store.errors import StorageFull
 from api.store.files import keep_open_store_files_private, make_store_files_private, secure_data_dir
 from api.store.schema import MIGRATIONS
 from api.store.sql import Clock, Database, Dialect, Row, Transaction, utc_now
+from api.store.subscribers import Subscribers
 
 __all__ = ["Clock", "Database", "SQLiteDatabase", "Transaction", "open_database", "utc_now"]
 
@@ -80,19 +81,19 @@ class SQLiteDatabase:
         self.reader = reader
         self.clock = clock
         self._write_lock = asyncio.Lock()
-        self._subscribers: list[Callable[[], None]] = []
+        self._subscribers = Subscribers()
         # The WAL file's (inode, size, mtime) when data_version last asked SQLite, and its answer.
         self._wal_path = None if path is None else Path(f"{path}-wal")
         self._wal_seen: tuple[int, int, int] | None = None
         self._version = 0
         self._version_asked_at = float("-inf")
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        """Call `callback` after every committed write of this process.
+    def subscribe(self, callback: Callable[[], None], *, volatile: bool = True) -> None:
+        """Call `callback` after committed writes of this process (Database.subscribe).
 
         Writes by other processes on the same file are seen through `data_version` instead.
         """
-        self._subscribers.append(callback)
+        self._subscribers.add(callback, volatile=volatile)
 
     async def read(self, query: str, params: Sequence[object] = ()) -> list[Row]:
         """Run a read-only query to completion in one step on the reader connection.
@@ -169,8 +170,7 @@ class SQLiteDatabase:
                     await self._writer.execute(f"PRAGMA synchronous = {DURABLE_SYNCHRONOUS}")
             changed = self._writer.total_changes != changes_before
         if notify and changed:
-            for callback in self._subscribers:
-                callback()
+            self._subscribers.committed(durable=durable)
 
     async def probe_writable(self) -> None:
         """Take SQLite's write lock and let go of it, changing nothing and waking no subscriber.

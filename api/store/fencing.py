@@ -57,8 +57,8 @@ class FencedDatabase:
         self.clock = db.clock
         self.dialect = db.dialect
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        self._db.subscribe(callback)
+    def subscribe(self, callback: Callable[[], None], *, volatile: bool = True) -> None:
+        self._db.subscribe(callback, volatile=volatile)
 
     async def data_version(self) -> int:
         return await self._db.data_version()

@@ -98,10 +98,17 @@ class LiveSpec:
     spec: str
 
 
-async def specs_version(db: Database) -> tuple[int, int, int]:
-    """Changes whenever a VM is created, changes spec, starts deleting or is removed."""
-    rows = await db.read("SELECT COUNT(*), COALESCE(SUM(generation), 0), COUNT(deleted_at) FROM vms")
-    return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+async def admission_version(db: Database) -> tuple[object, ...]:
+    """Changes whenever what admission decides on changes, in one read: a VM is created, changes
+    spec, starts deleting or is removed; an instance type (or anything else in its table) is
+    added, changed or removed; a snapshot's status is written or dropped."""
+    rows = await db.read(
+        "SELECT (SELECT COUNT(*) FROM vms), (SELECT COALESCE(SUM(generation), 0) FROM vms),"
+        " (SELECT COUNT(deleted_at) FROM vms), (SELECT COUNT(*) FROM instance_types),"
+        " (SELECT COALESCE(MAX(resource_version), 0) FROM instance_types),"
+        " (SELECT COUNT(*) FROM snapshot_status), (SELECT MAX(updated_at) FROM snapshot_status)"
+    )
+    return tuple(rows[0])
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,10 +153,8 @@ class Size:
 
 
 class InstanceTypeSizes(Protocol):
-    """What the quota gate needs: every valid instance type's size, and a value that changes
-    whenever one does."""
-
-    async def sizes_version(self) -> tuple[int, int]: ...
+    """What the quota gate needs: every valid instance type's size (api/store/fleet.py
+    `admission_version` tells it when they may have changed)."""
 
     async def instance_type_sizes(self) -> dict[tuple[str | None, Ref], Size]: ...
 
@@ -188,12 +186,6 @@ class InstanceTypeCatalog:
             (project, ref.kind, ref.name),
         )
         return Found(json.loads(rows[0][0]), rows[0][1]) if rows else None
-
-    async def sizes_version(self) -> tuple[int, int]:
-        """Moves with every change of a namespaced type: a new one or a change takes the next
-        resourceVersion, a removal lowers the count (cluster-wide ones change only at restart)."""
-        rows = await self._db.read("SELECT COUNT(*), COALESCE(MAX(resource_version), 0) FROM instance_types")
-        return int(rows[0][0]), int(rows[0][1])
 
     async def instance_type_sizes(self) -> dict[tuple[str | None, Ref], Size]:
         """Every valid instance type's size, by (project, or None for cluster-wide; reference)."""

@@ -40,6 +40,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from api.store.errors import StorageFull, StoreUnavailable
 from api.store.schema import MIGRATIONS, postgresql_script
 from api.store.sql import Clock, Dialect, Row, Transaction, to_format_placeholders, utc_now
+from api.store.subscribers import Subscribers
 
 log = structlog.get_logger(__name__)
 CHANGES_CHANNEL = "tofu_qemu_changes"
@@ -117,7 +118,7 @@ class PostgresDatabase:
         self._pool = pool
         self._url = url
         self.clock = clock
-        self._subscribers: list[Callable[[], None]] = []
+        self._subscribers = Subscribers()
         self._instance = uuid.uuid4().hex
         self._others_commits = 0
         self._listener: asyncio.Task[None] | None = None
@@ -127,8 +128,8 @@ class PostgresDatabase:
         self._write_lock = asyncio.Lock()
         self._unreachable_at = float("-inf")
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
-        self._subscribers.append(callback)
+    def subscribe(self, callback: Callable[[], None], *, volatile: bool = True) -> None:
+        self._subscribers.add(callback, volatile=volatile)
 
     async def data_version(self) -> int:
         return self._others_commits
@@ -182,8 +183,7 @@ class PostgresDatabase:
                         raise StorageFull("the database's disk is full; the write was not stored") from err
                     raise
         if notify:
-            for callback in self._subscribers:
-                callback()
+            self._subscribers.committed(durable=durable)
 
     @contextlib.asynccontextmanager
     async def _writer(self) -> AsyncIterator[None]:

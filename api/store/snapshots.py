@@ -143,11 +143,6 @@ class SnapshotStore:
         """MiB of disk that ready snapshots hold, per project (see held_by_snapshots)."""
         return held_by_snapshots(await self.list(SNAPSHOT_KIND))
 
-    async def status_version(self) -> tuple[object, ...]:
-        """Changes whenever a snapshot's or restore's status is written or dropped."""
-        rows = await self._db.read("SELECT count(*), max(updated_at) FROM snapshot_status")
-        return tuple(rows[0]) if rows else ()
-
     async def get(self, kind: str, project: str, name: str) -> SnapshotRecord | None:
         found = [record for record in await self.list(kind, project=project) if record.name == name]
         return found[0] if found else None

@@ -80,9 +80,12 @@ class Database(Protocol):
     clock: Clock
     dialect: Dialect
 
-    def subscribe(self, callback: Callable[[], None]) -> None:
+    def subscribe(self, callback: Callable[[], None], *, volatile: bool = True) -> None:
         """Call `callback` after committed writes of this process: those with `notify`, and in
-        SQLite only those that changed a row."""
+        SQLite only those that changed a row. `volatile=False`: not after `durable=False` ones
+        (VM status and events, recomputed from what runs), which change no spec, placement or
+        ledger: for the scheduler and the controller's store watch, which a converge's status
+        writes would otherwise wake dozens of times per VM."""
 
     async def data_version(self) -> int:
         """A number that changes when another process commits (poll it to see their writes);

@@ -4,6 +4,7 @@ QEMU, so that all three share the machine and its foreign load."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from pathlib import Path
 
@@ -17,6 +18,20 @@ BASELINE_MODE = "baseline"
 BASELINE_PORT_RANGE = "47000-47999"
 # Issue 16's bound: this tree may cost at most 5 % more than the baseline.
 BASELINE_TARGET_RATIO = 1.05
+
+
+def add_tree_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also time a server running the code of this checkout, in the same repeats",
+    )
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        help="time a server running the code of this checkout instead of this one's, so that two"
+        " older builds meet with today's bench (with --baseline-tree)",
+    )
 
 
 def start_baseline(workspace: Workspace, tree: Path) -> Server:

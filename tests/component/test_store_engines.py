@@ -91,6 +91,23 @@ async def test_a_quiet_write_wakes_no_subscriber(db: Database) -> None:
     assert await db.read("SELECT uid FROM vm_usage_cursors") != []
 
 
+async def test_status_writes_wake_only_subscribers_that_want_them(db: Database) -> None:
+    """The scheduler and the controller's store watch subscribe with volatile=False: status and
+    event writes (durable=False) do not wake them; every other commit does."""
+    everything: list[int] = []
+    durable_only: list[int] = []
+    db.subscribe(lambda: everything.append(1))
+    db.subscribe(lambda: durable_only.append(1), volatile=False)
+    async with db.write(durable=False) as conn:
+        await conn.execute(
+            "INSERT INTO vm_usage_cursors (uid, pid, start_ticks, cpu_ticks, rss_bytes, sampled_at)"
+            " VALUES ('u', 1, 2, 3, 4, '0')"
+        )
+    assert (everything, durable_only) == ([1], [])
+    await StateStore(db).lock("lab", LockInfo.parse(b'{"ID": "a"}'))
+    assert (everything, durable_only) == ([1, 1], [1])
+
+
 async def test_database_now_is_the_database_clock(db: Database, clock: FakeClock) -> None:
     """SQLite: the store clock (one machine). PostgreSQL: the server's now(), which hosts share."""
     now = await db.database_now()

@@ -78,7 +78,8 @@ def test_the_default_project_quota_applies_under_a_project_s_own_limits() -> Non
     assert (verdicts["a"].admitted, verdicts["b"].admitted) == (True, False)
     assert (
         verdicts["b"].message
-        == "project lab max_disk_gib: 1 MiB requested, 1024 MiB in use by older VMs, limit 1 GiB"
+        == "project lab max_disk_gib: 1 MiB requested, 1024 MiB in use by older VMs and snapshots,"
+        " limit 1 GiB"
     )
 
 
@@ -89,8 +90,8 @@ def test_a_vm_of_16_disks_of_64_tib_is_over_the_default_project_cap() -> None:
     verdict = admit([huge], settings.quotas)["huge"]
     assert not verdict.admitted
     assert verdict.message == (
-        f"project lab max_disk_gib: {16 * 64 * 1024 * GIB} MiB requested, 0 MiB in use by older VMs,"
-        f" limit {DEFAULT_PROJECT_MAX_DISK_GIB} GiB"
+        f"project lab max_disk_gib: {16 * 64 * 1024 * GIB} MiB requested, 0 MiB in use by older VMs"
+        f" and snapshots, limit {DEFAULT_PROJECT_MAX_DISK_GIB} GiB"
     )
 
 
