@@ -8,7 +8,7 @@ so "Running at observedGeneration N" always means the process runs spec N.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from api.types import (
@@ -62,6 +62,10 @@ def compute_status(
         return previous
     process = observed.process
     running = process is not None and process.qmp is QmpState.RUNNING
+    if result.intent is Intent.STARTING and running and error is None:
+        # The spawn sent `cont` and the look after acting saw the guest run: the start is done.
+        # Status says now what the pass after it will see, which then writes nothing.
+        result = replace(result, intent=Intent.RUNNING)
     phase = _PHASES[result.intent]
     if error is not None and phase is Phase.STARTING and process is None:
         phase = Phase.FAILED

@@ -309,8 +309,11 @@ async def test_the_spawn_pass_continues_the_guest_itself(world: World) -> None:
     result = await world.step(uid)
     assert (world.last_actions, world.hv.commands) == (["Spawn"], [(uid, "cont")])
     assert result.requeue_after == timedelta(0)
+    assert world.status(uid).phase is Phase.RUNNING, "the look after acting saw the guest run"
+    writes = len(world.store.status_writes)
     await world.step(uid)
     assert (world.last_actions, world.status(uid).phase) == ([], Phase.RUNNING)
+    assert len(world.store.status_writes) == writes, "one status write per start, not two"
 
 
 async def test_a_cont_unanswered_right_after_spawn_is_sent_again_by_the_next_pass(world: World) -> None:
