@@ -95,15 +95,15 @@ fetch_loop() {  # tofu.fetch=HOST/PORT,...: GET / from each every 2 s, results i
     done
 }
 loopback_out() {  # tofu.lo_out=1: the hostile root guest of docs/networking.md, which sends
-    # 127.0.0.0/8 to its gateway: its own loopback routes gone, route_localnet on eth0 (else the
-    # kernel refuses a loopback destination on it, and drops the replies as martians).
+    # 127.0.0.0/8 to its gateway. route_localnet on eth0: else the kernel refuses a loopback
+    # destination there and drops replies from one. 127.0.0.1 off lo: that takes its local
+    # routes with it, and a reply from an address of its own would be dropped as a martian.
     [ "$(param tofu.lo_out 0)" = 1 ] || return 0
     # shellcheck disable=SC2046 # the words of "default via GATEWAY dev eth0 ..."
     set -- $(ip -4 route show default)
     if [ "$1 $2" != "default via" ]; then say "tofu.lo_out: no default route"; return 0; fi
     echo 1 >/proc/sys/net/ipv4/conf/eth0/route_localnet
-    ip route del table local local 127.0.0.1 dev lo
-    ip route del table local local 127.0.0.0/8 dev lo
+    ip -4 addr flush dev lo
     ip route add 127.0.0.0/8 via "$3" dev eth0 && say "127.0.0.0/8 routed via $3"
 }
 find_root() {
