@@ -44,7 +44,7 @@ from controller.project_index import ProjectIndex
 from controller.qemu.accel import AccelResolver
 from controller.qemu.argv import QEMU_BINARY
 from controller.qemu.passt import Passt
-from controller.qemu.passt import probe as passt_probe
+from controller.qemu.passt_guard import passt_host_problem
 from controller.qemu.runtime import Runtime
 from controller.qemu.swtpm import Swtpm
 from controller.queue import Backoff, QueueShutDown, WorkQueue
@@ -158,7 +158,9 @@ class Controller:
             agents = guest_agents.of_runtime(runtime, wake=self.queue.add)
             network = NetworkPolicy(
                 self._settings.guest_egress,
-                await asyncio.to_thread(passt_probe) if self._settings.guest_egress else "",
+                await asyncio.to_thread(passt_host_problem, self._settings.guest_loopback_guard)
+                if self._settings.guest_egress
+                else "",
             )
             reconciler = self._reconciler(
                 runtime, images, (tpms, passts), agents, ports=(first, last), network=network

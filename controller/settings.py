@@ -260,6 +260,14 @@ class ControllerSettings(ProcessSettings):
         description="How long the per-minute usage of VMs, which the VM page charts, is kept (hours)",
     )
 
+    # The passt loopback guard (docs/networking.md): nftables rules keeping egress off the host's loopback.
+    guest_loopback_guard: bool = Field(
+        default=True,
+        description="With guest_egress: install nftables rules refusing passt's new connections to the "
+        "host's 127.0.0.0/8 and ::1 (needs root and nft); where they cannot be, mode passt is Valid=False. "
+        "Off: a root guest can reach the host's loopback services",
+    )
+
 
 def default_host_name() -> str:
     """The machine's hostname, lower-cased, up to its first dot if the whole is not a valid name."""

@@ -4,6 +4,7 @@ INIT = r"""#!/bin/sh
 # PID 1 of the tofu-qemu tiny guest; the initramfs and rootfs.raw share it (docs/guest.md).
 # PID 1 must never exit: the kernel panics when it does.
 # Kernel command line knobs: tofu.name= tofu.ip= tofu.gw= tofu.shell= tofu.fetch= tofu.bigfile=
+# tofu.lo_out=
 # root= rootfstype=
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 
@@ -93,6 +94,18 @@ fetch_loop() {  # tofu.fetch=HOST/PORT,...: GET / from each every 2 s, results i
         sleep 2
     done
 }
+loopback_out() {  # tofu.lo_out=1: the hostile root guest of docs/networking.md, which sends
+    # 127.0.0.0/8 to its gateway. route_localnet on eth0: else the kernel refuses a loopback
+    # destination there and drops replies from one. 127.0.0.1 off lo: that takes its local
+    # routes with it, and a reply from an address of its own would be dropped as a martian.
+    [ "$(param tofu.lo_out 0)" = 1 ] || return 0
+    # shellcheck disable=SC2046 # the words of "default via GATEWAY dev eth0 ..."
+    set -- $(ip -4 route show default)
+    if [ "$1 $2" != "default via" ]; then say "tofu.lo_out: no default route"; return 0; fi
+    echo 1 >/proc/sys/net/ipv4/conf/eth0/route_localnet
+    ip -4 addr flush dev lo
+    ip route add 127.0.0.0/8 via "$3" dev eth0 && say "127.0.0.0/8 routed via $3"
+}
 find_root() {
     case $1 in
         LABEL=* | UUID=*) root_dev=$(findfs "$1" 2>/dev/null) ;;
@@ -153,6 +166,8 @@ if wait_for 50 test -e /sys/class/net/eth0; then
 else
     say "no eth0 (no virtio-net device?)"
 fi
+
+loopback_out
 
 # Power off on the ACPI power button, so QMP system_powerdown works. evdev reads need a
 # whole struct input_event (24 bytes on x86_64): `head -c 1` would get EINVAL.

@@ -12,11 +12,15 @@ shows:
   server), never the server on the host's 127.0.0.1 on the same port: that is `--no-map-gw`.
   Without it passt would map the gateway to the host's loopback, and the answer would name
   "host-loopback".
+  "out" is also the hostile root guest (`tofu.lo_out=1`): it routes 127.0.0.0/8 to its gateway,
+  so its GET to 127.0.0.1:8080 reaches passt, which (2023.03) connects to the host's
+  127.0.0.1:8080 and gets "host-loopback": the gap the loopback guard closes.
 - "shut", mode user (no egress): neither the TEST-NET server nor 10.0.2.2 (SLIRP's alias of the
   host's 127.0.0.1) answers it.
 - a spec asking egress in mode user is Valid=False, with the reason.
-Then a controller restart adopts passt (same pid, forward still answering), and deleting the VM
-ends passt.
+Then a controller restart with `guest_loopback_guard` on (its default) adopts passt (same pid, forward still
+answering) and installs the guard: the same guest's next GET to 127.0.0.1 fails, while its egress
+to the TEST-NET server still works. Deleting the VM ends passt.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ TESTNET = f"{SERVER4}/{SERVER_PORT}"
 GATEWAY = f"{GATEWAY4}/{SERVER_PORT}"
 SLIRP_HOST = f"10.0.2.2/{SERVER_PORT}"
 TESTNET6 = f"{SERVER6}/{SERVER_PORT}"
+HOST_LOOPBACK = f"127.0.0.1/{SERVER_PORT}"
 KERNEL, INITRD = "tiny-guest/vmlinuz", "tiny-guest/initramfs.cpio.gz"
 
 
@@ -71,7 +76,10 @@ def vm_spec(network: dict[str, Any], *fetch: str, ip: str = "") -> dict[str, Any
 
 
 SPECS = {
-    "out": vm_spec({"mode": "passt"}, TESTNET, GATEWAY, TESTNET6, ip="tofu.ip=dhcp"),
+    # tofu.lo_out=1: the hostile root guest, which routes 127.0.0.0/8 to its gateway.
+    "out": vm_spec(
+        {"mode": "passt"}, TESTNET, GATEWAY, TESTNET6, HOST_LOOPBACK, ip="tofu.ip=dhcp tofu.lo_out=1"
+    ),
     "shut": vm_spec({}, TESTNET, SLIRP_HOST),
     "refused": vm_spec({"egress": True}, TESTNET),
 }
@@ -103,11 +111,16 @@ def fetched(host: VmHost, vm: dict[str, Any], *wanted: str) -> str:
         describe=lambda: serial_log(host, vm)[-2000:],
     )
 
+    last = [""]
+
     def check() -> str | None:
         status, text = get_guest_page(port, "/fetch.txt", timeout=PAGE_TIMEOUT)
+        last[0] = text
         return text if status == 200 and all(line in text for line in wanted) else None
 
-    return wait_until(check, timeout=FETCH_TIMEOUT, what=f"{wanted} in {vm['metadata']['name']}'s /fetch.txt")
+    return wait_until(
+        check, timeout=FETCH_TIMEOUT, what=f"{wanted} in {name}'s /fetch.txt", describe=lambda: last[0]
+    )
 
 
 def passt_pid(host: VmHost, vm: dict[str, Any]) -> int | None:
@@ -118,11 +131,13 @@ def passt_pid(host: VmHost, vm: dict[str, Any]) -> int | None:
     return pid if is_running_process(pid) and (read_cmdline(pid) or ("",))[0] == "passt" else None
 
 
-def test_egress_through_passt_never_reaches_the_hosts_loopback_and_user_mode_has_none(
+def test_passt_egress_reaches_the_hosts_loopback_only_without_the_guard_and_user_mode_has_none(
     netns_host: VmHost,
 ) -> None:
     host = netns_host
-    server = host.start("serve", extra_args=["--guest-egress"])
+    server = host.server("serve", extra_args=["--guest-egress"])
+    server.extra_env["TOFU_QEMU_GUEST_LOOPBACK_GUARD"] = "false"  # until the restart below
+    server.start()
     server.declare_vms(PROJECT, 1, SPECS)
 
     refused = host.wait_vm(PROJECT, "refused", lambda vm: vm["status"]["phase"] == "Invalid", what="Invalid")
@@ -141,23 +156,29 @@ def test_egress_through_passt_never_reaches_the_hosts_loopback_and_user_mode_has
         f"ok {TESTNET} testnet from ::ffff:{HOST4}",
         f"ok {GATEWAY} testnet from",
         f"ok {TESTNET6} testnet from {HOST6}",
+        # Without the guard, the hostile guest's crafted packets reach the host's loopback.
+        f"ok {HOST_LOOPBACK} host-loopback from 127.0.0.1",
     )
-    # The gateway's address is the gateway, not the host: never the server on 127.0.0.1.
-    assert "host-loopback" not in text
+    # The gateway's address is the gateway, not the host: its line names "testnet" (wanted above).
     # IPv6: the guest configures a global address from passt's router advertisement (SLAAC).
     assert "inet6 2001:db8:18:" in text
 
     blocked = fetched(host, shut, f"failed {TESTNET}", f"failed {SLIRP_HOST}")
     assert "ok " not in blocked
 
-    # A controller restart adopts passt: the same process, the forward still answering.
+    # A controller restart adopts passt: the same process, the forward still answering. It comes
+    # with the loopback guard, which applies to the adopted passt's next connections too.
     pid = passt_pid(host, out)
     assert pid is not None
     assert host.stop() == 0
-    server = host.start("serve", extra_args=["--guest-egress"])
+    del server.extra_env["TOFU_QEMU_GUEST_LOOPBACK_GUARD"]  # the guard is on by default
+    server = host.start("serve")
     wait_until(lambda: "passt_adopted" in server.log_since_last_start(), timeout=30, what="passt adopted")
+    assert "passt_loopback_guard_installed" in server.log_since_last_start()
     assert passt_pid(host, out) == pid
     assert get_guest_page(host_port(out), "/info.txt", timeout=FETCH_TIMEOUT)[1].startswith("name=out")
+    guarded = fetched(host, out, f"failed {HOST_LOOPBACK}", f"ok {TESTNET} testnet from ::ffff:{HOST4}")
+    assert "host-loopback" not in guarded
 
     # Deleting the VM ends passt with QEMU.
     server.declare_vms(PROJECT, 2, {"shut": SPECS["shut"]})
