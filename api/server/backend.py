@@ -47,29 +47,25 @@ def project_of(request: web.Request) -> str:
 async def read_body(request: web.Request) -> bytes:
     """The request body, checked against Content-MD5 when the client sent one (both clients do).
 
-    :raise BadRequest: the MD5 does not match. aiohttp raises 413 past the size limit.
+    For small bodies (lock info): a state's is read by put_state. :raise BadRequest: the MD5 does
+    not match. aiohttp raises 413 past the size limit.
     """
-    return (await read_body_and_md5(request))[0]
-
-
-async def read_body_and_md5(request: web.Request) -> tuple[bytes, str]:
-    """`read_body`, and the body's MD5 as hex: computed once, for the check and the store."""
     body = await request.read()
-    if len(body) > _PARSE_IN_THREAD_BYTES:
-        # hashlib lets go of the GIL: on a thread, a 40 MB body's MD5 does not stall the loop.
-        digest = await asyncio.get_running_loop().run_in_executor(_PARSER, _md5, body)
-    else:
-        digest = _md5(body)
-    expected = request.headers.get("Content-MD5")
+    checked_md5(body, request.headers.get("Content-MD5"))
+    return body
+
+
+def checked_md5(body: bytes, expected: str | None) -> str:
+    """The body's MD5 as hex, computed once for the Content-MD5 check and the store.
+
+    :raise BadRequest: `expected` (base64, as the header carries it) is not the body's MD5.
+    """
+    digest = hashlib.md5(body, usedforsecurity=False).digest()
     if expected is not None:
         actual = base64.b64encode(digest).decode()
         if expected.strip() != actual:
             raise BadRequest(f"Content-MD5 {expected.strip()!r} does not match the body (md5 {actual})")
-    return body, digest.hex()
-
-
-def _md5(body: bytes) -> bytes:
-    return hashlib.md5(body, usedforsecurity=False).digest()
+    return digest.hex()
 
 
 def lock_id_of(request: web.Request) -> str | None:
@@ -94,13 +90,15 @@ async def get_state(request: web.Request) -> web.StreamResponse:
 
 async def put_state(request: web.Request) -> web.StreamResponse:
     project = traced_project(request, "POST")
-    body, md5 = await read_body_and_md5(request)
+    body = await request.read()
+    expected_md5 = request.headers.get("Content-MD5")
     with TRACER.start_as_current_span("extract QemuVM specs") as span:
         if len(body) > _PARSE_IN_THREAD_BYTES:
+            # One job for the hash and the parse: each hop to a thread and back costs the loop.
             loop = asyncio.get_running_loop()
-            summary, extraction = await loop.run_in_executor(_PARSER, _parse_and_extract, body)
+            md5, summary, extraction = await loop.run_in_executor(_PARSER, _read_state, body, expected_md5)
         else:
-            summary, extraction = _parse_and_extract(body)
+            md5, summary, extraction = _read_state(body, expected_md5)
         span.set_attribute("tofu_qemu.vms_declared", len(extraction.vms) if extraction else 0)
         outcome = await request.app[STATES].write(
             project, body, summary, extraction, lock_id=lock_id_of(request), md5=md5
@@ -132,9 +130,14 @@ async def put_state(request: web.Request) -> web.StreamResponse:
     )
 
 
-def _parse_and_extract(body: bytes) -> tuple[StateSummary, Extraction | None]:
+def _read_state(body: bytes, expected_md5: str | None) -> tuple[str, StateSummary, Extraction | None]:
+    """The body's MD5 (checked against `expected_md5`), its summary and its VM specs.
+
+    :raise BadRequest: the MD5 does not match, or the body is no state.
+    """
+    md5 = checked_md5(body, expected_md5)
     try:
-        return read_state(body)
+        return md5, *read_state(body)
     except StateFormatError as err:
         raise BadRequest(str(err)) from err
 
