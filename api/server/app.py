@@ -86,6 +86,7 @@ def create_app(
     app.cleanup_ctx.append(_store_context(settings, database, clock))
     app.cleanup_ctx.append(database_check_context)
     app.cleanup_ctx.append(_stale_lock_publisher)
+    app.cleanup_ctx.append(_state_body_sweeper)
     return app
 
 
@@ -117,6 +118,15 @@ def _store_context(
 async def _stale_lock_publisher(app: web.Application) -> AsyncIterator[None]:
     """Own the background task that publishes states whose lock is held too long."""
     task = asyncio.create_task(_publish_stale_locks_forever(app), name="stale-lock-publisher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _state_body_sweeper(app: web.Application) -> AsyncIterator[None]:
+    """Own the background task that removes state body files no version names (api/store/state_bodies.py)."""
+    task = asyncio.create_task(app[STATES].sweep_bodies_forever(), name="state-body-sweeper")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

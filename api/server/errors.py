@@ -25,6 +25,7 @@ from api.store import (
     StorageFull,
     StoreUnavailable,
 )
+from api.store.body_files import BodyDamaged
 
 log = structlog.get_logger(__name__)
 STORE_UNAVAILABLE_RETRY_AFTER_SECONDS = 5
@@ -77,6 +78,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except StorageFull as err:
         log.error("storage_full", path=request.path)
         return status_response(507, str(err))
+    except BodyDamaged as err:
+        log.error("state_body_damaged", path=request.path, error=str(err))
+        return status_response(500, f"{err}; restore the store from a backup (docs/operations.md#restoring)")
     except StoreUnavailable as err:
         # Rolled back (or, lost at COMMIT, whole): the client may retry, as Terraform's does on 5xx.
         log.error("store_unavailable", path=request.path, error=str(err))

@@ -13,6 +13,11 @@ Invariants:
 - Restore never leaves the data dir without a store: the previous file stays in place (and is kept
   as a hard link, tofu-qemu.sqlite3.before-restore-<UTC time>) until the new one is renamed over it.
   Its -wal is folded in or removed first, because SQLite would replay a stale WAL onto the new file.
+- A backup is one self-contained file: the bodies the store keeps as files (api/store/body_files.py)
+  are put back into their rows in the copy. A file pruned between the snapshot and its read makes
+  the copy start again from a new snapshot (oldest versions, the ones pruned first, are read first).
+- A store kept aside by a restore gets its body files put back into its rows first, so it stays
+  whole once the sweep removes the files that the restored store does not name.
 - Only the store is backed up. Runtime dirs (DATA/run), disks and images are not touched: a VM
   still running after a restore is adopted by the next start if the restored store declares it.
 """
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from api.store.body_files import BODY_DIR_NAME, BodyDamaged, BodyFiles, BodyMissing, inline_bodies
 from api.store.db import BUSY_TIMEOUT_MS, DB_FILE_NAME
 from api.store.schema import MIGRATIONS
 
@@ -38,6 +44,8 @@ LOCK_FILE_NAME = "tofu-qemu.lock"
 SCHEMA_VERSION = len(MIGRATIONS)
 _REQUIRED_TABLES = frozenset({"projects", "state_versions", "vms"})
 _SIDECARS = ("-wal", "-shm", "-journal")
+# Snapshots taken before a backup gives up on body files pruned under it.
+COPY_ATTEMPTS = 5
 
 
 class Refused(Exception):
@@ -138,9 +146,16 @@ def back_up(data_dir: Path, file: Path, *, force: bool) -> BackupFile:
         raise TargetExists(f"{file} is part of the live store; back it up to another file")
     if file.exists() and not force:
         raise TargetExists(f"{file} exists; pass --force to replace it")
-    with _temp_file_beside(file) as temp:
-        contents = _copy_store(source, temp)
-        os.replace(temp, file)
+    for attempt in range(1, COPY_ATTEMPTS + 1):
+        try:
+            with _temp_file_beside(file) as temp:
+                contents = _copy_store(source, temp)
+                os.replace(temp, file)
+            break
+        except NotAStore as err:
+            # A body file pruned after the snapshot was taken: the next snapshot no longer names it.
+            if not isinstance(err.__cause__, BodyMissing) or attempt == COPY_ATTEMPTS:
+                raise
     _fsync(file.parent)
     return _described(file, contents)
 
@@ -162,6 +177,8 @@ def restore(file: Path, data_dir: Path, *, force: bool, now: datetime) -> Restor
         with _temp_file_beside(target) as temp:
             _copy_store(file, temp)
             previous = _keep_previous(target, now=now) if target.exists() else None
+            if previous is not None:
+                _inline_into(previous, BodyFiles(data_dir / BODY_DIR_NAME))
             _remove_sidecars(target)
             os.replace(temp, target)
         _fsync(data_dir)
@@ -196,6 +213,10 @@ def _copy_store(source: Path, destination: Path) -> StoreContents:
     ):
         # pages=-1: every page in one step, so one read transaction sees one commit.
         reader.backup(writer, pages=-1)
+        try:
+            inline_bodies(writer, BodyFiles(source.parent / BODY_DIR_NAME))
+        except BodyDamaged as err:
+            raise NotAStore(f"{source}: {err}") from err
         # The copied header says WAL, like the source's; a backup should be one file, and the
         # server switches a restored store back to WAL when it opens it.
         writer.execute("PRAGMA journal_mode = DELETE")
@@ -250,6 +271,19 @@ def _keep_previous(database: Path, *, now: datetime) -> Path:
         # Folding failed (a damaged store): keep its WAL under the name SQLite pairs with the copy.
         os.link(wal, _sidecar(kept, "-wal"))
     return kept
+
+
+def _inline_into(database: Path, files: BodyFiles) -> None:
+    """Put the bodies `database` keeps as files into its rows, and fold its WAL back in.
+
+    :raise NotAStore: a body file is missing or damaged; the restore stops, nothing replaced.
+    """
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as connection:
+        try:
+            inline_bodies(connection, files)
+        except BodyDamaged as err:
+            raise NotAStore(f"the store about to be replaced, {database}: {err}") from err
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _fold_wal(database: Path) -> None:

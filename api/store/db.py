@@ -82,6 +82,8 @@ class SQLiteDatabase:
         self.clock = clock
         self._write_lock = asyncio.Lock()
         self._subscribers = Subscribers()
+        # The store file; state bodies are kept in files beside it (api/store/state_bodies.py).
+        self.path = path
         # The WAL file's (inode, size, mtime) when data_version last asked SQLite, and its answer.
         self._wal_path = None if path is None else Path(f"{path}-wal")
         self._wal_seen: tuple[int, int, int] | None = None

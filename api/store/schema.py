@@ -269,6 +269,12 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (project, kind, name)
     );
     """,
+    """
+    -- Cheaper state writes (api/store/body_files.py): on SQLite a version's body is a file beside
+    -- the store, named here, and `body` is empty. NULL: the body is in `body` (PostgreSQL, and
+    -- versions written before).
+    ALTER TABLE state_versions ADD COLUMN body_file TEXT;
+    """,
 )
 
 

@@ -2,8 +2,8 @@
 
 Versions hold whatever secrets the state holds. The newest `history_limit` are kept (plus the
 current and the published one); `purge` removes the rest on demand, and `delete` removes them
-all. Deleted rows are zeroed in the file (secure_delete, api/store/db.py) and the WAL that
-still held them is truncated.
+all. On SQLite their bodies are files (api/store/state_bodies.py), removed with their rows;
+deleted rows are zeroed in the file (secure_delete, api/store/db.py) and the WAL truncated.
 
 Lock semantics (docs/backend.md#locks, #policy-choices):
 - LOCK when free stores the body verbatim; LOCK by the holder's own ID is idempotent (clients
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,9 +32,10 @@ from api.publish import SpecChanges
 from api.store import instancetypes as stored_types
 from api.store import vms
 from api.store.db import Database, Transaction
-from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked
+from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked, StorageFull
 from api.store.lock_info import LockInfo, who_and_operation
 from api.store.publishing import encode_extraction, publish_version
+from api.store.state_bodies import BodyCache, NewBody, StateBodies, StoredState, removed_files
 from api.tfstate import (
     Extraction,
     ExtractionProblem,
@@ -44,15 +44,6 @@ from api.tfstate import (
 
 # Current state bodies kept in memory for GET (Terraform reads before every plan and apply).
 CACHED_BODY_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    version: int
-    serial: int | None
-    lineage: str | None
-    md5: str
-    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,37 +91,6 @@ class WriteOutcome:
     published: SpecChanges | None
 
 
-class _BodyCache:
-    """The newest body per project, bounded in bytes, least recently used evicted first."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._max_bytes = max_bytes
-        self._entries: OrderedDict[str, StoredState] = OrderedDict()
-        self._bytes = 0
-
-    def forget(self, project: str) -> None:
-        previous = self._entries.pop(project, None)
-        if previous is not None:
-            self._bytes -= len(previous.body)
-
-    def get(self, project: str, version: int) -> StoredState | None:
-        stored = self._entries.get(project)
-        if stored is None or stored.version != version:
-            return None
-        self._entries.move_to_end(project)
-        return stored
-
-    def put(self, project: str, stored: StoredState) -> None:
-        self.forget(project)
-        if len(stored.body) > self._max_bytes:
-            return
-        self._entries[project] = stored
-        self._bytes += len(stored.body)
-        while self._bytes > self._max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= len(evicted.body)
-
-
 class StateStore:
     """States, versions and locks of every project."""
 
@@ -138,7 +98,8 @@ class StateStore:
         self._db = db
         self._history_limit = history_limit
         self._strict_lineage = strict_lineage
-        self._bodies = _BodyCache(CACHED_BODY_BYTES)
+        self._bodies = BodyCache(CACHED_BODY_BYTES)
+        self._files = StateBodies(db)
 
     async def read(self, project: str) -> StoredState | None:
         """The current state of `project`, or None when it has none.
@@ -154,12 +115,13 @@ class StateStore:
         if cached is not None:
             return cached
         found_rows = await self._db.read(
-            "SELECT id, serial, lineage, md5, body FROM state_versions WHERE id = ?", (version,)
+            "SELECT id, serial, lineage, md5, body, body_file, size FROM state_versions WHERE id = ?",
+            (version,),
         )
         if not found_rows:
             return None
         found = found_rows[0]
-        stored = StoredState(found[0], found[1], found[2], found[3], bytes(found[4]))
+        stored = StoredState(found[0], found[1], found[2], found[3], await self._files.load(found))
         self._bodies.put(project, stored)
         return stored
 
@@ -182,7 +144,25 @@ class StateStore:
         :raise LineageConflict: strict_lineage is on and the lineage or serial do not follow.
         """
         now = self._db.clock()
-        digest = md5 or hashlib.md5(body, usedforsecurity=False).hexdigest()
+        new = await self._files.prepare(body, md5 or hashlib.md5(body, usedforsecurity=False).hexdigest())
+        try:
+            version, published, pruned = await self._write(project, new, summary, extraction, lock_id, now)
+        except (StateLocked, LockMismatch, LineageConflict, StorageFull):
+            await self._files.discard(new)  # rolled back: no row names its file
+            raise
+        await self._files.forget(pruned)
+        self._bodies.put(project, StoredState(version, summary.serial, summary.lineage, new.md5, body))
+        return WriteOutcome(version, published)
+
+    async def _write(
+        self,
+        project: str,
+        new: NewBody,
+        summary: StateSummary,
+        extraction: Extraction | None,
+        lock_id: str | None,
+        now: datetime,
+    ) -> tuple[int, SpecChanges | None, list[str | None]]:
         async with self._db.write() as conn:
             row = await _project_row(conn, project, create=True, now=now)
             holder_id, holder_info = row["lock_id"], row["lock_info"]
@@ -200,8 +180,7 @@ class StateStore:
                 conn,
                 project,
                 summary,
-                body,
-                digest=digest,
+                await self._files.keep(new),
                 now=now,
                 lock_id=lock_id,
                 holder_info=holder_info,
@@ -211,12 +190,8 @@ class StateStore:
             published = None
             if holder_id is None:
                 published = await publish_version(conn, project, version, now, extraction=extraction)
-            await _drop_old_versions(conn, project, keep=self._history_limit)
-        self._bodies.put(
-            project,
-            StoredState(version, summary.serial, summary.lineage, digest, body),
-        )
-        return WriteOutcome(version, published)
+            pruned = await _drop_old_versions(conn, project, keep=self._history_limit)
+        return version, published, pruned
 
     async def delete(self, project: str, *, lock_id: str | None) -> SpecChanges:
         """Forget the project's state: every kept version and its lock go with it (admin use).
@@ -236,13 +211,16 @@ class StateStore:
                 if lock_id is None:
                     raise StateLocked(bytes(row["lock_info"]))
                 raise LockMismatch(bytes(row["lock_info"]))
-            await conn.execute("DELETE FROM state_versions WHERE project = ?", (project,))
+            removed = await removed_files(
+                conn, "DELETE FROM state_versions WHERE project = ? RETURNING body_file", (project,)
+            )
             await conn.execute("DELETE FROM projects WHERE name = ?", (project,))
             changes = await vms.apply_declared(
                 conn, project=project, declared=(), serial=None, now=now, trace=current_traceparent()
             )
             await stored_types.apply_declared(conn, project=project, declared=(), now=now)
         self._bodies.forget(project)
+        await self._files.forget(removed)
         await self._db.truncate_wal()
         return changes
 
@@ -260,8 +238,9 @@ class StateStore:
             removed = await _drop_old_versions(conn, project, keep=keep + 1)
             row = await conn.fetchone("SELECT COUNT(*) FROM state_versions WHERE project = ?", (project,))
         if removed:
+            await self._files.forget(removed)
             await self._db.truncate_wal()
-        return PurgeOutcome(removed=removed, kept=int(row[0]) if row else 0)
+        return PurgeOutcome(removed=len(removed), kept=int(row[0]) if row else 0)
 
     async def lock(self, project: str, info: LockInfo) -> None:
         """Take the lock for `info.id`; idempotent for the holder.
@@ -339,14 +318,19 @@ class StateStore:
     async def read_version(self, project: str, serial: int) -> StoredState:
         """The newest kept version of `project` with `serial`. :raise NotFound: none kept."""
         rows = await self._db.read(
-            "SELECT id, serial, lineage, md5, body FROM state_versions WHERE project = ? AND serial = ?"
+            "SELECT id, serial, lineage, md5, body, body_file, size FROM state_versions"
+            " WHERE project = ? AND serial = ?"
             " ORDER BY id DESC LIMIT 1",
             (project, serial),
         )
         if not rows:
             raise NotFound(f"project {project!r} has no kept version with serial {serial}")
         row = rows[0]
-        return StoredState(row[0], row[1], row[2], row[3], bytes(row[4]))
+        return StoredState(row[0], row[1], row[2], row[3], await self._files.load(row))
+
+    async def sweep_bodies_forever(self) -> None:
+        """Remove body files no version names (left by a crash or a restore), now and then."""
+        await self._files.sweep_forever()
 
     async def list_projects(self) -> list[ProjectInfo]:
         return [await self._project_info(row) for row in await self._project_rows(None)]
@@ -404,51 +388,51 @@ async def _insert_version(
     conn: Transaction,
     project: str,
     summary: StateSummary,
-    body: bytes,
+    new: NewBody,
     *,
-    digest: str,
     now: datetime,
     lock_id: str | None,
     holder_info: bytes | None,
     extraction: str | None,
 ) -> int:
-    """Store `body` as a new version of `project`, with who held the lock; returns its id."""
+    """Store `new` as a new version of `project`, with who held the lock; returns its id."""
     who, operation = who_and_operation(holder_info)
     inserted = await conn.fetchone(
         "INSERT INTO state_versions (project, serial, lineage, md5, size, created_at, lock_id,"
-        " lock_who, lock_operation, encryption_version, body, extraction)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        " lock_who, lock_operation, encryption_version, body, extraction, body_file)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         (
             project,
             summary.serial,
             summary.lineage,
-            digest,
-            len(body),
+            new.md5,
+            len(new.body),
             now.isoformat(),
             lock_id,
             who,
             operation,
             summary.encryption_version,
-            body,
+            new.column,
             extraction,
+            new.file,
         ),
     )
     assert inserted is not None
     return int(inserted[0])
 
 
-async def _drop_old_versions(conn: Transaction, project: str, *, keep: int) -> int:
-    """Delete all but the `keep` newest versions, the current and the published; return how many."""
-    deleted = await conn.execute(
+async def _drop_old_versions(conn: Transaction, project: str, *, keep: int) -> list[str | None]:
+    """Delete all but the `keep` newest versions, the current and the published; their files."""
+    return await removed_files(
+        conn,
         "DELETE FROM state_versions WHERE project = ? AND id NOT IN ("
         "  SELECT id FROM state_versions WHERE project = ? ORDER BY id DESC LIMIT ?)"
         " AND id NOT IN (SELECT current_version FROM projects"
         "                WHERE name = ? AND current_version IS NOT NULL)"
         " AND id NOT IN (SELECT published_version FROM projects"
-        "                WHERE name = ? AND published_version IS NOT NULL)",
+        "                WHERE name = ? AND published_version IS NOT NULL) RETURNING body_file",
         (project, project, keep, project, project),
     )
-    return max(deleted, 0)
 
 
 async def _project_row(conn: Transaction, project: str, *, create: bool, now: datetime) -> Any:

@@ -25,6 +25,7 @@ from api.store.backup import (
     hold_data_dir,
     restore,
 )
+from api.store.body_files import BODY_DIR_NAME
 from api.store.db import DB_FILE_NAME
 from api.testing.tfstate import encode, vm_state
 from api.tfstate import extract_vms, parse_state
@@ -63,10 +64,19 @@ def connect(path: Path) -> Iterator[sqlite3.Connection]:
 
 
 def versions(path: Path) -> dict[int, tuple[str, bytes]]:
+    """Each version's MD5 and body, wherever the store keeps it: its row or its body file."""
     with connect(path) as connection:
-        return {
-            row[0]: (row[1], row[2]) for row in connection.execute("SELECT id, md5, body FROM state_versions")
-        }
+        rows = connection.execute("SELECT id, md5, body, body_file FROM state_versions").fetchall()
+    files = path.parent / BODY_DIR_NAME
+    return {
+        id_: (md5, body if name is None else (files / name).read_bytes()) for id_, md5, body, name in rows
+    }
+
+
+def body_files_named(path: Path) -> int:
+    with connect(path) as connection:
+        (count,) = connection.execute("SELECT count(body_file) FROM state_versions").fetchone()
+    return int(count)
 
 
 def current_version(path: Path) -> int:
@@ -236,8 +246,11 @@ async def test_restore_keeps_the_previous_store_beside_the_restored_one(
 
     assert restored.previous == data_dir / f"{DB_FILE_NAME}.before-restore-20261121T120000Z"
     assert len(versions(restored.previous)) == 2
+    # The kept store holds its bodies in its rows: whole once the sweep removes the body files.
+    assert body_files_named(restored.previous) == 0
     assert versions(restored.database) == versions(file)
     assert sorted(p.name for p in data_dir.iterdir()) == [
+        BODY_DIR_NAME,
         "tofu-qemu.lock",
         DB_FILE_NAME,
         restored.previous.name,

@@ -19,6 +19,7 @@ from api.store import (
     StateStore,
     VMStore,
 )
+from api.store.body_files import BODY_DIR_NAME
 from api.testing.tfstate import encode, vm_state
 from api.tfstate import extract_vms, parse_state
 from tests.component.conftest import FakeClock
@@ -277,7 +278,9 @@ async def test_purge_of_an_unknown_project_is_not_found(states: StateStore) -> N
 
 
 def store_bytes(data_dir: Path) -> bytes:
-    return b"".join(path.read_bytes() for path in sorted(data_dir.glob("tofu-qemu.sqlite3*")))
+    """Every byte of the store: its SQLite files and the body files beside them."""
+    files = [*data_dir.glob("tofu-qemu.sqlite3*"), *data_dir.glob(f"{BODY_DIR_NAME}/*")]
+    return b"".join(path.read_bytes() for path in sorted(files))
 
 
 # SQLite only: it reads the store's files. PostgreSQL keeps dead rows until VACUUM (docs/postgres.md).
