@@ -45,7 +45,8 @@ async def apply_declared(
         "SELECT uid, name, spec_hash, address FROM vms WHERE project = ? AND deleted_at IS NULL",
         (project,),
     )
-    existing = tuple(ExistingVM(*row) for row in live)
+    # By index: unpacking a sqlite3.Row is twice as slow, and a state write reads every live VM.
+    existing = tuple(ExistingVM(row[0], row[1], row[2], row[3]) for row in live)
     changes = diff_specs(declared, existing)
     before = await _generations_specs_labels(conn, project) if changes.changed else {}
     # Reserved in one statement; each kind of change is one executemany, not one statement
