@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -265,3 +266,45 @@ async def test_a_backup_of_a_store_missing_a_body_file_fails_clearly(
         await asyncio.to_thread(back_up, tmp_path / "data", tmp_path / "backup.sqlite3", force=False)
     assert isinstance(caught.value.__cause__, BodyDamaged)
     assert not (tmp_path / "backup.sqlite3").exists()
+
+
+@sqlite_only
+async def test_the_sweep_waits_a_minute_and_comes_back_every_ten(
+    states: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/state-writes.md's numbers: orphans younger than 60 s stay; the sweep repeats every 600 s."""
+    await write(states, 1)
+    directory = tmp_path / "data" / BODY_DIR_NAME
+    now = time.time()
+    for name, age in (("c" * 32, 55.0), ("d" * 32, 65.0)):
+        (directory / name).write_bytes(b"orphan")
+        os.utime(directory / name, (now - age, now - age))
+    slept: list[float] = []
+
+    async def one_round(seconds: float) -> None:
+        slept.append(seconds)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(state_bodies.asyncio, "sleep", one_round)
+    with pytest.raises(asyncio.CancelledError):
+        await states.sweep_bodies_forever()
+    assert slept == [600.0]
+    assert (directory / ("c" * 32)).exists()
+    assert not (directory / ("d" * 32)).exists()
+
+
+@sqlite_only
+async def test_a_backup_gives_up_after_five_snapshots(
+    states: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await write(states, 1)
+    attempts: list[str] = []
+
+    def always_pruned(self: body_files.BodyFiles, name: str, *, size: int, md5: str) -> bytes:
+        attempts.append(name)
+        raise BodyMissing(f"the body file {name} of a kept state version is missing")
+
+    monkeypatch.setattr(body_files.BodyFiles, "load", always_pruned)
+    with pytest.raises(Exception, match="is missing"):
+        await asyncio.to_thread(back_up, tmp_path / "data", tmp_path / "backup.sqlite3", force=False)
+    assert len(attempts) == 5
