@@ -285,7 +285,7 @@ async def test_the_sweep_waits_a_minute_and_comes_back_every_ten(
         slept.append(seconds)
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(state_bodies.asyncio, "sleep", one_round)
+    monkeypatch.setattr(asyncio, "sleep", one_round)
     with pytest.raises(asyncio.CancelledError):
         await states.sweep_bodies_forever()
     assert slept == [600.0]
