@@ -31,6 +31,7 @@ from api.infra.tracing import current_traceparent
 from api.publish import SpecChanges
 from api.store import instancetypes as stored_types
 from api.store import vms
+from api.store.body_files import BodyMissing
 from api.store.db import Database, Transaction
 from api.store.errors import LineageConflict, LockConflict, LockMismatch, NotFound, StateLocked, StorageFull
 from api.store.lock_info import LockInfo, who_and_operation
@@ -107,6 +108,13 @@ class StateStore:
         Bodies are cached in memory by version id; the id is read from the store every time, so
         another process's write (two servers on one data dir) is never hidden by the cache.
         """
+        try:
+            return await self._read(project)
+        except BodyMissing:
+            # Its version was deleted between reading its row and its file: read what is now.
+            return await self._read(project)
+
+    async def _read(self, project: str) -> StoredState | None:
         rows = await self._db.read("SELECT current_version FROM projects WHERE name = ?", (project,))
         if not rows or rows[0][0] is None:
             return None

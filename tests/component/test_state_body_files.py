@@ -308,3 +308,21 @@ async def test_a_backup_gives_up_after_five_snapshots(
     with pytest.raises(Exception, match="is missing"):
         await asyncio.to_thread(back_up, tmp_path / "data", tmp_path / "backup.sqlite3", force=False)
     assert len(attempts) == 5
+
+
+@sqlite_only
+async def test_a_read_racing_a_delete_reads_again(
+    states: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET between a DELETE's commit and its row being read: no state, not a damaged store."""
+    await write(states, 1)
+    fresh = StateStore(states._db)
+    load = state_bodies.StateBodies.load
+
+    async def deleted_meanwhile(self: state_bodies.StateBodies, row: Any) -> bytes:
+        monkeypatch.setattr(state_bodies.StateBodies, "load", load)
+        await states.delete("lab", lock_id=None)
+        return await load(self, row)
+
+    monkeypatch.setattr(state_bodies.StateBodies, "load", deleted_meanwhile)
+    assert await fresh.read("lab") is None
