@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from api.store.db import open_database
-from api.store.postgres import open_postgres
 from api.store.sql import Clock, Database, utc_now
 from api.store.urls import check_database_url
 
@@ -18,4 +17,7 @@ async def open_store(data_dir: Path, *, database_url: str | None, clock: Clock =
     """
     if database_url is None:
         return await open_database(data_dir, clock=clock)
+    # Imported here: psycopg and its pool cost a process on SQLite ~10 MB of RSS for nothing.
+    from api.store.postgres import open_postgres
+
     return await open_postgres(check_database_url(database_url), clock=clock)

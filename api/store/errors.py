@@ -47,3 +47,12 @@ class StoreUnavailable(StoreError):
 
     The transaction was rolled back, unless the connection was lost during its COMMIT: then it
     is stored completely or not at all, and a retry is safe (a state write is idempotent)."""
+
+
+class DatabaseFailure(StoreError):
+    """A statement failed in the database server for a reason other than the ones above (a
+    PostgreSQL error, wrapped where the driver is used so that no other module names it)."""
+
+
+class ConstraintViolation(DatabaseFailure):
+    """A UNIQUE, PRIMARY KEY or foreign key constraint refused the write; nothing was changed."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from api.store.postgres import listen_forever
 from api.store.sql import Dialect, Transaction
 
 PLACEMENTS_CHANNEL = "tofu_qemu_placements"
@@ -31,6 +30,8 @@ async def listen_for_placements(url: str, host: str, wake: Callable[[str], None]
     """Call `wake(uid)` for every VM placed on or drained from `host`, until cancelled. A lost
     connection is made again with the change feed's backoff (at most 5 s), not the slower one of
     a failed event source: after an outage this listener is back as soon as the feed is."""
+    # Only a controller on PostgreSQL listens: a process on SQLite never imports the driver.
+    from api.store.postgres import listen_forever
 
     def placed(payload: str) -> None:
         target, _, uid = payload.partition(" ")

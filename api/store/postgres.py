@@ -37,7 +37,7 @@ from psycopg import sql
 from psycopg.rows import BaseRowFactory
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from api.store.errors import StorageFull, StoreUnavailable
+from api.store.errors import ConstraintViolation, DatabaseFailure, StorageFull, StoreError, StoreUnavailable
 from api.store.schema import MIGRATIONS, postgresql_script
 from api.store.sql import Clock, Dialect, Row, Transaction, to_format_placeholders, utc_now
 from api.store.subscribers import Subscribers
@@ -93,20 +93,28 @@ class PostgresTransaction:
         self._connection = connection
 
     async def execute(self, query: str, params: Sequence[object] = ()) -> int:
-        cursor = await self._connection.execute(to_format_placeholders(query), params)
+        cursor = await self._execute(query, params)
         return cursor.rowcount
 
     async def executemany(self, query: str, rows: Sequence[Sequence[object]]) -> None:
-        async with self._connection.cursor() as cursor:
-            await cursor.executemany(to_format_placeholders(query), rows)
+        with _unavailable_on_connection_errors():
+            async with self._connection.cursor() as cursor:
+                await cursor.executemany(to_format_placeholders(query), rows)
 
     async def fetchall(self, query: str, params: Sequence[object] = ()) -> list[Row]:
-        cursor = await self._connection.execute(to_format_placeholders(query), params)
+        cursor = await self._execute(query, params)
         return list(await cursor.fetchall())
 
     async def fetchone(self, query: str, params: Sequence[object] = ()) -> Row | None:
-        cursor = await self._connection.execute(to_format_placeholders(query), params)
+        cursor = await self._execute(query, params)
         return await cursor.fetchone()
+
+    async def _execute(self, query: str, params: Sequence[object]) -> psycopg.AsyncCursor[PgRow]:
+        # The results are fetched with the statement: fetchall/fetchone above do no I/O.
+        try:
+            return await self._connection.execute(to_format_placeholders(query), params)
+        except psycopg.Error as err:
+            raise store_error(err) from err
 
 
 class PostgresDatabase:
@@ -176,11 +184,9 @@ class PostgresDatabase:
                         sql.Identifier(CHANGES_CHANNEL), sql.Literal(self._instance)
                     )
                     await connection.execute(commit if notify else "COMMIT")
-                except BaseException as err:
+                except BaseException:
                     with contextlib.suppress(psycopg.Error):
                         await connection.execute("ROLLBACK")
-                    if isinstance(err, psycopg.OperationalError) and err.sqlstate == _DISK_FULL:
-                        raise StorageFull("the database's disk is full; the write was not stored") from err
                     raise
         if notify:
             self._subscribers.committed(durable=durable)
@@ -279,14 +285,23 @@ async def listen_forever(
 
 @contextlib.contextmanager
 def _unavailable_on_connection_errors() -> Iterator[None]:
+    """A lost server as StoreUnavailable, and every other driver error as the store's own."""
     try:
         yield
-    except PoolTimeout as err:
-        raise StoreUnavailable(f"the PostgreSQL server cannot be reached: {err}") from err
-    except psycopg.OperationalError as err:
+    except psycopg.Error as err:
+        raise store_error(err) from err
+
+
+def store_error(err: psycopg.Error) -> StoreError:
+    """The driver's error as the store's own, typed by what the caller can do: no module but
+    this one names psycopg, so a process on SQLite never imports it (api/store/sql.py)."""
+    if isinstance(err, psycopg.OperationalError):  # PoolTimeout is one too
         if err.sqlstate == _DISK_FULL:
-            raise
-        raise StoreUnavailable(f"the PostgreSQL server cannot be reached: {err}") from err
+            return StorageFull("the database's disk is full; the write was not stored")
+        return StoreUnavailable(f"the PostgreSQL server cannot be reached: {err}")
+    if isinstance(err, psycopg.IntegrityError):
+        return ConstraintViolation(str(err))
+    return DatabaseFailure(str(err))
 
 
 async def open_postgres(url: str, *, clock: Clock = utc_now) -> PostgresDatabase:

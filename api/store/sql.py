@@ -26,18 +26,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol, overload
 
-import psycopg
-
-from api.store.errors import StoreError
+from api.store.errors import ConstraintViolation, DatabaseFailure, StoreError
 
 Clock = Callable[[], datetime]
 # Errors a query may raise on either engine: what callers that log and carry on catch.
-DatabaseError = (sqlite3.Error, psycopg.Error)
+# PostgreSQL's driver errors reach callers wrapped (api/store/postgres.py), so that a process on
+# SQLite never imports the driver.
+DatabaseError = (sqlite3.Error, DatabaseFailure)
 # What a caller that logs a failed store call and carries on catches: either engine's errors and
 # the store's own (StorageFull, StoreUnavailable, ...).
-FAILURES = (sqlite3.Error, psycopg.Error, StoreError)
+FAILURES = (sqlite3.Error, StoreError)
 # A UNIQUE or PRIMARY KEY constraint refused the write.
-IntegrityError = (sqlite3.IntegrityError, psycopg.IntegrityError)
+IntegrityError = (sqlite3.IntegrityError, ConstraintViolation)
 
 
 def utc_now() -> datetime:

@@ -16,6 +16,7 @@ from tests.e2e.harness import (
     live_qemu_pids,
     running_identity,
 )
+from tests.e2e.test_store_driver import driver_files_mapped
 from tests.postgres import PostgresCluster
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +34,10 @@ def test_apply_restart_postgres_apply_destroy(
 ) -> None:
     url = own_postgres_cluster.create_database()
     host = make_vm_host()
-    host.start("serve", extra_args=["--database-url", url])
+    server = host.start("serve", extra_args=["--database-url", url])
+    # The driver a server on SQLite never loads (test_store_driver.py) is loaded here.
+    assert server.pid is not None
+    assert any("psycopg" in path for path in driver_files_mapped(server.pid))
     fleet = Fleet(host, terraform_bin, project=PROJECT)
     fleet.init()
     fleet.apply({"alpha": GuestVM(memory=128)})
