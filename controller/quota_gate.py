@@ -12,6 +12,7 @@ A VM's own new generation (an edit asking for more) is always decided fresh.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -77,14 +78,30 @@ class QuotaGate:
         self._checked_at = float("-inf")
         self._parsed: dict[str, _Parsed] = {}
         self._verdicts: dict[str, Admission] = {}
+        self._looking = asyncio.Lock()
 
     async def admission(self, uid: str, generation: int) -> Admission:
-        """`uid`'s verdict at `generation`."""
+        """`uid`'s verdict at `generation`.
+
+        One look at a time: the reconciles of a large apply all ask at once, and each would
+        otherwise read the versions, every generation and the same new specs. Those that waited
+        mostly find the look just taken fresh, and their specs parsed."""
+        if self._fresh(uid, generation):
+            return self._verdicts.get(uid, ADMITTED)
+        async with self._looking:
+            if self._fresh(uid, generation):
+                return self._verdicts.get(uid, ADMITTED)
+            return await self._look(uid, generation)
+
+    def _fresh(self, uid: str, generation: int) -> bool:
+        known = self._parsed.get(uid)
+        current = known is not None and known.generation == generation
+        return current and self._clock.monotonic() - self._checked_at < FRESH_SECONDS
+
+    async def _look(self, uid: str, generation: int) -> Admission:
         now = self._clock.monotonic()
         known = self._parsed.get(uid)
         current = known is not None and known.generation == generation
-        if current and now - self._checked_at < FRESH_SECONDS:
-            return self._verdicts.get(uid, ADMITTED)
         version = await admission_version(self._db)
         if version != self._version or not current:
             await self._decide_again()
