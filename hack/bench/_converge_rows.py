@@ -11,6 +11,13 @@ from _memory_guard import GIB
 
 TARGET_RATIO = 1.10
 POSTGRES_TARGET_RATIO = 1.15
+# Small runs take seconds and are noisy, large ones take a minute with their teardown.
+SMALL_COUNT, SMALL_REPEAT, LARGE_REPEAT = 10, 5, 2
+
+
+def repeats_for(count: int, asked: int | None) -> int:
+    """--repeat, or the default for `count`."""
+    return asked or (SMALL_REPEAT if count <= SMALL_COUNT else LARGE_REPEAT)
 
 
 def mode_order(repeat: int, modes: tuple[str, ...]) -> tuple[str, ...]:
@@ -62,6 +69,8 @@ class Row:
     postgres: list[ControllerSample] = field(default_factory=list)
     # With --baseline-tree: the same runs, by a server running another checkout's code.
     baseline: list[ControllerSample] = field(default_factory=list)
+    # With both: the baseline's runs on PostgreSQL (`baseline` holds its runs on SQLite).
+    postgres_baseline: list[ControllerSample] = field(default_factory=list)
 
     @property
     def baseline_s(self) -> float:
@@ -110,7 +119,15 @@ class Row:
 
     def to_json(self) -> dict[str, Any]:
         if self.postgres:
-            return {
+            baseline_runs = (
+                {
+                    "baseline_sqlite": [s.to_json() for s in self.baseline],
+                    "baseline_postgres": [s.to_json() for s in self.postgres_baseline],
+                }
+                if self.postgres_baseline
+                else {}
+            )
+            return baseline_runs | {
                 "count": self.count,
                 "sqlite": [s.to_json() for s in self.controller],
                 "postgres": [s.to_json() for s in self.postgres],

@@ -18,10 +18,18 @@ PRIVATE = "private"
 
 
 @contextlib.contextmanager
-def database_url(choice: str | None) -> Iterator[str | None]:
-    """`choice` as given, or the URL of a new database on a private cluster for `private`."""
+def database_urls(choice: str | None, count: int = 1) -> Iterator[list[str]]:
+    """No URL for SQLite only (`choice` None); `choice` itself; or, for `private`, the URLs of
+    `count` new databases on a private cluster (one per PostgreSQL server of the run)."""
+    if choice is None:
+        yield []
+        return
     if choice != PRIVATE:
-        yield choice
+        if count > 1:
+            raise SystemExit(
+                f"{count} PostgreSQL servers need databases of their own: use --database-url private"
+            )
+        yield [choice]
         return
     # Importing _common put the checkout on sys.path, so its tests/ package is importable.
     from tests.postgres import PostgresCluster
@@ -29,8 +37,8 @@ def database_url(choice: str | None) -> Iterator[str | None]:
     cluster = PostgresCluster()
     try:
         cluster.start()
-        url = cluster.create_database()
+        urls = [cluster.create_database() for _ in range(count)]
         progress(f"private PostgreSQL {cluster.bin.parent.name} on 127.0.0.1:{cluster.port} (fsync off)")
-        yield url
+        yield urls
     finally:
         cluster.remove()
