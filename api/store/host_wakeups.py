@@ -22,8 +22,11 @@ async def notify_placed(conn: Transaction, dialect: Dialect, placed: Iterable[tu
     SQLite has one controller, woken in-process by the commit itself."""
     if dialect is not Dialect.POSTGRESQL:
         return
-    for host, uid in placed:
-        await conn.execute("SELECT pg_notify(?, ?)", (PLACEMENTS_CHANNEL, f"{host} {uid}"))
+    # One round trip for the lot (the driver pipelines executemany), not one per VM: the
+    # placement transaction holds the write lock that every status write waits for.
+    await conn.executemany(
+        "SELECT pg_notify(?, ?)", [(PLACEMENTS_CHANNEL, f"{host} {uid}") for host, uid in placed]
+    )
 
 
 async def listen_for_placements(url: str, host: str, wake: Callable[[str], None]) -> None:
