@@ -128,6 +128,11 @@ class PostgresDatabase:
         self._write_lock = asyncio.Lock()
         self._unreachable_at = float("-inf")
 
+    @property
+    def url(self) -> str:
+        """The server's URL, for a connection of one's own (api/store/lease_renewal.py)."""
+        return self._url
+
     def subscribe(self, callback: Callable[[], None], *, volatile: bool = True) -> None:
         self._subscribers.add(callback, volatile=volatile)
 
@@ -287,6 +292,10 @@ def _unavailable_on_connection_errors() -> Iterator[None]:
         if err.sqlstate == _DISK_FULL:
             raise
         raise StoreUnavailable(f"the PostgreSQL server cannot be reached: {err}") from err
+
+
+# For modules that keep a connection of their own (api/store/lease_renewal.py).
+unavailable_on_connection_errors = _unavailable_on_connection_errors
 
 
 async def open_postgres(url: str, *, clock: Clock = utc_now) -> PostgresDatabase:
