@@ -347,6 +347,11 @@ class Scheduler:
                 look_for_lost = passed_at - looked_at >= renew_every
                 looked_at = passed_at if look_for_lost else looked_at
                 await self.schedule_once(look_for_lost=look_for_lost)
+            elif not leader:
+                # A follower has nothing to do with commits. Left set, the event would make the
+                # wait below return at once, without yielding: the loop spun and starved every
+                # other task of this controller until the next lease try (lease / 3).
+                changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(SCHEDULER_POLL_SECONDS, renew_every)):
                     await changed.wait()
