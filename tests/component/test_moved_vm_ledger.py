@@ -1,5 +1,6 @@
-"""A VM moved to another host holds its ports and disks there while its old host's rows stay
-(docs/multi-host.md, "A lost host"), on SQLite and PostgreSQL.
+"""A VM moved to another host holds its ports and disks there while its old host's rows stay,
+and shows none of its old host's status (docs/multi-host.md, "A lost host"), on SQLite and
+PostgreSQL.
 
 The bug this pins: the ledger's keys did not name the host, so on the new host the port
 reservation was a silent no-op answering with the old host's port, and the disk record kept the
@@ -10,11 +11,15 @@ Pending for good (tests/e2e/test_host_failure.py, before the fix).
 from __future__ import annotations
 
 import asyncio
+import json
 
+from api.hosts import Resources
 from api.store import Database
 from api.store.allocations import Allocations
-from api.store.records import DiskOwner, DiskRow
-from api.types import Protocol, ReclaimPolicy
+from api.store.hosts import Hosts, Registration
+from api.store.records import DiskOwner, DiskRow, render_status
+from api.store.status_writer import VMStatusWriter
+from api.types import Phase, Protocol, ReclaimPolicy
 from tests.component.test_hosts_store import add_vm
 
 UID = "vm-moved"
@@ -58,3 +63,22 @@ async def test_two_hosts_reserving_for_one_vm_at_once_each_get_their_own(db: Dat
     for allocations in hosts:
         ports, _ = await allocations.held_by(UID)
         assert [port.host_port for port in ports] == [41010]
+
+
+async def test_a_rescheduled_vm_shows_no_status_of_its_lost_host(db: Database) -> None:
+    """The lost host's Running, pid and ports are gone with it: until the new host writes its own
+    status the VM reads Pending there, not Running with a port nothing listens on."""
+    hosts = Hosts(db)
+    for name in ("host-a", "host-c"):
+        await hosts.register(Registration(name, {}, Resources(2, 4096, 10), lease_seconds=15.0))
+    stale = {
+        "phase": "Running",
+        "pid": 4242,
+        "ports": [{"protocol": "TCP", "guestPort": 80, "hostPort": 41001}],
+    }
+    await add_vm(db, UID, host="host-c", status=json.dumps(stale))
+    assert await hosts.reschedule({UID: ("host-c", "host-a")}, {"host-c": "host host-c lost"}) == [UID]
+    record = await VMStatusWriter(db, host="host-a").get(UID)
+    assert record is not None
+    status = render_status(record)
+    assert (status.host, status.phase, status.pid, status.ports) == ("host-a", Phase.PENDING, None, ())
