@@ -25,10 +25,12 @@ from api.hosts import Host, Resources
 from api.store import Database
 from api.store.fencing import FencedDatabase
 from api.store.hosts import Hosts, Leases, Registration
+from api.store.lease_renewal import lease_renewal
 from api.store.records import EventType
 from api.store.sql import Dialect
 from controller import host_memory
 from controller.fencing import fence_deadline, fence_margin, must_fence, rescheduled, strays
+from controller.loop_stalls import stall_tolerant_timeout
 from controller.placement import lost_hosts, lost_notes, place
 from controller.self_fence import HostQemus
 from controller.settings import ControllerSettings
@@ -109,6 +111,8 @@ class HostAgent:
             lease_seconds=settings.host_lease_seconds,
         )
         self._hosts = Hosts(db)
+        # On PostgreSQL a connection of its own: a renewal never queues behind other writes.
+        self._renewal = lease_renewal(db)
         self._db = db
         self._metrics = metrics
         self._qemus = qemus
@@ -161,13 +165,20 @@ class HostAgent:
         whole lease: one cut short would only fail sooner; the fence does not wait for it."""
         period = self.lease_seconds / RENEWALS_PER_LEASE
         next_at = time.monotonic() + period
-        while True:
-            await asyncio.sleep(max(next_at - time.monotonic(), 0.0))
-            # Counted from this send, not from the end of a slow renewal: sends stay lease/3 apart.
-            next_at = time.monotonic() + period
-            await self.renew(within=self.lease_seconds)
-            with contextlib.suppress(*TRANSIENT_ERRORS):
-                self._metrics.update(await self._hosts.all(), await self._db.database_now())
+        try:
+            while True:
+                await asyncio.sleep(max(next_at - time.monotonic(), 0.0))
+                # Counted from this send, not from the end of a slow renewal: sends stay lease/3 apart.
+                next_at = time.monotonic() + period
+                await self.renew(within=self.lease_seconds)
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    self._metrics.update(await self._hosts.all(), await self._db.database_now())
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Let go of the renewal's own connection (PostgreSQL)."""
+        await self._renewal.close()
 
     async def renew(self, *, within: float) -> bool:
         """Renew the lease at this controller's epoch, within `within` seconds. Returns whether it
@@ -175,8 +186,9 @@ class HostAgent:
         async with self._checking:
             sent = time.monotonic()
             try:
-                async with asyncio.timeout(within):
-                    renewed = await self._hosts.renew(self.name, self.store.epoch or 0)
+                # The database's answer decides, not a deadline a frozen or starved loop served late.
+                async with stall_tolerant_timeout(within):
+                    renewed = await self._renewal.renew(self.name, self.store.epoch or 0)
                     if not renewed:
                         await self._recover()
             except (TimeoutError, *TRANSIENT_ERRORS) as err:
@@ -225,7 +237,7 @@ class HostAgent:
             return
         self._renewed.clear()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
+            async with stall_tolerant_timeout(within):
                 await self._renewed.wait()
 
     def _last_wait(self) -> float:
@@ -335,6 +347,11 @@ class Scheduler:
                 look_for_lost = passed_at - looked_at >= renew_every
                 looked_at = passed_at if look_for_lost else looked_at
                 await self.schedule_once(look_for_lost=look_for_lost)
+            elif not leader:
+                # A follower has nothing to do with commits. Left set, the event would make the
+                # wait below return at once, without yielding: the loop spun and starved every
+                # other task of this controller until the next lease try (lease / 3).
+                changed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(SCHEDULER_POLL_SECONDS, renew_every)):
                     await changed.wait()

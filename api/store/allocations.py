@@ -84,13 +84,13 @@ class Allocations:
             async with self._db.write() as conn:
                 await conn.execute(
                     "INSERT INTO port_allocations (uid, protocol, guest_port, host_port, created_at, host)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uid, protocol, guest_port) DO NOTHING",
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (host, uid, protocol, guest_port) DO NOTHING",
                     (uid, protocol.value, guest_port, host_port, self._db.clock().isoformat(), self._host),
                 )
                 row = await conn.fetchone(
                     "SELECT host_port FROM port_allocations"
-                    " WHERE uid = ? AND protocol = ? AND guest_port = ?",
-                    (uid, protocol.value, guest_port),
+                    " WHERE uid = ? AND protocol = ? AND guest_port = ? AND host = ?",
+                    (uid, protocol.value, guest_port, self._host),
                 )
         except IntegrityError as err:
             raise PortTaken(f"host port {protocol.value}/{host_port} is held by another VM") from err
@@ -132,7 +132,7 @@ class Allocations:
             await conn.execute(
                 "INSERT INTO disks (uid, name, path, reclaim_policy, created_at, size_mib, base,"
                 " project, vm_name, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (uid, name) DO UPDATE SET reclaim_policy = excluded.reclaim_policy,"
+                " ON CONFLICT (host, uid, name) DO UPDATE SET reclaim_policy = excluded.reclaim_policy,"
                 " size_mib = excluded.size_mib, base = excluded.base",
                 (
                     uid,

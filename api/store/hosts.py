@@ -219,6 +219,11 @@ class Hosts:
             moved = await self._set(
                 conn, {uid: (new, None) for uid, (_old, new) in moves.items() if uid in still}
             )
+            # Their status is the lost host's (its pid, ports, Running): the new host writes its own.
+            await conn.execute(
+                f"UPDATE vms SET status = NULL WHERE uid IN ({self._uids})",  # noqa: S608
+                (json.dumps(moved),),
+            )
             lost = sorted({moves[uid][0] for uid in moved})
             await conn.executemany(
                 "UPDATE hosts SET epoch = epoch + 1 WHERE name = ?", [(host,) for host in lost]

@@ -136,6 +136,11 @@ class PostgresDatabase:
         self._write_lock = asyncio.Lock()
         self._unreachable_at = float("-inf")
 
+    @property
+    def url(self) -> str:
+        """The server's URL, for a connection of one's own (api/store/lease_renewal.py)."""
+        return self._url
+
     def subscribe(self, callback: Callable[[], None], *, volatile: bool = True) -> None:
         self._subscribers.add(callback, volatile=volatile)
 
@@ -302,6 +307,10 @@ def store_error(err: psycopg.Error) -> StoreError:
     if isinstance(err, psycopg.IntegrityError):
         return ConstraintViolation(str(err))
     return DatabaseFailure(str(err))
+
+
+# For modules that keep a connection of their own (api/store/lease_renewal.py).
+unavailable_on_connection_errors = _unavailable_on_connection_errors
 
 
 async def open_postgres(url: str, *, clock: Clock = utc_now) -> PostgresDatabase:

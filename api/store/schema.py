@@ -275,6 +275,46 @@ MIGRATIONS: tuple[str, ...] = (
     -- versions written before).
     ALTER TABLE state_versions ADD COLUMN body_file TEXT;
     """,
+    """
+    -- hostfail14: a VM moved to another host (rescheduled, force-drained) holds ports and disks
+    -- there while the rows of its old host stay until that host's controller releases them (or
+    -- for good, if it never returns): the host is part of each row's key.
+    CREATE TABLE port_allocations_keyed_by_host (
+        host       TEXT NOT NULL DEFAULT '',
+        uid        TEXT NOT NULL,
+        protocol   TEXT NOT NULL,
+        guest_port INTEGER NOT NULL,
+        host_port  INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (host, uid, protocol, guest_port),
+        UNIQUE (host, protocol, host_port)
+    );
+    INSERT INTO port_allocations_keyed_by_host (host, uid, protocol, guest_port, host_port, created_at)
+        SELECT host, uid, protocol, guest_port, host_port, created_at FROM port_allocations;
+    DROP TABLE port_allocations;
+    ALTER TABLE port_allocations_keyed_by_host RENAME TO port_allocations;
+    CREATE TABLE disks_keyed_by_host (
+        host           TEXT NOT NULL DEFAULT '',
+        uid            TEXT NOT NULL,
+        name           TEXT NOT NULL,
+        path           TEXT NOT NULL,
+        reclaim_policy TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        project        TEXT,
+        vm_name        TEXT,
+        size_mib       INTEGER,
+        base           TEXT,
+        PRIMARY KEY (host, uid, name)
+    );
+    INSERT INTO disks_keyed_by_host
+        (host, uid, name, path, reclaim_policy, created_at, project, vm_name, size_mib, base)
+        SELECT host, uid, name, path, reclaim_policy, created_at, project, vm_name, size_mib, base
+        FROM disks;
+    DROP TABLE disks;
+    ALTER TABLE disks_keyed_by_host RENAME TO disks;
+    CREATE INDEX disks_by_vm_name ON disks(project, vm_name, name);
+    CREATE INDEX disks_by_uid ON disks(uid);
+    """,
 )
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError, StateError
 
+from controller.loop_stalls import stall_tolerant_timeout
+
 COMMAND_TIMEOUT_SECONDS = 2.0
 CONNECT_RETRY_SECONDS = 0.005
 # The controller reacts to these; the rest (e.g. RTC_CHANGE) are noise.
@@ -112,7 +114,8 @@ class Monitor:
         :raise MonitorUnavailable: no reply within `within` seconds, or the connection is gone.
         """
         try:
-            async with asyncio.timeout(within):
+            # A deadline served late by a frozen or starved controller is not QEMU's silence.
+            async with stall_tolerant_timeout(within):
                 return await self._client.execute(command, arguments)
         except ExecuteError as err:
             raise MonitorCommandFailed(f"{command}: {err}") from err

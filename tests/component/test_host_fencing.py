@@ -23,6 +23,7 @@ from api.store.errors import StoreUnavailable
 from api.store.events import EventLog
 from api.store.fencing import StaleEpoch
 from api.store.hosts import Hosts, Registration
+from api.store.lease_renewal import RenewalConnection
 from api.store.status_writer import VMStatusWriter
 from api.types import Protocol
 from controller.fencing import fence_deadline
@@ -152,6 +153,7 @@ async def test_a_controller_whose_vms_moved_away_kills_them_and_registers_again(
     assert set(woken) >= {"stays", "moved"}
     (fenced,) = [e for e in await EventLog(db).list(uid="moved") if e.reason == "Fenced"]
     assert fenced.message == "QEMU on host a killed: the VM was moved away from host a"
+    await host.close()
 
 
 async def test_a_controller_that_cannot_renew_kills_its_qemus_before_its_lease_ends(
@@ -168,6 +170,7 @@ async def test_a_controller_that_cannot_renew_kills_its_qemus_before_its_lease_e
         raise StoreUnavailable("PostgreSQL is away")
 
     monkeypatch.setattr(Hosts, "renew", unreachable)
+    monkeypatch.setattr(RenewalConnection, "renew", unreachable)  # PostgreSQL's own connection
     fence = asyncio.create_task(host.fence_forever())
     if db.dialect == "sqlite":
         # One machine holds the store: no other host can take the VMs, nothing is fenced.
@@ -187,6 +190,7 @@ async def test_a_controller_that_cannot_renew_kills_its_qemus_before_its_lease_e
         assert [e.reason for e in await EventLog(db).list(uid="vm1")] == ["Fenced"]
     finally:
         fence.cancel()
+        await host.close()
 
 
 async def test_a_controller_waking_from_a_freeze_kills_only_what_moved_before_it_starts_anything(

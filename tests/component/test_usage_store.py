@@ -204,7 +204,7 @@ async def add_disk(db: Database, uid: str, path: Path) -> None:
     async with db.write() as conn:
         await conn.execute(
             "INSERT INTO disks (uid, name, path, reclaim_policy, created_at)"
-            " VALUES (?, 'root', ?, 'Delete', ?) ON CONFLICT (uid, name) DO NOTHING",
+            " VALUES (?, 'root', ?, 'Delete', ?) ON CONFLICT (host, uid, name) DO NOTHING",
             (uid, str(path), HOUR.isoformat()),
         )
 
