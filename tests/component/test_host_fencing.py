@@ -23,7 +23,7 @@ from api.store.errors import StoreUnavailable
 from api.store.events import EventLog
 from api.store.fencing import StaleEpoch
 from api.store.hosts import Hosts, Registration
-from api.store.lease_renewal import RenewalConnection
+from api.store.postgres_renewal import RenewalConnection
 from api.store.status_writer import VMStatusWriter
 from api.types import Protocol
 from controller.fencing import fence_deadline

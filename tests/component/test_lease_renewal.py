@@ -15,8 +15,8 @@ import pytest
 
 from api.store import Database, open_store
 from api.store.errors import StoreUnavailable
-from api.store.lease_renewal import RenewalConnection
 from api.store.postgres import WRITE_LOCK_KEY
+from api.store.postgres_renewal import RenewalConnection
 from api.testing.waiting import wait_until_async
 from controller.fencing import fence_deadline
 from tests.component.test_host_fencing import FakeQemus, agent
