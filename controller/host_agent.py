@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
 from prometheus_client import CollectorRegistry, Gauge
@@ -319,6 +319,10 @@ class Scheduler:
         self._lease_seconds = lease_seconds
         self._hosts = Hosts(db)
         self._leases = Leases(db)
+        # What the last pass that changed nothing read (placement_version and the hosts): while
+        # VMs wait for room that no host has, passes at every state write would otherwise read
+        # and decode every VM again to find the same.
+        self._settled: tuple[object, ...] | None = None
 
     async def run_forever(self) -> None:
         """A pass at every commit of this process, at other processes' commits (polled), and
@@ -374,6 +378,10 @@ class Scheduler:
         lost = lost_hosts(hosts, now, self._lost_grace)
         if look_for_lost and not lost and not await self._hosts.anything_to_schedule():
             return 0  # every VM placed on a live host, no note to clear: nothing to read
+        seen = (await self._hosts.placement_version(), _placement_view(hosts, now))
+        if not lost and seen == self._settled:
+            return 0  # the waiting VMs and the hosts are as the last pass left them
+        self._settled = None
         vms = await self._hosts.placed()
         notes = lost_notes(vms, lost)
         if notes:
@@ -399,4 +407,17 @@ class Scheduler:
             log.info("vms_scheduled", count=len(placed))
         if moved:
             log.warning("vms_rescheduled", count=len(moved), lost=sorted({moving[uid] for uid in moved}))
+        if not (placed or moved or notes):
+            # Its own Scheduled=False notes, if it wrote new ones, move the version: the next
+            # pass then runs once more, writes nothing, and settles.
+            self._settled = seen
         return len(placed) + len(moved)
+
+
+def _placement_view(hosts: list[Host], now: datetime) -> tuple[object, ...]:
+    """The hosts as placement sees them: all but the lease renewal's time, and whether each is
+    ready (a renewal alone changes nothing a pass decides)."""
+    return tuple((replace(host, lease_renewed_at=_UNSEEN), host.ready(now)) for host in hosts)
+
+
+_UNSEEN = datetime(1970, 1, 1, tzinfo=UTC)

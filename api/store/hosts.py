@@ -145,6 +145,18 @@ class Hosts:
         )
         return bool(rows)
 
+    async def placement_version(self) -> tuple[object, ...]:
+        """Changes whenever the live VMs a placement pass reads change: one is created, changes
+        spec, starts deleting, is removed, or gains or loses a host or a note, or an instance
+        type that may size one changes (one read)."""
+        rows = await self._db.read(
+            "SELECT (SELECT COUNT(*) FROM vms), (SELECT COALESCE(SUM(generation), 0) FROM vms),"
+            " (SELECT COUNT(deleted_at) FROM vms), (SELECT COUNT(host) FROM vms),"
+            " (SELECT COUNT(scheduling) FROM vms), (SELECT COUNT(*) FROM instance_types),"
+            " (SELECT COALESCE(MAX(resource_version), 0) FROM instance_types)"
+        )
+        return tuple(rows[0])
+
     async def placed(self) -> list[PlacedVM]:
         """Every live VM with its host (None: not placed) and what it asks of it."""
         rows = await self._db.read(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from api.hosts import Host, Resources
+from api.hosts import Host, PlacedVM, Resources
 from api.store import Database
 from api.store.allocations import Allocations
 from api.store.events import EventLog
@@ -167,6 +167,33 @@ async def test_a_pass_at_a_commit_reads_no_host_unless_a_vm_waits_and_lost_hosts
     await add_vm(db, "vm2")
     assert await scheduler.schedule_once(look_for_lost=False) == 0, "the only host is lost"
     assert len(reads) == 2, "a VM waits for a host: the pass reads them"
+
+
+async def test_a_vm_no_host_fits_is_not_placed_again_until_something_changes(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiting VM makes every commit a pass; while neither the VMs nor the hosts change, the
+    pass stops after one aggregate read instead of reading and decoding every VM again."""
+    hosts = await two_hosts(db)
+    await add_vm(db, "big", spec={"memory": 65536})
+    scheduler = Scheduler(db, holder="a", lease_seconds=15.0)
+    reads: list[int] = []
+    read_placed = Hosts.placed
+
+    async def counted(self: Hosts) -> list[PlacedVM]:
+        reads.append(1)
+        return await read_placed(self)
+
+    monkeypatch.setattr(Hosts, "placed", counted)
+    for _ in range(3):
+        assert await scheduler.schedule_once(look_for_lost=False) == 0
+    assert len(reads) == 2, "one pass notes Scheduled=False, one more finds nothing new, then none"
+    await add_vm(db, "small")
+    assert await scheduler.schedule_once(look_for_lost=False) == 1
+    assert len(reads) == 3, "a new VM is read"
+    await hosts.register(Registration("c", {}, Resources(2, 131072, 10), lease_seconds=15.0))
+    assert await scheduler.schedule_once(look_for_lost=False) == 1, "a new host with room places it"
+    assert {vm.uid: vm.host for vm in await hosts.placed()}["big"] == "c"
 
 
 async def test_on_sqlite_a_renamed_machine_keeps_its_vms(db: Database, tmp_path: Path) -> None:
