@@ -9,6 +9,7 @@ executor asks an agent for `guest-shutdown`; snapshots freeze and thaw through i
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -91,10 +92,18 @@ class GuestAgents:
 
 def of_runtime(runtime: Watched, wake: Callable[[str], None]) -> GuestAgents:
     """The agents of the QEMUs `runtime` watches (their runtime dir holds the agent socket)."""
-    return GuestAgents(
-        targets=lambda: [(t.uid, t.pid, Path(t.qmp_socket).parent) for t in runtime.liveness_targets()],
-        wake=wake,
-    )
+
+    def with_agents() -> list[tuple[str, int, Path]]:
+        # Plain strings until a VM turns out to have an agent: most have none, and this runs
+        # for every VM every pass.
+        directories = ((t.uid, t.pid, os.path.dirname(t.qmp_socket)) for t in runtime.liveness_targets())
+        return [
+            (uid, pid, Path(directory))
+            for uid, pid, directory in directories
+            if os.path.exists(f"{directory}/{AGENT_SOCKET_NAME}")
+        ]
+
+    return GuestAgents(targets=with_agents, wake=wake)
 
 
 async def freeze(directory: Path, seconds: float) -> int:

@@ -102,6 +102,9 @@ def split_by(
     length = interval.end - interval.start
     parts: list[tuple[datetime, Usage]] = []
     begin = period_of(max(interval.start, not_before), seconds).timestamp()
+    if begin <= interval.start and interval.end <= begin + seconds:
+        # Within one period (most of a sampler's rounds): the whole usage, nothing to scale.
+        return [(datetime.fromtimestamp(begin, UTC), interval.usage)]
     while begin < interval.end:
         overlap = min(interval.end, begin + seconds) - max(interval.start, begin)
         if overlap > 0:

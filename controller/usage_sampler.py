@@ -3,8 +3,9 @@ host, its usage since the last look stored per hour (and per minute, for a short
 exported as metrics (docs/usage.md).
 
 What it reads, per VM: `/proc/<pid>/stat` once (utime + stime, RSS, the start time that makes
-the process's identity) and `st_blocks` of the VM's disk files. One /proc read per VM and
-round, separate from the liveness checks, so the two can later share one batched read.
+the process's identity), with the resync's reader (process.stat_fields), and `st_blocks` of the
+VM's disk files. The rest of a round is arithmetic per VM, kept to plain tuples and floats: at
+hundreds of VMs a round's cost is its per-VM Python, not its reads (docs/controller.md).
 
 The math is controller/metering.py's; the store's round is one transaction with the cursors
 (api/store/usage.py), so a restarted controller resumes exactly where the last commit ended.
@@ -28,6 +29,7 @@ from api.store.sql import FAILURES
 from api.store.usage import UsageStore, VMIdentity
 from api.usage import Cursor, HourUsage, MinuteUsage, Usage
 from controller.metering import ProcessSample, split_by_hour, split_by_minute, usage_since
+from controller.qemu import process
 
 log = structlog.get_logger(__name__)
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -48,13 +50,8 @@ def boot_time() -> float:
 
 def read_process(pid: int, *, booted_at: float, at: float) -> ProcessSample | None:
     """`pid`'s counters from /proc/<pid>/stat; None when it is gone (or a zombie)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # comm (field 2) is in parentheses and may hold spaces or ')': split after the last ')'.
-    fields = text.rpartition(")")[2].split()
-    if fields[0] in ("Z", "X"):
+    fields = process.stat_fields(pid)
+    if fields is None or fields[0] in (b"Z", b"X"):
         return None
     start_ticks = int(fields[19])
     return ProcessSample(
@@ -101,20 +98,29 @@ class UsageMetrics:
         self.disk_bytes = Gauge(
             "tofu_qemu_vm_disk_bytes", "Bytes allocated by the VM's disk files", labels, registry=registry
         )
-        self._series: set[tuple[str, str, str]] = set()
+        # Each VM's four series, looked up once: `labels()` costs more than the update itself.
+        self._series: dict[tuple[str, str, str], tuple[Counter, Counter, Counter, Gauge]] = {}
 
     def add(self, labels: tuple[str, str, str], usage: Usage, disk_bytes: int) -> None:
-        self.cpu_seconds.labels(*labels, self._host).inc(usage.cpu_seconds)
-        self.memory_mib_seconds.labels(*labels, self._host).inc(usage.memory_mib_seconds)
-        self.uptime_seconds.labels(*labels, self._host).inc(usage.uptime_seconds)
-        self.disk_bytes.labels(*labels, self._host).set(disk_bytes)
-        self._series.add(labels)
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = (
+                self.cpu_seconds.labels(*labels, self._host),
+                self.memory_mib_seconds.labels(*labels, self._host),
+                self.uptime_seconds.labels(*labels, self._host),
+                self.disk_bytes.labels(*labels, self._host),
+            )
+        cpu, memory, uptime, disk = series
+        cpu.inc(usage.cpu_seconds)
+        memory.inc(usage.memory_mib_seconds)
+        uptime.inc(usage.uptime_seconds)
+        disk.set(disk_bytes)
 
     def keep_only(self, labels: set[tuple[str, str, str]]) -> None:
-        for gone in self._series - labels:
+        for gone in self._series.keys() - labels:
             for metric in (self.cpu_seconds, self.memory_mib_seconds, self.uptime_seconds, self.disk_bytes):
                 metric.remove(*gone, self._host)
-        self._series &= labels
+            del self._series[gone]
 
 
 @dataclass(frozen=True, slots=True)

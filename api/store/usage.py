@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from api.store.db import Database
@@ -98,7 +98,7 @@ class UsageStore:
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO UPDATE SET pid = excluded.pid,"
                     " start_ticks = excluded.start_ticks, cpu_ticks = excluded.cpu_ticks,"
                     " rss_bytes = excluded.rss_bytes, sampled_at = excluded.sampled_at",
-                    [(uid, *astuple(cursor)) for uid, cursor in cursors.items()],
+                    [(uid, *_cursor_row(cursor)) for uid, cursor in cursors.items()],
                 )
             gone = sorted(set(forget))
             if gone:
@@ -141,6 +141,11 @@ class UsageStore:
     async def prune_minutes(self, before: datetime) -> int:
         """Delete the minutes of the fine series that started before `before`; returns how many."""
         return await prune_minutes(self._db, before)
+
+
+def _cursor_row(cursor: Cursor) -> tuple[int, int, int, int, float]:
+    # Field by field: dataclasses.astuple deep-copies each value, per VM and round.
+    return cursor.pid, cursor.start_ticks, cursor.cpu_ticks, cursor.rss_bytes, cursor.at
 
 
 def _hour_row(row: HourUsage) -> tuple[object, ...]:

@@ -16,7 +16,16 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError, StateError
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+    StateError,
+)
 
 from controller.loop_stalls import stall_tolerant_timeout
 
@@ -164,7 +173,8 @@ class Monitor:
 
     @property
     def is_connected(self) -> bool:
-        return self._client.runstate.name == "RUNNING"
+        # An identity test: the liveness pass asks every VM's, every pass (Enum.name is a lookup).
+        return self._client.runstate is Runstate.RUNNING
 
     async def close(self) -> None:
         """Disconnect. Closing after QEMU quit (EOF) is normal and not an error."""

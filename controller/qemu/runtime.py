@@ -130,7 +130,7 @@ class Runtime:
                 uid,
                 attachment.record.pid,
                 attachment.monitor is not None and attachment.monitor.is_connected,
-                str(attachment.paths.qmp_socket),
+                f"{attachment.paths.directory}/{QMP_SOCKET_NAME}",  # no Path built per VM and pass
             )
             for uid, attachment in self._attached.items()
         ]
