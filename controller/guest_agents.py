@@ -93,15 +93,25 @@ class GuestAgents:
 def of_runtime(runtime: Watched, wake: Callable[[str], None]) -> GuestAgents:
     """The agents of the QEMUs `runtime` watches (their runtime dir holds the agent socket)."""
 
+    # uid -> (pid, its agent socket's directory or None). QEMU makes its sockets before QMP
+    # answers, so whether a QEMU has one is known from its first pass on: a fleet without agents
+    # costs one stat per VM when its QEMU starts, not one per VM every pass.
+    known: dict[str, tuple[int, Path | None]] = {}
+
     def with_agents() -> list[tuple[str, int, Path]]:
-        # Plain strings until a VM turns out to have an agent: most have none, and this runs
-        # for every VM every pass.
-        directories = ((t.uid, t.pid, os.path.dirname(t.qmp_socket)) for t in runtime.liveness_targets())
-        return [
-            (uid, pid, Path(directory))
-            for uid, pid, directory in directories
-            if os.path.exists(f"{directory}/{AGENT_SOCKET_NAME}")
-        ]
+        targets = runtime.liveness_targets()
+        for gone in known.keys() - {target.uid for target in targets}:
+            del known[gone]
+        found = []
+        for target in targets:
+            seen = known.get(target.uid)
+            if seen is None or seen[0] != target.pid:
+                directory = os.path.dirname(target.qmp_socket)
+                has_agent = os.path.exists(f"{directory}/{AGENT_SOCKET_NAME}")
+                seen = known[target.uid] = (target.pid, Path(directory) if has_agent else None)
+            if seen[1] is not None:
+                found.append((target.uid, target.pid, seen[1]))
+        return found
 
     return GuestAgents(targets=with_agents, wake=wake)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,12 @@ class DataLayout:
 
     def runtime_uids(self) -> set[str]:
         """uids that have a runtime dir (live, stale or orphaned)."""
-        if not self.run_root.is_dir():
+        try:
+            # scandir: each entry's type comes with the listing, no stat and no Path per entry.
+            with os.scandir(self.run_root) as entries:
+                return {entry.name for entry in entries if entry.is_dir()}
+        except (FileNotFoundError, NotADirectoryError):
             return set()
-        return {entry.name for entry in self.run_root.iterdir() if entry.is_dir()}
 
 
 def image_problem(images_dir: Path, name: str) -> str | None:

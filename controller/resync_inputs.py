@@ -38,8 +38,8 @@ def _mtime(path: str) -> int | None:
 def _process(record: process.LaunchRecord | None) -> tuple[int, int, bool] | None:
     if record is None:
         return None
-    stat = process.read_stat(record.pid)
-    alive = stat is not None and stat.state not in ("Z", "X") and stat.start_ticks == record.start_ticks
+    fields = process.stat_fields(record.pid)
+    alive = fields is not None and fields[0] not in (b"Z", b"X") and int(fields[19]) == record.start_ticks
     return record.pid, record.start_ticks, alive
 
 
