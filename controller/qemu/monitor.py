@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import (
     ConnectError,
-    EventListener,
     ExecuteError,
     Message,
     QMPClient,
@@ -50,7 +49,22 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 class _QMPClient(QMPClient):
     """qemu.qmp's message hooks pretty-print every message (json, indent=2) for a debug line
     even when debug logging is off: 7 % of the controller's CPU in a 50-VM converge. These
-    format a message only when the line is really logged."""
+    format a message only when the line is really logged.
+
+    Events go to one queue of the watched ones, read by `Monitor.events`, instead of qemu.qmp's
+    listeners: each listener keeps every event it hears in a history list for the connection's
+    life, and the default one hears all of them (RTC_CHANGE included) and is never read, so a
+    long-running VM's connection grew without bound."""
+
+    def __init__(self) -> None:
+        # No name: qemu.qmp would keep a logger per VM uid for the process's life, for log lines
+        # that are silenced anyway.
+        super().__init__()
+        self.watched: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        if msg.get("event") in WATCHED_EVENTS:
+            self.watched.put_nowait(msg)
 
     def _cb_outbound(self, msg: Message) -> Message:
         if self.logger.isEnabledFor(logging.DEBUG):
@@ -74,7 +88,7 @@ class MonitorCommandFailed(Exception):
 class Monitor:
     """One QMP connection to one QEMU. A QMP socket serves one client at a time."""
 
-    def __init__(self, client: QMPClient) -> None:
+    def __init__(self, client: _QMPClient) -> None:
         self._client = client
 
     @classmethod
@@ -97,7 +111,7 @@ class Monitor:
                 # Not listening yet: a failed connect costs qemu.qmp a formatted traceback.
                 await asyncio.sleep(CONNECT_RETRY_SECONDS)
                 continue
-            client = _QMPClient(name)
+            client = _QMPClient()
             try:
                 async with asyncio.timeout(max(0.0, deadline - loop.time())):
                     await client.connect(str(socket_path))
@@ -107,7 +121,8 @@ class Monitor:
                 await _quietly_disconnect(client)
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
         raise MonitorUnavailable(
-            f"QMP at {socket_path} did not answer within {within:.1f} s: {last_error or 'no socket'}"
+            f"QMP of {name} at {socket_path} did not answer within {within:.1f} s: "
+            f"{last_error or 'no socket'}"
         )
 
     async def execute(
@@ -152,24 +167,26 @@ class Monitor:
             raise MonitorUnavailable(f"query-status: unexpected reply {reply!r}")
         return status
 
-    async def events(self, names: Iterable[str] = WATCHED_EVENTS) -> AsyncIterator[dict[str, Any]]:
-        """Yield events until the connection ends."""
-        listener = EventListener(tuple(names))
-        with self._client.listen(listener):
-            while True:
-                get = asyncio.ensure_future(listener.get())
-                ended = asyncio.ensure_future(self._client.runstate_changed())
-                try:
-                    done, _ = await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for future in (get, ended):
-                        if not future.done():
-                            future.cancel()
-                if get in done:
-                    yield dict(get.result())
-                    continue
-                if not self.is_connected:
-                    return
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Yield the WATCHED_EVENTS until the connection ends."""
+        watched = self._client.watched
+        while True:
+            if not watched.empty():
+                yield dict(watched.get_nowait())
+                continue
+            get = asyncio.ensure_future(watched.get())
+            ended = asyncio.ensure_future(self._client.runstate_changed())
+            try:
+                done, _ = await asyncio.wait({get, ended}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for future in (get, ended):
+                    if not future.done():
+                        future.cancel()
+            if get in done:
+                yield dict(get.result())
+                continue
+            if not self.is_connected:
+                return
 
     @property
     def is_connected(self) -> bool:
