@@ -1,5 +1,6 @@
 """The snapshot controller: takes QemuVMSnapshots, performs QemuVMRestores and deletes the data of
-snapshots no state declares any more (docs/snapshots.md). One pass per second, level-triggered:
+snapshots no state declares any more (docs/snapshots.md). One pass per second while anything is
+unsettled, else at commits and for the orphan scan; level-triggered:
 each pass reads the declared objects, their statuses, the VMs and the tags in their disk files,
 decides with snapshot_plan.py and acts; a crash anywhere is picked up by the next pass.
 
@@ -11,6 +12,7 @@ as `restore/NAME`, and reverts the disks only once the VM's QEMU is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -125,11 +127,29 @@ class SnapshotController:
         self._freezer: GuestFreezer = freezer or NoGuestAgent()
         self._declared_before: frozenset[tuple[str, str, str]] | None = None
         self._scanned_at = float("-inf")
+        self._db = db
+        # Something the last pass left to do or to retry: passes go on every PASS_SECONDS.
+        self._unsettled = True
 
     async def run_forever(self) -> None:
+        """A pass every PASS_SECONDS while anything is unsettled (a snapshot not ready, a restore
+        not complete, an error to retry); otherwise only after a commit (this process's that
+        may change specs, or another process's) and for the orphan scan: an idle host with
+        settled snapshots reads nothing each second."""
+        changed = asyncio.Event()
+        self._db.subscribe(changed.set, volatile=False)
+        loop = asyncio.get_running_loop()
+        seen: int | None = None
         while True:
-            await self.run_once()
-            await asyncio.sleep(PASS_SECONDS)
+            version = await self._db.data_version()
+            scan_due = loop.time() - self._scanned_at > ORPHAN_SCAN_SECONDS
+            if self._unsettled or changed.is_set() or version != seen or scan_due:
+                changed.clear()
+                seen = version
+                await self.run_once()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(PASS_SECONDS):
+                    await changed.wait()
 
     async def run_once(self) -> None:
         snapshots = await self._store.list(SNAPSHOT_KIND)
@@ -140,9 +160,10 @@ class SnapshotController:
             await self._guarded(
                 record, self._snapshot(record, snapshots, read_tags=scan or not _ready(record))
             )
-        for record in await self._store.list(RESTORE_KIND):
-            done = bool((record.status or {}).get("complete"))
-            await self._guarded(record, self._restore(record, snapshots, read_tags=not done))
+        restores = await self._store.list(RESTORE_KIND)
+        for record in restores:
+            await self._guarded(record, self._restore(record, snapshots, read_tags=not _complete(record)))
+        self._unsettled = not all(map(_ready, snapshots)) or not all(map(_complete, restores))
         if scan:
             await self._delete_orphans(snapshots)
             await self._store.forget_undeclared()
@@ -335,6 +356,10 @@ class SnapshotController:
 
 def _ready(record: SnapshotRecord) -> bool:
     return bool(record.status and record.status.get("readyToUse"))
+
+
+def _complete(record: SnapshotRecord) -> bool:
+    return bool(record.status and record.status.get("complete"))
 
 
 def _mib(size_bytes: int) -> int:
