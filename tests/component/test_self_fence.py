@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,12 @@ def launch(layout: DataLayout, uid: str, children: list[subprocess.Popen[bytes]]
     argv = ("sleep", "300")
     child = subprocess.Popen(argv)
     children.append(child)
+    # Until the child has exec'd, /proc shows the test's own cmdline: a record written before
+    # would name a process that is not (yet) the one it says (a race seen under load in CI).
+    deadline = time.monotonic() + 5.0
+    while process.read_cmdline(child.pid) != argv:
+        assert time.monotonic() < deadline, "sleep did not start"
+        time.sleep(0.005)
     identity = process.ProcessIdentity.of(child.pid)
     assert identity is not None
     paths = layout.runtime(uid)
